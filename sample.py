@@ -1,0 +1,122 @@
+"""
+sample.py -- HOW samples are drawn: every sampler of the project lives here.
+
+    cps_step            one coefficient-preserving sampling (CPS) step       (ALGORITHM.md 3.1)
+    euler_sample        the teacher's Euler ODE with classifier-free guidance (1.4)
+    rollout             the 4-step generator sampler (CPS, eta = 0.9)         (3.4)
+    backward_simulation stage-1's random-stop simulation, grad on the last step only (3.3)
+
+The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps.
+
+CLI (toy):  python sample.py --run runs/toy --n 2000           -> runs/toy/samples.png
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+
+import models
+from models import bcast, eps_from_velocity, x0_from_velocity
+
+# ---------------------------------------------------------------------------------------------
+# The CPS step (ALGORITHM.md 3.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def cps_mean_std(x, v, sigma, sigma_next, eta):
+    """Mean and std of one CPS transition from level sigma to sigma_next < sigma.
+
+        x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   theta = eta * pi / 2
+        mu     = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat
+        rho    = sigma' sin(theta)
+
+    cos^2 + sin^2 = 1, so the total noise norm at the next level stays sigma' ("coefficient
+    preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
+    All arithmetic in float32 (ALGORITHM.md 8.8). sigma, sigma_next: float or Tensor[B].
+    Returns mu (float32, x's shape) and rho (broadcastable against x)."""
+    x, v = x.float(), v.float()
+    s = bcast(sigma, x).float()
+    s_next = bcast(sigma_next, x).float()
+    theta = eta * math.pi / 2
+    x0_hat = x0_from_velocity(x, v, s)
+    eps_hat = eps_from_velocity(x, v, s)
+    mu = (1 - s_next) * x0_hat + s_next * math.cos(theta) * eps_hat
+    rho = s_next * math.sin(theta)
+    return mu, rho
+
+
+def cps_step(x, v, sigma, sigma_next, eta, noise=None):
+    """x' = mu + rho z (z = `noise`, drawn fresh when None). Output in x's dtype."""
+    mu, rho = cps_mean_std(x, v, sigma, sigma_next, eta)
+    if noise is None:
+        noise = torch.randn_like(mu)
+    return (mu + rho * noise.float()).to(x.dtype)
+
+
+def full(sigma, x):
+    """A float sigma as a per-sample Tensor[B] on x's device."""
+    return torch.full((x.shape[0],), float(sigma), device=x.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher ODE and generator rollout
+# ---------------------------------------------------------------------------------------------
+
+
+def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progress=False):
+    """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
+    guidance != 1 (ALGORITHM.md 1.1, 1.4). This is the teacher's multi-step sampler, and the
+    reference row "teacher 4-step Euler" when given the 4-step sampler sigmas."""
+    steps = range(len(sigmas) - 1)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="teacher ODE")
+    for k in steps:
+        s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        if guidance == 1.0:
+            v = bb.velocity(net, x, full(s, x), cond)
+        else:
+            v = models.cfg_velocity(bb, net, x, full(s, x), cond, null_cond, guidance)
+        x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
+    """The few-step generator sampler (ALGORITHM.md 3.4): at every step k,
+    v = G(x, sigma_k, c) with no CFG, then x <- CPS(x, v, sigma_k -> sigma_{k+1}, eta).
+    `noises[k]` optionally fixes the CPS noise of step k. Returns the list of states
+    [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
+    sigmas = bb.sigmas if sigmas is None else sigmas
+    states = [x]
+    for k in range(len(sigmas) - 1):
+        v = bb.velocity(net, x, full(sigmas[k], x), cond)
+        z = None if noises is None else noises[k]
+        x = cps_step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta, z)
+        states.append(x)
+    return states
+
+
+def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
+    """Stage-1 backward simulation with random stop (ALGORITHM.md 3.3).
+
+    Runs steps k = 0 .. stop-1 of the sampler from x = eps. Only the last executed step
+    (k = stop - 1) runs with autograd, so its input is a constant and the gradient is truncated
+    to one network call (the step-k objective of section 2.3 trains step k alone).
+    Returns a dict: x_in, v (last step's input state and velocity), sigma, sigma_next (floats),
+    x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat and eps_hat; the fresh
+    noise is a constant) and x0_hat of the last step."""
+    sigmas = bb.sigmas if sigmas is None else sigmas
+    assert 1 <= stop <= len(sigmas) - 1, stop
+    with torch.no_grad():
+        for k in range(stop - 1):
+            v = bb.velocity(net, x, full(sigmas[k], x), cond)
+            x = cps_step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta)
+    k = stop - 1
+    s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+    v = bb.velocity(net, x, full(s, x), cond)
+    x_next = cps_step(x, v, s, s_next, eta)
+    return dict(x_in=x, v=v, sigma=s, sigma_next=s_next, x_next=x_next,
+                x0_hat=x0_from_velocity(x.float(), v.float(), s))
