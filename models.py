@@ -312,7 +312,7 @@ class ToyBackbone:
         self.sigmas = sd3_sigmas(shift=shift)
         self.device = torch.device(device)
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
-        path = None if cache_dir is None else os.path.join(cache_dir, "toy_base.pt")
+        path = None if cache_dir is None else os.path.join(cache_dir, f"toy_base_w{width}.pt")
         if path is not None and os.path.exists(path):
             ck = torch.load(path, map_location="cpu")
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"])
@@ -374,3 +374,25 @@ def load(name, **kw):
     if name == "toy":
         return ToyBackbone(**kw)
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+def load_run(run_dir, stage=None, which="ema"):
+    """Backbone and trained generator of a run folder written by train.py.
+    stage None = the latest stage present. which: "ema" (what stage 2 and inference use) or
+    "generator" (the raw weights). Returns (backbone, net, stage)."""
+    import json
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir!r} a run folder written by train.py?")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    stages = [k for k in (2, 1) if os.path.exists(os.path.join(run_dir, f"stage{k}.pt"))]
+    if stage is None:
+        if not stages:
+            raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
+        stage = stages[0]
+    ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
+    bb = load(cfg["model"], cache_dir=run_dir, pretrained=cfg.get("pretrained"), width=cfg.get("toy_width", 128))
+    net = bb.make_student("generator")
+    net.load_state_dict(ck[which], strict=False)
+    return bb, net.eval().requires_grad_(False), stage

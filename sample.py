@@ -120,3 +120,66 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
     x_next = cps_step(x, v, s, s_next, eta)
     return dict(x_in=x, v=v, sigma=s, sigma_next=s_next, x_next=x_next,
                 x0_hat=x0_from_velocity(x.float(), v.float(), s))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (pillow only): toy scatter plots
+# ---------------------------------------------------------------------------------------------
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def scatter_png(panels, path, size=260, lim=3.2):
+    """Draw panels side by side. panels: list of (title, points [N, 2], labels [N] ints)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size * len(panels), size + 18), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (title, pts, labels) in enumerate(panels):
+        ox = i * size
+        draw.rectangle([ox + 1, 18, ox + size - 2, size + 16], outline=(200, 200, 200))
+        draw.text((ox + 6, 3), title, fill="black")
+        p = ((pts.detach().float().cpu().clamp(-lim, lim) + lim) / (2 * lim) * (size - 6) + 3)
+        for (px, py), lab in zip(p.tolist(), labels.tolist()):
+            y = 18 + (size - 6) - py
+            draw.point([(ox + px, y), (ox + px + 1, y), (ox + px, y + 1)], fill=PALETTE[lab % len(PALETTE)])
+    img.save(path)
+    return path
+
+
+@torch.no_grad()
+def toy_scatter_png(bb, net, path, n_per_prompt=600, seed=0):
+    """Exact teacher samples next to each state of the 4-step generator, coloured by prompt."""
+    g = torch.Generator().manual_seed(seed)
+    P = len(bb.prompts)
+    c = torch.arange(P).repeat_interleave(n_per_prompt)
+    cond = bb.encode([bb.prompts[i] for i in c])
+    x = torch.randn(len(c), *bb.latent_shape, generator=g).to(bb.device)
+    states = rollout(bb, net, x, cond)
+    panels = [("exact teacher p(x|c)", bb.mixture.sample(c, generator=g), c)]
+    for k in range(1, len(states)):
+        panels.append((f"generator after step {k} (sigma {float(bb.sigmas[k]):.2f})", states[k], c))
+    return scatter_png(panels, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Draw samples from a trained run.")
+    p.add_argument("--run", required=True, help="run folder written by train.py")
+    p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
+    p.add_argument("--n", type=int, default=600, help="toy: samples per prompt")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN/samples.png)")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    bb, net, stage = models.load_run(args.run, args.stage)
+    out = args.out or os.path.join(args.run, "samples.png")
+    toy_scatter_png(bb, net, out, n_per_prompt=args.n)
+    print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, "
+          f"{time.time() - t0:.2f}s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

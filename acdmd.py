@@ -1,0 +1,242 @@
+r"""
+acdmd.py -- Stage 1 math: AC-DMD (distribution matching per sub-interval of the 4-step sampler).
+
+1. The objective: a reward-tilted KL, and why stage 1 is its beta -> 0 limit  (paper Sec. 2)
+   --------------------------------------------------------------------------------------
+   RTDMD tilts the (CFG) teacher p_T by a reward r:   p~(x|c) = p_T(x|c) exp(beta r(x,c)) / Z(c).
+   Expanding the log of p~ inside the KL to the generator's distribution p_G:
+
+       KL(p_G || p~) = E_pG[log p_G - log p_T - beta r + log Z]
+                     = KL(p_G || p_T)  -  beta E_pG[r]  +  log Z(c).
+
+   log Z does not depend on the generator, so
+
+       grad KL(p_G || p~) = grad KL(p_G || p_T)  -  beta grad E_pG[r]
+                            \_ distribution matching _/   \_ reward _/
+
+   Stage 1 (this file) trains the first term alone (beta -> 0); stage 2 (subgrpo.py) adds the
+   second. `kl_split_check` verifies the identity by quadrature on a 1-D example.
+
+2. The step-k objective (ALGORITHM.md 2.3; paper Appendix B)
+   ---------------------------------------------------------
+   Step k of the sampler maps level sigma_k to s = sigma_{k+1}. AC-DMD asks that the marginal
+   q_k of its output x_s equals the teacher's marginal p_s. It compares them after noising
+   further to any t > s with the exact forward kernel of the flow (`renoise`):
+
+       x_t = a_ts x_s + sigma_ts n,   a_ts = (1-t)/(1-s),   sigma_ts^2 = t^2 - a_ts^2 s^2,
+
+   and minimises E_t KL(q_{k,t} || p_t). The reparameterised gradient w.r.t. x_s is
+   a_ts (score_q(x_t) - score_p(x_t)) = -(1-t)^2/((1-s) t) (v_q - v_p): a *velocity difference*.
+   v_p is the CFG teacher; v_q, the velocity of the generator's noised marginal, is unknown and
+   is learned by the fake score f (section 4).
+
+3. The generator loss (ALGORITHM.md 4.3)                                     `generator_loss`
+   -------------------------------------
+   Both velocities are projected back from t to s with one CPS step that uses the *same* noise
+   z, so the noise cancels and only the velocity difference survives:
+
+       x_s^fake - x_s^real = kappa(s, t) (v_f - v_r),   kappa = s cos(theta_eta)(1-t) - (1-s) t < 0.
+
+   kappa has the sign of the exact gradient above, so the direction g = x_s^fake - x_s^real is
+   the exact KL gradient times a positive weight. g is normalised per sample by
+   mean|x_s - x_s^real| and applied through the surrogate 1/2 ||x_s - sg(x_s - g)||^2, whose
+   gradient w.r.t. x_s is g (up to the mean's 1/(B D)). With s = 0 this is DMD2.
+
+4. The fake score: ambient denoising score matching (ALGORITHM.md 4.4; Appendix D)
+   -------------------------------------------------------------------------------------
+   The fake score never sees clean data of intermediate steps, only x_s. Regressing f(x_t) on
+
+       T = -x_s/(1-s) + [t + (1-t) s^2/(1-s)^2] / sigma_ts * n                  `ambient_target`
+
+   gives, for ANY law of x_s, E[T | x_t] = -(x_t + t score_{q_t}(x_t))/(1-t): exactly the flow
+   velocity of q_t = law(x_t) (Tweedie on the ambient kernel). With s = 0 it is ordinary flow
+   matching, T = n - x0. The shipped configs weight the squared error by min(1, 10 sigma_ts^2)
+   ("move_scale_out"), which down-weights t close to s where T's variance blows up.
+
+5. The consistency regulariser (ALGORITHM.md 4.5; Appendices E, F)          `consistency_loss`
+   ----------------------------------------------------------------
+   For the optimal fake score, its denoiser h(x, t) = x - t f(x, t) = E[x0 | x_t] is a
+   martingale along the reverse process: E[h(x_t', t') | x_t] = h(x_t, t) for t' < t. We step
+   from x_t to t' < t twice with independent noise, using the fake's own (detached) velocity in
+   a CPS step, and use the two-sample estimator (h_1 - h_0)(h_2 - h_0), whose mean is the
+   squared defect ||E[h(x')|x_t] - h_0||^2 exactly (unbiased; it can be negative, keep it).
+   Under the CPS kernel (not the true reverse kernel) the defect of the exact score is small but
+   not zero: treat the term as a regulariser, weight 1e-2.
+"""
+import torch
+
+from models import bcast, x0_from_velocity, cfg_velocity
+from sample import cps_step, full
+
+# ---------------------------------------------------------------------------------------------
+# 1. The reward-tilted KL split, checked by quadrature
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_split_check(log_p_gen, log_p_teacher, reward, beta, grid):
+    """Numerically evaluate both sides of  KL(p_G || p~) = KL(p_G || p_T) - beta E_pG[r] + log Z.
+
+    log_p_gen, log_p_teacher, reward: callables of a 1-D grid (normalised log densities and the
+    reward); beta: tilt strength. Uses the trapezoid rule on `grid` (float64).
+    Returns (lhs, rhs) as floats; they agree to quadrature accuracy."""
+    x = grid.double()
+    lg, lt, r = log_p_gen(x), log_p_teacher(x), reward(x)
+    log_Z = torch.log(torch.trapezoid(torch.exp(lt + beta * r), x))
+    log_tilted = lt + beta * r - log_Z
+    pg = lg.exp()
+    lhs = torch.trapezoid(pg * (lg - log_tilted), x)
+    kl_teacher = torch.trapezoid(pg * (lg - lt), x)
+    mean_r = torch.trapezoid(pg * r, x)
+    rhs = kl_teacher - beta * mean_r + log_Z
+    return lhs.item(), rhs.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Sub-intervals: the exact forward kernel from s to t > s
+# ---------------------------------------------------------------------------------------------
+
+
+def subinterval_coeffs(s, t):
+    """a_ts = (1-t)/(1-s) and sigma_ts = sqrt(max(t^2 - a_ts^2 s^2, 1e-12)) (ALGORITHM.md 1.1).
+    If x_s = (1-s) x0 + s eps0 then a_ts x_s + sigma_ts n = (1-t) x0 + (noise of std t)."""
+    a = (1 - t) / (1 - s)
+    sigma_ts = torch.sqrt(torch.clamp(t ** 2 - a ** 2 * s ** 2, min=1e-12))
+    return a, sigma_ts
+
+
+def renoise(x_s, s, t, n):
+    """x_t = a_ts x_s + sigma_ts n: push a sample at level s forward to level t > s."""
+    a, sigma_ts = subinterval_coeffs(bcast(s, x_s), bcast(t, x_s))
+    return a * x_s + sigma_ts * n
+
+
+def sample_renoise_timesteps(s, batch, generator=None, offset=10.0, end=1000.0, lo=20.0, hi=980.0):
+    """Renoising levels inside the losses (ALGORITHM.md 4.2), *unshifted*:
+    tau ~ U[1000 s + offset, end], clamped to [lo, hi]; t = tau / 1000.
+    s: float or Tensor[B]. Returns tau [B] (float32). Pass the same `generator` on every rank
+    (seeded identically) to make the draw agree across ranks without communication."""
+    s = torch.as_tensor(s, dtype=torch.float32).expand(batch)
+    start = 1000.0 * s + offset
+    u = torch.rand(batch, generator=generator)
+    tau = start + u * (end - start).clamp(min=1.0)  # empty interval -> end = start + 1
+    return tau.clamp(lo, hi)
+
+
+def make_subinterval(x_s, s, tau, noise=None):
+    """Everything the losses need about one sub-interval: t, fresh n, x_t (no grad needed)."""
+    t = (tau / 1000.0).to(x_s.device)
+    n = torch.randn_like(x_s, dtype=torch.float32) if noise is None else noise
+    x_t = renoise(x_s.detach().float(), s, t, n)
+    return t, n, x_t
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Generator loss (DMD direction with shared projection noise)
+# ---------------------------------------------------------------------------------------------
+
+
+def dmd_direction(x_s, x_s_real, x_s_fake, normalize=True):
+    """g = (x_s^fake - x_s^real) / mean_{C,H,W}|x_s - x_s^real|, per sample, then nan_to_num
+    (ALGORITHM.md 4.3 step 2). Descending along g moves x_s toward the teacher."""
+    g = (x_s_fake - x_s_real).double()
+    if normalize:
+        dims = tuple(range(1, x_s.dim()))
+        scale = (x_s.detach().double() - x_s_real.double()).abs().mean(dim=dims, keepdim=True)
+        g = g / scale
+    return torch.nan_to_num(g)
+
+
+def dmd_surrogate(x_s, g):
+    """L = 1/2 mean (x_s - sg(x_s - g))^2 in float64. dL/dx_s = g / (B D) (ALGORITHM.md 4.3)."""
+    x = x_s.double()
+    return 0.5 * ((x - (x - g).detach()) ** 2).mean()
+
+
+def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9, normalize=True):
+    """AC-DMD generator loss for one sub-interval (ALGORITHM.md 4.3).
+
+    x_s: generator output at level s, *with grad* [B, ...]; s: float or [B]; t [B] > s;
+    x_t = renoise(x_s, s, t, n) (detached). Teacher (CFG, scale `guidance`) and fake (no CFG)
+    velocities at x_t are projected back to s with one CPS step that shares the noise z.
+    Returns (loss, stats)."""
+    with torch.no_grad():
+        v_real = cfg_velocity(bb, bb.teacher, x_t, t, cond, null_cond, guidance)
+        v_fake = bb.velocity(fake, x_t, t, cond)
+        z = torch.randn_like(x_t, dtype=torch.float32)  # shared: the noise cancels in g
+        x_s_real = cps_step(x_t, v_real, t, s, eta, z)
+        x_s_fake = cps_step(x_t, v_fake, t, s, eta, z)
+        g = dmd_direction(x_s, x_s_real, x_s_fake, normalize)
+    loss = dmd_surrogate(x_s, g)
+    stats = {"dmd_dir_norm": g.flatten(1).norm(dim=1).mean().item(),
+             "velocity_gap": (v_fake - v_real).float().pow(2).mean().sqrt().item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Fake-score loss: ambient target, weighting, consistency
+# ---------------------------------------------------------------------------------------------
+
+
+def ambient_target(x_s, n, s, t):
+    """T = -x_s/(1-s) + [t + (1-t) s^2/(1-s)^2] / sigma_ts * n   (ALGORITHM.md 4.4).
+    Its conditional mean given x_t is the exact velocity of the noised law of x_s."""
+    s, t = bcast(s, x_s), bcast(t, x_s)
+    _, sigma_ts = subinterval_coeffs(s, t)
+    return -x_s / (1 - s) + (t + (1 - t) * s ** 2 / (1 - s) ** 2) / sigma_ts * n
+
+
+def fake_loss_weight(s, t, x, move_scale_out=True, clamp_max=10.0):
+    """Per-sample weight of the squared error. move_scale_out (the shipped default):
+    the code compares sigma_ts f with sigma_ts T weighted by clamp(1/sigma_ts^2, 0, 10), i.e. an
+    effective weight min(1, 10 sigma_ts^2) on (f - T)^2. False: the unweighted loss."""
+    if not move_scale_out:
+        return torch.ones_like(bcast(t, x))
+    _, sigma_ts = subinterval_coeffs(bcast(s, x), bcast(t, x))
+    return sigma_ts ** 2 * torch.clamp(1.0 / sigma_ts ** 2, 0.0, clamp_max)
+
+
+def consistency_two_sample(h0, h1, h2):
+    """Two-sample estimator mean[(h_1 - h_0)(h_2 - h_0)] of ||E[h(x')|x_t] - h_0||^2 for two
+    independent transitions x'_1, x'_2 (ALGORITHM.md 4.5). Unbiased; can be negative."""
+    return torch.nan_to_num(((h1 - h0) * (h2 - h0)).mean())
+
+
+def consistency_loss(bb, fake, x_t, t, v_hat, cond, eta=0.9, max_delta=200, generator=None,
+                     two_sample=True):
+    """Consistency regulariser (ALGORITHM.md 4.5): delta ~ U{1..max_delta} (in tau units),
+    t' = max(tau - delta, 0)/1000; two CPS moves x_t -> t' with the detached fake velocity and
+    independent noise; h_0 = x_t - t v_hat (not detached), h_i = x'_i - t' f(x'_i, t').
+    One f call evaluates both moves (batched). `generator` draws delta (shared across ranks)."""
+    B = x_t.shape[0]
+    tau = t * 1000.0
+    delta = torch.randint(1, max_delta + 1, (B,), generator=generator).to(t.device)
+    t_prime = torch.clamp(torch.round(tau) - delta, min=0.0) / 1000.0
+    with torch.no_grad():
+        v_sg = v_hat.detach()
+        x1 = cps_step(x_t, v_sg, t, t_prime, eta)
+        x2 = cps_step(x_t, v_sg, t, t_prime, eta)
+    h0 = x0_from_velocity(x_t, v_hat, t)
+    xx = torch.cat([x1, x2])
+    tt = torch.cat([t_prime, t_prime])
+    h12 = x0_from_velocity(xx, bb.velocity(fake, xx, tt, {k: torch.cat([c, c]) for k, c in cond.items()}), tt)
+    h1, h2 = h12.chunk(2)
+    if two_sample:
+        return consistency_two_sample(h0, h1, h2)
+    return torch.nan_to_num(((h1 - h0) ** 2).mean())  # one-sample MSE: biased by Var[h(x')]
+
+
+def fake_score_loss(bb, fake, x_s, s, t, n, x_t, cond, move_scale_out=True,
+                    consistency_weight=1e-2, eta=0.9, generator=None):
+    """L_fake = mean(w (f(x_t, t) - T)^2) + lambda_c L_cons (ALGORITHM.md 4.4, 4.5).
+    x_s, n, x_t: the sub-interval (no grad). Returns (loss, stats)."""
+    v_hat = bb.velocity(fake, x_t, t, cond).float()
+    target = ambient_target(x_s.float(), n, s, t)
+    w = fake_loss_weight(s, t, x_t, move_scale_out)
+    loss_ac = (w * (v_hat - target) ** 2).mean()
+    loss = loss_ac
+    stats = {"fake_ac": loss_ac.item()}
+    if consistency_weight > 0:
+        loss_cons = consistency_loss(bb, fake, x_t, t, v_hat, cond, eta, generator=generator)
+        loss = loss + consistency_weight * loss_cons
+        stats["fake_cons"] = loss_cons.item()
+    return loss, stats

@@ -1,0 +1,215 @@
+"""Each AC-DMD equation against a closed form on the toy mixture (ALGORITHM.md 9.3)."""
+import math
+
+import pytest
+import torch
+
+import acdmd
+import models
+import sample
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return models.toy_mixture()
+
+
+def test_kl_split_holds_numerically():
+    # p_G = N(0.3, 0.8^2), p_T = N(0, 1), r(x) = -(x - 1)^2 / 2 + sin(x): KL(p_G||p~) by quadrature
+    # vs KL(p_G||p_T) - beta E[r] + log Z. A wrong sign of beta or of log Z breaks the equality.
+    grid = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    normal = lambda m, s: (lambda x: -0.5 * ((x - m) / s) ** 2 - math.log(s * math.sqrt(2 * math.pi)))
+    reward = lambda x: -0.5 * (x - 1) ** 2 + torch.sin(x)
+    for beta in (0.0, 0.5, 2.0):
+        lhs, rhs = acdmd.kl_split_check(normal(0.3, 0.8), normal(0.0, 1.0), reward, beta, grid)
+        assert lhs == pytest.approx(rhs, abs=1e-8)
+    lhs, _ = acdmd.kl_split_check(normal(0.3, 0.8), normal(0.0, 1.0), reward, 2.0, grid)
+    assert lhs > 0.05  # the tilted KL is not trivially zero
+
+
+def test_subinterval_kernel_reproduces_exact_marginal(mix):
+    # x_s ~ p_s exactly, pushed to t with the sub-interval kernel, must be distributed as p_t.
+    # Compare the first two moments per condition with the closed form of p_t.
+    g = torch.Generator().manual_seed(0)
+    N = 200_000
+    c = torch.zeros(N, dtype=torch.long)
+    for s, t in [(0.0, 0.3), (0.5, 0.8), (0.9, 0.95)]:
+        x_s = mix.sample(c, s, generator=g).double()
+        x_t = acdmd.renoise(x_s, torch.full((N,), s, dtype=torch.float64), torch.full((N,), t, dtype=torch.float64),
+                            torch.randn(N, 2, generator=g, dtype=torch.float64))
+        w = mix.weights[0]
+        mean = (1 - t) * (w[:, None] * mix.means).sum(0)
+        second = ((1 - t) ** 2 * (w[:, None, None] * mix.means[:, :, None] * mix.means[:, None, :]).sum(0)
+                  + ((1 - t) ** 2 * (w * mix.stds ** 2).sum() + t ** 2) * torch.eye(2, dtype=torch.float64))
+        cov = second - mean[:, None] * mean[None, :]
+        assert torch.allclose(x_t.mean(0), mean, atol=0.01)
+        assert torch.allclose(torch.cov(x_t.T), cov, atol=0.02)
+    # a wrong kernel (forgetting the a_ts rescale) is detectably off
+    x_s = mix.sample(c, 0.5, generator=g).double()
+    wrong = x_s + math.sqrt(0.8 ** 2 - 0.5 ** 2) * torch.randn(N, 2, generator=g, dtype=torch.float64)
+    assert (wrong.mean(0) - (1 - 0.8) * (mix.weights[0][:, None] * mix.means).sum(0)).abs().max() > 0.1
+
+
+def ambient_residual_moments(mix, s, t, target_fn, N=400_000, seed=1):
+    """E[(T - v_exact(x_t)) phi(x_t)] for a few test functions phi, with standard errors."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 3, (N,), generator=g)
+    x_s = mix.sample(c, s, generator=g).double()
+    n = torch.randn(N, 2, generator=g, dtype=torch.float64)
+    x_t = acdmd.renoise(x_s, s, t, n)
+    T = target_fn(x_s, n, s, t)
+    # law(x_t) is exactly p_t(.|c) (previous test), so its velocity is the mixture velocity.
+    v = mix.velocity(x_t, torch.full((N,), t, dtype=torch.float64), c).double()
+    R = T - v
+    phis = [torch.ones(N, dtype=torch.float64), x_t[:, 0], x_t[:, 1], torch.tanh(x_t[:, 0] * x_t[:, 1])]
+    m = torch.stack([(R * p[:, None]).mean(0) for p in phis])
+    se = torch.stack([(R * p[:, None]).std(0) / math.sqrt(N) for p in phis])
+    return m, se
+
+
+@pytest.mark.parametrize("s,t", [(0.0, 0.5), (0.5, 0.7), (0.75, 0.95)])
+def test_ambient_target_conditional_mean_is_exact_velocity(mix, s, t):
+    m, se = ambient_residual_moments(mix, s, t, acdmd.ambient_target)
+    assert (m.abs() < 5 * se + 1e-3).all(), (m, se)
+
+
+def test_ambient_target_without_correction_term_is_biased(mix):
+    # dropping the (1-t) s^2/(1-s)^2 term (i.e. plain flow matching applied to x_s as if clean)
+    # must fail the same check: the test can tell a right target from a wrong one.
+    def wrong(x_s, n, s, t):
+        _, sig = acdmd.subinterval_coeffs(torch.tensor(s), torch.tensor(t))
+        return -x_s / (1 - s) + t / sig * n
+    m, se = ambient_residual_moments(mix, 0.5, 0.7, wrong)
+    assert (m.abs() > 10 * se).any()
+
+
+def test_fake_loss_weight_is_min_one_ten_sigma_sq():
+    x = torch.zeros(4, 2)
+    s = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    t = torch.tensor([0.1, 0.9, 0.55, 0.98])
+    _, sig = acdmd.subinterval_coeffs(s, t)
+    w = acdmd.fake_loss_weight(s, t, x).flatten()
+    assert torch.allclose(w, torch.clamp(10 * sig ** 2, max=1.0), atol=1e-6)
+    assert torch.allclose(acdmd.fake_loss_weight(s, t, x, move_scale_out=False).flatten(), torch.ones(4))
+
+
+def test_dmd_direction_sign_and_kappa(mix):
+    # x_s^fake - x_s^real = kappa (v_f - v_r), kappa = s cos(theta)(1-t) - (1-s) t < 0 (ALGORITHM.md 4.3)
+    torch.manual_seed(0)
+    eta = 0.9
+    x_t = torch.randn(64, 2)
+    v_r, v_f = torch.randn(64, 2), torch.randn(64, 2)
+    for s, t in [(0.0, 0.4), (0.5, 0.6), (0.9, 0.98)]:
+        z = torch.randn(64, 2)
+        tt = torch.full((64,), t)
+        xr = sample.cps_step(x_t, v_r, tt, s, eta, z)
+        xf = sample.cps_step(x_t, v_f, tt, s, eta, z)
+        kappa = s * math.cos(eta * math.pi / 2) * (1 - t) - (1 - s) * t
+        assert kappa < 0
+        assert torch.allclose(xf - xr, kappa * (v_f - v_r), atol=1e-5)
+        # normalised direction and the surrogate's gradient g / (B D)
+        x_s = torch.randn(64, 2, requires_grad=True)
+        g = acdmd.dmd_direction(x_s, xr, xf)
+        scale = (x_s.detach() - xr).abs().mean(1, keepdim=True)
+        assert torch.allclose(g.float(), (xf - xr) / scale, atol=1e-5)
+        acdmd.dmd_surrogate(x_s, g).backward()
+        assert torch.allclose(x_s.grad, (g / g.numel()).float(), atol=1e-7)
+
+
+def test_generator_loss_moves_samples_toward_teacher(mix):
+    # One gradient step on x_s with an exact fake score (= the exact velocity of a *shifted*
+    # mixture that x_s is drawn from) must move x_s toward the teacher: its mean shift shrinks.
+    bb = models.ToyBackbone.__new__(models.ToyBackbone)
+    bb.teacher = models.ExactVelocity(mix)
+    shifted = models.Mixture(mix.means + torch.tensor([0.6, 0.0], dtype=torch.float64), mix.stds, mix.weights)
+    fake = models.ExactVelocity(shifted)
+    N = 4096
+    g = torch.Generator().manual_seed(3)
+    c = torch.full((N,), 2, dtype=torch.long)
+    cond, null = {"c": c}, {"c": torch.full((N,), 3, dtype=torch.long)}
+    x_s = shifted.sample(c, 0.0, generator=g).requires_grad_(True)
+    tau = acdmd.sample_renoise_timesteps(0.0, N, generator=g)
+    t, n, x_t = acdmd.make_subinterval(x_s, 0.0, tau)
+    torch.manual_seed(0)
+    loss, _ = acdmd.generator_loss(bb, fake, x_s, 0.0, t, x_t, cond, null, 1.0)
+    loss.backward()
+    step = -x_s.grad * N * 2  # gradient descent direction, per sample
+    assert step[:, 0].mean() < -0.1  # pushes x back toward the teacher (-x direction)
+    assert abs(step[:, 1].mean()) < 0.1
+
+
+def test_consistency_estimator_unbiased_for_perturbed_field(mix):
+    # Two-sample estimator mean == ||E[h(x')|x_t] - h_0||^2, estimated with many inner samples.
+    torch.manual_seed(0)
+    bad = models.Mixture(mix.means * 1.15, mix.stds, mix.weights)  # a deliberately wrong f
+    f = models.ExactVelocity(bad)
+    bb = models.ToyBackbone.__new__(models.ToyBackbone)
+    A, inner = 64, 4000
+    c = torch.full((A,), 2, dtype=torch.long)
+    x_t = mix.sample(c, 0.6).double()
+    t = torch.full((A,), 0.6, dtype=torch.float64)
+    v = f(x_t, t, c)
+    t_p = torch.full((A,), 0.45, dtype=torch.float64)
+    h0 = x_t - 0.6 * v
+    # exact target: E over many CPS transitions of h(x') - h0, squared
+    xs = sample.cps_step(x_t.repeat(inner, 1), v.repeat(inner, 1), t.repeat(inner), t_p.repeat(inner), 0.9)
+    h = xs - 0.45 * f(xs, t_p.repeat(inner), c.repeat(inner))
+    defect = (h.view(inner, A, 2).mean(0) - h0).pow(2).mean().item()
+    # two-sample estimates averaged over repeats
+    ests = []
+    for _ in range(400):
+        x1 = sample.cps_step(x_t, v, t, t_p, 0.9)
+        x2 = sample.cps_step(x_t, v, t, t_p, 0.9)
+        h1 = x1 - 0.45 * f(x1, t_p, c)
+        h2 = x2 - 0.45 * f(x2, t_p, c)
+        ests.append(acdmd.consistency_two_sample(h0, h1, h2).item())
+    ests = torch.tensor(ests)
+    assert defect > 1e-3
+    assert abs(ests.mean().item() - defect) < 4 * ests.std().item() / math.sqrt(len(ests)) + 2e-4
+    # the one-sample MSE is biased upward by Var[h(x')]
+    mse = (h.view(inner, A, 2)[0] - h0).pow(2).mean().item()
+    assert mse > 3 * defect
+
+
+def test_consistency_vanishes_for_exact_velocity_under_exact_reverse_kernel(mix):
+    # ALGORITHM.md 9.3(d): draw x0 ~ p(x0|x_t) exactly, then x_t' from the forward bridge; then
+    # E[h(x_t')|x_t] = h(x_t) for the exact denoiser h, so the estimator is 0 up to MC error.
+    torch.manual_seed(1)
+    A, R = 256, 300
+    c = torch.full((A,), 2, dtype=torch.long)
+    t, tp = 0.6, 0.3
+    x_t = mix.sample(c, t).double()
+    tt = torch.full((A,), t, dtype=torch.float64)
+    h0, w, m, V = mix.posterior_x0(x_t, tt, c)
+    post_var = mix.stds[None] ** 2 * t ** 2 / V  # [A, J]: s_j^2 sigma_t^2 / V_j
+    a = (1 - t) / (1 - tp)
+    b2 = t ** 2 - a ** 2 * tp ** 2
+
+    def exact_reverse():
+        j = torch.multinomial(w, 1).squeeze(1)
+        idx = torch.arange(A)
+        x0 = m[idx, j] + post_var[idx, j].sqrt()[:, None] * torch.randn(A, 2, dtype=torch.float64)
+        mean = (1 - tp) * x0 + (a * tp ** 2 / t ** 2) * (x_t - (1 - t) * x0)
+        return mean + math.sqrt(tp ** 2 * b2 / t ** 2) * torch.randn(A, 2, dtype=torch.float64)
+
+    def h(x):
+        return mix.posterior_x0(x, torch.full((A,), tp, dtype=torch.float64), c)[0]
+
+    exact = torch.tensor([acdmd.consistency_two_sample(h0, h(exact_reverse()), h(exact_reverse())).item()
+                          for _ in range(R)])
+    assert abs(exact.mean().item()) < 4 * exact.std().item() / math.sqrt(R)
+    # under the CPS kernel the same exact denoiser has a small but non-zero defect (ALGORITHM.md 3.1)
+    v = mix.velocity(x_t, tt, c)
+    cps = torch.tensor([acdmd.consistency_two_sample(
+        h0, h(sample.cps_step(x_t, v, tt, tp, 0.9)), h(sample.cps_step(x_t, v, tt, tp, 0.9))).item()
+        for _ in range(R)])
+    assert cps.mean().item() > 4 * cps.std().item() / math.sqrt(R)
+
+
+def test_renoise_timesteps_range_and_clamp():
+    g = torch.Generator().manual_seed(0)
+    tau = acdmd.sample_renoise_timesteps(0.9, 100_000, generator=g)
+    assert tau.min() >= 910 - 1e-3 and tau.max() <= 980 + 1e-3
+    assert (tau == 980).float().mean().item() == pytest.approx(20 / 90, abs=0.01)  # ALGORITHM.md 4.2
+    tau = acdmd.sample_renoise_timesteps(0.0, 100_000, generator=g)
+    assert tau.min() >= 20 and tau.max() <= 980
