@@ -203,14 +203,17 @@ def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9,
 # ---------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards, prompts, weights, eps=1e-4):
+def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
     """GRPO advantages with a per-prompt mean and a global std (ALG 5.5).
 
     rewards: {name: Tensor[N]} for the whole epoch (gathered over ranks); prompts: list[str], N;
     weights: {name: w}, the rewards that count (other keys of `rewards` are ignored).
         A_k(i) = (r_k(i) - mean_{j: prompt j = prompt i} r_k(j)) / (std_{all j} r_k(j) + eps)
         A      = sum_k w_k A_k,      then   A <- (A - mean A) / (std A + eps)
-    std is the population std (divide by N). Returns float32 Tensor[N]."""
+    std is the population std (divide by N). normalize=False skips both std divisions, giving
+    A = sum_k w_k (r_k - per-prompt mean): plain REINFORCE with a group baseline, whose expected
+    update is an exact multiple of grad E[r] (ALG 9.6, "exact decomposition mode").
+    Returns float32 Tensor[N]."""
     N = len(prompts)
     groups = {}
     for i, p in enumerate(prompts):
@@ -221,8 +224,9 @@ def group_advantages(rewards, prompts, weights, eps=1e-4):
         centred = torch.empty_like(r)
         for idx in groups.values():
             centred[idx] = r[idx] - r[idx].mean()
-        A += w * centred / (r.std(unbiased=False) + eps)
-    A = (A - A.mean()) / (A.std(unbiased=False) + eps)
+        A += w * (centred / (r.std(unbiased=False) + eps) if normalize else centred)
+    if normalize:
+        A = (A - A.mean()) / (A.std(unbiased=False) + eps)
     return A.float()
 
 
