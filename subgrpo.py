@@ -57,10 +57,14 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
    - No bias: each sample's path still has its usual law (shared z_k is still N(0, I)); the
      score grad log pi_k(i) for k in S is zero-mean given everything except sample i's own fresh
      z_k, which stays independent, so E[(r_i - rbar) grad log pi(i)] is unchanged.
-   - Less variance: the group mean rbar now shares z_k with r_i, so the advantage r_i - rbar
-     subtracts (an estimate of) E[r | prompt, shared z] instead of E[r | prompt]: a control
-     variate that removes the reward spread caused by the untrained steps, which carries no
-     information about the trained ones.
+   - Less variance (usually): the group mean rbar now shares z_k with r_i, so the advantage
+     r_i - rbar subtracts (an estimate of) E[r | prompt, shared z] instead of E[r | prompt]: a
+     control variate that removes the reward spread caused by the untrained steps, which
+     carries no information about the trained ones.
+   - Not a free lunch: sharing also correlates the K copies' gradient terms through
+     grad E[r | shared z]. It pays off when the shared noise acts on the reward roughly
+     additively and after the trained steps; in the toy with a quadratic reward, or with the
+     shared step before a trained one, the variance went up 1.3-2x (tests/test_subgrpo.py).
 
 4. Which log-probability (ALG 5.4)
    exact:     log pi = -|x' - mu|^2 / (2 rho^2) - D log rho - (D/2) log(2 pi)
