@@ -48,7 +48,8 @@ def tilt_linear(mixture, a, beta):
 def quadratic_log_f(mixture, gamma, m, beta):
     """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant:
         f_j  prop. to  N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)
-             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const,  bg = beta gamma.
+             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const,
+    with bg = beta gamma.
     The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c))
     and stays finite at beta = 0."""
     m = torch.as_tensor(m, dtype=torch.float64)
@@ -95,7 +96,8 @@ class LinearReward:
 
     def log_partition(self, mixture, beta):
         """log Z_beta(c) = log E_{p(x|c)}[exp(beta r)] = logsumexp_j(log pi_cj + log f_j), [C]."""
-        log_f = beta * mixture.means @ self.a + 0.5 * beta ** 2 * mixture.stds ** 2 * (self.a @ self.a)
+        a, s2 = self.a, mixture.stds ** 2
+        log_f = beta * mixture.means @ a + 0.5 * beta ** 2 * s2 * (a @ a)
         return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
 
@@ -120,7 +122,7 @@ class QuadraticReward:
         return -0.5 * self.gamma * mixture.weights @ per_j
 
     def log_partition(self, mixture, beta):
-        """log Z_beta(c) = logsumexp_j(log pi_cj + log f_j) with the exact f_j of quadratic_log_f."""
+        """log Z_beta(c) = logsumexp_j(log pi_cj + log f_j), f_j exact (quadratic_log_f)."""
         log_f = quadratic_log_f(mixture, self.gamma, self.m, beta)
         return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 

@@ -73,7 +73,9 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
        l_new - l_old = (2 rho^2 / D) (log pi_new - log pi_old),
    so "official" rescales each step's policy gradient by 2 rho_k^2 / D (larger weight for early,
    noisier steps) and keeps ratios near 1. "official" reproduces the code's PPO-vs-aux balance;
-   "exact" is the unbiased estimator of section 2.
+   "exact" is the unbiased estimator of section 2. On real latents (D ~ 65k) the exact log-prob
+   is ~ -D/2 in float32, so its log-ratios resolve only ~1e-2 and any bf16/train-eval mismatch
+   in v is amplified D/(2 rho^2) times: use "exact" for the toy and for derivations.
 """
 import hashlib
 import math
@@ -121,7 +123,7 @@ def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
 def transition_log_prob(bb, net, x, x_next, sigma, sigma_next, cond, eta=0.9, form="official"):
     """Recompute the log-probability of stored transitions x -> x_next with the current network:
     v = G_theta(x, sigma, c) with grad (ALG 5.6 step 1), then cps_log_prob. x, x_next: [B, ...]
-    (constants); sigma, sigma_next: floats. Returns Tensor[B], differentiable in net's parameters."""
+    (constants); sigma, sigma_next: floats. Returns Tensor[B], differentiable in net's params."""
     v = bb.velocity(net, x, full(sigma, x), cond)
     return cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form)
 

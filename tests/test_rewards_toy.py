@@ -126,7 +126,8 @@ def test_exact_mean_reward_matches_monte_carlo(name):
 def test_kl_split_by_quadrature_1d(name):
     """KL(p||p~) = KL(p||p_T) - beta E_p[r] + log Z_beta, each term computed on its own:
     both KLs and log Z by quadrature on a fine 1-D grid, E_p[r] in closed form."""
-    teacher = models.Mixture([[-1.0], [0.5], [2.0]], [0.3, 0.5, 0.4], [[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    teacher = models.Mixture([[-1.0], [0.5], [2.0]], [0.3, 0.5, 0.4],
+                             [[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
     gen_p = models.Mixture([[0.4]], [0.7], [[1.0]])  # the "generator": N(0.4, 0.7^2)
     reward, beta = {"linear": (rewards.LinearReward((0.7,)), 0.9),
                     "quadratic": (rewards.QuadraticReward(1.3, (-1.0,)), 1.2)}[name]
@@ -138,8 +139,8 @@ def test_kl_split_by_quadrature_1d(name):
     for c in range(2):
         kl_tilt = torch.trapezoid(p * (log_p - log_density(tilted, x, c)), x[:, 0])
         kl_teacher = torch.trapezoid(p * (log_p - log_density(teacher, x, c)), x[:, 0])
-        logZ_quad = torch.log(torch.trapezoid(log_density(teacher, x, c).exp() * torch.exp(beta * r),
-                                              x[:, 0]))
+        tilted_mass = log_density(teacher, x, c).exp() * torch.exp(beta * r)
+        logZ_quad = torch.log(torch.trapezoid(tilted_mass, x[:, 0]))
         logZ = reward.log_partition(teacher, beta)[c]
         assert abs(logZ - logZ_quad) < 1e-8
         mean_r = reward.exact_mean(gen_p)[0]
@@ -177,7 +178,8 @@ def test_tilt_keeps_the_mixture_usable():
         torch.testing.assert_close(tilted.weights.sum(1), torch.ones(4, dtype=torch.float64))
         c = torch.tensor([0, 1, 2, 3] * 8)
         x = tilted.sample(c, sigma=0.3, generator=torch.Generator().manual_seed(0))
-        assert x.shape == (32, 2) and torch.isfinite(tilted.velocity(x, torch.full((32,), 0.3), c)).all()
+        assert x.shape == (32, 2)
+        assert torch.isfinite(tilted.velocity(x, torch.full((32,), 0.3), c)).all()
     # the quadratic tilt with the reward's optimum as m concentrates mass and shrinks stds
     quad = REWARDS["quadratic"][0].tilt(mix, 2.0)
     assert (quad.stds < mix.stds).all()

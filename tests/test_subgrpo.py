@@ -105,7 +105,7 @@ def test_deterministic_step_gives_zero_log_prob_and_zero_finite_grad():
 
 
 def test_log_ratio_factor_two_rho_squared_over_D():
-    """l_off(new) - l_off(old) = (2 rho^2 / D) (log pi(new) - log pi(old)) for a fixed transition."""
+    """l_off(new) - l_off(old) = (2 rho^2 / D) (log pi(new) - log pi(old)), fixed transition."""
     g = torch.Generator().manual_seed(2)
     for shape in ((6, 2), (6, 3, 4, 4)):
         x, v_old = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
@@ -171,7 +171,8 @@ def test_rollout_with_logprob_stores_the_transitions(bb):
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     roll = subgrpo.rollout_with_logprob(bb, net, x, cond, prompts, [0, 2], epoch=5,
                                         generator=torch.Generator().manual_seed(1))
-    assert roll["latents"].shape == roll["next_latents"].shape == roll["velocities"].shape == (6, 4, 2)
+    for key in ("latents", "next_latents", "velocities"):
+        assert roll[key].shape == (6, 4, 2)
     assert roll["log_probs"].shape == (6, 4)
     assert not any(t.requires_grad for t in roll.values())
     assert torch.equal(roll["latents"][:, 0], x)
@@ -258,7 +259,8 @@ def test_group_advantages_by_hand():
 
     def per_reward(r):
         sd = statistics.pstdev(r)
-        means = {p: statistics.mean(r[i] for i in range(7) if prompts[i] == p) for p in set(prompts)}
+        means = {p: statistics.mean(r[i] for i in range(7) if prompts[i] == p)
+                 for p in set(prompts)}
         return [(r[i] - means[prompts[i]]) / (sd + 1e-4) for i in range(7)]
 
     A = [1.0 * a + 0.5 * b for a, b in zip(per_reward(ra), per_reward(rb))]
@@ -360,7 +362,8 @@ def test_hybrid_estimator_matches_finite_difference_of_expected_reward(bb):
     def batch_mean_rewards():
         with torch.no_grad():
             roll = subgrpo.rollout_with_logprob(bb, net, noise(-1, M * n), big_cond, big_prompts,
-                                                [0, 1, 2], 0, generator=torch.Generator().manual_seed(7))
+                                                [0, 1, 2], 0,
+                                                generator=torch.Generator().manual_seed(7))
         return reward(roll["x0"].double())["quadratic"].reshape(M, n).mean(1)
 
     h, fd = 1e-2, []
