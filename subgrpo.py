@@ -1,6 +1,288 @@
 """
-subgrpo.py -- Stage 2 math (RTDMD): hybrid policy gradient, SubGRPO, final-step reward back-prop.
+subgrpo.py -- Stage 2 math (RTDMD): the reward half of the tilted KL, the hybrid policy gradient,
+SubGRPO's step subsets with shared noise, and reward back-propagation through the final step.
+
+    cps_log_prob          log pi(x' | x) of one CPS step, "official" or "exact"           (ALG 5.4)
+    transition_log_prob   the same, recomputing v = G(x, sigma, c) with grad              (5.6)
+    select_steps          which stochastic steps this epoch trains (all ranks agree)      (5.2)
+    shared_noise          the per-prompt noise of the steps that are not trained          (5.3)
+    rollout_with_logprob  the stage-2 sampler: states, next states, log-probs, velocities (5.3)
+    group_advantages      per-prompt mean, global std, weighted over rewards              (5.5)
+    clip_advantages       A clipped to [-5, 5]                                            (5.5)
+    ppo_loss              clipped surrogate on the selected steps                          (5.6)
+    final_step_x0         x0_hat = x_3 - sigma_3 v, the deterministic last step, with grad (3.2)
+    bp_loss               reward back-prop hinge through the final step                    (5.7)
+
+"ALG" is /work/shared/design/ALGORITHM.md. The paper body was not available to us; its appendix
+titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO background").
+
+1. The reward term of the reward-tilted KL (ALG 2.1)
+   The target is the tilted teacher  p~(x|c) = p(x|c) exp(beta r(x,c)) / Z_beta(c).  Then
+
+       KL(p_theta || p~) = E_{p_theta}[ log p_theta - log p - beta r + log Z_beta ]
+                         = KL(p_theta || p)  -  beta E_{p_theta}[r]  +  log Z_beta(c).
+
+   log Z_beta does not depend on theta, so the gradient splits into distribution matching (stage 1,
+   acdmd.py; in stage 2 applied to the final step only) and  -beta grad E_{p_theta}[r],  the part
+   this file implements. beta has no knob of its own in the code: it is implied by the loss weights
+   PG 1 : DM 1e-3 : BP 1e-4 (ALG 2.2). tests/test_rewards_toy.py checks the split numerically.
+
+2. The hybrid policy gradient (App. G; ALG 5.7)
+   The 4-step sampler draws x_0 ~ N(0, I) (no theta), takes three stochastic CPS steps
+       pi_theta(x_{k+1} | x_k) = N(x_{k+1}; mu_theta(x_k), rho_k^2 I),     k = 0, 1, 2,
+   (x_k is the state at sigma_k) and ends with the deterministic step
+       x0 = F_theta(x_3) = x_3 - sigma_3 G_theta(x_3, sigma_3, c)           (rho_3 = 0).
+   With the path density q_theta(x_0..x_3) = N(x_0) prod_k pi_theta(x_{k+1}|x_k),
+       E[r] = integral q_theta(x_0..x_3) r(F_theta(x_3)),
+   and the product rule gives two terms:
+       grad E[r] = E[ r(x0) sum_{k=0..2} grad log pi_theta(x_{k+1} | x_k) ]    score-function part
+                 + E[ grad_theta r(F_theta(x_3)), x_3 held fixed ]             path-wise part
+   - The score-function identity needs a density, which steps 0-2 have and step 3 (a delta) has
+     not: there the log-prob is constant, the PPO ratio is 1 and PPO gives no gradient.
+   - Step 3 is a differentiable map of a fixed x_3, so the path-wise term is plain back-prop of a
+     differentiable reward through x0_hat = x_3 - sigma_3 v with x_3 a stored constant
+     (final_step_x0, bp_loss). Gradients never flow back into steps 0-2 through x_3.
+   - A baseline does not move the mean (E[grad log pi] = 0), so r is replaced by the group
+     advantage A (group_advantages), and the on-policy PPO surrogate (ppo_loss; ratio = 1 at the
+     sampling parameters) has gradient  -mean_b A grad log pi: GRPO (App. H).
+   The two parts are disjoint pieces of one gradient: PG credits how steps 0-2 move x_3, BP how
+   step 3 maps a fixed x_3. Dropping either biases the estimate (tests/test_subgrpo.py checks the
+   sum against a finite difference of E[r]).
+
+3. SubGRPO: two of the three stochastic steps per epoch, shared noise on the third (ALG 5.2, 5.3)
+   Each epoch trains only S = select_steps(epoch) (2 of {0, 1, 2}):
+       g = mean_i A_i sum_{k in S} grad log pi(x^i_{k+1} | x^i_k).
+   Each step is in S with probability 2/3, so over epochs g estimates 2/3 of the PG part (a
+   constant factor). On the steps not in S, all K copies of a prompt use the same noise z_k.
+   - No bias: each sample's path still has its usual law (shared z_k is still N(0, I)); the
+     score grad log pi_k(i) for k in S is zero-mean given everything except sample i's own fresh
+     z_k, which stays independent, so E[(r_i - rbar) grad log pi(i)] is unchanged.
+   - Less variance (usually): the group mean rbar now shares z_k with r_i, so the advantage
+     r_i - rbar subtracts (an estimate of) E[r | prompt, shared z] instead of E[r | prompt]: a
+     control variate that removes the reward spread caused by the untrained steps, which
+     carries no information about the trained ones.
+   - Not a free lunch: sharing also correlates the K copies' gradient terms through
+     grad E[r | shared z]. It pays off when the shared noise acts on the reward roughly
+     additively and after the trained steps; in the toy with a quadratic reward, or with the
+     shared step before a trained one, the variance went up 1.3-2x (tests/test_subgrpo.py).
+
+4. Which log-probability (ALG 5.4)
+   exact:     log pi = -|x' - mu|^2 / (2 rho^2) - D log rho - (D/2) log(2 pi)
+   official:  l      = -|x' - mu|^2 / D           (mean over the D non-batch elements; no 1/2rho^2)
+   For a fixed stored transition, log-ratios relate by
+       l_new - l_old = (2 rho^2 / D) (log pi_new - log pi_old),
+   so "official" rescales each step's policy gradient by 2 rho_k^2 / D (larger weight for early,
+   noisier steps) and keeps ratios near 1. "official" reproduces the code's PPO-vs-aux balance;
+   "exact" is the unbiased estimator of section 2. On real latents (D ~ 65k) the exact log-prob
+   is ~ -D/2 in float32, so its log-ratios resolve only ~1e-2 and any bf16/train-eval mismatch
+   in v is amplified D/(2 rho^2) times: use "exact" for the toy and for derivations.
 """
+import hashlib
+import math
+import random
+
 import torch
 
-# (stage-2 math goes here)
+from models import x0_from_velocity
+from sample import cps_mean_std, cps_step, full
+
+# ---------------------------------------------------------------------------------------------
+# Transition log-probability (ALG 5.4)
+# ---------------------------------------------------------------------------------------------
+
+
+def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
+    """Log-probability of a stored CPS transition x -> x_next under the policy with velocity v.
+
+    x_next, x, v: [B, ...]; sigma, sigma_next: float or Tensor[B]; eta in [0, 1].
+    mu, rho = sample.cps_mean_std(x, v, sigma, sigma_next, eta) and, with D = numel per sample,
+        form "official":  l = -mean_{non-batch}(x_next - mu)^2
+        form "exact":     l = -|x_next - mu|^2 / (2 rho^2) - D log rho - (D/2) log(2 pi)
+    Log-ratios of the two forms differ by the factor 2 rho^2 / D (module docstring, section 4).
+    x_next is detached (the action is data); gradient flows through v only. Float32.
+    Deterministic steps (rho = 0: sigma_next = 0 or eta = 0) return 0.
+    Returns Tensor[B]."""
+    assert form in ("official", "exact"), form
+    assert x.dim() >= 2, "x must be [B, ...] with at least one non-batch dim"
+    mu, rho = cps_mean_std(x, v, sigma, sigma_next, eta)  # float32
+    x_next = x_next.detach().float()
+    dims = tuple(range(1, x.dim()))
+    D = x[0].numel()
+    rho = torch.as_tensor(rho, dtype=torch.float32, device=mu.device).expand(len(x), *mu.shape[1:])
+    rho = rho.reshape(len(x), -1)[:, 0]  # [B]: rho is the same for all elements of a sample
+    stochastic = rho > 0
+    sq = ((x_next - mu) ** 2).sum(dims)  # [B]
+    if form == "official":
+        lp = -sq / D
+    else:
+        rho_safe = torch.where(stochastic, rho, torch.ones_like(rho))  # no inf/nan in grads
+        lp = -sq / (2 * rho_safe ** 2) - D * torch.log(rho_safe) - 0.5 * D * math.log(2 * math.pi)
+    return torch.where(stochastic, lp, torch.zeros_like(lp))
+
+
+def transition_log_prob(bb, net, x, x_next, sigma, sigma_next, cond, eta=0.9, form="official"):
+    """Recompute the log-probability of stored transitions x -> x_next with the current network:
+    v = G_theta(x, sigma, c) with grad (ALG 5.6 step 1), then cps_log_prob. x, x_next: [B, ...]
+    (constants); sigma, sigma_next: floats. Returns Tensor[B], differentiable in net's params."""
+    v = bb.velocity(net, x, full(sigma, x), cond)
+    return cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form)
+
+
+# ---------------------------------------------------------------------------------------------
+# SubGRPO: step selection and shared noise (ALG 5.2, 5.3)
+# ---------------------------------------------------------------------------------------------
+
+
+def select_steps(epoch, seed, num_stochastic=3, num_train=2):
+    """The PPO steps of this epoch: `num_train` distinct steps of {0 .. num_stochastic-1}, sorted.
+    A local RNG seeded by  seed + 100000 epoch + 104729  makes every rank choose the same steps
+    without communicating (ALG 5.2). Returns list[int]."""
+    rng = random.Random(seed + 100000 * epoch + 104729)
+    return sorted(rng.sample(range(num_stochastic), num_train))
+
+
+def prompt_seed(prompt, step, epoch):
+    """(first 4 bytes of sha256(prompt), read big-endian, + 10007 step + 100000 epoch) mod 2^31."""
+    head = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:4], "big")
+    return (head + 10007 * step + 100000 * epoch) % (2 ** 31)
+
+
+def shared_noise(prompts, step, epoch, shape, device="cpu"):
+    """Noise of a non-selected stochastic step, shared by every copy of a prompt (ALG 5.3).
+    Drawn on the CPU from a generator seeded by prompt_seed(prompt, step, epoch), so all copies of
+    a prompt, on every rank and at any batch position, get the same tensor.
+    prompts: list[str] of length B; shape: one sample's shape. Returns float32 [B, *shape]."""
+    cache = {}
+    for p in prompts:
+        if p not in cache:
+            g = torch.Generator().manual_seed(prompt_seed(p, step, epoch))
+            cache[p] = torch.randn(*shape, generator=g)
+    return torch.stack([cache[p] for p in prompts]).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-2 rollout (ALG 5.3)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9, share_noise=True,
+                         form="official", sigmas=None, generator=None):
+    """Run the few-step CPS sampler from x = x_{sigma_0} [B, ...] without grad and store what the
+    policy update needs. At step k the CPS noise is
+        k in train_steps           -> fresh, independent per sample (from `generator` if given);
+        other stochastic k         -> shared_noise(prompts, k, epoch) if share_noise, else fresh;
+        deterministic k (sigma'=0) -> none (rho = 0).
+    The log-prob of each transition is computed at the sampling parameters (l_old).
+    Returns a dict (N = number of steps, 4):
+        latents      [B, N, ...]  x_{sigma_k}          next_latents [B, N, ...]  x_{sigma_{k+1}}
+        velocities   [B, N, ...]  v_k (the fake score needs them, ALG 5.8)
+        log_probs    [B, N]       l_old (0 on deterministic steps)
+        sigmas       [N + 1]      the sampler sigmas
+        x0           [B, ...]     the sample = next_latents[:, -1]"""
+    sigmas = bb.sigmas if sigmas is None else sigmas
+    x = x.float()
+    latents, next_latents, velocities, log_probs = [], [], [], []
+    for k in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        v = bb.velocity(net, x, full(s, x), cond).float()
+        if s_next == 0 or eta == 0:
+            z = torch.zeros_like(x)
+        elif k not in train_steps and share_noise:
+            z = shared_noise(prompts, k, epoch, x.shape[1:], x.device)
+        else:
+            z = torch.randn_like(x) if generator is None else torch.randn(
+                x.shape, generator=generator, device=generator.device).to(x.device)
+        x_next = cps_step(x, v, s, s_next, eta, z)
+        latents.append(x)
+        next_latents.append(x_next)
+        velocities.append(v)
+        log_probs.append(cps_log_prob(x_next, x, v, s, s_next, eta, form))
+        x = x_next
+    return dict(latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
+                velocities=torch.stack(velocities, 1), log_probs=torch.stack(log_probs, 1),
+                sigmas=torch.as_tensor(sigmas).float(), x0=x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages (ALG 5.5)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
+    """GRPO advantages with a per-prompt mean and a global std (ALG 5.5).
+
+    rewards: {name: Tensor[N]} for the whole epoch (gathered over ranks); prompts: list[str], N;
+    weights: {name: w}, the rewards that count (other keys of `rewards` are ignored).
+        A_k(i) = (r_k(i) - mean_{j: prompt j = prompt i} r_k(j)) / (std_{all j} r_k(j) + eps)
+        A      = sum_k w_k A_k,      then   A <- (A - mean A) / (std A + eps)
+    std is the population std (divide by N). normalize=False skips both std divisions, giving
+    A = sum_k w_k (r_k - per-prompt mean): plain REINFORCE with a group baseline, whose expected
+    update is an exact multiple of grad E[r] (ALG 9.6, "exact decomposition mode").
+    Returns float32 Tensor[N]."""
+    N = len(prompts)
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    A = torch.zeros(N, dtype=torch.float64)
+    for name, w in weights.items():
+        r = rewards[name].detach().double().cpu().reshape(N)
+        centred = torch.empty_like(r)
+        for idx in groups.values():
+            centred[idx] = r[idx] - r[idx].mean()
+        A += w * (centred / (r.std(unbiased=False) + eps) if normalize else centred)
+    if normalize:
+        A = (A - A.mean()) / (A.std(unbiased=False) + eps)
+    return A.float()
+
+
+def clip_advantages(advantages, clip_max=5.0):
+    """A clipped to [-clip_max, clip_max] before the policy loss (ALG 5.5, adv_clip_max = 5)."""
+    return advantages.clamp(-clip_max, clip_max)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: PPO on the stochastic steps, reward back-prop on the final step (ALG 5.6, 5.7)
+# ---------------------------------------------------------------------------------------------
+
+
+def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
+    """Clipped surrogate of one step j in S (ALG 5.6):
+        r = exp(l_new - l_old),    L = mean_b max(-A r, -A clip(r, 1 - eps, 1 + eps)).
+    log_prob_new [B] (with grad), log_prob_old [B] and advantages [B] (constants).
+    At the sampling parameters r = 1 and grad L = -mean_b A grad l_new (REINFORCE with a baseline).
+    Returns (scalar loss, {ratio_mean, ratio_min, ratio_max, clip_frac, approx_kl} as floats)."""
+    A = advantages.detach().float()
+    log_ratio = log_prob_new.float() - log_prob_old.detach().float()
+    ratio = torch.exp(log_ratio)
+    unclipped = -A * ratio
+    clipped = -A * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = dict(ratio_mean=ratio.mean().item(), ratio_min=ratio.min().item(),
+                     ratio_max=ratio.max().item(),
+                     clip_frac=((ratio - 1).abs() > clip_range).float().mean().item(),
+                     approx_kl=(0.5 * log_ratio ** 2).mean().item())
+    return loss, stats
+
+
+def final_step_x0(bb, net, x3, sigma3, cond):
+    """The deterministic last step (ALG 3.2, 5.7): x0_hat = x_3 - sigma_3 G_theta(x_3, sigma_3, c),
+    with grad through the network only; x_3 [B, ...] is a stored rollout state (a constant), so
+    reward gradients reach the generator through this one call and never through steps 0-2.
+    Returns float32 [B, ...]."""
+    x3 = x3.detach()
+    v = bb.velocity(net, x3, full(sigma3, x3), cond)
+    return x0_from_velocity(x3.float(), v.float(), sigma3)
+
+
+def bp_loss(rewards_weighted_sum, margin=3.0):
+    """Reward back-prop hinge of the final step (ALG 5.7):  L_BP = mean_b relu(margin - R_w),
+    R_w [B] = sum_k w_k r_k(decode(x0_hat)), differentiable. While R_w < margin (always, in
+    practice) grad L_BP = -mean_b grad R_w: the path-wise part of the hybrid gradient. The caller
+    applies the weight bp_grad_scale = 1e-4.
+    Returns (scalar loss, {reward_mean, hinge_active} as floats)."""
+    R = rewards_weighted_sum.float()
+    loss = torch.relu(margin - R).mean()
+    stats = dict(reward_mean=R.mean().item(), hinge_active=(R < margin).float().mean().item())
+    return loss, stats
