@@ -155,6 +155,13 @@ def _load_strict(net, sd, what):
     return net
 
 
+def _config(cls, config, default):
+    """None -> the real-size default; a str -> cls.from_pretrained (hub id or folder); else as is."""
+    if config is None:
+        return default()
+    return cls.from_pretrained(config) if isinstance(config, str) else config
+
+
 def _pooled(out):
     """transformers 5 get_*_features return an output object; the projection is .pooler_output."""
     return out if torch.is_tensor(out) else out.pooler_output
@@ -330,10 +337,10 @@ def openclip_to_hf(sd):
 def load_hpsv2(src, config=None):
     """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
     laion base weights the official code builds first are not needed (REWARDS.md 1.4)."""
-    from transformers import CLIPModel
+    from transformers import CLIPConfig, CLIPModel
     path = _resolve_file(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
     sd = openclip_to_hf(_state_dict(path))  # fp16 in the file; load_state_dict casts to fp32
-    return _load_strict(CLIPModel(config or hpsv2_clip_config()), sd, path)
+    return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), sd, path)
 
 
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel (REWARDS.md 1.5, 2.2) ---
@@ -419,9 +426,9 @@ class ImageReward:
 
     def load(self, device=None):
         if self.net is None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer, BlipConfig
             path = _resolve_file(self.src, ("ImageReward.pt",), "imagereward", "ImageReward checkpoint")
-            net = BlipReward(self.config or imagereward_blip_config())
+            net = BlipReward(_config(BlipConfig, self.config, imagereward_blip_config))
             self.net = _frozen(_load_strict(net, blip_to_hf(_state_dict(path)), path))
             tok = _pretrained(AutoTokenizer, self.tokenizer_src, "imagereward_tokenizer", "BERT tokenizer")
             tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer: the two extra
@@ -495,7 +502,8 @@ class MultiReward:
     """reward(images, prompts) -> {name: Tensor[B] for each weighted name, "weighted": Tensor[B]}
 
     weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
-    for back-prop, whose gradient it would zero. share=another MultiReward reuses its models."""
+    for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
+    (and so its models and its sources) for every name they have in common."""
 
     def __init__(self, weights, sources=None, quantize=False, share=None):
         self.weights, self.quantize = dict(weights), quantize

@@ -6,6 +6,7 @@ checkpoint has (save_pretrained folders, or torch.save files in the ORIGINAL ope
 key layouts) and loaded back through rewards.py's real loading code.
 """
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,7 +18,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (BertTokenizer, BlipConfig, CLIPConfig, CLIPImageProcessorPil, CLIPModel,
                           CLIPTokenizer)
 
-import rewards as R
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import rewards as R  # noqa: E402
 
 PROMPTS = ["a photo of a red dog", "two cats on a sofa"]
 
@@ -35,9 +37,10 @@ def clip_config(vocab, image_size=224):
     """Tiny CLIP; patch 32 keeps the real 224-px preprocessing but only 49 image tokens."""
     return CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37,
                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                                       bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu"),
                       vision_config=dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=image_size, patch_size=32),
+                                         num_attention_heads=4, image_size=image_size, patch_size=32,
+                                         hidden_act="gelu"),  # gelu, as open_clip ViT-H-14
                       projection_dim=16)
 
 
@@ -109,6 +112,43 @@ def hf_to_blip(sd):
     out["blip.text_proj.weight"], out["blip.text_proj.bias"] = torch.zeros(8, 32), torch.zeros(8)
     out["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
     return out
+
+
+def openclip_reference(sd, px, ids, heads=4, patch=32, eos=1):
+    """open_clip's CLIP forward, written from the ORIGINAL key layout with torch.nn.functional
+    (nn.MultiheadAttention = F.multi_head_attention_forward on seq-first inputs). It checks the
+    converter's q/k/v order and transposes against open_clip's math, not just against our inverse."""
+    F = torch.nn.functional
+
+    def tower(x, pre, mask):
+        n = len({k.split(".")[pre.count(".") + 2] for k in sd if k.startswith(pre + "transformer.resblocks.")})
+        for i in range(n):
+            b = f"{pre}transformer.resblocks.{i}."
+            w = x.shape[-1]
+            h = F.layer_norm(x, (w,), sd[b + "ln_1.weight"], sd[b + "ln_1.bias"]).transpose(0, 1)
+            a, _ = F.multi_head_attention_forward(
+                h, h, h, w, heads, sd[b + "attn.in_proj_weight"], sd[b + "attn.in_proj_bias"], None, None,
+                False, 0.0, sd[b + "attn.out_proj.weight"], sd[b + "attn.out_proj.bias"], training=False,
+                need_weights=False, attn_mask=mask)
+            x = x + a.transpose(0, 1)
+            h = F.layer_norm(x, (w,), sd[b + "ln_2.weight"], sd[b + "ln_2.bias"])
+            h = F.gelu(F.linear(h, sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"])
+        return x
+
+    v = F.conv2d(px, sd["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
+    v = torch.cat([sd["visual.class_embedding"].expand(len(px), 1, -1), v], 1) + sd["visual.positional_embedding"]
+    w = v.shape[-1]
+    v = tower(F.layer_norm(v, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]), "visual.", None)
+    img = F.layer_norm(v[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    t = sd["token_embedding.weight"][ids] + sd["positional_embedding"][: ids.shape[1]]
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    t = tower(t, "", causal)
+    t = F.layer_norm(t, (t.shape[-1],), sd["ln_final.weight"], sd["ln_final.bias"])
+    # open_clip pools at ids.argmax(-1) = the EOT token, the largest id of the real vocab; our
+    # tiny vocab puts EOT at id 1, so pool at its first occurrence instead
+    txt = t[torch.arange(len(ids)), (ids == eos).int().argmax(-1)] @ sd["text_projection"]
+    return img, txt
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +257,10 @@ def test_hpsv2_converter_round_trip(assets):
     for f in ("get_image_features", "get_text_features"):
         kw = dict(pixel_values=px) if "image" in f else dict(input_ids=ids)
         assert torch.equal(R._pooled(getattr(ref, f)(**kw)), R._pooled(getattr(back, f)(**kw)))
+    # the converted model computes what open_clip computes from the original layout
+    ref_img, ref_txt = openclip_reference({k: v.float() for k, v in orig.items()}, px, ids)
+    torch.testing.assert_close(R._pooled(back.get_image_features(pixel_values=px)), ref_img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(R._pooled(back.get_text_features(input_ids=ids)), ref_txt, atol=1e-5, rtol=1e-4)
     # every original key is consumed: an extra one is an error, not silently dropped
     with pytest.raises(ValueError, match="unknown keys"):
         R.openclip_to_hf({**orig, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(48)})
@@ -281,7 +325,7 @@ def test_hpsv2_pad_preprocessing_matches_pil():
     pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((168, 224), Image.BICUBIC)
     canvas = Image.new("RGB", (224, 224))
     canvas.paste(pil, (28, 0))
-    ref = torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1)[None].float() / 255
+    ref = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255
     ours = R.preprocess(img[None].float() / 255, 224, "pad", "bicubic")
     mean, std = torch.tensor(R.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(R.OPENAI_STD).view(1, 3, 1, 1)
     err = (ours * std + mean - ref).abs().mean().item()
