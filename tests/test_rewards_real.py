@@ -358,3 +358,20 @@ def test_weighted_sum_quantize_and_sharing(assets):
     assert ev.scorers["clipscore"].backbone is ev.scorers["aesthetic"].backbone  # one CLIP-L
     with pytest.raises(NotImplementedError, match="geneval"):
         R.MultiReward({"geneval": 1.0})
+
+
+def test_real_size_configs_match_the_checkpoints():
+    """The built-in real-size configs (built on the meta device: no memory, no weights) have the
+    shapes of the original checkpoints: open_clip ViT-H-14 (~986M params) and BLIP ViT-L + BERT."""
+    with torch.device("meta"):
+        hps = CLIPModel(R.hpsv2_clip_config())
+        ir = R.BlipReward(R.imagereward_blip_config())
+    shapes = {k: tuple(v.shape) for k, v in hps.state_dict().items()}
+    assert shapes["vision_model.embeddings.position_embedding.weight"] == (257, 1280)  # 16x16 + CLS
+    assert shapes["text_projection.weight"] == (1024, 1024) and shapes["visual_projection.weight"] == (1024, 1280)
+    assert 985e6 < sum(p.numel() for p in hps.parameters()) < 987e6
+    shapes = {k: tuple(v.shape) for k, v in ir.state_dict().items()}
+    assert shapes["vision.embeddings.position_embedding"] == (1, 197, 1024)  # 14x14 + CLS
+    assert shapes["text.embeddings.word_embeddings.weight"] == (30524, 768)  # bert + [DEC], [ENC]
+    assert shapes["text.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
+    assert shapes["head.layers.0.weight"] == (1024, 768)
