@@ -1,0 +1,377 @@
+"""
+Offline tests of the image rewards in rewards.py (REWARDS.md section 3 recipe).
+
+Every network is a tiny random model built here, written to tmp_path in the format its real
+checkpoint has (save_pretrained folders, or torch.save files in the ORIGINAL open_clip / BLIP
+key layouts) and loaded back through rewards.py's real loading code.
+"""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (BertTokenizer, BlipConfig, CLIPConfig, CLIPImageProcessorPil, CLIPModel,
+                          CLIPTokenizer)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import rewards as R  # noqa: E402
+
+PROMPTS = ["a photo of a red dog", "two cats on a sofa"]
+
+
+# --- tiny assets ---------------------------------------------------------------------------------
+
+def clip_tokenizer():
+    """FACTS.md 2: byte-level CLIP vocabulary, no merges, built in memory."""
+    chars = ByteLevel.alphabet()
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + sorted(chars) + [c + "</w>" for c in sorted(chars)]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=16)
+
+
+def clip_config(vocab, image_size=224):
+    """Tiny CLIP; patch 32 keeps the real 224-px preprocessing but only 49 image tokens."""
+    return CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                       bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu"),
+                      vision_config=dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=image_size, patch_size=32,
+                                         hidden_act="gelu"),  # gelu, as open_clip ViT-H-14
+                      projection_dim=16)
+
+
+def blip_config(vocab):
+    return BlipConfig(vision_config=dict(hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=224, patch_size=32,
+                                         layer_norm_eps=1e-6),
+                      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                                       bos_token_id=vocab - 2, sep_token_id=3, pad_token_id=0))
+
+
+def seeded(make, seed):
+    torch.manual_seed(seed)
+    return make().eval()
+
+
+# Inverse mappings (HF -> original layouts), written independently of rewards.py's forward ones.
+
+def hf_to_openclip(sd):
+    top = {v: k for k, v in R._OC_TOP.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+        elif k == "text_projection.weight":
+            out["text_projection"] = v.t()
+        elif k == "visual_projection.weight":
+            out["visual.proj"] = v.t()
+        else:
+            tower, _, _, i, rest = k.split(".", 4)  # e.g. text_model.encoder.layers.0.mlp.fc1.weight
+            pre = ("visual." if tower == "vision_model" else "") + f"transformer.resblocks.{i}."
+            if rest.startswith("self_attn.q_proj"):  # fuse q, k, v back into in_proj_*
+                kind = rest.rsplit(".", 1)[1]
+                parts = [sd[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+                out[pre + "attn.in_proj_" + kind] = torch.cat(parts, 0)
+            elif rest.startswith(("self_attn.k_proj", "self_attn.v_proj")):
+                continue
+            else:
+                for oc, hf in R._OC_BLOCK.items():
+                    if rest.startswith(hf + "."):
+                        out[pre + oc + rest[len(hf):]] = v
+                        break
+                else:
+                    raise KeyError(k)
+    out["attn_mask"] = torch.zeros(16, 16)  # buffers the original files may carry
+    return out
+
+
+def hf_to_blip(sd):
+    top = {v: k for k, v in R._BLIP_TOP.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out["blip." + top[k]] = v
+        elif k.startswith("vision.encoder.layers."):
+            _, _, _, i, rest = k.split(".", 4)
+            name, kind = rest.rsplit(".", 1)
+            orig = {hf: oc for oc, hf in R._BLIP_BLOCK.items()}[name]
+            out[f"blip.visual_encoder.blocks.{i}.{orig}.{kind}"] = v
+        elif k.startswith("text."):
+            out["blip.text_encoder." + k[5:]] = v
+        elif k.startswith("head."):
+            out["mlp." + k[5:]] = v
+        else:
+            raise KeyError(k)
+    # what the original file also holds: BLIP's unused contrastive heads and a BERT buffer
+    out["blip.vision_proj.weight"], out["blip.vision_proj.bias"] = torch.zeros(8, 48), torch.zeros(8)
+    out["blip.text_proj.weight"], out["blip.text_proj.bias"] = torch.zeros(8, 32), torch.zeros(8)
+    out["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    return out
+
+
+def openclip_reference(sd, px, ids, heads=4, patch=32, eos=1):
+    """open_clip's CLIP forward, written from the ORIGINAL key layout with torch.nn.functional
+    (nn.MultiheadAttention = F.multi_head_attention_forward on seq-first inputs). It checks the
+    converter's q/k/v order and transposes against open_clip's math, not just against our inverse."""
+    F = torch.nn.functional
+
+    def tower(x, pre, mask):
+        n = len({k.split(".")[pre.count(".") + 2] for k in sd if k.startswith(pre + "transformer.resblocks.")})
+        for i in range(n):
+            b = f"{pre}transformer.resblocks.{i}."
+            w = x.shape[-1]
+            h = F.layer_norm(x, (w,), sd[b + "ln_1.weight"], sd[b + "ln_1.bias"]).transpose(0, 1)
+            a, _ = F.multi_head_attention_forward(
+                h, h, h, w, heads, sd[b + "attn.in_proj_weight"], sd[b + "attn.in_proj_bias"], None, None,
+                False, 0.0, sd[b + "attn.out_proj.weight"], sd[b + "attn.out_proj.bias"], training=False,
+                need_weights=False, attn_mask=mask)
+            x = x + a.transpose(0, 1)
+            h = F.layer_norm(x, (w,), sd[b + "ln_2.weight"], sd[b + "ln_2.bias"])
+            h = F.gelu(F.linear(h, sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"]))
+            x = x + F.linear(h, sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"])
+        return x
+
+    v = F.conv2d(px, sd["visual.conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
+    v = torch.cat([sd["visual.class_embedding"].expand(len(px), 1, -1), v], 1) + sd["visual.positional_embedding"]
+    w = v.shape[-1]
+    v = tower(F.layer_norm(v, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]), "visual.", None)
+    img = F.layer_norm(v[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    t = sd["token_embedding.weight"][ids] + sd["positional_embedding"][: ids.shape[1]]
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    t = tower(t, "", causal)
+    t = F.layer_norm(t, (t.shape[-1],), sd["ln_final.weight"], sd["ln_final.bias"])
+    # open_clip pools at ids.argmax(-1) = the EOT token, the largest id of the real vocab; our
+    # tiny vocab puts EOT at id 1, so pool at its first occurrence instead
+    txt = t[torch.arange(len(ids)), (ids == eos).int().argmax(-1)] @ sd["text_projection"]
+    return img, txt
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rewards")
+    tok = clip_tokenizer()
+    n = len(tok)
+    # CLIP-L stand-in and PickScore stand-in: save_pretrained folders (model + tokenizer)
+    for name, seed in (("clip_l", 0), ("pickscore", 1)):
+        seeded(lambda: CLIPModel(clip_config(n)), seed).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    tok.save_pretrained(d / "clip_tok")
+    # LAION aesthetic head: a plain state dict with keys layers.{0,2,4,6,7}
+    torch.save(seeded(lambda: R.MLPHead(16), 2).state_dict(), d / "sac+logos+ava1-l14-linearMSE.pth")
+    # HPSv2.1: a CLIP in open_clip's layout, fp16 and wrapped in {"state_dict": ...} like the file
+    hps = seeded(lambda: CLIPModel(clip_config(n)), 3)
+    oc = {k: v.half() for k, v in hf_to_openclip(hps.state_dict()).items()}
+    (d / "hps").mkdir()
+    torch.save({"state_dict": oc, "epoch": 1}, d / "hps" / "HPS_v2.1_compressed.pt")
+    # ImageReward: a tiny BERT vocab file (the loader adds [DEC], [ENC]) and a BLIP-layout file
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
+    words += ["photo", "of", "red", "dog", "cats", "on", "sofa", "two"]
+    (d / "bert").mkdir()
+    (d / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(d / "bert" / "vocab.txt")).save_pretrained(d / "bert")
+    ir_cfg = blip_config(len(words) + 2)
+    ir = seeded(lambda: R.BlipReward(ir_cfg), 4)
+    torch.save(hf_to_blip(ir.state_dict()), d / "ImageReward.pt")
+    sources = {"clip_l": str(d / "clip_l"), "pickscore": str(d / "pickscore"),
+               "pickscore_tokenizer": str(d / "clip_tok"),
+               "aesthetic_head": str(d / "sac+logos+ava1-l14-linearMSE.pth"),
+               "hpsv2": str(d / "hps"), "hpsv2_tokenizer": str(d / "clip_tok"),
+               "hpsv2_config": clip_config(n),
+               "imagereward": str(d / "ImageReward.pt"), "imagereward_tokenizer": str(d / "bert"),
+               "imagereward_config": ir_cfg}
+    return dict(dir=d, sources=sources, hps=hps, ir=ir, ir_cfg=ir_cfg, tok=tok)
+
+
+def nets(scorer):
+    """The torch modules a scorer holds (after its first call)."""
+    out = []
+    for attr in ("backbone", "head", "net"):
+        m = getattr(scorer, attr, None)
+        m = m.model if isinstance(m, R.CLIPBackbone) else m
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def smooth_image(h=512, w=512, seed=0):
+    """A photo-like uint8 image: smooth colour fields + edges + a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 6, 6, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    x = x + 0.3 * ((xx ** 2 + yy ** 2) < 0.3).float() - 0.2 * (xx > 0.5).float()
+    x = x + 0.03 * torch.randn(1, 3, h, w, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)[0]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward"])
+def test_scorer_finite_differentiable_frozen(assets, name):
+    scorer = R.make_scorers([name], assets["sources"])[name]
+    assert nets(scorer) == []  # lazy: nothing loaded before the first call
+    images = torch.rand(2, 3, 96, 64, requires_grad=True)  # non-square: exercises crop / pad
+    out = scorer(images, PROMPTS)
+    assert set(out) == {name} and out[name].shape == (2,) and torch.isfinite(out[name]).all()
+    out[name].sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    params = [p for m in nets(scorer) for p in m.parameters()]
+    assert params and all(not p.requires_grad and p.grad is None for p in params)
+    assert all(not m.training for m in nets(scorer))
+
+
+def test_pickscore_scale(assets):
+    scorer = R.make_scorers(["pickscore"], assets["sources"])["pickscore"]
+    x = torch.rand(2, 3, 64, 64)
+    img, txt = scorer.backbone.embed(x, PROMPTS, scorer.fit, scorer.mode)
+    raw = scorer.backbone.model.logit_scale.exp() * (img * txt).sum(-1)
+    torch.testing.assert_close(scorer(x, PROMPTS)["pickscore"] * R.PICKSCORE_TABLE_SCALE, raw)
+
+
+def test_missing_checkpoint_message(assets, tmp_path):
+    srcs = dict(assets["sources"], hpsv2=str(tmp_path / "nowhere"))
+    scorer = R.make_scorers(["hpsv2"], srcs)["hpsv2"]  # building is free ...
+    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--hpsv2-path"):
+        scorer(torch.rand(1, 3, 32, 32), ["x"])  # ... the error comes at first use
+    srcs = dict(assets["sources"], clip_l=str(tmp_path / "no_clip"))
+    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-large-patch14"):
+        R.make_scorers(["clipscore"], srcs)["clipscore"](torch.rand(1, 3, 32, 32), ["x"])
+
+
+def test_hpsv2_converter_round_trip(assets):
+    n = len(assets["tok"])
+    ref = assets["hps"]
+    orig = hf_to_openclip(ref.state_dict())
+    assert orig["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 48, 48)
+    assert orig["visual.proj"].shape == (48, 16)  # used as x @ P in open_clip
+    back = seeded(lambda: CLIPModel(clip_config(n)), 99)
+    R._load_strict(back, R.openclip_to_hf(orig), "round trip")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    px, ids = torch.randn(2, 3, 224, 224), torch.tensor([[0, 40, 41, 1, 1], [0, 50, 1, 1, 1]])
+    for f in ("get_image_features", "get_text_features"):
+        kw = dict(pixel_values=px) if "image" in f else dict(input_ids=ids)
+        assert torch.equal(R._pooled(getattr(ref, f)(**kw)), R._pooled(getattr(back, f)(**kw)))
+    # the converted model computes what open_clip computes from the original layout
+    ref_img, ref_txt = openclip_reference({k: v.float() for k, v in orig.items()}, px, ids)
+    torch.testing.assert_close(R._pooled(back.get_image_features(pixel_values=px)), ref_img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(R._pooled(back.get_text_features(input_ids=ids)), ref_txt, atol=1e-5, rtol=1e-4)
+    # every original key is consumed: an extra one is an error, not silently dropped
+    with pytest.raises(ValueError, match="unknown keys"):
+        R.openclip_to_hf({**orig, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(48)})
+    # and the file written in the fixture loads to the same outputs through load_hpsv2 (fp16 file)
+    loaded = R.load_hpsv2(str(assets["dir"] / "hps"), clip_config(n))
+    assert torch.allclose(R._pooled(ref.get_image_features(pixel_values=px)),
+                          R._pooled(loaded.get_image_features(pixel_values=px)), atol=1e-2)
+
+
+def test_imagereward_converter_round_trip(assets):
+    ref = assets["ir"]
+    orig = hf_to_blip(ref.state_dict())
+    assert "blip.visual_encoder.blocks.1.attn.qkv.weight" in orig and "mlp.layers.7.bias" in orig
+    converted = R.blip_to_hf(orig)
+    assert set(converted) == set(ref.state_dict())  # nothing dropped, nothing extra
+    back = seeded(lambda: R.BlipReward(assets["ir_cfg"]), 99)
+    R._load_strict(back, converted, "round trip")
+    px = torch.randn(2, 3, 224, 224)
+    ids, mask = torch.tensor([[2, 31, 32, 3, 0], [2, 40, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    assert torch.equal(ref(px, ids, mask), back(px, ids, mask))
+    with pytest.raises(ValueError, match="unknown keys"):
+        R.blip_to_hf({**orig, "blip.text_encoder_m.embeddings.word_embeddings.weight": torch.zeros(1)})
+    # the scorer's tokenizer gained [DEC], [ENC] and starts every prompt with [CLS]
+    scorer = R.make_scorers(["imagereward"], assets["sources"])["imagereward"]
+    scorer.load()
+    assert len(scorer.tokenizer) == assets["ir_cfg"].text_config.vocab_size
+    assert scorer.tokenizer(["red dog"]).input_ids[0][0] == scorer.tokenizer.cls_token_id
+
+
+def test_torch_preprocessing_matches_pil_processor(assets):
+    """Eval path of PickScore / Aesthetic / ImageReward: PIL bicubic shortest side 224, centre crop,
+    OpenAI mean/std (CLIPImageProcessor). Ours: torch bicubic + antialias on round(255 x)/255."""
+    proc = CLIPImageProcessorPil()  # CLIP defaults = those of every scorer here
+    ms = R.MultiReward({"pickscore": 1.0, "clipscore": 1.0}, assets["sources"], quantize=True)
+    for h, w in ((512, 512), (512, 384)):
+        img = smooth_image(h, w)
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        ref_px = proc(images=pil, return_tensors="pt").pixel_values
+        x = img[None].float() / 255
+        ours = R.preprocess(x, 224, "crop", "bicubic")
+        pix_err = (ours - ref_px).abs().mean().item()
+        assert pix_err < 0.02, pix_err  # normalised units (std ~0.27 of [0,1] per unit)
+        for name in ("pickscore", "clipscore"):
+            bb = ms.scorers[name].backbone
+            m = bb.load()
+            tok = bb.tokenizer(PROMPTS[:1], padding="max_length", max_length=16, truncation=True,
+                               return_tensors="pt")
+            txt = torch.nn.functional.normalize(R._pooled(m.get_text_features(**tok)), dim=-1)
+            ref_img = torch.nn.functional.normalize(R._pooled(m.get_image_features(pixel_values=ref_px)), dim=-1)
+            ref = (ref_img * txt).sum(-1)
+            if name == "pickscore":
+                ref = m.logit_scale.exp() * ref / R.PICKSCORE_TABLE_SCALE
+            got = ms(x, PROMPTS[:1])[name]
+            rel = ((got - ref).abs() / ref.abs()).item()
+            print(f"{h}x{w} {name}: pixel mean|diff| {pix_err:.4f}, score {ref.item():.5f} vs {got.item():.5f}, rel {rel:.4%}")
+            assert rel < 0.01, (name, rel)
+
+
+def test_hpsv2_pad_preprocessing_matches_pil():
+    """HPSv2 ResizeMaxSize on PIL: bicubic longest side 224, black padding centred."""
+    img = smooth_image(512, 384)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((168, 224), Image.BICUBIC)
+    canvas = Image.new("RGB", (224, 224))
+    canvas.paste(pil, (28, 0))
+    ref = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255
+    ours = R.preprocess(img[None].float() / 255, 224, "pad", "bicubic")
+    mean, std = torch.tensor(R.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(R.OPENAI_STD).view(1, 3, 1, 1)
+    err = (ours * std + mean - ref).abs().mean().item()
+    print(f"hpsv2 pad preprocessing: pixel mean|diff| {err:.5f} (of [0,1])")
+    assert err < 0.005 and (ours * std + mean)[..., :28].abs().max() < 1e-6
+
+
+def test_weighted_sum_quantize_and_sharing(assets):
+    weights = {"clipscore": 0.5, "pickscore": 2.0, "hpsv2": -1.0}
+    mr = R.MultiReward(weights, assets["sources"])
+    x = torch.rand(2, 3, 64, 64)
+    out = mr(x, PROMPTS)
+    assert set(out) == {"clipscore", "pickscore", "hpsv2", "weighted"}
+    c, p, h = (mr.scorers[n](x, PROMPTS)[n] for n in ("clipscore", "pickscore", "hpsv2"))
+    torch.testing.assert_close(out["weighted"], 0.5 * c + 2.0 * p - 1.0 * h)
+    # quantize=True scores round(255 x)/255 and shares the models of `mr`
+    q = R.MultiReward(weights, assets["sources"], quantize=True, share=mr)
+    assert q.scorers["hpsv2"] is mr.scorers["hpsv2"]
+    xq = R.quantize_uint8(x)
+    assert torch.equal(xq * 255, (xq * 255).round())
+    torch.testing.assert_close(q(x, PROMPTS)["weighted"], mr(xq, PROMPTS)["weighted"])
+    # paper defaults: GRPO {clip, hps, pick} quantised; BP = its differentiable subset, with grad
+    grpo, bp = R.training_rewards(assets["sources"])
+    assert grpo.quantize and not bp.quantize and set(bp.weights) == {"clipscore", "pickscore", "hpsv2"}
+    assert bp.scorers["pickscore"] is grpo.scorers["pickscore"]
+    xg = torch.rand(2, 3, 64, 64, requires_grad=True)
+    bp(xg, PROMPTS)["weighted"].sum().backward()
+    assert xg.grad.abs().sum() > 0
+    ev = R.eval_rewards(assets["sources"], share=grpo)
+    assert ev.scorers["clipscore"].backbone is ev.scorers["aesthetic"].backbone  # one CLIP-L
+    with pytest.raises(NotImplementedError, match="geneval"):
+        R.MultiReward({"geneval": 1.0})
+
+
+def test_real_size_configs_match_the_checkpoints():
+    """The built-in real-size configs (built on the meta device: no memory, no weights) have the
+    shapes of the original checkpoints: open_clip ViT-H-14 (~986M params) and BLIP ViT-L + BERT."""
+    with torch.device("meta"):
+        hps = CLIPModel(R.hpsv2_clip_config())
+        ir = R.BlipReward(R.imagereward_blip_config())
+    shapes = {k: tuple(v.shape) for k, v in hps.state_dict().items()}
+    assert shapes["vision_model.embeddings.position_embedding.weight"] == (257, 1280)  # 16x16 + CLS
+    assert shapes["text_projection.weight"] == (1024, 1024) and shapes["visual_projection.weight"] == (1024, 1280)
+    assert 985e6 < sum(p.numel() for p in hps.parameters()) < 987e6
+    shapes = {k: tuple(v.shape) for k, v in ir.state_dict().items()}
+    assert shapes["vision.embeddings.position_embedding"] == (1, 197, 1024)  # 14x14 + CLS
+    assert shapes["text.embeddings.word_embeddings.weight"] == (30524, 768)  # bert + [DEC], [ENC]
+    assert shapes["text.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
+    assert shapes["head.layers.0.weight"] == (1024, 768)
