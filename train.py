@@ -218,11 +218,12 @@ def main(argv=None):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=2)
     if args.stage == 1:
-        train_stage1(args, bb, ddp, rank, world, device, master, shared)
+        nets = train_stage1(args, bb, ddp, rank, world, device, master, shared)
     else:
-        import train_stage2_placeholder  # noqa: F401  (stage 2 lands with its issue)
+        sys.exit("error: stage 2 is not implemented yet")
     if ddp:
         dist.destroy_process_group()
+    return nets  # the trained modules (tests compare them across ranks and runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +352,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
         print0(f"stage 1 done in {time.time() - t0:.1f}s -> {ckpt_path}")
         if args.model == "toy":
             sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage1.png"))
+    return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""train.py stage 1: end to end on the toy, resume equivalence, DDP with 2 gloo ranks, bad input."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import models
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--batch-size", "64", "--log-every", "5"]
+
+
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory):
+    """A quickly pretrained toy base model, copied into each run folder (the cache train.py uses)."""
+    d = tmp_path_factory.mktemp("base")
+    models.ToyBackbone(cache_dir=str(d), pretrain_steps=100)
+    return os.path.join(d, "toy_base_w128.pt")
+
+
+def run_dir(tmp_path, name, toy_base):
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copy(toy_base, d)
+    return str(d)
+
+
+def flat(state):
+    return torch.cat([v.flatten().float() for v in state.values()])
+
+
+def test_stage1_runs_and_logs(tmp_path, toy_base):
+    out = run_dir(tmp_path, "run", toy_base)
+    nets = train.main(["--stage", "1", "--out", out, "--steps", "10"] + SMALL)
+    ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=False)
+    assert ck["step"] == 10
+    base = {k: v for k, v in torch.load(toy_base)["state_dict"].items() if k in ck["generator"]}
+    # the generator and the fake score both moved away from the base model, the EMA lags behind
+    assert (flat(ck["generator"]) - flat(base)).abs().max() > 1e-4
+    assert (flat(ck["fake"]) - flat(base)).abs().max() > 1e-4
+    d_ema = (flat(ck["ema"]) - flat(base)).norm()
+    assert 0 < d_ema < (flat(ck["generator"]) - flat(base)).norm()
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert recs[-1]["step"] == 10
+    for key in ("fake_loss", "fake_ac", "fake_cons", "fake_grad_norm", "gen_loss", "gen_grad_norm",
+                "dmd_dir_norm"):
+        assert key in recs[-1] and torch.isfinite(torch.tensor(recs[-1][key]))
+    assert os.path.exists(os.path.join(out, "samples_stage1.png"))
+    assert set(nets) == {"generator", "fake", "ema"}
+
+
+def test_resume_is_exact(tmp_path, toy_base):
+    a = run_dir(tmp_path, "a", toy_base)
+    b = run_dir(tmp_path, "b", toy_base)
+    args = SMALL + ["--save-every", "100"]
+    train.main(["--stage", "1", "--out", a, "--steps", "20"] + args)
+    train.main(["--stage", "1", "--out", b, "--steps", "10"] + args)
+    train.main(["--stage", "1", "--out", b, "--steps", "20", "--resume"] + args)
+    ca = torch.load(os.path.join(a, "stage1.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "stage1.pt"), weights_only=False)
+    for key in ("generator", "fake", "ema"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+
+
+def _ddp_worker(rank, world, port, out, result_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    nets = train.main(["--stage", "1", "--out", out, "--steps", "10"] + SMALL)
+    torch.save({k: v.state_dict() for k, v in nets.items()}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_identical(tmp_path, toy_base):
+    out = run_dir(tmp_path, "ddp", toy_base)
+    mp.spawn(_ddp_worker, args=(2, free_port(), out, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    base = torch.load(toy_base)["state_dict"]
+    base = {k: v for k, v in base.items() if k in r0["generator"]}
+    for key in ("generator", "fake", "ema"):
+        for k in r0[key]:
+            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    assert (flat(r0["generator"]) - flat(base)).abs().max() > 1e-4  # and they did train
+
+
+def run_cli(args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True,
+                          text=True, cwd=ROOT, env=env or os.environ.copy())
+
+
+def test_bad_input_clear_errors(tmp_path, toy_base):
+    r = run_cli(["--stage", "1", "--model", "sd9", "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "unknown --model 'sd9'" in r.stderr
+    out = run_dir(tmp_path, "s2", toy_base)
+    r = run_cli(["--stage", "2", "--out", out])
+    assert r.returncode != 0 and "run `torchrun train.py --stage 1" in r.stderr
+    # a run folder of another model is refused, and its files are untouched
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model": "tiny-sd3"}))
+    r = run_cli(["--stage", "1", "--out", str(other)])
+    assert r.returncode != 0 and "holds a run of --model tiny-sd3" in r.stderr
+    assert json.loads((other / "config.json").read_text()) == {"model": "tiny-sd3"}
+
+
+def test_existing_checkpoint_is_never_overwritten(tmp_path, toy_base):
+    out = run_dir(tmp_path, "keep", toy_base)
+    train.main(["--stage", "1", "--out", out, "--steps", "5"] + SMALL)
+    before = open(os.path.join(out, "stage1.pt"), "rb").read()
+    r = run_cli(["--stage", "1", "--out", out, "--steps", "5"] + SMALL)
+    assert r.returncode != 0 and "pass --resume" in r.stderr
+    assert open(os.path.join(out, "stage1.pt"), "rb").read() == before
+
+
+def test_batch_not_divisible_across_ranks(tmp_path, toy_base):
+    out = run_dir(tmp_path, "div", toy_base)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--batch-size", "63"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0
+    assert "--batch-size 63 does not divide across 2 ranks" in r.stdout + r.stderr
