@@ -5,11 +5,16 @@ import os
 import sys
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+
+# The tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
+# per op spin-wait on each other: one thread made this file ~10x faster under load.
+torch.set_num_threads(1)
 
 TINY = ("tiny-sd3", "tiny-sd35", "tiny-flux2")
 
