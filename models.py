@@ -409,20 +409,24 @@ class DiffusersBackbone:
     """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, noise."""
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
-                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None):
+                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.prompts = list(prompts or DEFAULT_PROMPTS)
+        # cast the transformer by hand: without accelerate, diffusers 0.42.1's
+        # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
+        pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables
             if isinstance(m, nn.Module):
                 m.eval().requires_grad_(False)
         self.teacher = pipe.transformer
         self.generator_base = self.teacher if generator_base is None else \
-            generator_base.to(self.device).eval().requires_grad_(False)
+            generator_base.to(self.device, dtype).eval().requires_grad_(False)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for the real VAEs
+        assert resolution % (2 * self.vae_scale) == 0, f"resolution must be a multiple of {2 * self.vae_scale}"
 
     def make_student(self, role, stage=1, merge=None):
         """The trainable velocity net for role "generator" or "fake" (ALGORITHM.md 4.1, 5.1).
@@ -630,28 +634,30 @@ def build_tiny(name, folder):
 
 
 def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=None, device="cpu",
-                   dtype=torch.float32, cache_dir=None, text_layers=None, **kw):
+                   dtype=torch.float32, cache_dir=None, text_layers=None, guidance=None, **kw):
     """Load a real backbone (or a tiny twin, built into cache_dir if missing) by `from_pretrained`."""
     import diffusers as D
-    family, default, default_gen, guidance, res = SPECS[name]
+    family, default, default_gen, g, res = SPECS[name]
     if name.startswith("tiny-"):
         folder = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtdmd"),
                               name)
         if not os.path.isdir(folder):
-            build_tiny(name, folder)
+            with torch.random.fork_rng():  # the builder's seeds must not reset the caller's RNG
+                build_tiny(name, folder)
         if family == "flux2":
             default, default_gen = os.path.join(folder, "base"), os.path.join(folder, "distilled")
             text_layers = text_layers or (1, 2, 3)  # the tiny Qwen3 has 3 layers
         else:
             default = folder
     pretrained = pretrained or default
-    common = dict(guidance=guidance, resolution=resolution or res, device=device, dtype=dtype, **kw)
+    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype, **kw)
     if family == "sd3":
         pipe = load_pipeline(D.StableDiffusion3Pipeline, pretrained, dtype=dtype)
         return SD3Backbone(name, pipe, **common)
     pipe = load_pipeline(D.Flux2KleinPipeline, pretrained, dtype=dtype)
-    gen = load_pipeline(D.Flux2Transformer2DModel, generator_pretrained or default_gen,
-                        subfolder="transformer", dtype=dtype)
+    gen_path = generator_pretrained or default_gen  # a pipeline, or a bare transformer folder
+    sub = None if os.path.isfile(os.path.join(str(gen_path), "config.json")) else "transformer"
+    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, subfolder=sub, dtype=dtype)
     return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27),
                          **common)
 
@@ -747,17 +753,21 @@ def merge_lora(net):
     return net
 
 
-def save_lora(net, path, prefix="transformer"):
-    """Write the LoRA as diffusers/PEFT safetensors: `transformer.<module>.lora_A.weight`, with
-    peft's LoraConfig fields (r, lora_alpha, target_modules) in the file's metadata."""
+def save_lora(lora, path, alpha=None, prefix="transformer"):
+    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
+    diffusers/PEFT safetensors: `transformer.<module>.lora_A.weight`, with peft's LoraConfig
+    fields (r, lora_alpha, target_modules) in the metadata. alpha: the net's, else 2 r."""
     import json
     from safetensors.torch import save_file
-    layers = lora_layers(net)
-    m0 = next(iter(layers.values()))
-    r = m0.lora_A.out_features
-    sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(net).items()}
-    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": m0.scale * r,
-              f"{prefix}.target_modules": sorted(layers)}
+    if isinstance(lora, nn.Module):
+        m0 = next(iter(lora_layers(lora).values()))
+        alpha = alpha or m0.scale * m0.lora_A.out_features
+        lora = lora_state_dict(lora)
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    r = lora[names[0] + ".lora_A.weight"].shape[0]
+    sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
+    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r,
+              f"{prefix}.target_modules": names}
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 

@@ -197,6 +197,22 @@ def test_student_lora_grads_ckpt_bf16(load_tiny, name):
     assert dead == ({n for n in trained if n.startswith(last)} if bb.family == "sd3" else set())
 
 
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux2"])
+def test_bf16_weights(load_tiny, name):
+    """bf16 weights (the paper's precision) with float32 LoRA: forward/backward finite, and the
+    velocity close to the float32 one."""
+    bb, bb16 = load_tiny(name), load_tiny(name, dtype=torch.bfloat16)
+    x, sigma, cond = inputs(bb)
+    net = bb16.make_student("generator")
+    v16 = bb16.velocity(net, x, sigma, bb16.encode(PROMPTS))
+    assert v16.dtype == torch.float32 and bb16.decode(x).dtype == torch.float32
+    v16.pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in net.parameters() if p.requires_grad)
+    v32 = bb.velocity(bb.generator_base, x, sigma, cond)
+    assert (v16 - v32).abs().mean() < 0.05 * v32.abs().mean()
+
+
 def test_lora_targets():
     """Target names on the module trees diffusers builds (paper's lists, ALGORITHM.md 4.1, 5.1)."""
     import diffusers as D
@@ -285,6 +301,9 @@ def test_lora_file_format_and_merged_export(load_tiny, name, tmp_path):
     assert models.lora_layers(g)  # exporting does not merge the live student
     tr = type(bb.teacher).from_pretrained(str(tmp_path / "merged"))
     assert torch.allclose(bb.velocity(tr, x, sigma, cond), v, atol=1e-5)
+    if bb.family == "flux2":  # a bare transformer folder also works as generator_pretrained
+        bb2 = load_tiny(name, generator_pretrained=str(tmp_path / "merged"))
+        assert torch.allclose(bb2.velocity(bb2.generator_base, x, sigma, cond), v, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
