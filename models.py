@@ -393,16 +393,23 @@ def shared_copy(net):
     return copy.deepcopy(net, memo)
 
 
-def load_pipeline(cls, pretrained, **kw):
+def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
     """cls.from_pretrained, but a missing / wrong id or folder gives one actionable line."""
     try:
         return cls.from_pretrained(pretrained, **kw)
     except (OSError, ValueError) as e:
-        where = "folder" if os.path.isdir(str(pretrained)) else "hub id or folder"
-        raise RuntimeError(
-            f"could not load {cls.__name__} from {where} {str(pretrained)!r} ({type(e).__name__}): "
-            f"pass --pretrained /path/to/diffusers/folder, or log in (huggingface-cli login) and "
-            f"download it (huggingface-cli download {pretrained})") from None
+        p, why = str(pretrained), type(e).__name__
+        fix = (f"pass {flag} with a diffusers folder (written by save_pretrained or "
+               "`huggingface-cli download`) or a hub id")
+        if os.path.isdir(p):
+            msg = f"folder {p!r} holds no diffusers {cls.__name__} ({why}): {fix}"
+        elif os.path.isabs(p) or p.startswith(".") or p.count("/") != 1:
+            msg = f"folder {p!r} does not exist: {fix}"
+        else:
+            msg = (f"hub id {p!r} is not in the local Hugging Face cache and could not be fetched "
+                   f"({why}): log in with `huggingface-cli login`, accept the model's licence, and "
+                   f"run `huggingface-cli download {p}`; or {fix}")
+        raise RuntimeError(msg) from None
 
 
 class DiffusersBackbone:
@@ -426,7 +433,8 @@ class DiffusersBackbone:
         self.generator_base = self.teacher if generator_base is None else \
             generator_base.to(self.device, dtype).eval().requires_grad_(False)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for the real VAEs
-        assert resolution % (2 * self.vae_scale) == 0, f"resolution must be a multiple of {2 * self.vae_scale}"
+        step = 2 * self.vae_scale  # VAE factor x 2x2 patches (SD3 patch 2, FLUX.2 packing)
+        assert resolution % step == 0, f"resolution must be a multiple of {step}"
 
     def make_student(self, role, stage=1, merge=None):
         """The trainable velocity net for role "generator" or "fake" (ALGORITHM.md 4.1, 5.1).
@@ -456,7 +464,8 @@ class SD3Backbone(DiffusersBackbone):
     def __init__(self, name, pipe, **kw):
         super().__init__(name, pipe, **kw)
         C = pipe.transformer.config.in_channels
-        self.latent_shape = (C, self.resolution // self.vae_scale, self.resolution // self.vae_scale)
+        side = self.resolution // self.vae_scale
+        self.latent_shape = (C, side, side)
         cfg = pipe.scheduler.config  # static shift 3.0 for both SD3 checkpoints
         assert not cfg.get("use_dynamic_shifting"), "SD3 schedules here assume a static shift"
         self.sigmas = sd3_sigmas(shift=cfg["shift"])
@@ -552,8 +561,9 @@ def build_tiny(name, folder):
     Fixed seeds, in-memory tokenizers, no network. tiny-flux2 writes two pipelines, base/ and
     distilled/ (another transformer seed), so that generator != teacher as for klein."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, Qwen2Tokenizer,
-                              Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel, T5Tokenizer)
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
+                              Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, T5Config,
+                              T5EncoderModel, T5Tokenizer)
     import diffusers as D
     chars = sorted(ByteLevel.alphabet())
     sched = dict(num_train_timesteps=1000, shift=3.0)
@@ -635,7 +645,7 @@ def build_tiny(name, folder):
 
 def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=None, device="cpu",
                    dtype=torch.float32, cache_dir=None, text_layers=None, guidance=None, **kw):
-    """Load a real backbone (or a tiny twin, built into cache_dir if missing) by `from_pretrained`."""
+    """Load a real backbone, or a tiny twin (built into cache_dir if missing), from_pretrained."""
     import diffusers as D
     family, default, default_gen, g, res = SPECS[name]
     if name.startswith("tiny-"):
@@ -650,14 +660,16 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
         else:
             default = folder
     pretrained = pretrained or default
-    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype, **kw)
+    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype,
+                  **kw)
     if family == "sd3":
         pipe = load_pipeline(D.StableDiffusion3Pipeline, pretrained, dtype=dtype)
         return SD3Backbone(name, pipe, **common)
     pipe = load_pipeline(D.Flux2KleinPipeline, pretrained, dtype=dtype)
     gen_path = generator_pretrained or default_gen  # a pipeline, or a bare transformer folder
     sub = None if os.path.isfile(os.path.join(str(gen_path), "config.json")) else "transformer"
-    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, subfolder=sub, dtype=dtype)
+    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained",
+                        subfolder=sub, dtype=dtype)
     return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27),
                          **common)
 
@@ -697,16 +709,17 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scale = alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=dev, dtype=torch.float32)
+        f32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **f32)
+        self.lora_B = nn.Linear(rank, base.out_features, **f32)
         with torch.no_grad():
             self.lora_A.weight.normal_(0.0, 1.0 / rank if init == "gaussian" else 1.0)
             self.lora_B.weight.zero_()
 
     def forward(self, x):
         y = nn.functional.linear(x, self.weight, self.bias)
-        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
+        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
+        return y + lora.to(y.dtype)
 
     def delta(self):
         """The merged update (alpha/r) B A, float32 [out, in]."""
@@ -715,7 +728,9 @@ class LoRALinear(nn.Linear):
 
 def lora_targets(net, family, stage=1):
     """Names of the Linear modules of `net` that get a LoRA (ALGORITHM.md 4.1 / 5.1)."""
-    suffixes = LORA_TARGETS[family] + (FLUX2_STAGE1_EXTRA if family == "flux2" and stage == 1 else ())
+    suffixes = LORA_TARGETS[family]
+    if family == "flux2" and stage == 1:
+        suffixes += FLUX2_STAGE1_EXTRA
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
 
@@ -796,7 +811,8 @@ def load_lora(net, lora, prefix="transformer"):
 
 def export_merged(net, folder):
     """Save `net` with its LoRA merged, as a plain transformer folder (save_pretrained) that a
-    stock pipeline loads: Pipeline.from_pretrained(base, transformer=<Class>.from_pretrained(folder))."""
+    stock pipeline loads with no extra library:
+        Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
 
 # ---------------------------------------------------------------------------------------------
@@ -810,6 +826,6 @@ def load(name, **kw):
     """Return the backbone called `name` (see the interface in the module docstring)."""
     if name == "toy":
         return ToyBackbone(**kw)
-    if name in SPECS:  # load(name, pretrained=None, generator_pretrained=None, resolution=None,
-        return load_diffusers(name, **kw)  # device, dtype, cache_dir, gradient_checkpointing, lora_rank)
+    if name in SPECS:  # kw: pretrained, generator_pretrained, resolution, device, dtype,
+        return load_diffusers(name, **kw)  # cache_dir, gradient_checkpointing, lora_rank, ...
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")

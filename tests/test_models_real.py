@@ -146,7 +146,9 @@ def test_cps_eta0_matches_stock_euler_scheduler(load_tiny, name):
     randomize_lora(g)
     sched = bb.pipe.scheduler
     u = [s / 1000 for s in models.DENOISING_STEP_LIST]
-    kw = {"mu": models.flux2_empirical_mu(bb.latent_shape[1] ** 2, 4)} if bb.family == "flux2" else {}
+    kw = {}
+    if bb.family == "flux2":
+        kw["mu"] = models.flux2_empirical_mu(bb.latent_shape[1] ** 2, 4)
     sched.set_timesteps(sigmas=u, **kw)
     with torch.no_grad():
         ours = sample.rollout(bb, g, x, cond, eta=0.0)[-1]
@@ -262,7 +264,8 @@ def test_lora_merge_and_stage2_reinit(load_tiny, name, tmp_path):
     A1 = torch.cat([m.lora_A.weight.flatten() for m in models.lora_layers(g).values()])
     assert abs(A1.std().item() * 32 - 1.0) < 0.1  # stage 1: peft's gaussian init, std 1/r
     if bb.family == "flux2":  # stage 2 drops the single-block attn.to_out
-        assert set(models.lora_layers(g)) - set(layers) == {"single_transformer_blocks.0.attn.to_out"}
+        dropped = set(models.lora_layers(g)) - set(layers)
+        assert dropped == {"single_transformer_blocks.0.attn.to_out"}
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
@@ -280,7 +283,8 @@ def test_lora_file_format_and_merged_export(load_tiny, name, tmp_path):
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         keys = list(f.keys())
         for k in keys:
-            prefix, module, kind = k.split(".", 1)[0], k.split(".", 1)[1].rsplit(".lora_", 1)[0], k.rsplit(".", 2)[-2]
+            prefix, rest = k.split(".", 1)
+            module, kind = rest.rsplit(".lora_", 1)[0], rest.rsplit(".", 2)[-2]
             assert prefix == "transformer" and kind in ("lora_A", "lora_B")
             W = base_sd[module + ".weight"]
             shape = f.get_slice(k).get_shape()
@@ -345,7 +349,7 @@ def test_bad_pretrained_is_one_clear_line(tmp_path):
         with pytest.raises(RuntimeError) as e:
             models.load(name, pretrained=where)
         msg = str(e.value)
-        assert "\n" not in msg and "--pretrained" in msg and "huggingface-cli" in msg
+        assert "\n" not in msg and "--pretrained" in msg and "huggingface-cli download" in msg
         assert (where or "black-forest-labs/FLUX.2-klein-base-4B") in msg
 
 
@@ -356,7 +360,8 @@ def test_save_images_and_grid(load_tiny, tmp_path):
     files = sample.save_images(img, str(tmp_path / "imgs"))
     from PIL import Image
     assert len(files) == 3 and Image.open(files[0]).size == (32, 32)
-    back = torch.tensor(list(Image.open(files[1]).get_flattened_data())).float().T.reshape(3, 32, 32) / 255
+    back = torch.tensor(list(Image.open(files[1]).get_flattened_data())).float() / 255
+    back = back.T.reshape(3, 32, 32)
     assert (back - img[1]).abs().max() <= 0.5 / 255 + 1e-6
     grid = sample.image_grid(img, nrow=2, pad=2)
     assert grid.size == (2 * 34 + 2, 2 * 34 + 2)
