@@ -439,12 +439,14 @@ class DiffusersBackbone:
     def make_student(self, role, stage=1, merge=None):
         """The trainable velocity net for role "generator" or "fake" (ALGORITHM.md 4.1, 5.1).
         stage 1: base + LoRA (gaussian init, A std 1/r, B = 0): starts equal to the base.
-        stage 2: base + `merge` (the previous stage's LoRA file / state dict) merged into the
-        weights, then a fresh LoRA (A std 1, B = 0; pitfall 8.14). lora_rank=0: full fine-tune."""
+        stage 2: base + `merge` (the previous stage's LoRA file / state dict, or a list merged in
+        order) folded into the weights, then a fresh LoRA (A std 1, B = 0; pitfall 8.14).
+        lora_rank=0: full fine-tuning, every weight of a real copy trains."""
         base = self.generator_base if role == "generator" else self.teacher
         net = copy.deepcopy(base).requires_grad_(True) if self.lora_rank == 0 else shared_copy(base)
-        if merge is not None:
-            merge_lora(load_lora(net, merge))
+        merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
+        for lora in merges:
+            merge_lora(load_lora(net, lora))
         if self.lora_rank > 0:
             inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
                         init="gaussian" if stage == 1 else "normal")

@@ -263,6 +263,14 @@ def test_lora_merge_and_stage2_reinit(load_tiny, name, tmp_path):
     assert abs(A.std().item() - 1.0) < 0.05
     A1 = torch.cat([m.lora_A.weight.flatten() for m in models.lora_layers(g).values()])
     assert abs(A1.std().item() * 32 - 1.0) < 0.1  # stage 1: peft's gaussian init, std 1/r
+    # inference recipe (ALGORITHM.md 3.4): merge [stage-1 LoRA, stage-2 LoRA] in order
+    randomize_lora(s2, seed=1)
+    v_s2 = bb.velocity(s2, x, sigma, cond).detach()
+    models.save_lora(s2, str(tmp_path / "s2.safetensors"))
+    final = bb.make_student("fake", stage=2, merge=[path, str(tmp_path / "s2.safetensors")])
+    models.merge_lora(final)  # fold the (zero) fresh LoRA too: a plain transformer is left
+    assert not models.lora_layers(final)
+    assert torch.allclose(bb.velocity(final, x, sigma, cond), v_s2, atol=1e-5)
     if bb.family == "flux2":  # stage 2 drops the single-block attn.to_out
         dropped = set(models.lora_layers(g)) - set(layers)
         assert dropped == {"single_transformer_blocks.0.attn.to_out"}
