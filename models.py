@@ -354,25 +354,482 @@ class ToyBackbone:
 # 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
 # ---------------------------------------------------------------------------------------------
 
-# (real backbones go here)
+# Three real backbones, two families, one class each:
+#   SD3Backbone   sd3-medium (g 7.0, 1024 px), sd3.5-medium (g 4.5, 512 px train)   ALGORITHM.md 4.7
+#   Flux2Backbone flux2-klein-4b (g 4.0, 512 px): teacher and fake from klein-base-4B, the
+#                 generator from the step-distilled klein-4B (ALGORITHM.md 4.1, pitfall 8.12)
+# Each wraps a stock diffusers pipeline loaded with `from_pretrained` (hub id or local folder):
+# its text encoders encode prompts, its VAE decodes, its transformer is the frozen teacher.
+# The tiny twins (tiny-sd3, tiny-sd35, tiny-flux2) are random-init pipelines of the same classes
+# (FACTS.md 2), written once with `save_pretrained` and then loaded through the very same
+# `from_pretrained` path, so every line below runs in the CPU tests.
+#
+# Memory (why there are no copies of frozen weights): the teacher *is* pipe.transformer. A LoRA
+# student is a `shared_copy` of its base: a fresh module tree whose frozen weights are the
+# teacher's own tensors, plus new LoRA parameters. Merging a LoRA (stage 2) writes new weight
+# tensors for the merged Linears only, so a shared teacher is never modified. Only full fine-
+# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer (the distilled
+# generator base, transformer only: klein-4B and klein-base-4B share text encoder and VAE).
+
+SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, train resolution)
+    "sd3-medium": ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None, 7.0, 1024),
+    "sd3.5-medium": ("sd3", "stabilityai/stable-diffusion-3.5-medium", None, 4.5, 512),
+    "flux2-klein-4b": ("flux2", "black-forest-labs/FLUX.2-klein-base-4B",
+                       "black-forest-labs/FLUX.2-klein-4B", 4.0, 512),
+    "tiny-sd3": ("sd3", None, None, 7.0, 32),
+    "tiny-sd35": ("sd3", None, None, 4.5, 32),
+    "tiny-flux2": ("flux2", None, None, 4.0, 32),
+}
+DEFAULT_PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a lighthouse at sunset",
+                   "an astronaut riding a horse", "a bowl of ramen, studio lighting",
+                   "a watercolor painting of a fox", "two dogs playing in the snow",
+                   "a city skyline at night"]
+
+
+def shared_copy(net):
+    """A copy of `net` whose parameters and buffers are the *same tensors* as net's (deepcopy with
+    a pre-filled memo). Wrapping its Linears with LoRA leaves `net` itself untouched."""
+    memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
+    return copy.deepcopy(net, memo)
+
+
+def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
+    """cls.from_pretrained, but a missing / wrong id or folder gives one actionable line."""
+    try:
+        return cls.from_pretrained(pretrained, **kw)
+    except (OSError, ValueError) as e:
+        p, why = str(pretrained), type(e).__name__
+        fix = (f"pass {flag} with a diffusers folder (written by save_pretrained or "
+               "`huggingface-cli download`) or a hub id")
+        if os.path.isdir(p):
+            msg = f"folder {p!r} holds no diffusers {cls.__name__} ({why}): {fix}"
+        elif os.path.isabs(p) or p.startswith(".") or p.count("/") != 1:
+            msg = f"folder {p!r} does not exist: {fix}"
+        else:
+            msg = (f"hub id {p!r} is not in the local Hugging Face cache and could not be fetched "
+                   f"({why}): log in with `huggingface-cli login`, accept the model's licence, and "
+                   f"run `huggingface-cli download {p}`; or {fix}")
+        raise RuntimeError(msg) from None
+
+
+class DiffusersBackbone:
+    """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, noise."""
+
+    def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
+                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None, **unused):
+        self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
+        self.device, self.dtype = torch.device(device), dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.prompts = list(prompts or DEFAULT_PROMPTS)
+        # cast the transformer by hand: without accelerate, diffusers 0.42.1's
+        # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
+        pipe.transformer.to(dtype)
+        pipe.to(self.device)
+        for m in pipe.components.values():  # everything frozen; students get fresh trainables
+            if isinstance(m, nn.Module):
+                m.eval().requires_grad_(False)
+        self.teacher = pipe.transformer
+        self.generator_base = self.teacher if generator_base is None else \
+            generator_base.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for the real VAEs
+        step = 2 * self.vae_scale  # VAE factor x 2x2 patches (SD3 patch 2, FLUX.2 packing)
+        assert resolution % step == 0, f"resolution must be a multiple of {step}"
+
+    def make_student(self, role, stage=1, merge=None):
+        """The trainable velocity net for role "generator" or "fake" (ALGORITHM.md 4.1, 5.1).
+        stage 1: base + LoRA (gaussian init, A std 1/r, B = 0): starts equal to the base.
+        stage 2: base + `merge` (the previous stage's LoRA file / state dict, or a list merged in
+        order) folded into the weights, then a fresh LoRA (A std 1, B = 0; pitfall 8.14).
+        lora_rank=0: full fine-tuning, every weight of a real copy trains."""
+        base = self.generator_base if role == "generator" else self.teacher
+        net = copy.deepcopy(base).requires_grad_(True) if self.lora_rank == 0 else shared_copy(base)
+        merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
+        for lora in merges:
+            merge_lora(load_lora(net, lora))
+        if self.lora_rank > 0:
+            inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
+                        init="gaussian" if stage == 1 else "normal")
+        if self.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        return net.train()
+
+    def noise(self, n, generator=None):
+        return torch.randn(n, *self.latent_shape, generator=generator).to(self.device)
+
+
+class SD3Backbone(DiffusersBackbone):
+    """SD3-Medium / SD3.5-Medium (ALGORITHM.md 1.5): latents [B, 16, H/8, W/8]; the text is the
+    CLIP-L + CLIP-G + T5 sequence [B, 77+128, 4096] plus pooled CLIP projections [B, 2048]."""
+    family = "sd3"
+
+    def __init__(self, name, pipe, **kw):
+        super().__init__(name, pipe, **kw)
+        C = pipe.transformer.config.in_channels
+        side = self.resolution // self.vae_scale
+        self.latent_shape = (C, side, side)
+        cfg = pipe.scheduler.config  # static shift 3.0 for both SD3 checkpoints
+        assert not cfg.get("use_dynamic_shifting"), "SD3 schedules here assume a static shift"
+        self.sigmas = sd3_sigmas(shift=cfg["shift"])
+        # the official code caps T5 at 128 tokens (205 = 77 + 128); tiny twins have fewer
+        self.max_sequence_length = min(128, pipe.tokenizer_3.model_max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """pipe.encode_prompt with CFG off: "" gives exactly the pipeline's negative branch."""
+        pe, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled_projections": pooled}
+
+    def velocity(self, net, x, sigma, cond):
+        """SD3 takes the model timestep tau = 1000 sigma (ALGORITHM.md 1.2, pitfall 8.2)."""
+        tau = sigma_to_timestep(sigma.to(self.device, torch.float32))
+        v = net(hidden_states=x.to(self.dtype), timestep=tau,
+                encoder_hidden_states=cond["prompt_embeds"],
+                pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        return v.float()
+
+    def to_vae_latents(self, x):
+        """Sampler latents -> the VAE's own latents (what output_type="latent" returns)."""
+        return x
+
+    def decode(self, x):
+        """Differentiable: z/scaling + shift, VAE decode, [-1, 1] -> [0, 1] (pitfall 8.10)."""
+        vae = self.pipe.vae
+        z = x / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+class Flux2Backbone(DiffusersBackbone):
+    """FLUX.2-klein (ALGORITHM.md 1.5). Our latent x is the BatchNorm-normalised, 2x2-patchified
+    VAE latent as an image [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128]
+    with position ids (0, h, w, 0), text ids (0, 0, 0, l), and unpacks the output again."""
+    family = "flux2"
+
+    def __init__(self, name, pipe, text_layers=(9, 18, 27), **kw):
+        super().__init__(name, pipe, **kw)
+        C = pipe.transformer.config.in_channels  # 4 * vae latent channels (128 for klein)
+        side = self.resolution // (2 * self.vae_scale)
+        self.latent_shape = (C, side, side)
+        cfg = pipe.scheduler.config  # klein: dynamic, exponential shift from the token count
+        assert cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") == \
+            "exponential" and not cfg.get("shift_terminal"), f"unexpected FLUX.2 scheduler {cfg}"
+        # flux2_sigmas counts tokens as (res/16)^2; hand it the resolution with our token count
+        self.sigmas = flux2_sigmas(resolution=16 * side)
+        self.text_layers = tuple(text_layers)
+        self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Qwen3 hidden states of `text_layers` [B, L, 3 * hidden] and text ids [B, L, 4]."""
+        pe, ids = self.pipe.encode_prompt(
+            prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_layers)
+        return {"prompt_embeds": pe, "txt_ids": ids}
+
+    def velocity(self, net, x, sigma, cond):
+        """FLUX.2's transformer multiplies the timestep by 1000 itself, so it gets sigma
+        (transformer_flux2.py: `timestep * 1000`; ALGORITHM.md 1.2)."""
+        B, C, h, w = x.shape
+        tokens = x.to(self.dtype).flatten(2).transpose(1, 2)  # [B, h*w, C], row-major
+        img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w),
+                                       torch.arange(1)).to(self.device)  # [h*w, 4]
+        v = net(hidden_states=tokens, timestep=sigma.to(self.device, self.dtype), guidance=None,
+                encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["txt_ids"],
+                img_ids=img_ids, return_dict=False)[0]
+        return v.transpose(1, 2).reshape(B, C, h, w).float()
+
+    def to_vae_latents(self, x):
+        """Undo the BatchNorm normalisation (z std + mean with the VAE's running stats), then
+        un-patchify [B, 4c, h, w] -> [B, c, 2h, 2w] (pitfall 8.10)."""
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
+        z = x.float() * std + mean
+        B, C, h, w = z.shape  # channel index = c*4 + 2*dy + dx (diffusers' _patchify_latents)
+        z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return z.reshape(B, C // 4, 2 * h, 2 * w)
+
+    def decode(self, x):
+        vae = self.pipe.vae
+        img = vae.decode(self.to_vae_latents(x).to(vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def build_tiny(name, folder):
+    """Random-init twin of a real pipeline (FACTS.md 2), saved with save_pretrained into `folder`.
+    Fixed seeds, in-memory tokenizers, no network. tiny-flux2 writes two pipelines, base/ and
+    distilled/ (another transformer seed), so that generator != teacher as for klein."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
+                              Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, T5Config,
+                              T5EncoderModel, T5Tokenizer)
+    import diffusers as D
+    chars = sorted(ByteLevel.alphabet())
+    sched = dict(num_train_timesteps=1000, shift=3.0)
+    vae_kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+                  use_quant_conv=False, use_post_quant_conv=False)
+    tmp = f"{folder}.tmp{os.getpid()}"
+    if name in ("tiny-sd3", "tiny-sd35"):
+        clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for c in chars + [c + "</w>" for c in chars]:
+            clip_vocab[c] = len(clip_vocab)
+        tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=16)
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+        for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
+            pieces += [("\u2581" + c, -3.0), (c, -4.0)]
+        tok3 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
+        clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=16, projection_dim=32,
+                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        torch.manual_seed(0); te1 = CLIPTextModelWithProjection(clip_cfg)
+        torch.manual_seed(1); te2 = CLIPTextModelWithProjection(clip_cfg)
+        torch.manual_seed(2)
+        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37,
+                                      num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                      relative_attention_max_distance=32,
+                                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if name == "tiny-sd35" else {}
+        torch.manual_seed(3)
+        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
+                                     num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                     joint_attention_dim=64, caption_projection_dim=32,
+                                     pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+        torch.manual_seed(4)
+        vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
+        D.StableDiffusion3Pipeline(
+            transformer=tr, scheduler=D.FlowMatchEulerDiscreteScheduler(**sched), vae=vae,
+            text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+            text_encoder_3=te3, tokenizer_3=tok3).save_pretrained(tmp)
+    elif name == "tiny-flux2":
+        tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(["<|endoftext|>"] + chars)},
+                             merges=[], model_max_length=64)
+        tok.add_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], special_tokens=True)
+        tok.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+            "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+            "{% endif %}{% endif %}")
+        torch.manual_seed(0)
+        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=3, num_attention_heads=2,
+                                          num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=128, tie_word_embeddings=True))
+        torch.manual_seed(1)
+        vae = D.AutoencoderKLFlux2(**vae_kw)
+        vae.bn.running_mean.copy_(0.3 * torch.randn(16))  # non-trivial stats, so a wrong
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))     # de-normalisation shows in tests
+        for sub, seed, distilled in (("base", 2, False), ("distilled", 3, True)):
+            torch.manual_seed(seed)
+            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1,
+                                           num_single_layers=1, attention_head_dim=16,
+                                           num_attention_heads=2, joint_attention_dim=48,
+                                           timestep_guidance_channels=32, mlp_ratio=3.0,
+                                           axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+            D.Flux2KleinPipeline(
+                scheduler=D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True,
+                                                            time_shift_type="exponential"),
+                vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
+                is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
+    else:
+        raise ValueError(name)
+    try:
+        os.replace(tmp, folder)  # atomic: two ranks building at once cannot half-write it
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=None, device="cpu",
+                   dtype=torch.float32, cache_dir=None, text_layers=None, guidance=None, **kw):
+    """Load a real backbone, or a tiny twin (built into cache_dir if missing), from_pretrained."""
+    import diffusers as D
+    family, default, default_gen, g, res = SPECS[name]
+    if name.startswith("tiny-"):
+        folder = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtdmd"),
+                              name)
+        if not os.path.isdir(folder):
+            with torch.random.fork_rng():  # the builder's seeds must not reset the caller's RNG
+                build_tiny(name, folder)
+        if family == "flux2":
+            default, default_gen = os.path.join(folder, "base"), os.path.join(folder, "distilled")
+            text_layers = text_layers or (1, 2, 3)  # the tiny Qwen3 has 3 layers
+        else:
+            default = folder
+    pretrained = pretrained or default
+    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype,
+                  **kw)
+    if family == "sd3":
+        pipe = load_pipeline(D.StableDiffusion3Pipeline, pretrained, dtype=dtype)
+        return SD3Backbone(name, pipe, **common)
+    pipe = load_pipeline(D.Flux2KleinPipeline, pretrained, dtype=dtype)
+    gen_path = generator_pretrained or default_gen  # a pipeline, or a bare transformer folder
+    sub = None if os.path.isfile(os.path.join(str(gen_path), "config.json")) else "transformer"
+    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained",
+                        subfolder=sub, dtype=dtype)
+    return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27),
+                         **common)
 
 # ---------------------------------------------------------------------------------------------
 # 4. LoRA, hand-written (no peft at run time)
 # ---------------------------------------------------------------------------------------------
 
-# (LoRA goes here)
+# LoRA (ALGORITHM.md 4.1, 5.1): W x + b  ->  W x + b + (alpha / r) B A x, with A [r, in] and
+# B [out, r]. B = 0 at init, so a fresh LoRA leaves the function unchanged. rank 32, alpha 64
+# (scale 2) everywhere in the paper. Two inits of A: peft's "gaussian" (std 1/r, stage 1) and
+# the stage-2 re-init after merging (std 1, pitfall 8.14).
+# Files use the diffusers/PEFT layout, `transformer.<module>.lora_A.weight`, with r, lora_alpha
+# and target_modules in the safetensors metadata, so a stock pipeline's `load_lora_weights`
+# (which needs peft) applies them with the right alpha/r; `export_merged` needs no extra library.
+
+LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
+    # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
+    # self-attention (attn2, MMDiT-X) out, as in the official target list.
+    "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+            "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+    # FLUX.2: the double-stream projections and the single-stream fused qkv+mlp projection ...
+    "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+              "to_add_out", "to_qkv_mlp_proj"),
+}
+# ... plus, in stage 1 only, the single-stream output projection of blocks 0-19.
+FLUX2_STAGE1_EXTRA = tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20))
+
+
+class LoRALinear(nn.Linear):
+    """A Linear with a LoRA branch. It *shares* the wrapped layer's weight and bias (no copy),
+    keeps their state-dict names (`weight`, `bias`) and adds `lora_A.weight`, `lora_B.weight`,
+    the names peft gives them (minus its adapter name). LoRA weights are float32 even when the
+    base is bf16 (as peft does), the branch is cast back to the output dtype."""
+
+    def __init__(self, base, rank, alpha, init="gaussian"):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.scale = alpha / rank
+        f32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **f32)
+        self.lora_B = nn.Linear(rank, base.out_features, **f32)
+        with torch.no_grad():
+            self.lora_A.weight.normal_(0.0, 1.0 / rank if init == "gaussian" else 1.0)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x):
+        y = nn.functional.linear(x, self.weight, self.bias)
+        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
+        return y + lora.to(y.dtype)
+
+    def delta(self):
+        """The merged update (alpha/r) B A, float32 [out, in]."""
+        return self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()
+
+
+def lora_targets(net, family, stage=1):
+    """Names of the Linear modules of `net` that get a LoRA (ALGORITHM.md 4.1 / 5.1)."""
+    suffixes = LORA_TARGETS[family]
+    if family == "flux2" and stage == 1:
+        suffixes += FLUX2_STAGE1_EXTRA
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
+            and any(n == s or n.endswith("." + s) for s in suffixes)]
+
+
+def inject_lora(net, names, rank=32, alpha=64, init="gaussian"):
+    """Wrap the named Linears with LoRALinear; freeze everything else. Returns net."""
+    net.requires_grad_(False)
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        owner = net.get_submodule(parent)
+        setattr(owner, child, LoRALinear(owner.get_submodule(child), rank, alpha, init))
+    return net
+
+
+def lora_layers(net):
+    return {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(net):
+    """{module.lora_A.weight / .lora_B.weight: tensor} for checkpoints and EMA."""
+    return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merge_lora(net):
+    """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
+    back. The merged weight is a *new* tensor: a teacher sharing W stays untouched."""
+    for n, m in lora_layers(net).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight = nn.Parameter((m.weight.float() + m.delta()).to(m.weight.dtype),
+                                  requires_grad=m.weight.requires_grad)
+        lin.bias = m.bias
+        parent, _, child = n.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, lin)
+    return net
+
+
+def save_lora(lora, path, alpha=None, prefix="transformer"):
+    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
+    diffusers/PEFT safetensors: `transformer.<module>.lora_A.weight`, with peft's LoraConfig
+    fields (r, lora_alpha, target_modules) in the metadata. alpha: the net's, else 2 r."""
+    import json
+    from safetensors.torch import save_file
+    if isinstance(lora, nn.Module):
+        m0 = next(iter(lora_layers(lora).values()))
+        alpha = alpha or m0.scale * m0.lora_A.out_features
+        lora = lora_state_dict(lora)
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
+    r = lora[names[0] + ".lora_A.weight"].shape[0]
+    sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
+    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r,
+              f"{prefix}.target_modules": names}
+    save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+
+
+def load_lora(net, lora, prefix="transformer"):
+    """Wrap the modules named in `lora` (a file from save_lora, or a lora_state_dict) with
+    LoRALinear and load its weights. alpha comes from the file (default 2 r, the paper's)."""
+    import json
+    alpha = None
+    if isinstance(lora, (str, os.PathLike)):
+        from safetensors import safe_open
+        with safe_open(str(lora), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            lora = {k: f.get_tensor(k) for k in f.keys()}
+        alpha = meta.get(f"{prefix}.lora_alpha")
+    sd = {k.removeprefix(prefix + "."): v for k, v in lora.items()}
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    r = sd[names[0] + ".lora_A.weight"].shape[0]
+    trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
+    inject_lora(net, names, r, alpha or 2 * r)
+    for p in trainable:
+        p.requires_grad_(True)
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    assert not unexpected and not [k for k in missing if ".lora_" in k], (missing, unexpected)
+    return net
+
+
+def export_merged(net, folder):
+    """Save `net` with its LoRA merged, as a plain transformer folder (save_pretrained) that a
+    stock pipeline loads with no extra library:
+        Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
+    merge_lora(shared_copy(net)).save_pretrained(folder)
 
 # ---------------------------------------------------------------------------------------------
 # 5. load(name)
 # ---------------------------------------------------------------------------------------------
 
-BACKBONES = ("toy",)
+BACKBONES = ("toy",) + tuple(SPECS)
 
 
 def load(name, **kw):
     """Return the backbone called `name` (see the interface in the module docstring)."""
     if name == "toy":
         return ToyBackbone(**kw)
+    if name in SPECS:  # kw: pretrained, generator_pretrained, resolution, device, dtype,
+        return load_diffusers(name, **kw)  # cache_dir, gradient_checkpointing, lora_rank, ...
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 

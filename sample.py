@@ -162,6 +162,50 @@ def toy_scatter_png(bb, net, path, n_per_prompt=600, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
+# Images: PNG files and grids (pillow only; images are [B, 3, H, W] floats in [0, 1], as
+# backbone.decode returns them)
+# ---------------------------------------------------------------------------------------------
+
+
+def to_pil(images):
+    """[B, 3, H, W] in [0, 1] -> list of PIL images (rounded to 8 bits)."""
+    from PIL import Image
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+
+
+def save_images(images, path):
+    """Write one PNG per image into the folder `path` (000000.png, 000001.png, ...).
+    Returns the list of file names written."""
+    os.makedirs(path, exist_ok=True)
+    names = []
+    for i, im in enumerate(to_pil(images)):
+        names.append(os.path.join(path, f"{i:06d}.png"))
+        im.save(names[-1])
+    return names
+
+
+def image_grid(images, nrow=None, pad=2):
+    """All images tiled in one PIL image, `nrow` per row (default: about square), white gaps."""
+    from PIL import Image
+    ims = to_pil(images)
+    nrow = nrow or math.ceil(math.sqrt(len(ims)))
+    ncol = math.ceil(len(ims) / nrow)
+    w, h = ims[0].size
+    grid = Image.new("RGB", (nrow * (w + pad) + pad, ncol * (h + pad) + pad), "white")
+    for i, im in enumerate(ims):
+        grid.paste(im, (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
+    return grid
+
+
+def save_grid(images, path, nrow=None):
+    """image_grid(...) saved as one PNG at `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image_grid(images, nrow).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
