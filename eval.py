@@ -1,10 +1,13 @@
 """
 eval.py -- measure a run.
 
-    python eval.py --run runs/toy                 # table on stdout, runs/toy/eval.json, eval.png
+    python eval.py --run runs/toy                 # table on stdout, runs/toy/eval_stage*.json
     python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher \
-        --clip-l-path ckpt/clip-l --pickscore-path ckpt/pickscore ...   # image rewards
-    python eval.py --model tiny-sd3 --prompts builtin                      # base model, smoke
+        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 \
+        --pickscore-tokenizer-path ckpt/CLIP-ViT-H-14 --hpsv2-tokenizer-path ckpt/CLIP-ViT-H-14 \
+        --hpsv2-path ckpt/HPS_v2.1_compressed.pt --aesthetic-head-path ckpt/sac+logos+ava1-l14-linearMSE.pth \
+        --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
+    python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 Toy (ALGORITHM.md 9.3): for each prompt, the 4-step EMA generator's samples are compared with
 exact samples of the teacher p(x|c):
@@ -217,7 +220,8 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
         x = bb.noise(len(batch), gen)
         cond = bb.encode(batch)
         if teacher:
-            x = sample.euler_sample(bb, bb.teacher, x, sigmas, cond, bb.encode([""] * len(batch)), cfg)
+            null = bb.encode([""] * len(batch))
+            x = sample.euler_sample(bb, bb.teacher, x, sigmas, cond, null, guidance=cfg)
         else:
             noises = [bb.noise(len(batch), gen) for _ in range(len(bb.sigmas) - 1)]
             x = sample.rollout(bb, net, x, cond, eta=CPS_ETA, noises=noises)[-1]
@@ -231,7 +235,7 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
 
 
 def summarize(scores):
-    """{reward: [mean, std over images]} in the paper's table units (PickScore x 26)."""
+    """{reward: {"mean", "std" (over images)}} in the paper's table units (PickScore x 26)."""
     out = {}
     for name, v in scores.items():
         v = v.double() * TABLE_SCALE.get(name, 1.0)
@@ -254,8 +258,8 @@ def print_image_table(rows):
 def load_generator(args, device, dtype):
     """(backbone, generator net, stage): a run's trained generator, or --model's base model
     (FLUX.2: the distilled klein, the generator's starting point; SD3.x: the teacher itself)."""
-    res = args.resolution or (models.SPECS[args.model or args.run_model][4]
-                              if (args.model or args.run_model).startswith("tiny-") else EVAL_RESOLUTION)
+    name = args.model or args.run_model
+    res = args.resolution or (models.SPECS[name][4] if name.startswith("tiny-") else EVAL_RESOLUTION)
     kw = dict(resolution=res, device=device, dtype=dtype)
     if args.run:
         return models.load_run(args.run, args.stage, **kw)
@@ -279,24 +283,27 @@ def main_images(args):
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, no traceback
         sys.exit(1)
-    common = dict(n_per_prompt=args.n_per_prompt, batch_size=args.batch_size, seed=args.seed)
-    res = {"generator": eval_images(bb, net, prompts, scorer, **common)}
-    rows = {"generator": dict(sampler="CPS", steps=len(bb.sigmas) - 1, nfe=len(bb.sigmas) - 1,
-                              eta=CPS_ETA, cfg=1.0, sigmas=[round(s, 6) for s in bb.sigmas.tolist()])}
+    # rows of the table: the sampler knobs, then the images and their scores
+    steps = len(bb.sigmas) - 1
+    rows = {"generator": dict(sampler="CPS", steps=steps, nfe=steps, eta=CPS_ETA, cfg=1.0,
+                              sigmas=bb.sigmas)}
     if args.teacher:
         cfg = bb.guidance if args.teacher_cfg is None else args.teacher_cfg
-        res["teacher"] = eval_images(bb, None, prompts, scorer, teacher=True, steps=args.teacher_steps,
-                                     cfg=cfg, **common)
         rows["teacher"] = dict(sampler="Euler ODE", steps=args.teacher_steps, cfg=cfg,
-                               nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),
-                               sigmas=[round(s, 6) for s in teacher_sigmas(bb, args.teacher_steps).tolist()])
+                               nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
+                               sigmas=teacher_sigmas(bb, args.teacher_steps))
+    res = {}
     for name, r in rows.items():
+        res[name] = eval_images(bb, net, prompts, scorer, args.n_per_prompt, args.batch_size, args.seed,
+                                teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"])
+        r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
         r["summary_table_units"] = summarize(res[name]["scores"])
     print(f"{len(prompts)} prompts x {args.n_per_prompt}, {bb.resolution} px, seed {args.seed}")
-    gen = f"{args.model} base" if args.model else f"{os.path.basename(os.path.normpath(args.run))} stage {stage}"
-    print_image_table({(f"{gen} ({r['nfe']} NFE)" if n == "generator" else
-                        f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"): r["summary_table_units"]
-                       for n, r in rows.items()})
+    run_name = args.run and os.path.basename(os.path.abspath(args.run))
+    gen = f"{run_name} stage {stage}" if args.run else f"{args.model} base"
+    labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
+                                         for n, r in rows.items() if n == "teacher"]
+    print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
     per_image = [{"prompt": p, **{n: {k: v[i].item() for k, v in res[n]["scores"].items()} for n in res}}
                  for i, p in enumerate(res["generator"]["prompts"])]
     os.makedirs(out_dir, exist_ok=True)
@@ -308,8 +315,7 @@ def main_images(args):
            "prompts": {"file": args.prompts, "sha256": sha, "n_in_file": n_file, "n_used": len(prompts),
                        "max_prompts": args.max_prompts},
            "rewards": {"weights": weights, "quantize_uint8": True, "table_scale": TABLE_SCALE,
-                       "sources": {k: v if isinstance(v, (str, type(None))) else repr(v)
-                                   for k, v in {**rewards.DEFAULT_SOURCES, **sources}.items()}},
+                       "sources": {**rewards.DEFAULT_SOURCES, **sources}},
            "scores_units": "per_image: raw scorer outputs (PickScore / 26); summaries: table units",
            "per_image": per_image, "grids": grids, "time_s": round(time.time() - t0, 1)}
     path = os.path.join(out_dir, "eval.json")
@@ -342,8 +348,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a run (toy: against the exact target; "
                                 "images: reward models), or a base --model.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
-    p.add_argument("--model", default=None, help="evaluate this backbone's base model instead "
-                   "of a run: " + " | ".join(models.SPECS))
+    p.add_argument("--model", default=None, choices=list(models.SPECS),
+                   help="evaluate this backbone's base model (as the generator) instead of a run")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
     p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (ALGORITHM.md 7)")
     p.add_argument("--n", type=int, default=4000, help="toy: samples per prompt")
@@ -352,13 +358,15 @@ def get_args(argv=None):
                    "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
     g.add_argument("--max-prompts", type=int, default=0, help="first N prompts, 0 = all (the "
                    "official YAMLs truncate to 64; the paper tables presumably use all)")
-    g.add_argument("--n-per-prompt", type=int, default=1)
-    g.add_argument("--rewards", default="clipscore,pickscore,hpsv2,aesthetic,imagereward")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
+    g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
+                   "each with weight 1 (geneval, hpsv3, ocr are not implemented)")
+    g.add_argument("--batch-size", type=int, default=4, help="images depend on it (one seed)")
     g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
                    "(tiny twins: their own)")
     g.add_argument("--teacher", action="store_true", help="add the teacher's row")
-    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
+    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="Euler steps; x2 "
+                   "forwards with CFG (SD3-M in the paper: 100 NFE)")
     g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
     g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
     g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")

@@ -84,7 +84,8 @@ def test_eval_json_table_and_grid(smoke):
     assert saved == json.loads(json.dumps(out))  # what main returns is what it wrote
     assert {"model", "run", "stage", "resolution", "seed", "batch_size", "n_per_prompt", "rows",
             "prompts", "rewards", "per_image", "grids"} <= set(saved)
-    assert (saved["model"], saved["resolution"], saved["seed"], saved["batch_size"]) == ("tiny-sd3", 32, 42, 2)
+    knobs = (saved["model"], saved["resolution"], saved["seed"], saved["batch_size"])
+    assert knobs == ("tiny-sd3", 32, 42, 2)
     g, t = saved["rows"]["generator"], saved["rows"]["teacher"]
     assert (g["steps"], g["nfe"], g["eta"], g["cfg"]) == (4, 4, 0.9, 1.0)
     assert g["sigmas"] == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
