@@ -1,7 +1,13 @@
 """
-eval.py -- measure a run against the exact target.
+eval.py -- measure a run.
 
-    python eval.py --run runs/toy                 # table on stdout, runs/toy/eval.json, eval.png
+    python eval.py --run runs/toy                 # table on stdout, runs/toy/eval_stage*.json
+    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher \
+        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 \
+        --pickscore-tokenizer-path ckpt/CLIP-ViT-H-14 --hpsv2-tokenizer-path ckpt/CLIP-ViT-H-14 \
+        --hpsv2-path ckpt/HPS_v2.1_compressed.pt --aesthetic-head-path ckpt/sac+logos+ava1-l14-linearMSE.pth \
+        --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
+    python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 Toy (ALGORITHM.md 9.3): for each prompt, the 4-step EMA generator's samples are compared with
 exact samples of the teacher p(x|c):
@@ -12,15 +18,23 @@ exact samples of the teacher p(x|c):
   - the same ED at every intermediate sampler state x_{sigma_k} against the exact marginal
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
 Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise.
+
+Images (ALGORITHM.md 7): the generator (or, with --model, the base model used as one) draws one
+image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
+8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
+table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
 """
 import argparse
 import json
+import hashlib
 import os
+import sys
 import time
 
 import torch
 
 import models
+import rewards
 import sample
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +121,216 @@ def print_toy_table(results, sigmas):
         print(f"{prompt:8s} {'noise floor':16s} {floor:8.4f}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a run against the exact target.")
-    p.add_argument("--run", required=True)
-    p.add_argument("--stage", type=int, default=None)
-    p.add_argument("--n", type=int, default=4000, help="toy: samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+# ---------------------------------------------------------------------------------------------
+# Image evaluation (ALGORITHM.md 7)
+# ---------------------------------------------------------------------------------------------
+
+# The official inference protocol: the generator samples 4 steps [1000, 750, 500, 250] (shifted),
+# CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per prompt line, at 1024 px for all
+# three backbones (even SD3.5-M and FLUX.2, which trained at 512; ALGORITHM.md 10.6).
+# Teacher rows use "their standard multi-step settings" (ALGORITHM.md 7): SD3-M is reported at
+# 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
+# backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
+# (50 steps with CFG are 100 forwards): pass --teacher-steps 25 for 50 forwards.
+EVAL_RESOLUTION = 1024  # tiny twins keep their own (32 px)
+TEACHER_STEPS = 50
+CPS_ETA = 0.9
+TABLE_SCALE = {"pickscore": rewards.PICKSCORE_TABLE_SCALE}  # the code scores PickScore / 26
+
+# A small, varied prompt set written for this project (objects, counts, colours, positions,
+# text, styles, people, animals, scenes): `--prompts builtin`, for smoke runs, not for numbers.
+BUILTIN_PROMPTS = [
+    "a photo of a corgi wearing sunglasses on a beach",
+    "three red apples and one green pear on a wooden table",
+    "a watercolor painting of a lighthouse in a storm",
+    'a neon sign that says "OPEN LATE" above a diner door',
+    "an astronaut reading a newspaper on the moon, film photograph",
+    "a blue cube on top of a yellow sphere",
+    "a close-up portrait of an elderly fisherman, dramatic lighting",
+    "a bowl of ramen with a soft-boiled egg, studio food photography",
+    "an isometric pixel-art city at night",
+    "a cat to the left of a dog, both asleep on a sofa",
+    "a medieval castle made of glass on a mountain top",
+    "a child flying a kite in a field of sunflowers",
+    "an impressionist oil painting of a fox in a snowy forest",
+    "a vintage bicycle leaning against a brick wall",
+    "a macro photo of a dewdrop on a spider web at sunrise",
+    "a futuristic train crossing a bridge over a canyon",
+]
+
+
+def read_prompts(path, max_prompts=0):
+    """Prompts from a .txt file (one a line) or a .jsonl file (field "prompt"), or the built-in
+    set for path "builtin". Blank lines are skipped. max_prompts > 0 keeps the first N, as the
+    official `num_media_images` does (64 in the shipped YAMLs, ALGORITHM.md 7); 0 keeps all.
+    Returns (prompts, number of prompts in the file, sha256 of the file's bytes)."""
+    if path == "builtin":
+        data = "\n".join(BUILTIN_PROMPTS).encode()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        prompts = []
+        for i, line in enumerate(lines):
+            rec = json.loads(line)
+            if "prompt" not in rec:
+                raise ValueError(f"{path}: record {i + 1} has no \"prompt\" field")
+            prompts.append(rec["prompt"])
+    else:
+        prompts = [line.strip() for line in lines]
+    n = len(prompts)
+    return (prompts[:max_prompts] if max_prompts > 0 else prompts), n, hashlib.sha256(data).hexdigest()
+
+
+def teacher_sigmas(bb, steps):
+    """The stock pipeline's schedule for `steps` Euler steps (sigma = 0 appended), from a fresh
+    copy of its scheduler: SD3 `set_timesteps(steps)` (static shift); FLUX.2-klein the sigmas
+    linspace(1, 1/steps) shifted with mu(tokens, steps), as Flux2KleinPipeline does."""
+    sched = type(bb.pipe.scheduler).from_config(bb.pipe.scheduler.config)
+    if bb.family == "flux2":
+        mu = models.flux2_empirical_mu(bb.latent_shape[1] * bb.latent_shape[2], steps)
+        sched.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
+    else:
+        sched.set_timesteps(steps)
+    return sched.sigmas.float().cpu()
+
+
+@torch.no_grad()
+def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42, teacher=False,
+                steps=TEACHER_STEPS, cfg=None, keep=16, progress=True):
+    """Generate n_per_prompt images for every prompt and score them with `scorer` (a
+    rewards.MultiReward; eval_rewards quantises to uint8 first).
+      generator (teacher=False): `net`, the 4-step CPS sampler, eta 0.9, no CFG (sample.rollout).
+      teacher: bb.teacher, Euler over teacher_sigmas(bb, steps) with CFG `cfg` (default the
+               backbone's g) against the empty prompt (sample.euler_sample).
+    One torch.Generator, seeded once, draws every batch's initial noise in order (and the
+    generator's CPS noises), so an image depends on its position in the list and on batch_size,
+    as in the official code (ALGORITHM.md 3.4); the official CPS noise comes from the global RNG.
+    Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W]}."""
+    gen = torch.Generator().manual_seed(seed)
+    items = [p for p in prompts for _ in range(n_per_prompt)]
+    if teacher:
+        sigmas, cfg = teacher_sigmas(bb, steps), bb.guidance if cfg is None else cfg
+    scores, kept = {}, []
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(items), batch_size), desc="teacher" if teacher else "generator",
+                  disable=not progress, dynamic_ncols=True):
+        batch = items[i:i + batch_size]
+        x = bb.noise(len(batch), gen)
+        cond = bb.encode(batch)
+        if teacher:
+            null = bb.encode([""] * len(batch))
+            x = sample.euler_sample(bb, bb.teacher, x, sigmas, cond, null, guidance=cfg)
+        else:
+            noises = [bb.noise(len(batch), gen) for _ in range(len(bb.sigmas) - 1)]
+            x = sample.rollout(bb, net, x, cond, eta=CPS_ETA, noises=noises)[-1]
+        images = bb.decode(x)
+        for name, v in scorer(images, batch).items():
+            if name in scorer.weights:  # not the "weighted" sum of unrelated scales
+                scores.setdefault(name, []).append(v.float().cpu())
+        kept += list((images[:keep - len(kept)] * 255).round().to(torch.uint8).cpu())
+    return {"prompts": items, "scores": {k: torch.cat(v) for k, v in scores.items()},
+            "images": torch.stack(kept)}
+
+
+def summarize(scores):
+    """{reward: {"mean", "std" (over images)}} in the paper's table units (PickScore x 26)."""
+    out = {}
+    for name, v in scores.items():
+        v = v.double() * TABLE_SCALE.get(name, 1.0)
+        out[name] = {"mean": v.mean().item(), "std": v.std(correction=0).item()}
+    return out
+
+
+def print_image_table(rows):
+    """rows: {row label: summarize(...)}. Columns = rewards, cells "mean +- std"."""
+    names = list(next(iter(rows.values())))
+    cols = [n + (f" (x{TABLE_SCALE[n]:g})" if n in TABLE_SCALE else "") for n in names]
+    head = f"{'model':30s}" + "".join(f"{c:>19s}" for c in cols)
+    print(head)
+    print("-" * len(head))
+    for label, summ in rows.items():
+        cells = [f"{summ[n]['mean']:.4f} ± {summ[n]['std']:.4f}" for n in names]
+        print(f"{label:30s}" + "".join(f"{c:>19s}" for c in cells))
+
+
+def load_generator(args, device, dtype):
+    """(backbone, generator net, stage): a run's trained generator, or --model's base model
+    (FLUX.2: the distilled klein, the generator's starting point; SD3.x: the teacher itself)."""
+    name = args.model or args.run_model
+    res = args.resolution or (models.SPECS[name][4] if name.startswith("tiny-") else EVAL_RESOLUTION)
+    kw = dict(resolution=res, device=device, dtype=dtype)
+    if args.run:
+        return models.load_run(args.run, args.stage, **kw)
+    bb = models.load(args.model, cache_dir=args.cache_dir, pretrained=args.pretrained, **kw)
+    return bb, bb.generator_base, None
+
+
+def main_images(args):
+    t0 = time.time()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # paper: bf16 weights
+    weights = {n: 1.0 for n in args.rewards.split(",")}  # eval: every metric with weight 1
+    sources = {slot: getattr(args, slot + "_path") for slot in rewards.DEFAULT_SOURCES
+               if getattr(args, slot + "_path") is not None}
+    out_dir = args.out or args.run or os.path.join("runs", f"eval_{args.model}")
+    try:  # everything that can be missing is looked up before the (slow) generation
+        prompts, n_file, sha = read_prompts(args.prompts, args.max_prompts)
+        scorer = rewards.eval_rewards(sources, weights)
+        scorer(torch.rand(1, 3, 64, 64, device=device), ["preflight"])  # loads every reward model
+        bb, net, stage = load_generator(args, device, dtype)
+    except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, no traceback
+        sys.exit(1)
+    # rows of the table: the sampler knobs, then the images and their scores
+    steps = len(bb.sigmas) - 1
+    rows = {"generator": dict(sampler="CPS", steps=steps, nfe=steps, eta=CPS_ETA, cfg=1.0,
+                              sigmas=bb.sigmas)}
+    if args.teacher:
+        cfg = bb.guidance if args.teacher_cfg is None else args.teacher_cfg
+        rows["teacher"] = dict(sampler="Euler ODE", steps=args.teacher_steps, cfg=cfg,
+                               nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
+                               sigmas=teacher_sigmas(bb, args.teacher_steps))
+    res = {}
+    for name, r in rows.items():
+        res[name] = eval_images(bb, net, prompts, scorer, args.n_per_prompt, args.batch_size, args.seed,
+                                teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"])
+        r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
+        r["summary_table_units"] = summarize(res[name]["scores"])
+    print(f"{len(prompts)} prompts x {args.n_per_prompt}, {bb.resolution} px, seed {args.seed}")
+    run_name = args.run and os.path.basename(os.path.abspath(args.run))
+    gen = f"{run_name} stage {stage}" if args.run else f"{args.model} base"
+    labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
+                                         for n, r in rows.items() if n == "teacher"]
+    print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
+    per_image = [{"prompt": p, **{n: {k: v[i].item() for k, v in res[n]["scores"].items()} for n in res}}
+                 for i, p in enumerate(res["generator"]["prompts"])]
+    os.makedirs(out_dir, exist_ok=True)
+    grids = {n: sample.save_grid(r["images"].float() / 255, os.path.join(
+        out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
+    out = {"model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
+           "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
+           "n_per_prompt": args.n_per_prompt, "rows": rows,
+           "prompts": {"file": args.prompts, "sha256": sha, "n_in_file": n_file, "n_used": len(prompts),
+                       "max_prompts": args.max_prompts},
+           "rewards": {"weights": weights, "quantize_uint8": True, "table_scale": TABLE_SCALE,
+                       "sources": {**rewards.DEFAULT_SOURCES, **sources}},
+           "scores_units": "per_image: raw scorer outputs (PickScore / 26); summaries: table units",
+           "per_image": per_image, "grids": grids, "time_s": round(time.time() - t0, 1)}
+    path = os.path.join(out_dir, "eval.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path} and {', '.join(grids.values())} ({time.time() - t0:.1f}s)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main_toy(args):
     t0 = time.time()
     bb, net, stage = models.load_run(args.run, args.stage)
     results = eval_toy(bb, net, n=args.n, seed=args.seed)
@@ -125,6 +342,61 @@ def main(argv=None):
     png = sample.toy_scatter_png(bb, net, os.path.join(args.run, f"eval_stage{stage}.png"))
     print(f"wrote {os.path.join(args.run, f'eval_stage{stage}.json')} and {png} ({time.time() - t0:.1f}s)")
     return out
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a run (toy: against the exact target; "
+                                "images: reward models), or a base --model.")
+    p.add_argument("--run", default=None, help="run folder written by train.py")
+    p.add_argument("--model", default=None, choices=list(models.SPECS),
+                   help="evaluate this backbone's base model (as the generator) instead of a run")
+    p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
+    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (ALGORITHM.md 7)")
+    p.add_argument("--n", type=int, default=4000, help="toy: samples per prompt")
+    g = p.add_argument_group("images")
+    g.add_argument("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl "
+                   "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
+    g.add_argument("--max-prompts", type=int, default=0, help="first N prompts, 0 = all (the "
+                   "official YAMLs truncate to 64; the paper tables presumably use all)")
+    g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
+    g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
+                   "each with weight 1 (geneval, hpsv3, ocr are not implemented)")
+    g.add_argument("--batch-size", type=int, default=4, help="images depend on it (one seed)")
+    g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
+                   "(tiny twins: their own)")
+    g.add_argument("--teacher", action="store_true", help="add the teacher's row")
+    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="Euler steps; x2 "
+                   "forwards with CFG (SD3-M in the paper: 100 NFE)")
+    g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
+    g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
+    g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
+    g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
+    g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
+    for slot, default in rewards.DEFAULT_SOURCES.items():  # --clip-l-path, --hpsv2-path, ...
+        g.add_argument(f"--{slot.replace('_', '-')}-path", default=None,
+                       help=f"local path or hub id (default {default or 'real-size config'})")
+    args = p.parse_args(argv)
+    if (args.run is None) == (args.model is None):
+        p.error("give exactly one of --run and --model")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.run_model = None
+    if args.run:
+        cfg_path = os.path.join(args.run, "config.json")
+        if not os.path.exists(cfg_path):
+            print(f"error: {cfg_path} not found: is {args.run!r} a run folder written by train.py?",
+                  file=sys.stderr)
+            sys.exit(1)
+        with open(cfg_path) as f:
+            args.run_model = json.load(f)["model"]
+    if args.run_model == "toy":
+        args.seed = 0 if args.seed is None else args.seed
+        return main_toy(args)
+    args.seed = 42 if args.seed is None else args.seed
+    return main_images(args)
 
 
 if __name__ == "__main__":

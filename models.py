@@ -833,10 +833,11 @@ def load(name, **kw):
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 
-def load_run(run_dir, stage=None, which="ema"):
+def load_run(run_dir, stage=None, which="ema", **kw):
     """Backbone and trained generator of a run folder written by train.py.
     stage None = the latest stage present. which: "ema" (what stage 2 and inference use) or
-    "generator" (the raw weights). Returns (backbone, net, stage)."""
+    "generator" (the raw weights). kw override load()'s arguments (eval.py: resolution, device,
+    dtype). Returns (backbone, net, stage)."""
     import json
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
@@ -849,7 +850,8 @@ def load_run(run_dir, stage=None, which="ema"):
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
     ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
-    bb = load(cfg["model"], cache_dir=run_dir, pretrained=cfg.get("pretrained"), width=cfg.get("toy_width", 128))
+    bb = load(cfg["model"], **{"cache_dir": run_dir, "pretrained": cfg.get("pretrained"),
+                               "width": cfg.get("toy_width", 128), **kw})
     net = bb.make_student("generator")
     net.load_state_dict(ck[which], strict=False)
     return bb, net.eval().requires_grad_(False), stage
