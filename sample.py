@@ -228,13 +228,15 @@ def initial_noise(bb, prompts, n, seed):
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
     """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (ALGORITHM.md 3.4): CPS with
     eta = 0.9, no CFG. One batch per prompt. The CPS noise comes from the global RNG, seeded
-    here too, so a call is reproducible."""
+    here too (inside fork_rng), so a call is reproducible."""
     x, rep = initial_noise(bb, prompts, n, seed)
-    torch.manual_seed(seed)
     out = []
-    for i in range(0, len(rep), n):
-        x0 = rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]
-        out.append(bb.decode(x0).cpu())
+    cuda = [torch.cuda.current_device()] if bb.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # leave the caller's RNG (a training run's) as is
+        torch.manual_seed(seed)
+        for i in range(0, len(rep), n):
+            x0 = rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]
+            out.append(bb.decode(x0).cpu())
     return torch.cat(out)
 
 

@@ -82,6 +82,8 @@ def get_args(argv=None):
 
 def resolve_defaults(args, cuda):
     d = DEFAULTS["toy" if args.model == "toy" else "real"]
+    if args.model != "toy" and models.SPECS[args.model][0] == "flux2":
+        d = d | dict(lr_gen=1e-6, lr_fake=1e-6)  # FLUX.2-klein's stage-1 lr (ALGORITHM.md 4.7)
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -271,8 +273,12 @@ def subinterval_start(sim, plain_dmd):
 def train_stage1(args, bb, ddp, rank, world, device, master, shared):
     B = args.batch_size // world
     nsteps = len(bb.sigmas) - 1
-    generator = bb.make_student("generator")
-    fake = bb.make_student("fake")
+    # Every rank must start from the same LoRA init (random A): draw it from the same seed
+    # everywhere, in a side RNG, so the per-rank streams below stay as they were.
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        generator = bb.make_student("generator")
+        fake = bb.make_student("fake")
     gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
     fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
     ema = ema_copy(generator)
