@@ -880,7 +880,8 @@ def load_run(run_dir, stage=None, which="ema", device="cpu", dtype=torch.float32
     ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
     bb = load(cfg["model"], cache_dir=run_dir, pretrained=cfg.get("pretrained"),
               generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
-              lora_rank=cfg.get("lora_rank", 32), width=cfg.get("toy_width", 128),
+              lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
+              width=cfg.get("toy_width", 128),
               device=device, dtype=dtype)
     if stage == 2 and "stage1_ema" in ck:
         net = bb.make_student("generator", stage=2, merge=ck["stage1_ema"])

@@ -5,6 +5,7 @@ train.py -- both stages of RTDMD, one process or many.
     torchrun --standalone --nproc_per_node 2 train.py --stage 1 --out runs/toy
     torchrun --standalone --nproc_per_node 2 train.py --stage 2 --out runs/toy
     torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35
+    python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2  # CPU
 
 Stage 1 (AC-DMD, ALGORITHM.md 4.6) trains the 4-step generator to match the teacher on every
 sub-interval of the sampler. Stage 2 (RTDMD, ALGORITHM.md 5) adds the reward term.
@@ -50,8 +51,8 @@ def get_args(argv=None):
                    help="FLUX.2: the generator's base (default: the distilled klein-4B)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: backbone's)")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (alpha = 2 rank); 0 = full fine-tune")
-    p.add_argument("--prompts", default=None, help="text file, one training prompt a line "
-                   "(default: the backbone's few built-in prompts)")
+    p.add_argument("--prompts", default=None, help="real backbones: text file, one training prompt "
+                   "a line, e.g. the paper's pickscore train.txt (default: 8 built-in prompts)")
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
@@ -230,7 +231,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     load_kw = dict(cache_dir=args.out, device=device, dtype=dtype, pretrained=args.pretrained,
                    generator_pretrained=args.generator_pretrained, resolution=args.resolution,
-                   lora_rank=args.lora_rank, gradient_checkpointing=bool(args.grad_ckpt),
+                   lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,  # scale 2, as the paper
+                   gradient_checkpointing=bool(args.grad_ckpt),
                    width=args.toy_width)
     if args.prompts:
         with open(args.prompts) as f:
