@@ -481,7 +481,8 @@ class SD3Backbone(DiffusersBackbone):
         starts from its shifted sigma_min), then the static shift, applied once by sd3_sigmas."""
         sched = self.pipe.scheduler
         t_min = sched.config.num_train_timesteps * sched.sigma_min
-        return sd3_sigmas(torch.linspace(1000.0, t_min, steps, dtype=torch.float64).tolist(), sched.config["shift"])
+        steps_list = torch.linspace(1000.0, t_min, steps, dtype=torch.float64).tolist()
+        return sd3_sigmas(steps_list, sched.config["shift"])
 
     @torch.no_grad()
     def encode(self, prompts):

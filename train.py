@@ -399,8 +399,9 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
 
 def export_stage1(args, bb, ema):
     """Real backbones: the EMA generator as a file a stock diffusers pipeline loads
-    (`pipe.load_lora_weights(run/generator_ema_lora.safetensors)`; a full fine-tune is saved with
-    save_pretrained instead), and a grid of 4-step samples, one row per prompt."""
+    (`pipe.load_lora_weights(run/generator_ema_lora.safetensors)`, on the generator's base: for
+    FLUX.2 the distilled klein-4B, not the teacher; a full fine-tune is saved with save_pretrained
+    instead), and a grid of 4-step samples of the EMA generator, one row per prompt."""
     if models.lora_layers(ema):
         models.save_lora(ema, os.path.join(args.out, "generator_ema_lora.safetensors"))
     else:
