@@ -474,6 +474,16 @@ class SD3Backbone(DiffusersBackbone):
         # the official code caps T5 at 128 tokens (205 = 77 + 128); tiny twins have fewer
         self.max_sequence_length = min(128, pipe.tokenizer_3.model_max_length)
 
+    def teacher_sigmas(self, steps):
+        """Sigmas of the stock StableDiffusion3Pipeline for `steps` Euler steps (used by
+        `sample.py --teacher`): `steps` evenly spaced timesteps from 1000 down to the scheduler's
+        smallest one (1000 sigma_min, 2.994 for shift 3: diffusers' FlowMatchEulerDiscreteScheduler
+        starts from its shifted sigma_min), then the static shift, applied once by sd3_sigmas."""
+        sched = self.pipe.scheduler
+        t_min = sched.config.num_train_timesteps * sched.sigma_min
+        steps_list = torch.linspace(1000.0, t_min, steps, dtype=torch.float64).tolist()
+        return sd3_sigmas(steps_list, sched.config["shift"])
+
     @torch.no_grad()
     def encode(self, prompts):
         """pipe.encode_prompt with CFG off: "" gives exactly the pipeline's negative branch."""
@@ -520,6 +530,13 @@ class Flux2Backbone(DiffusersBackbone):
         self.sigmas = flux2_sigmas(resolution=16 * side)
         self.text_layers = tuple(text_layers)
         self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
+
+    def teacher_sigmas(self, steps):
+        """Sigmas of the stock Flux2KleinPipeline for `steps` Euler steps (`sample.py --teacher`):
+        u = linspace(1, 1/steps, steps), i.e. timesteps 1000, ..., 1000/steps, then the dynamic
+        shift with mu(token count, steps), applied once by flux2_sigmas."""
+        u = torch.linspace(1000.0, 1000.0 / steps, steps, dtype=torch.float64).tolist()
+        return flux2_sigmas(u, resolution=16 * self.latent_shape[1])
 
     @torch.no_grad()
     def encode(self, prompts):
@@ -837,7 +854,20 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     """Backbone and trained generator of a run folder written by train.py.
     stage None = the latest stage present. which: "ema" (what stage 2 and inference use) or
     "generator" (the raw weights). kw override load()'s arguments (eval.py: resolution, device,
-    dtype). Returns (backbone, net, stage)."""
+    dtype). Returns (backbone, net, stage).
+
+    The backbone is rebuilt from the run's config.json (model, pretrained, generator_pretrained,
+    resolution, lora_rank; a tiny twin is looked up / built in the run folder itself). The
+    checkpoints hold only the trainable tensors, under the student's parameter names:
+
+    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (or, for the toy and for
+               lora_rank 0, all its weights). The net is make_student("generator") + ck[which].
+    stage2.pt  the same keys hold the *stage-2* LoRA. On a LoRA backbone the stage-2 checkpoint
+               must also hold ck["stage1_ema"], the stage-1 EMA LoRA state (lora_state_dict),
+               which the stage-2 student has merged into its base weights (ALGORITHM.md 5.1, 3.4):
+               net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which].
+               Without "stage1_ema" (the toy, full fine-tuning) ck[which] is the whole student.
+    """
     import json
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
@@ -850,8 +880,16 @@ def load_run(run_dir, stage=None, which="ema", **kw):
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
     ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
-    bb = load(cfg["model"], **{"cache_dir": run_dir, "pretrained": cfg.get("pretrained"),
-                               "width": cfg.get("toy_width", 128), **kw})
-    net = bb.make_student("generator")
-    net.load_state_dict(ck[which], strict=False)
+    args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
+                generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
+                lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
+                width=cfg.get("toy_width", 128))
+    bb = load(cfg["model"], **(args | kw))
+    if stage == 2 and "stage1_ema" in ck:
+        net = bb.make_student("generator", stage=2, merge=ck["stage1_ema"])
+    else:
+        net = bb.make_student("generator")
+    missing, unexpected = net.load_state_dict(ck[which], strict=False)
+    lost = [k for k in missing if ".lora_" in k]  # a LoRA the checkpoint should have held
+    assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
     return bb, net.eval().requires_grad_(False), stage

@@ -8,7 +8,12 @@ sample.py -- HOW samples are drawn: every sampler of the project lives here.
 
 The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps.
 
-CLI (toy):  python sample.py --run runs/toy --n 2000           -> runs/toy/samples.png
+CLI:
+    python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
+    python sample.py --run runs/sd35 --prompt "a red fox" [--n 4] [--seed 42]
+                     -> runs/sd35/samples/stage1_ema/000000.png ... grid.png (4 NFE, CPS eta 0.9)
+    python sample.py --run runs/sd35 --teacher --steps 28 --cfg 4.5  (the teacher, Euler + CFG)
+    python sample.py --model tiny-sd3 --teacher                      (no run needed)
 """
 import argparse
 import math
@@ -206,23 +211,121 @@ def save_grid(images, path, nrow=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# Images from prompts: the few-step generator and the many-step teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def initial_noise(bb, prompts, n, seed):
+    """n initial latents per prompt from one seeded CPU generator, in prompt order, so the same
+    (prompts, n, seed) gives the same images on any device. Returns (noise [P*n, ...], prompts
+    repeated [P*n])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(prompts) * n, *bb.latent_shape, generator=g).to(bb.device)
+    return x, [p for p in prompts for _ in range(n)]
+
+
+@torch.no_grad()
+def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
+    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (ALGORITHM.md 3.4): CPS with
+    eta = 0.9, no CFG. One batch per prompt. The CPS noise comes from the global RNG, seeded
+    here too (inside fork_rng), so a call is reproducible."""
+    x, rep = initial_noise(bb, prompts, n, seed)
+    out = []
+    cuda = [torch.cuda.current_device()] if bb.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # leave the caller's RNG (a training run's) as is
+        torch.manual_seed(seed)
+        for i in range(0, len(rep), n):
+            x0 = rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]
+            out.append(bb.decode(x0).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
+    """Images [P*n, 3, H, W] from the frozen teacher: Euler on the stock pipeline's sigmas for
+    `steps` steps (bb.teacher_sigmas), CFG scale `guidance` (default: the backbone's)."""
+    x, rep = initial_noise(bb, prompts, n, seed)
+    sigmas = bb.teacher_sigmas(steps)
+    g = bb.guidance if guidance is None else guidance
+    null = bb.encode([""] * n)
+    out = []
+    for i in range(0, len(rep), n):
+        x0 = euler_sample(bb, bb.teacher, x[i:i + n], sigmas, bb.encode(rep[i:i + n]), null, g)
+        out.append(bb.decode(x0).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw samples from a trained run.")
-    p.add_argument("--run", required=True, help="run folder written by train.py")
+    p = argparse.ArgumentParser(description="Draw samples from a trained run, or from the teacher.")
+    p.add_argument("--run", default=None, help="run folder written by train.py")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--n", type=int, default=600, help="toy: samples per prompt")
-    p.add_argument("--out", default=None, help="output PNG (default: RUN/samples.png)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt (repeat for several; default: a few of the backbone's prompts)")
+    p.add_argument("--n", type=int, default=None, help="images per prompt (toy: points per prompt)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity of the generator")
+    p.add_argument("--teacher", action="store_true", help="sample the frozen teacher instead")
+    p.add_argument("--steps", type=int, default=28, help="teacher: Euler steps")
+    p.add_argument("--cfg", type=float, default=None, help="teacher: CFG scale (default: backbone's)")
+    p.add_argument("--model", default=None, help="teacher without --run: the backbone to load")
+    p.add_argument("--pretrained", default=None, help="teacher without --run: hub id or folder")
+    p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
+    p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
     args = p.parse_args(argv)
+    if args.run is None and not (args.teacher and args.model):
+        p.error("pass --run RUN, or --teacher --model NAME to sample a teacher without a run")
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
     t0 = time.time()
-    bb, net, stage = models.load_run(args.run, args.stage)
-    out = args.out or os.path.join(args.run, "samples.png")
-    toy_scatter_png(bb, net, out, n_per_prompt=args.n)
-    print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, "
-          f"{time.time() - t0:.2f}s -> {out}")
+    if args.run is not None:
+        bb, net, stage = models.load_run(args.run, args.stage, device=device, dtype=dtype)
+    else:
+        bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
+                         device=device, dtype=dtype)
+    t_load = time.time() - t0
+
+    if bb.name == "toy":  # the toy keeps its scatter plot
+        if args.run is None:
+            p.error("the toy's teacher is the exact mixture: pass --run to plot a toy run")
+        out = args.out or os.path.join(args.run, "samples.png")
+        t0 = time.time()
+        toy_scatter_png(bb, net, out, n_per_prompt=args.n or 600)
+        print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, "
+              f"{time.time() - t0:.2f}s -> {out}")
+        return out
+
+    prompts = args.prompt or bb.prompts[:4]
+    n = args.n or 4
+    t0 = time.time()
+    if args.teacher:
+        g = bb.guidance if args.cfg is None else args.cfg
+        images = teacher_images(bb, prompts, n, args.seed, args.steps, g)
+        nfe = args.steps * (1 if g == 1.0 else 2)  # CFG: a conditional and an unconditional pass
+        what = f"teacher, {args.steps} Euler steps, CFG {g}"
+        name = f"teacher_{args.steps}steps_cfg{g}"
+    else:
+        images = generator_images(bb, net, prompts, n, args.seed, args.eta)
+        nfe = len(bb.sigmas) - 1
+        what = f"stage-{stage} EMA generator, CPS eta {args.eta}, no CFG"
+        name = f"stage{stage}_ema"
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.time() - t0
+    root = args.run or os.path.join("samples", args.model)
+    out = args.out or os.path.join(root, "samples", name)
+    save_images(images, out)
+    grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
+    print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s "
+          f"(+{t_load:.1f}s loading) -> {out}/000000.png ... and {grid}")
+    for i, pr in enumerate(prompts):
+        print(f"  row {i}: {pr!r}")
+    return out
 
 
 if __name__ == "__main__":

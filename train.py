@@ -5,6 +5,7 @@ train.py -- both stages of RTDMD, one process or many.
     torchrun --standalone --nproc_per_node 2 train.py --stage 1 --out runs/toy
     torchrun --standalone --nproc_per_node 2 train.py --stage 2 --out runs/toy
     torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35
+    python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2  # CPU
 
 Stage 1 (AC-DMD, ALGORITHM.md 4.6) trains the 4-step generator to match the teacher on every
 sub-interval of the sampler. Stage 2 (RTDMD, ALGORITHM.md 5) adds the reward term.
@@ -46,6 +47,12 @@ def get_args(argv=None):
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--model", default="toy", help="toy | " + " | ".join(models.BACKBONES[1:]))
     p.add_argument("--pretrained", default=None, help="hub id or local folder (default: paper's)")
+    p.add_argument("--generator-pretrained", default=None,
+                   help="FLUX.2: the generator's base (default: the distilled klein-4B)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: backbone's)")
+    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (alpha = 2 rank); 0 = full fine-tune")
+    p.add_argument("--prompts", default=None, help="real backbones: text file, one training prompt "
+                   "a line, e.g. the paper's pickscore train.txt (default: 8 built-in prompts)")
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
@@ -68,13 +75,16 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1000)
-    p.add_argument("--bf16", type=int, default=None, help="bf16 autocast (default: on with CUDA)")
+    p.add_argument("--bf16", type=int, default=None,
+                   help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
     return p.parse_args(argv)
 
 
 def resolve_defaults(args, cuda):
     d = DEFAULTS["toy" if args.model == "toy" else "real"]
+    if args.model != "toy" and models.SPECS[args.model][0] == "flux2":
+        d = d | dict(lr_gen=1e-6, lr_fake=1e-6)  # FLUX.2-klein's stage-1 lr (ALGORITHM.md 4.7)
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -98,6 +108,18 @@ def print0(*a, **k):
 def raw(net):
     """The module inside a DDP wrapper (for no-grad calls, EMA and checkpoints)."""
     return net.module if isinstance(net, DDP) else net
+
+
+def ema_copy(net):
+    """The EMA model: a copy of `net` whose trainable tensors are new and whose frozen ones are
+    shared (a LoRA student's base weights are the teacher's; copying them would double memory)."""
+    frozen = [p for p in net.parameters() if not p.requires_grad] + list(net.buffers())
+    ema = copy.deepcopy(net, {id(t): t for t in frozen})
+    return ema.eval().requires_grad_(False)
+
+
+def count(net, trainable=True):
+    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable)
 
 
 @torch.no_grad()
@@ -203,17 +225,28 @@ def main(argv=None):
     # rank 0 (ALGORITHM.md 8.15), without the communication.
     shared = torch.Generator().manual_seed(args.seed + 12345)
 
-    # The toy's base model is pretrained once by rank 0 and cached in the run folder.
+    # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder.
+    # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; LoRA
+    # parameters are always float32 (models.LoRALinear).
+    dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
+    load_kw = dict(cache_dir=args.out, device=device, dtype=dtype, pretrained=args.pretrained,
+                   generator_pretrained=args.generator_pretrained, resolution=args.resolution,
+                   lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,  # scale 2, as the paper
+                   gradient_checkpointing=bool(args.grad_ckpt),
+                   width=args.toy_width)
+    if args.prompts:
+        with open(args.prompts) as f:
+            load_kw["prompts"] = [line.strip() for line in f if line.strip()]
     if master:
-        bb = models.load(args.model, cache_dir=args.out, device=device, pretrained=args.pretrained,
-                         width=args.toy_width, progress=True)
+        bb = models.load(args.model, progress=True, **load_kw)
     if ddp:
         dist.barrier()
     if not master:
-        bb = models.load(args.model, cache_dir=args.out, device=device, pretrained=args.pretrained,
-                         width=args.toy_width)
+        bb = models.load(args.model, **load_kw)
     if args.guidance is None:
         args.guidance = bb.guidance
+    if args.resolution is None:
+        args.resolution = getattr(bb, "resolution", None)
     if master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=2)
@@ -242,11 +275,15 @@ def subinterval_start(sim, plain_dmd):
 def train_stage1(args, bb, ddp, rank, world, device, master, shared):
     B = args.batch_size // world
     nsteps = len(bb.sigmas) - 1
-    generator = bb.make_student("generator")
-    fake = bb.make_student("fake")
+    # Every rank must start from the same LoRA init (random A): draw it from the same seed
+    # everywhere, in a side RNG, so the per-rank streams below stay as they were.
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        generator = bb.make_student("generator")
+        fake = bb.make_student("fake")
     gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
     fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
-    ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    ema = ema_copy(generator)
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=args.lr_gen,
                               betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=args.lr_fake,
@@ -274,7 +311,10 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
            f"  fake step every iter, generator step every {args.fake_update_ratio} "
            f"-> {args.steps // args.fake_update_ratio} generator updates in {args.steps} iters | "
            f"lr G {args.lr_gen} F {args.lr_fake} | CFG {args.guidance} | eta {args.eta} | "
-           f"bf16 {bool(args.bf16)} | grad ckpt {bool(args.grad_ckpt)} | start at {step}")
+           f"bf16 {bool(args.bf16)} | grad ckpt {bool(args.grad_ckpt)} | start at {step}\n"
+           f"  trainable params: generator {count(raw(generator)):,} of {count(raw(generator), False):,}, "
+           f"fake {count(raw(fake)):,} of {count(raw(fake), False):,}"
+           + (f" (LoRA rank {args.lora_rank})" if args.model != "toy" and args.lora_rank else ""))
 
     def save(step):
         states = gather_rng(world)  # collective: every rank calls it
@@ -352,7 +392,22 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
         print0(f"stage 1 done in {time.time() - t0:.1f}s -> {ckpt_path}")
         if args.model == "toy":
             sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage1.png"))
+        else:
+            export_stage1(args, bb, ema)
     return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
+
+
+def export_stage1(args, bb, ema):
+    """Real backbones: the EMA generator as a file a stock diffusers pipeline loads
+    (`pipe.load_lora_weights(run/generator_ema_lora.safetensors)`, on the generator's base: for
+    FLUX.2 the distilled klein-4B, not the teacher; a full fine-tune is saved with save_pretrained
+    instead), and a grid of 4-step samples of the EMA generator, one row per prompt."""
+    if models.lora_layers(ema):
+        models.save_lora(ema, os.path.join(args.out, "generator_ema_lora.safetensors"))
+    else:
+        ema.save_pretrained(os.path.join(args.out, "generator_ema"))
+    images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
+    sample.save_grid(images, os.path.join(args.out, "samples_stage1.png"), nrow=2)
 
 
 if __name__ == "__main__":
