@@ -93,7 +93,7 @@ def eval_toy(bb, net, n=4000, seed=0):
         cond = bb.encode([prompt] * n)
         x = torch.randn(n, *bb.latent_shape, generator=gen)
         w = mix.weights[ci]
-        torch.manual_seed(seed + ci)
+        torch.manual_seed(10_000 * (seed + 1) + ci)  # CPS noise: a stream distinct from `gen`
         rows = {"generator": toy_metrics(sample.rollout(bb, net, x, cond), mix, bb.sigmas, c, w, gen)}
         euler4 = [x]
         for k in range(len(bb.sigmas) - 1):  # keep intermediate states of the 4-step Euler
