@@ -380,6 +380,7 @@ class ToyGaussBackbone(ToyBackbone):
 
     def __init__(self, **kw):
         super().__init__(mixture=toy_gauss(), **kw)
+        self.prompts = ["gauss"]  # one prompt: a GRPO group is then every sample of the epoch
 
     def make_student(self, role):
         if role == "generator":
