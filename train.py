@@ -497,8 +497,16 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
 
     def save(epoch):
         states = gather_rng(world)
+        # one checksum per rank: the replicas must stay bitwise identical (tests/test_train_stage2.py)
+        sums = [None] * world
+        mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
+                   for p in gen_params)
+        if world > 1:
+            dist.all_gather_object(sums, mine)
+        else:
+            sums[0] = mine
         if master:
-            save_atomic({"generator": trainable_state(generator, gen_names),
+            save_atomic({"replica_checksums": sums, "generator": trainable_state(generator, gen_names),
                          "fake": trainable_state(fake, fake_names), "ema": trainable_state(ema, gen_names),
                          "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "epoch": epoch,
                          "rng": states, "shared_rng": shared.get_state(), "config": vars(args)}, ckpt_path)
