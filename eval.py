@@ -121,6 +121,7 @@ def print_toy_table(results, sigmas):
 #     run bought reward by leaving the tilted target, e.g. collapsing onto the reward's optimum)
 
 
+@torch.no_grad()
 def toy_samples(bb, net, n, seed, euler=False):
     """{prompt: final samples [n, 2]} of the 4-step generator (CPS), or of the teacher's 4-step
     Euler ODE when euler=True, from the same initial noise for every row."""
@@ -250,6 +251,77 @@ def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.
     shift = D / (w_dm * C) * push
     m = mu + shift * torch.tensor(a, dtype=torch.float64)
     return m, {"C": C, "kappa": kappa, "beta_eff": shift / s2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The ablation table (toy): train every row, evaluate all of them against the same tilted target
+# ---------------------------------------------------------------------------------------------
+
+ABLATION_ROWS = [  # (row name, extra stage-2 flags)
+    ("RTDMD", []),
+    ("without DM", ["--no-dm"]),
+    ("without back-prop", ["--no-bp"]),
+    ("without policy gradient", ["--no-pg"]),
+    ("without SubGRPO", ["--all-steps", "--no-shared-noise"]),
+]
+
+
+def ablation(root, seed=0, n=2000):
+    """Train stage 1 once, every stage-2 row from it (train.main with argv lists), and the
+    reference-mode row (stage 1 against the exact tilted teacher at the RTDMD row's fitted beta*,
+    ALGORITHM.md 9.6 mode 1). Evaluate every row against p~_{beta*}; write ablation.md/json."""
+    import shutil
+    import train
+    torch.set_num_threads(1)  # 2-D points: threads only add overhead
+    t0 = time.time()
+    s1 = os.path.join(root, "stage1")
+    if not os.path.exists(os.path.join(s1, "stage1.pt")):
+        train.main(["--stage", "1", "--out", s1, "--seed", str(seed)])
+    runs = {"stage 1 (AC-DMD)": s1}
+    for name, flags in ABLATION_ROWS:
+        d = os.path.join(root, name.replace(" ", "_"))
+        if not os.path.exists(os.path.join(d, "stage2.pt")):
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            for f in ("stage1.pt", "config.json", "toy_base_w128.pt"):
+                shutil.copy(os.path.join(s1, f), d)
+            train.main(["--stage", "2", "--out", d, "--seed", str(seed)] + flags)
+        runs[name] = d
+    bb, _, _ = models.load_run(s1)
+    reward = run_reward({})
+    samples = {name: toy_samples(bb, models.load_run(d)[1], n, seed) for name, d in runs.items()}
+    samples["teacher 4-step Euler"] = toy_samples(bb, None, n, seed, euler=True)
+    beta = fit_beta(samples["RTDMD"], bb.mixture, reward)
+    ref = os.path.join(root, "reference")
+    if not os.path.exists(os.path.join(ref, "stage1.pt")):
+        shutil.rmtree(ref, ignore_errors=True)
+        os.makedirs(ref)
+        shutil.copy(os.path.join(s1, "toy_base_w128.pt"), ref)
+        train.main(["--stage", "1", "--out", ref, "--seed", str(seed), "--tilt-teacher", str(beta)])
+    samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(bb, models.load_run(ref)[1], n, seed)
+    order = ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]
+    rows = {}
+    for name in order:
+        m = tilted_metrics(samples[name], bb.mixture, reward, beta)["mean"]
+        rows[name] = m | {"beta_fit": fit_beta(samples[name], bb.mixture, reward)}
+    exact = rows["RTDMD"]["reward_exact"]
+    lines = [f"Toy ablation (quadratic reward r = -|x - (2,0)|^2 / 2), every row against the exact tilted "
+             f"target p~ at beta* = {beta:.3g} (fitted to the RTDMD row); means over the 3 prompts, "
+             f"{n} samples each.", "",
+             "| row | fitted beta | ED / noise floor vs p~ | occupancy error vs p~ | mean reward | "
+             "exact E_p~[r] | overshoot |", "|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | {m['beta_fit']:.3g} | {m['ed_floor']:.1f} | {m['occ_err']:.3f} | "
+                     f"{m['reward']:.3f} | {exact:.3f} | {m['reward'] - exact:+.3f} |")
+    lines += ["", f"(overshoot > 0: more reward than the tilted target has = reward hacking; "
+              f"{time.time() - t0:.0f}s in total)"]
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump({"beta": beta, "rows": rows}, f, indent=1)
+    return rows
 
 
 def main(argv=None):

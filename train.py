@@ -42,7 +42,7 @@ DEFAULTS = {
                  ema_decay=0.99, log_every=10),
     # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
     # Real: the paper's (ALGORITHM.md 5.10, SD3.5-M). Toy: tuned to be stable (ALGORITHM.md 9.4).
-    "toy2": dict(steps=400, batch_size=48, lr_gen=1e-4, lr_fake=1e-3, fake_update_ratio=1,
+    "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
                  w_pg=1.0, w_dm=3.0, w_bp=0.1),
     "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
