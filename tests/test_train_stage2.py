@@ -3,7 +3,6 @@ two gloo ranks, and the exact-decomposition mode against its closed-form station
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -90,17 +89,10 @@ def test_resume_is_bitwise_identical(stage1_dir, tmp_path):
     assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_path):
     d = fresh(stage1_dir, tmp_path, "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train.py"), "--stage", "2", "--out", d, "--steps", "2"] + TINY
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -115,6 +107,9 @@ def test_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_path):
 def test_exact_decomposition_lands_on_closed_form(tmp_path):
     # ALGORITHM.md 9.6 mode 2 on toy-gauss (single Gaussian teacher, shift-only generator, linear
     # reward, PG + DM + BP all on): the learned output mean vs eval.stationary_mean_gauss.
+    # --no-shared-noise: with toy-gauss's single prompt the shared SubGRPO noise would be shared by
+    # the whole epoch, making each epoch's gradient very noisy; the closed form holds either way.
+    # Measured: 0.6284 learned vs 0.6251 closed form (lr 3e-3 jitter and fake-score lag remain).
     torch.set_num_threads(1)
     d = str(tmp_path / "gauss")
     train.main(["--model", "toy-gauss", "--stage", "1", "--out", d, "--steps", "100", "--reward", "linear"])
