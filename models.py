@@ -350,6 +350,43 @@ class ToyBackbone:
         """The toy has no VAE: a 'sample' is the 2-D point itself (rewards score the point)."""
         return x
 
+class ShiftVelocity(nn.Module):
+    """The "toy-gauss" generator: the exact teacher velocity plus one learnable vector b,
+        G(x, sigma, c) = v_teacher(x, sigma, c) + b.
+    It can only move its output mean (linearly in b), which makes the stationary point of the
+    stage-2 exact-decomposition mode closed-form (ALGORITHM.md 9.6; derived in eval.py)."""
+
+    def __init__(self, mixture, dim=2):
+        super().__init__()
+        self.teacher = ExactVelocity(mixture)
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, sigma, c):
+        return self.teacher(x, sigma, c).to(x.dtype) + self.b
+
+
+def toy_gauss(mean=(0.5, -0.5), std=0.5):
+    """A single isotropic Gaussian N(mean, std^2 I), with the toy's four conditions all equal."""
+    return Mixture(torch.tensor([mean], dtype=torch.float64), torch.tensor([std]),
+                   torch.ones(len(TOY_PROMPTS) + 1, 1, dtype=torch.float64))
+
+
+class ToyGaussBackbone(ToyBackbone):
+    """"toy-gauss": the toy backbone with a single-Gaussian teacher and a shift-only generator
+    (ShiftVelocity). The fake score is still the flow-matched MLP. Used by the exact-decomposition
+    check of stage 2 (ALGORITHM.md 9.6, 2.)."""
+
+    name = "toy-gauss"
+
+    def __init__(self, **kw):
+        super().__init__(mixture=toy_gauss(), **kw)
+        self.prompts = ["gauss"]  # one prompt: a GRPO group is then every sample of the epoch
+
+    def make_student(self, role):
+        if role == "generator":
+            return ShiftVelocity(self.mixture).to(self.device).train()
+        return super().make_student(role)
+
 # ---------------------------------------------------------------------------------------------
 # 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
 # ---------------------------------------------------------------------------------------------
@@ -838,13 +875,15 @@ def export_merged(net, folder):
 # 5. load(name)
 # ---------------------------------------------------------------------------------------------
 
-BACKBONES = ("toy",) + tuple(SPECS)
+BACKBONES = ("toy", "toy-gauss") + tuple(SPECS)
 
 
 def load(name, **kw):
     """Return the backbone called `name` (see the interface in the module docstring)."""
     if name == "toy":
         return ToyBackbone(**kw)
+    if name == "toy-gauss":
+        return ToyGaussBackbone(**kw)
     if name in SPECS:  # kw: pretrained, generator_pretrained, resolution, device, dtype,
         return load_diffusers(name, **kw)  # cache_dir, gradient_checkpointing, lora_rank, ...
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")

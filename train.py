@@ -27,7 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import acdmd
 import models
+import rewards
 import sample
+import subgrpo
 
 # ---------------------------------------------------------------------------------------------
 # Arguments. None means "the backbone's default" (resolved in resolve_defaults).
@@ -39,6 +41,14 @@ DEFAULTS = {
                 ema_decay=0.99, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10,
                  ema_decay=0.99, log_every=10),
+    # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
+    # Real: the paper's (ALGORITHM.md 5.10, SD3.5-M). Toy: tuned to be stable (ALGORITHM.md 9.4).
+    "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
+                 ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
+                 w_pg=1.0, w_dm=3.0, w_bp=0.1),
+    "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
+                  ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
+                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4),
 }
 
 
@@ -78,13 +88,40 @@ def get_args(argv=None):
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
+    # stage 2 (ALGORITHM.md 5); None = the backbone's default (DEFAULTS "toy2" / "real2")
+    p.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group)")
+    p.add_argument("--num-batches-per-epoch", type=int, default=None,
+                   help="sampling iterations per epoch = sub-batches of the one optimiser step")
+    p.add_argument("--reward", default="quadratic", choices=("quadratic", "linear"),
+                   help="toy reward: -(1/2)|x - (2,0)|^2 or x_1 (rewards.py)")
+    p.add_argument("--w-pg", type=float, default=None, help="policy-gradient (PPO) weight; paper 1")
+    p.add_argument("--w-dm", type=float, default=None, help="final-step AC-DMD weight; paper 1e-3")
+    p.add_argument("--w-bp", type=float, default=None, help="reward back-prop weight; paper 1e-4")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="stage-2 generator AdamW")
+    p.add_argument("--clip-range", type=float, default=1e-5, help="PPO ratio clip")
+    p.add_argument("--adv-clip", type=float, default=5.0)
+    p.add_argument("--bp-margin", type=float, default=3.0)
+    p.add_argument("--logprob", default="official", choices=("official", "exact"), help="ALGORITHM.md 5.4")
+    p.add_argument("--no-dm", action="store_true", help="ablation: drop the final-step DM term")
+    p.add_argument("--no-bp", action="store_true", help="ablation: drop reward back-prop")
+    p.add_argument("--no-pg", action="store_true", help="ablation: drop the policy gradient")
+    p.add_argument("--all-steps", action="store_true", help="train all stochastic steps, not 2 of 3")
+    p.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
+                   help="independent noise on the untrained steps too")
+    p.add_argument("--exact-decomposition", action="store_true",
+                   help="ALGORITHM.md 9.6 mode 2: unnormalised DM, REINFORCE with group-mean baseline, "
+                   "exact log-prob, no clipping (use with --model toy-gauss --reward linear)")
+    p.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
+                   help="toy, stage 1: replace the teacher by the exact tilted teacher p exp(BETA r) "
+                   "(ALGORITHM.md 9.6 reference mode)")
     return p.parse_args(argv)
 
 
 def resolve_defaults(args, cuda):
-    d = DEFAULTS["toy" if args.model == "toy" else "real"]
-    if args.model != "toy" and models.SPECS[args.model][0] == "flux2":
-        d = d | dict(lr_gen=1e-6, lr_fake=1e-6)  # FLUX.2-klein's stage-1 lr (ALGORITHM.md 4.7)
+    d = DEFAULTS[("toy" if args.model.startswith("toy") else "real") + ("2" if args.stage == 2 else "")]
+    if not args.model.startswith("toy") and models.SPECS[args.model][0] == "flux2":
+        # FLUX.2-klein: stage-1 lr 1e-6 for both nets, stage-2 fake lr 1e-6 (ALGORITHM.md 4.7, 5.10)
+        d = d | (dict(lr_fake=1e-6) if args.stage == 2 else dict(lr_gen=1e-6, lr_fake=1e-6))
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -250,10 +287,12 @@ def main(argv=None):
     if master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args) | {"world_size": world}, f, indent=2)
+    if args.tilt_teacher is not None:
+        tilt_toy_teacher(bb, args)
     if args.stage == 1:
         nets = train_stage1(args, bb, ddp, rank, world, device, master, shared)
     else:
-        sys.exit("error: stage 2 is not implemented yet")
+        nets = train_stage2(args, bb, ddp, rank, world, device, master, shared)
     if ddp:
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
@@ -408,6 +447,237 @@ def export_stage1(args, bb, ema):
         ema.save_pretrained(os.path.join(args.out, "generator_ema"))
     images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
     sample.save_grid(images, os.path.join(args.out, "samples_stage1.png"), nrow=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: RTDMD (ALGORITHM.md 5, pseudocode 5.11)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_reward(args):
+    """(reward, bp_reward, weights). reward(images, prompts) -> {name: Tensor[B]} scores the
+    rollouts (advantages); bp_reward is its differentiable part, back-propagated through the last
+    step; weights {name: w} says which names count and how much (ALGORITHM.md 5.5, 5.7)."""
+    if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
+        r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
+        return r, r, {r.name: 1.0}
+    grpo, bp = rewards.training_rewards()
+    return grpo, bp, dict(rewards.GRPO_WEIGHTS)
+
+
+def tilt_toy_teacher(bb, args):
+    """Reference mode (ALGORITHM.md 9.6, mode 1): the toy teacher becomes the exact tilted teacher
+    p(x|c) exp(beta r(x)) / Z_beta(c), closed form (rewards.py). Stage 1 then converges to the tilted
+    target with no reward term at all, since the DMD fixed point is "generator = teacher"."""
+    if not args.model.startswith("toy") or args.stage != 1:
+        sys.exit("error: --tilt-teacher is a toy, stage-1 option (the tilt is closed-form only there)")
+    bb.mixture = make_reward(args)[0].tilt(bb.mixture, args.tilt_teacher)
+    bb.teacher = models.ExactVelocity(bb.mixture).eval().requires_grad_(False)
+
+
+def init_stage2_models(bb, ck):
+    """Stage 2 starts from stage 1's EMA generator and its fake score (ALGORITHM.md 5.1).
+    Toy: every parameter is trainable and simply loaded.
+    TODO(real backbones): merge the stage-1 LoRAs into the base weights and inject fresh
+    trainable LoRAs (A ~ N(0, 1), B = 0; ALGORITHM.md 8.14) -- only this function changes."""
+    generator, fake = bb.make_student("generator"), bb.make_student("fake")
+    generator.load_state_dict(ck["ema"], strict=False)
+    fake.load_state_dict(ck["fake"], strict=False)
+    return generator, fake
+
+
+def all_gather_cat(x, world):
+    """Concatenate a tensor from every rank, in rank order."""
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def allreduce_grads(params, world):
+    """Average the locally accumulated gradients across ranks, once per optimiser step. (DDP
+    would do this on every backward; one stage-2 step accumulates nb x |steps| backward calls.)"""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if world > 1:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def train_stage2(args, bb, ddp, rank, world, device, master, shared):
+    if args.exact_decomposition:  # ALGORITHM.md 9.6 mode 2: every term an exact multiple of a gradient
+        args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
+    K, nb, last = args.group_size, args.num_batches_per_epoch, len(bb.sigmas) - 2
+    if args.batch_size % K or args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} (images per sampling iteration) must be a multiple "
+                 f"of --group-size {K} and of the {world} ranks")
+    M, B = args.batch_size // K, args.batch_size // world  # prompts per iteration, local images
+    sig = [float(s) for s in bb.sigmas]
+    ck1 = torch.load(os.path.join(args.out, "stage1.pt"), map_location="cpu", weights_only=False)
+    generator, fake = init_stage2_models(bb, ck1)
+    gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
+    fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
+    gen_params = [p for p in generator.parameters() if p.requires_grad]
+    fake_params = [p for p in fake.parameters() if p.requires_grad]
+    ema = ema_copy(generator)
+    opt_g = torch.optim.AdamW(gen_params, lr=args.lr_gen, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+    opt_f = torch.optim.AdamW(fake_params, lr=args.lr_fake, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    reward_fn, bp_fn, weights = make_reward(args)
+    w_pg, w_dm, w_bp = (0.0 if off else w for off, w in
+                        ((args.no_pg, args.w_pg), (args.no_dm, args.w_dm), (args.no_bp, args.w_bp)))
+    epoch, ckpt_path = 0, os.path.join(args.out, "stage2.pt")
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for net, key in ((generator, "generator"), (fake, "fake"), (ema, "ema")):
+            net.load_state_dict(ck[key], strict=False)
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_f.load_state_dict(ck["opt_f"])
+        epoch = ck["epoch"]
+        set_rng_state(ck["rng"][rank])
+        shared.set_state(ck["shared_rng"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
+    null_cond = bb.encode([""] * B)
+    n_steps = (last if args.all_steps else 2) + 1  # |S u {last}|
+    E = nb * n_steps  # gradient-accumulation divisor, fixed even when a term is ablated (5.9)
+
+    print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
+           f"reward {', '.join(weights)} | world {world}\n"
+           f"  per sampling iter: {M} prompts x K {K} = {args.batch_size} images ({B}/rank) | {nb} iters/epoch "
+           f"-> {nb * args.batch_size} images/epoch, one generator + one fake step per epoch\n"
+           f"  trained steps: {'all of 0..' + str(last - 1) if args.all_steps else '2 of 0..' + str(last - 1)} + {last} "
+           f"| accumulation {nb} x {n_steps} = {E} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
+           f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
+           f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
+           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}")
+
+    def save(epoch):
+        states = gather_rng(world)
+        # one checksum per rank: the replicas must stay bitwise identical (tests/test_train_stage2.py)
+        sums = [None] * world
+        mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
+                   for p in gen_params)
+        if world > 1:
+            dist.all_gather_object(sums, mine)
+        else:
+            sums[0] = mine
+        if master:
+            save_atomic({"replica_checksums": sums, "generator": trainable_state(generator, gen_names),
+                         "fake": trainable_state(fake, fake_names), "ema": trainable_state(ema, gen_names),
+                         "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "epoch": epoch,
+                         "rng": states, "shared_rng": shared.get_state(), "config": vars(args)}, ckpt_path)
+
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    pbar = None
+    if master:
+        from tqdm import tqdm
+        pbar = tqdm(total=args.steps, initial=epoch, desc="stage 2", dynamic_ncols=True)
+    t0 = time.time()
+    while epoch < args.steps:
+        S = list(range(last)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, last)
+        # --- 1. rollouts (5.3). Prompts come from `shared`, so every rank knows the whole epoch's ---
+        ro, prompts_global = [], []
+        for _ in range(nb):
+            idx = torch.randint(0, len(bb.prompts), (M,), generator=shared).repeat_interleave(K)
+            prompts_global.append([bb.prompts[i] for i in idx[torch.randperm(M * K, generator=shared)]])
+            mine = prompts_global[-1][rank * B:(rank + 1) * B]  # a group's K copies span the ranks
+            cond = bb.encode(mine)
+            with torch.no_grad(), autocast:
+                r = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, mine, S, epoch,
+                                                 args.eta, args.shared_noise, args.logprob)
+            with torch.no_grad():
+                r["rewards"] = reward_fn(bb.decode(r["x0"]), mine)
+            ro.append(r | {"cond": cond})
+        data = {k: torch.cat([r[k] for r in ro]) for k in ("latents", "next_latents", "log_probs", "x0")}
+        cond = {k: torch.cat([r["cond"][k] for r in ro]) for k in ro[0]["cond"]}
+        prompts = [p for ps in prompts_global for p in ps[rank * B:(rank + 1) * B]]
+
+        # --- 2. advantages over the epoch (5.5): gather rewards in rank order, keep our shard ---
+        gathered = {n: all_gather_cat(torch.cat([r["rewards"][n] for r in ro]).float(), world) for n in weights}
+        order = [p for rk in range(world) for ps in prompts_global for p in ps[rk * B:(rk + 1) * B]]
+        A_all = subgrpo.group_advantages(gathered, order, weights, normalize=not args.exact_decomposition)
+        A = subgrpo.clip_advantages(A_all.view(world, -1)[rank], args.adv_clip).to(device)
+        R_all = sum(w * gathered[n] for n, w in weights.items())
+        rec = {"stage": 2, "epoch": epoch + 1, "steps": S, "reward_mean": R_all.mean().item(),
+               "reward_std": R_all.std(unbiased=False).item(), "adv_mean": A_all.mean().item(),
+               "adv_std": A_all.std(unbiased=False).item(), "adv_absmax": A_all.abs().max().item()}
+
+        # --- 3. one fake-score step on the epoch's clean outputs, s = 0, t rank-local (5.8) ---
+        x0 = data["x0"]
+        t, n, x_t = acdmd.make_subinterval(x0, 0.0, acdmd.sample_renoise_timesteps(0.0, len(x0)))
+        with autocast:
+            loss_f, st = acdmd.fake_score_loss(bb, fake, x0, 0.0, t, n, x_t, cond, args.move_scale_out,
+                                               args.consistency_weight, args.eta)
+        opt_f.zero_grad(set_to_none=True)
+        loss_f.backward()
+        allreduce_grads(fake_params, world)
+        rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(fake_params, args.grad_clip).item()
+        opt_f.step()
+        rec |= {"fake_loss": loss_f.item()} | st
+
+        # --- 4. one generator step: sum over sub-batches and j in S u {last} (5.6, 5.7, 5.9) ---
+        opt_g.zero_grad(set_to_none=True)
+        perm, parts, ppo = torch.randperm(len(A)), {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0}, []
+        for b in range(nb):
+            i = perm[b * B:(b + 1) * B]
+            c_b, p_b = models.cond_select(cond, i.to(device)), [prompts[k] for k in i]
+            for j in sorted(set(S) | {last}):
+                x_j, x_next = data["latents"][i, j], data["next_latents"][i, j]
+                with autocast:
+                    if j != last and w_pg:  # score-function part: PPO on a stochastic step
+                        lp = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sig[j], sig[j + 1], c_b,
+                                                         args.eta, args.logprob)
+                        loss, st = subgrpo.ppo_loss(lp, data["log_probs"][i, j], A[i], args.clip_range)
+                        loss = w_pg * loss
+                        ppo.append(st)
+                        parts["loss_pg"] += loss.item() / nb
+                    elif j == last and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
+                        x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sig[j], c_b)
+                        loss = 0.0
+                        if w_dm:
+                            t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
+                            l_dm, st = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, c_b, null_cond,
+                                                            args.guidance, args.eta, args.grad_norm)
+                            loss = loss + w_dm * l_dm
+                            parts["loss_dm"] += w_dm * l_dm.item() / nb
+                        if w_bp:
+                            out = bp_fn(bb.decode(x0_hat), p_b)
+                            l_bp, st = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out),
+                                                       args.bp_margin)
+                            loss = loss + w_bp * l_bp
+                            parts["loss_bp"] += w_bp * l_bp.item() / nb
+                    else:
+                        continue
+                (loss / E).backward()
+        allreduce_grads(gen_params, world)
+        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(gen_params, args.grad_clip).item()
+        opt_g.step()
+        if (epoch + 1) % 8 == 0:  # parameter EMA with warm-up, every 8 optimiser steps (5.1)
+            ema_update(ema, generator, min((1 + epoch) / (10 + epoch), args.ema_decay))
+        epoch += 1
+        if ppo:
+            rec |= {"ratio_mean": sum(s["ratio_mean"] for s in ppo) / len(ppo),
+                    "ratio_min": min(s["ratio_min"] for s in ppo), "ratio_max": max(s["ratio_max"] for s in ppo),
+                    "clip_frac": sum(s["clip_frac"] for s in ppo) / len(ppo)}
+        rec |= parts
+        if master:
+            pbar.update(1)
+            if epoch % args.log_every == 0 or epoch == args.steps:
+                rec["time"] = round(time.time() - t0, 2)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
+        if epoch % args.save_every == 0 or epoch == args.steps:
+            save(epoch)
+    if master:
+        pbar.close()
+        log.close()
+        print0(f"stage 2 done in {time.time() - t0:.1f}s -> {ckpt_path}")
+        if args.model == "toy":
+            sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage2.png"))
+    return {"generator": generator, "fake": fake, "ema": ema}
 
 
 if __name__ == "__main__":
