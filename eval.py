@@ -272,13 +272,12 @@ def main_images(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # paper: bf16 weights
     weights = {n: 1.0 for n in args.rewards.split(",")}  # eval: every metric with weight 1
-    sources = {slot: getattr(args, slot + "_path") for slot in rewards.DEFAULT_SOURCES
-               if getattr(args, slot + "_path") is not None}
+    sources = rewards.sources_from_args(args)
     out_dir = args.out or args.run or os.path.join("runs", f"eval_{args.model}")
     try:  # everything that can be missing is looked up before the (slow) generation
         prompts, n_file, sha = read_prompts(args.prompts, args.max_prompts)
         scorer = rewards.eval_rewards(sources, weights)
-        scorer(torch.rand(1, 3, 64, 64, device=device), ["preflight"])  # loads every reward model
+        rewards.preflight(scorer, device)  # loads every reward model
         bb, net, stage = load_generator(args, device, dtype)
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, no traceback
@@ -606,9 +605,7 @@ def get_args(argv=None):
     g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
     g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
     g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
-    for slot, default in rewards.DEFAULT_SOURCES.items():  # --clip-l-path, --hpsv2-path, ...
-        g.add_argument(f"--{slot.replace('_', '-')}-path", default=None,
-                       help=f"local path or hub id (default {default or 'real-size config'})")
+    rewards.add_source_args(g)  # --clip-l-path, --hpsv2-path, ...
     args = p.parse_args(argv)
     if args.ablation is None and (args.run is None) == (args.model is None):
         p.error("give exactly one of --run and --model (or --ablation DIR)")

@@ -630,6 +630,27 @@ class MultiReward:
         return out
 
 
+def add_source_args(parser):
+    """--<slot>-path for every slot of DEFAULT_SOURCES (--clip-l-path, --hpsv2-path, ...), on an
+    argparse parser or argument group. train.py and eval.py share this one definition."""
+    for slot, default in DEFAULT_SOURCES.items():
+        parser.add_argument(f"--{slot.replace('_', '-')}-path", default=None,
+                            help=f"local path or hub id (default {default or 'real-size config'})")
+
+
+def sources_from_args(args):
+    """{slot: path} for the --<slot>-path options that were given (the rest keep their default)."""
+    return {slot: getattr(args, slot + "_path") for slot in DEFAULT_SOURCES
+            if getattr(args, slot + "_path") is not None}
+
+
+def preflight(reward_set, device):
+    """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
+    checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
+    with torch.no_grad():
+        reward_set(torch.rand(1, 3, 64, 64, device=device), ["preflight"])
+
+
 def training_rewards(sources=None, weights=GRPO_WEIGHTS):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
     the GRPO rewards with the same weights (RTDMD's default "training_reward_fn" mode, REWARDS.md

@@ -46,9 +46,19 @@ DEFAULTS = {
     "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
                  w_pg=1.0, w_dm=3.0, w_bp=0.1),
+    # real2 = SD3.5-M; the other backbones differ only as in STAGE2_PER_BACKBONE.
     "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
                   ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
-                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4),
+                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
+}
+# Stage-2 differences between the real backbones (ALGORITHM.md 5.3, 5.10). batch_size is the
+# global number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
+# SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
+# whole sub-batch at once. The tiny twins take their family's values.
+STAGE2_PER_BACKBONE = {
+    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2),
+    "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
+    "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
 }
 
 
@@ -101,6 +111,12 @@ def get_args(argv=None):
     p.add_argument("--clip-range", type=float, default=1e-5, help="PPO ratio clip")
     p.add_argument("--adv-clip", type=float, default=5.0)
     p.add_argument("--bp-margin", type=float, default=3.0)
+    p.add_argument("--bp-batch-size", type=int, default=None,
+                   help="reward back-prop: decode + score this many images at a time (memory); "
+                   "0 = the whole sub-batch (default: 0, FLUX.2 2)")
+    p.add_argument("--fake-batch-size", type=int, default=None,
+                   help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
+                   "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
     p.add_argument("--logprob", default="official", choices=("official", "exact"), help="ALGORITHM.md 5.4")
     p.add_argument("--no-dm", action="store_true", help="ablation: drop the final-step DM term")
     p.add_argument("--no-bp", action="store_true", help="ablation: drop reward back-prop")
@@ -114,14 +130,24 @@ def get_args(argv=None):
     p.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
                    help="toy, stage 1: replace the teacher by the exact tilted teacher p exp(BETA r) "
                    "(ALGORITHM.md 9.6 reference mode)")
+    # Stage 2 on a real backbone scores images with clipscore + hpsv2 + pickscore (GRPO, weight 1
+    # each, per-reward advantages) and back-propagates the same three (rewards.training_rewards).
+    # Only the slots those use matter: clip_l, pickscore(_tokenizer), hpsv2(_tokenizer, _config).
+    rewards.add_source_args(p.add_argument_group(
+        "stage-2 reward checkpoints (real backbones; hub id or local path, rewards.DEFAULT_SOURCES)"))
     return p.parse_args(argv)
 
 
 def resolve_defaults(args, cuda):
     d = DEFAULTS[("toy" if args.model.startswith("toy") else "real") + ("2" if args.stage == 2 else "")]
-    if not args.model.startswith("toy") and models.SPECS[args.model][0] == "flux2":
-        # FLUX.2-klein: stage-1 lr 1e-6 for both nets, stage-2 fake lr 1e-6 (ALGORITHM.md 4.7, 5.10)
-        d = d | (dict(lr_fake=1e-6) if args.stage == 2 else dict(lr_gen=1e-6, lr_fake=1e-6))
+    if args.model.startswith("toy"):
+        d = d | dict(fake_batch_size=0, bp_batch_size=0)
+    elif args.stage == 2:
+        family = models.SPECS[args.model][0]
+        d = d | STAGE2_PER_BACKBONE.get(args.model, STAGE2_PER_BACKBONE.get(family, {}))
+    elif models.SPECS[args.model][0] == "flux2":
+        # FLUX.2-klein: stage-1 lr 1e-6 for both nets (ALGORITHM.md 4.7); stage 2 above
+        d = d | dict(lr_gen=1e-6, lr_fake=1e-6)
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -255,6 +281,9 @@ def setup(argv=None):
 
 def main(argv=None):
     args, ddp, rank, world, device, master = setup(argv)
+    # Stage 2 loads its reward models first: a missing checkpoint fails here, in one line, before
+    # the backbone loads and before anything in the run folder is written.
+    reward = make_reward(args, device) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed + rank)  # per-rank noise
     # Draws that every rank must agree on (random stop, renoise levels, consistency deltas) come
@@ -292,7 +321,7 @@ def main(argv=None):
     if args.stage == 1:
         nets = train_stage1(args, bb, ddp, rank, world, device, master, shared)
     else:
-        nets = train_stage2(args, bb, ddp, rank, world, device, master, shared)
+        nets = train_stage2(args, bb, ddp, rank, world, device, master, shared, reward)
     if ddp:
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
@@ -454,14 +483,21 @@ def export_stage1(args, bb, ema):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_reward(args):
+def make_reward(args, device=None):
     """(reward, bp_reward, weights). reward(images, prompts) -> {name: Tensor[B]} scores the
     rollouts (advantages); bp_reward is its differentiable part, back-propagated through the last
-    step; weights {name: w} says which names count and how much (ALGORITHM.md 5.5, 5.7)."""
+    step; weights {name: w} says which names count and how much (ALGORITHM.md 5.5, 5.7).
+    Real backbones: the paper's set (rewards.GRPO_WEIGHTS: clipscore, hpsv2, pickscore, weight 1
+    each; geneval is not implemented) from the --<slot>-path checkpoints, every model loaded now;
+    a missing one exits with one line."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
-    grpo, bp = rewards.training_rewards()
+    try:
+        grpo, bp = rewards.training_rewards(rewards.sources_from_args(args))
+        rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
+    except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: stage-2 reward model: {' '.join(str(e).split())}")
     return grpo, bp, dict(rewards.GRPO_WEIGHTS)
 
 
@@ -475,15 +511,62 @@ def tilt_toy_teacher(bb, args):
     bb.teacher = models.ExactVelocity(bb.mixture).eval().requires_grad_(False)
 
 
+def uses_lora(bb):
+    return getattr(bb, "lora_rank", 0) > 0  # the toy and full fine-tuning (lora_rank 0) do not
+
+
 def init_stage2_models(bb, ck):
     """Stage 2 starts from stage 1's EMA generator and its fake score (ALGORITHM.md 5.1).
-    Toy: every parameter is trainable and simply loaded.
-    TODO(real backbones): merge the stage-1 LoRAs into the base weights and inject fresh
-    trainable LoRAs (A ~ N(0, 1), B = 0; ALGORITHM.md 8.14) -- only this function changes."""
+    Toy and full fine-tuning (lora_rank 0): every parameter is trainable and simply loaded.
+    LoRA backbones: the stage-1 LoRA (generator: its EMA; fake: the fake score's) is merged into
+    a copy of the base weights, and a fresh trainable LoRA is injected on top (A ~ N(0, 1), B = 0,
+    pitfall 8.14), so both nets start as their stage-1 functions and only the new LoRA trains.
+    The caller seeds the RNG: every rank must draw the same fresh A."""
+    if uses_lora(bb):
+        return (bb.make_student("generator", stage=2, merge=ck["ema"]),
+                bb.make_student("fake", stage=2, merge=ck["fake"]))
     generator, fake = bb.make_student("generator"), bb.make_student("fake")
     generator.load_state_dict(ck["ema"], strict=False)
     fake.load_state_dict(ck["fake"], strict=False)
     return generator, fake
+
+
+def export_stage2(args, bb, ema):
+    """Real backbones: the stage-2 EMA generator as `generator_ema_stage2_lora.safetensors` (the
+    stage-2 LoRA only; a full fine-tune is saved with save_pretrained instead) and a sample grid.
+    The stage-2 LoRA was trained on top of the stage-1 EMA LoRA *merged* into the base, so
+    inference applies both, in order (ALGORITHM.md 3.4, 7): merge generator_ema_lora.safetensors
+    (stage 1) into the generator's base, then generator_ema_stage2_lora.safetensors, e.g.
+        net = bb.make_student("generator", stage=2, merge=[stage1_file, stage2_file])
+    (models.load_run(run, 2) does the same from stage2.pt)."""
+    if uses_lora(bb):
+        models.save_lora(ema, os.path.join(args.out, "generator_ema_stage2_lora.safetensors"))
+    else:
+        ema.save_pretrained(os.path.join(args.out, "generator_ema_stage2"))
+    images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
+    sample.save_grid(images, os.path.join(args.out, "samples_stage2.png"), nrow=2)
+
+
+def chunks(n, size):
+    """Index ranges [0, n) in pieces of `size` (0 or None: one piece)."""
+    size = size or n
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, margin, chunk):
+    """Reward back-prop through VAE and reward models, `chunk` images at a time (ALGORITHM.md 5.7).
+    Each chunk is decoded and scored with grad w.r.t. a detached copy of x0_hat, and its backward
+    runs at once, freeing that chunk's VAE and reward activations; the collected dL/dx0_hat then
+    enters the generator's graph through the surrogate (g . x0_hat), whose gradient is exactly
+    dL_BP/dtheta. Returns (surrogate, L_BP value)."""
+    x = x0_hat.detach().requires_grad_(True)
+    value, B = 0.0, len(x)
+    for i in chunks(B, chunk):
+        out = bp_fn(bb.decode(x[i]), [prompts[k] for k in i])
+        l_bp, _ = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out), margin)
+        (l_bp * len(i) / B).backward()  # mean over the sub-batch = size-weighted chunk means
+        value += l_bp.item() * len(i) / B
+    return (x.grad * x0_hat).sum(), value
 
 
 def all_gather_cat(x, world):
@@ -506,7 +589,7 @@ def allreduce_grads(params, world):
             p.grad /= world
 
 
-def train_stage2(args, bb, ddp, rank, world, device, master, shared):
+def train_stage2(args, bb, ddp, rank, world, device, master, shared, reward=None):
     if args.exact_decomposition:  # ALGORITHM.md 9.6 mode 2: every term an exact multiple of a gradient
         args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
     K, nb, last = args.group_size, args.num_batches_per_epoch, len(bb.sigmas) - 2
@@ -515,8 +598,11 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
                  f"of --group-size {K} and of the {world} ranks")
     M, B = args.batch_size // K, args.batch_size // world  # prompts per iteration, local images
     sig = [float(s) for s in bb.sigmas]
+    # Built from stage1.pt, also on --resume (the stage-2 checkpoint holds only the new LoRA).
     ck1 = torch.load(os.path.join(args.out, "stage1.pt"), map_location="cpu", weights_only=False)
-    generator, fake = init_stage2_models(bb, ck1)
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 2)  # the same fresh LoRA init on every rank, side RNG
+        generator, fake = init_stage2_models(bb, ck1)
     gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
     fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
     gen_params = [p for p in generator.parameters() if p.requires_grad]
@@ -525,12 +611,20 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
     opt_g = torch.optim.AdamW(gen_params, lr=args.lr_gen, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake_params, lr=args.lr_fake, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    reward_fn, bp_fn, weights = make_reward(args)
+    reward_fn, bp_fn, weights = reward or make_reward(args, device)
     w_pg, w_dm, w_bp = (0.0 if off else w for off, w in
                         ((args.no_pg, args.w_pg), (args.no_dm, args.w_dm), (args.no_bp, args.w_bp)))
     epoch, ckpt_path = 0, os.path.join(args.out, "stage2.pt")
+    # LoRA backbones: the merged stage-1 weights go into stage2.pt too, so that load_run and
+    # --resume know what the stage-2 LoRA sits on (models.load_run's stage-2 contract).
+    stage1 = {"stage1_ema": ck1["ema"], "stage1_fake": ck1["fake"]} if uses_lora(bb) else {}
     if args.resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key in stage1:  # the stage-2 LoRA is meaningless on another stage-1 merge
+            if ck[key].keys() != stage1[key].keys() or any(
+                    not torch.equal(ck[key][k], stage1[key][k]) for k in stage1[key]):
+                sys.exit(f"error: {os.path.join(args.out, 'stage1.pt')} is not the stage-1 checkpoint "
+                         f"this stage-2 run started from ({key} differs); restore it or start stage 2 anew")
         for net, key in ((generator, "generator"), (fake, "fake"), (ema, "ema")):
             net.load_state_dict(ck[key], strict=False)
         opt_g.load_state_dict(ck["opt_g"])
@@ -551,7 +645,11 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
            f"| accumulation {nb} x {n_steps} = {E} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
            f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
            f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
-           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}")
+           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}\n"
+           f"  chunks: fake {args.fake_batch_size or 'all'}, BP {args.bp_batch_size or 'all'} | trainable: "
+           f"generator {count(generator):,} of {count(generator, False):,}, fake {count(fake):,} of "
+           f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
+                                         if uses_lora(bb) else ""))
 
     def save(epoch):
         states = gather_rng(world)
@@ -567,7 +665,8 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
             save_atomic({"replica_checksums": sums, "generator": trainable_state(generator, gen_names),
                          "fake": trainable_state(fake, fake_names), "ema": trainable_state(ema, gen_names),
                          "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "epoch": epoch,
-                         "rng": states, "shared_rng": shared.get_state(), "config": vars(args)}, ckpt_path)
+                         "rng": states, "shared_rng": shared.get_state(), "config": vars(args)}
+                        | stage1, ckpt_path)
 
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     pbar = None
@@ -603,19 +702,29 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
         rec = {"stage": 2, "epoch": epoch + 1, "steps": S, "reward_mean": R_all.mean().item(),
                "reward_std": R_all.std(unbiased=False).item(), "adv_mean": A_all.mean().item(),
                "adv_std": A_all.std(unbiased=False).item(), "adv_absmax": A_all.abs().max().item()}
+        if len(weights) > 1:  # each reward's own mean (the advantages are per reward, 5.5)
+            rec |= {f"reward_{n}": gathered[n].mean().item() for n in weights}
 
-        # --- 3. one fake-score step on the epoch's clean outputs, s = 0, t rank-local (5.8) ---
+        # --- 3. one fake-score step on the epoch's clean outputs, s = 0, t rank-local (5.8), ---
+        # in chunks of --fake-batch-size (memory), each weighted by its share of the samples
         x0 = data["x0"]
         t, n, x_t = acdmd.make_subinterval(x0, 0.0, acdmd.sample_renoise_timesteps(0.0, len(x0)))
-        with autocast:
-            loss_f, st = acdmd.fake_score_loss(bb, fake, x0, 0.0, t, n, x_t, cond, args.move_scale_out,
-                                               args.consistency_weight, args.eta)
         opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
+        rec["fake_loss"] = 0.0
+        for i in chunks(len(x0), args.fake_batch_size):
+            w = len(i) / len(x0)
+            i_d = i.to(device)
+            with autocast:
+                loss_f, st = acdmd.fake_score_loss(bb, fake, x0[i_d], 0.0, t[i_d], n[i_d], x_t[i_d],
+                                                   models.cond_select(cond, i_d), args.move_scale_out,
+                                                   args.consistency_weight, args.eta)
+            (loss_f * w).backward()
+            rec["fake_loss"] += loss_f.item() * w
+            for k, v in st.items():
+                rec[k] = rec.get(k, 0.0) + v * w
         allreduce_grads(fake_params, world)
         rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(fake_params, args.grad_clip).item()
         opt_f.step()
-        rec |= {"fake_loss": loss_f.item()} | st
 
         # --- 4. one generator step: sum over sub-batches and j in S u {last} (5.6, 5.7, 5.9) ---
         opt_g.zero_grad(set_to_none=True)
@@ -642,7 +751,12 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
                                                             args.guidance, args.eta, args.grad_norm)
                             loss = loss + w_dm * l_dm
                             parts["loss_dm"] += w_dm * l_dm.item() / nb
-                        if w_bp:
+                        if w_bp and 0 < args.bp_batch_size < B:  # chunked (memory), same gradient
+                            l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, p_b, args.bp_margin,
+                                                       args.bp_batch_size)
+                            loss = loss + w_bp * l_bp
+                            parts["loss_bp"] += w_bp * value / nb
+                        elif w_bp:  # decode x0_hat with grad through the VAE, score, hinge (5.7)
                             out = bp_fn(bb.decode(x0_hat), p_b)
                             l_bp, st = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out),
                                                        args.bp_margin)
@@ -677,6 +791,8 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared):
         print0(f"stage 2 done in {time.time() - t0:.1f}s -> {ckpt_path}")
         if args.model == "toy":
             sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage2.png"))
+        elif not args.model.startswith("toy"):
+            export_stage2(args, bb, ema)
     return {"generator": generator, "fake": fake, "ema": ema}
 
 
