@@ -1,0 +1,188 @@
+"""train.py stage 2 (RTDMD) on the tiny real backbones, with the tiny reward models of
+tests/reward_assets.py standing in for clipscore / hpsv2 / pickscore: stage 1 (2 iterations),
+then stage 2 (2 epochs of 4 images = 2 prompts x K 2, 32 px, bf16 autocast, gradient
+checkpointing). Checked: finite losses and per-reward scores, only the fresh stage-2 LoRA trains
+(the merged stage-1 weights and the teacher stay bitwise), stage2.pt holds stage1_ema, load_run
+and the exported LoRA files rebuild the generator, the reward gradient alone reaches the
+generator (chunked BP gives the same step), exact resume, and a missing reward checkpoint stops
+the run in one line before any work."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from reward_assets import build_reward_assets, cli_args
+from test_train_real import is_lora, new_run, train_and_capture
+from tiny import tiny_dir  # noqa: F401  (pytest fixture)
+import models
+import train
+
+pytestmark = pytest.mark.slow
+S1 = ["--stage", "1", "--steps", "2", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
+      "--lr-gen", "1e-3", "--lr-fake", "1e-3", "--ema-decay", "0.5"]
+S2 = ["--stage", "2", "--steps", "2", "--batch-size", "4", "--group-size", "2", "--num-batches-per-epoch", "1",
+      "--resolution", "32", "--grad-ckpt", "1", "--bf16", "1", "--log-every", "1", "--lr-gen", "1e-3",
+      "--lr-fake", "1e-3"]
+NAMES = ("tiny-sd3", "tiny-flux2")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The tiny reward checkpoints as --<slot>-path options."""
+    return cli_args(build_reward_assets(tmp_path_factory.mktemp("rewards") / "r")["paths"])
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_dir, tmp_path_factory):
+    """{name: a stage-1 run folder (2 iterations)} to copy stage-2 runs from."""
+    root = str(tmp_path_factory.mktemp("s1"))
+    out = {}
+    for name in NAMES:
+        d = new_run(tiny_dir, root, name, name)
+        train.main(S1 + ["--model", name, "--out", d])
+        out[name] = d
+    return out
+
+
+def fresh(stage1, tmp_path, name, tag):
+    d = str(tmp_path / tag)
+    shutil.copytree(stage1[name], d)
+    os.remove(os.path.join(d, "log.jsonl"))
+    return d
+
+
+def stage2_log(d):
+    return [r for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["stage"] == 2]
+
+
+@pytest.fixture(scope="module")
+def runs(stage1, assets, tmp_path_factory):
+    """Stage 2 on each twin, once: {name: (run folder, nets, backbone)}."""
+    root = tmp_path_factory.mktemp("s2")
+    out = {}
+    for name in NAMES:
+        d = fresh(stage1, root, name, name)
+        nets, bb = train_and_capture(S2 + ["--model", name, "--out", d] + assets)
+        out[name] = (d, nets, bb)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stage2_trains_only_the_fresh_lora(runs, name):
+    d, nets, bb = runs[name]
+    log = stage2_log(d)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        for k in ("reward_mean", "reward_clipscore", "reward_hpsv2", "reward_pickscore", "fake_loss",
+                  "grad_norm", "fake_grad_norm", "loss_pg", "loss_dm", "loss_bp"):
+            assert torch.isfinite(torch.tensor(r[k])), (k, r)
+        assert r["grad_norm"] > 0 and r["loss_bp"] > 0 and r["loss_dm"] > 0
+    ck1 = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
+    ck = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    # stage2.pt: the new LoRA only, plus the stage-1 LoRAs it sits on (models.load_run's contract)
+    for key in ("ema", "fake"):
+        assert ck["stage1_" + key].keys() == ck1[key].keys()
+        assert all(torch.equal(ck["stage1_" + key][k], ck1[key][k]) for k in ck1[key])
+    for key in ("generator", "fake", "ema"):
+        assert ck[key] and all(is_lora(k) for k in ck[key]), key
+    assert set(ck["generator"]) == set(models.lora_state_dict(nets["generator"]))
+    if name == "tiny-flux2":  # stage-2 targets drop the single blocks' to_out (ALGORITHM.md 5.1)
+        assert not any("single_transformer_blocks.0.attn.to_out" in k for k in ck["generator"])
+        assert any("single_transformer_blocks.0.attn.to_out" in k for k in ck1["generator"])
+    for key in ("generator", "fake"):  # the fresh LoRA trained: B starts at 0
+        assert max(v.abs().max() for k, v in ck[key].items() if ".lora_B." in k) > 0, key
+    # every non-LoRA tensor of the students is the merged stage-1 weight, untouched by training
+    for role, merge in (("generator", ck1["ema"]), ("fake", ck1["fake"])):
+        ref = bb.make_student(role, stage=2, merge=merge).state_dict()
+        sd = nets[role].state_dict()
+        assert {k for k in sd if not is_lora(k)} == {k for k in ref if not is_lora(k)}
+        for k in ref:
+            if not is_lora(k):
+                assert torch.equal(sd[k], ref[k]), (role, k)
+    # the teacher (and every other pipeline component) is bitwise what is on disk
+    fresh_bb = models.load(name, cache_dir=d)
+    assert not any(p.requires_grad for p in bb.teacher.parameters())
+    for comp, m in bb.pipe.components.items():
+        if isinstance(m, torch.nn.Module):
+            ref = fresh_bb.pipe.components[comp].state_dict()
+            for k, v in m.state_dict().items():
+                assert torch.equal(v, ref[k]), (comp, k)
+    assert os.path.exists(os.path.join(d, "samples_stage2.png"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_run_and_exported_files_rebuild_the_generator(runs, name):
+    d, nets, _ = runs[name]
+    bb = models.load(name, cache_dir=d)
+    x = bb.noise(2, torch.Generator().manual_seed(0))
+    sigma, cond = torch.tensor([0.9, 0.4]), bb.encode(["a red cat", "two dogs"])
+    with torch.no_grad():
+        v = {k: bb.velocity(nets[k].eval(), x, sigma, cond) for k in ("ema", "generator")}
+        _, net, stage = models.load_run(d, 2)
+        v_run = bb.velocity(net, x, sigma, cond)
+        _, net_g, _ = models.load_run(d, 2, which="generator")
+        v_run_g = bb.velocity(net_g, x, sigma, cond)
+        files = [os.path.join(d, f) for f in ("generator_ema_lora.safetensors",
+                                              "generator_ema_stage2_lora.safetensors")]
+        v_files = bb.velocity(bb.make_student("generator", stage=2, merge=files).eval(), x, sigma, cond)
+        v_base = bb.velocity(bb.generator_base, x, sigma, cond)
+    assert stage == 2
+    assert (v["ema"] - v_base).abs().max() > 1e-5  # the merged stage-1 EMA is in there
+    assert (v["generator"] - v["ema"]).abs().max() > 1e-6  # stage 2 moved the raw weights
+    assert torch.allclose(v_run, v["ema"], atol=1e-6), (v_run - v["ema"]).abs().max()
+    assert torch.allclose(v_run_g, v["generator"], atol=1e-6), (v_run_g - v["generator"]).abs().max()
+    assert torch.allclose(v_files, v["ema"], atol=1e-5), (v_files - v["ema"]).abs().max()
+
+
+def test_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
+    """BP alone (no PG, no DM): a non-zero generator gradient can only come from the rewards,
+    through the VAE decode of x0_hat. Chunked BP (--bp-batch-size 1) takes the same step."""
+    name, steps = "tiny-sd3", {}
+    for chunk in ("0", "1"):
+        d = fresh(stage1, tmp_path, name, "bp" + chunk)
+        train.main(S2 + ["--model", name, "--out", d, "--no-pg", "--no-dm", "--bf16", "0",
+                         "--bp-batch-size", chunk] + assets)
+        log = stage2_log(d)
+        assert all(r["grad_norm"] > 0 and r["loss_pg"] == 0 and r["loss_dm"] == 0 for r in log)
+        steps[chunk] = (log, torch.load(os.path.join(d, "stage2.pt"), weights_only=False)["generator"])
+    for r0, r1 in zip(steps["0"][0], steps["1"][0]):
+        assert r1["grad_norm"] == pytest.approx(r0["grad_norm"], rel=1e-4)
+        assert r1["loss_bp"] == pytest.approx(r0["loss_bp"], rel=1e-5)
+    for k, v in steps["0"][1].items():
+        assert torch.allclose(steps["1"][1][k], v, atol=1e-6), k
+
+
+def test_resume_is_exact(runs, stage1, assets, tmp_path):
+    name = "tiny-sd3"
+    a = runs[name][0]
+    b = fresh(stage1, tmp_path, name, "b")
+    half = [x if x != "2" or i != S2.index("--steps") + 1 else "1" for i, x in enumerate(S2)]
+    train.main(half + ["--model", name, "--out", b] + assets)
+    train.main(S2 + ["--model", name, "--out", b, "--resume"] + assets)
+    ca = torch.load(os.path.join(a, "stage2.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "stage2.pt"), weights_only=False)
+    assert cb["epoch"] == 2
+    for key in ("generator", "fake", "ema", "stage1_ema", "stage1_fake"):
+        assert ca[key].keys() == cb[key].keys()
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
+
+
+def test_missing_reward_checkpoint_stops_before_any_work(stage1, assets, tmp_path):
+    name = "tiny-sd3"
+    d = fresh(stage1, tmp_path, name, "missing")
+    before = {f: open(os.path.join(d, f), "rb").read() for f in ("stage1.pt", "config.json")}
+    bad = assets[:]
+    bad[bad.index("--hpsv2-path") + 1] = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as e:
+        train.main(S2 + ["--model", name, "--out", d] + bad)
+    msg = str(e.value)
+    assert msg.startswith("error: stage-2 reward model:") and "\n" not in msg, msg
+    assert "nowhere" in msg and "--hpsv2-path" in msg, msg
+    assert sorted(os.listdir(d)) == sorted(["stage1.pt", "config.json", "generator_ema_lora.safetensors",
+                                            "samples_stage1.png", name])
+    for f, data in before.items():
+        assert open(os.path.join(d, f), "rb").read() == data, f
