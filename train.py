@@ -460,7 +460,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
         print0(f"stage 1 done in {time.time() - t0:.1f}s -> {ckpt_path}")
         if args.model == "toy":
             sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage1.png"))
-        else:
+        elif not args.model.startswith("toy"):  # toy-gauss: nothing to export
             export_stage1(args, bb, ema)
     return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
 
