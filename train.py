@@ -6,6 +6,8 @@ train.py -- both stages of RTDMD, one process or many.
     torchrun --standalone --nproc_per_node 2 train.py --stage 2 --out runs/toy
     torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35
     python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2  # CPU
+    torchrun --nproc_per_node 8 train.py --stage 2 --model sd3.5-medium --out runs/sd35 \
+        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 ...  # rewards
 
 Stage 1 (AC-DMD, ALGORITHM.md 4.6) trains the 4-step generator to match the teacher on every
 sub-interval of the sampler. Stage 2 (RTDMD, ALGORITHM.md 5) adds the reward term.
@@ -76,7 +78,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks); stage 2: "
+                   "images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
     p.add_argument("--lr-gen", type=float, default=None)
     p.add_argument("--lr-fake", type=float, default=None)
     p.add_argument("--fake-update-ratio", type=int, default=None, help="TTUR: fake steps per generator step")
@@ -99,7 +102,8 @@ def get_args(argv=None):
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
     # stage 2 (ALGORITHM.md 5); None = the backbone's default (DEFAULTS "toy2" / "real2")
-    p.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group)")
+    p.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group); "
+                   "default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
     p.add_argument("--num-batches-per-epoch", type=int, default=None,
                    help="sampling iterations per epoch = sub-batches of the one optimiser step")
     p.add_argument("--reward", default="quadratic", choices=("quadratic", "linear"),
