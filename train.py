@@ -226,6 +226,17 @@ def gather_rng(world):
     return states
 
 
+def log_record(rec, step, args, t0, log, pbar, **postfix):
+    """Rank 0, after every iteration / epoch: advance the bar; every log_every-th (and the last)
+    appends the record to log.jsonl and shows `postfix` on the bar."""
+    pbar.update(1)
+    if step % args.log_every == 0 or step == args.steps:
+        rec["time"] = round(time.time() - t0, 2)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        pbar.set_postfix(**postfix)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
@@ -450,12 +461,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
         ema_update(ema, generator, args.ema_decay)  # every iteration, not every G step (8.13)
         step += 1
         if master:
-            pbar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                rec["time"] = round(time.time() - t0, 2)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                pbar.set_postfix(fake=f"{rec['fake_loss']:.4f}")
+            log_record(rec, step, args, t0, log, pbar, fake=f"{rec['fake_loss']:.4f}")
         if step % args.save_every == 0 or step == args.steps:
             save(step)
     if master:
@@ -781,12 +787,7 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared, reward=None
                     "clip_frac": sum(s["clip_frac"] for s in ppo) / len(ppo)}
         rec |= parts
         if master:
-            pbar.update(1)
-            if epoch % args.log_every == 0 or epoch == args.steps:
-                rec["time"] = round(time.time() - t0, 2)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
+            log_record(rec, epoch, args, t0, log, pbar, reward=f"{rec['reward_mean']:.3f}")
         if epoch % args.save_every == 0 or epoch == args.steps:
             save(epoch)
     if master:
