@@ -64,7 +64,7 @@ def runs(tiny_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_stage1_trains_only_lora(runs, name):
+def test_train_stage1_tiny_twin_trains_only_lora(runs, name):
     d, nets, bb = runs[name]
     recs = [json.loads(l) for l in open(os.path.join(d, "log.jsonl"))]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -102,7 +102,7 @@ def test_stage1_trains_only_lora(runs, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_ema_lora_file_and_load_run(runs, name):
+def test_load_run_rebuilds_stage1_ema_lora(runs, name):
     """generator_ema_lora.safetensors in a fresh copy of the base, and load_run, both give the
     trained EMA generator's velocity."""
     d, nets, _ = runs[name]
@@ -123,7 +123,7 @@ def test_ema_lora_file_and_load_run(runs, name):
     assert torch.allclose(v_run, v_ema, atol=1e-6), (v_run - v_ema).abs().max()
 
 
-def test_resume_is_exact(runs, tiny_dir, tmp_path):
+def test_train_stage1_tiny_twin_resume_is_exact(runs, tiny_dir, tmp_path):
     name = "tiny-sd35"
     a = runs[name][0]
     b = new_run(tiny_dir, str(tmp_path), "b", name)
@@ -150,7 +150,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_ddp_two_ranks_identical(tiny_dir, tmp_path):
+def test_train_stage1_tiny_twin_ddp_two_ranks_identical(tiny_dir, tmp_path):
     out = new_run(tiny_dir, str(tmp_path), "ddp", "tiny-flux2")
     mp.spawn(_ddp_worker, args=(2, free_port(), out, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -161,7 +161,7 @@ def test_ddp_two_ranks_identical(tiny_dir, tmp_path):
     assert max(v.abs().max() for k, v in r0["generator"].items() if ".lora_B." in k) > 0
 
 
-def test_sample_cli_generator(runs, tmp_path, capsys):
+def test_sample_cli_generator_images(runs, tmp_path, capsys):
     d = runs["tiny-sd3"][0]
     out = str(tmp_path / "imgs")
     sample.main(["--run", d, "--prompt", "a red cat", "--prompt", "two dogs", "--n", "2",

@@ -70,7 +70,7 @@ def runs(stage1, assets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_stage2_trains_only_the_fresh_lora(runs, name):
+def test_train_stage2_tiny_twin_trains_only_the_fresh_lora(runs, name):
     d, nets, bb = runs[name]
     log = stage2_log(d)
     assert [r["epoch"] for r in log] == [1, 2]
@@ -113,7 +113,7 @@ def test_stage2_trains_only_the_fresh_lora(runs, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_load_run_and_exported_files_rebuild_the_generator(runs, name):
+def test_load_run_stage2_rebuilds_the_generator(runs, name):
     d, nets, _ = runs[name]
     bb = models.load(name, cache_dir=d)
     x = bb.noise(2, torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_load_run_and_exported_files_rebuild_the_generator(runs, name):
     assert torch.allclose(v_files, v["ema"], atol=1e-5), (v_files - v["ema"]).abs().max()
 
 
-def test_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
+def test_train_stage2_tiny_twin_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
     """BP alone (no PG, no DM): a non-zero generator gradient can only come from the rewards,
     through the VAE decode of x0_hat. Chunked BP (--bp-batch-size 1) takes the same step."""
     name, steps = "tiny-sd3", {}
@@ -154,7 +154,7 @@ def test_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
         assert torch.allclose(steps["1"][1][k], v, atol=1e-6), k
 
 
-def test_resume_is_exact(runs, stage1, assets, tmp_path):
+def test_train_stage2_tiny_twin_resume_is_exact(runs, stage1, assets, tmp_path):
     name = "tiny-sd3"
     a = runs[name][0]
     b = fresh(stage1, tmp_path, name, "b")
@@ -171,7 +171,7 @@ def test_resume_is_exact(runs, stage1, assets, tmp_path):
     assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
 
 
-def test_missing_reward_checkpoint_stops_before_any_work(stage1, assets, tmp_path):
+def test_make_reward_missing_checkpoint_stops_before_any_work(stage1, assets, tmp_path):
     name = "tiny-sd3"
     d = fresh(stage1, tmp_path, name, "missing")
     before = {f: open(os.path.join(d, f), "rb").read() for f in ("stage1.pt", "config.json")}
