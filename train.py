@@ -425,7 +425,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
         _, cond = draw_batch()
 
         # --- fake-score update, every iteration (ALGORITHM.md 4.4) ---
-        stop = int(torch.randint(1, nsteps + 1, (1,), generator=shared))
+        stop = sample.random_stop(nsteps, shared)
         with torch.no_grad(), autocast:
             sim = sample.backward_simulation(bb, raw(generator), bb.noise(B), cond, stop, eta=args.eta)
         x_s, s = subinterval_start(sim, args.plain_dmd)
@@ -443,7 +443,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared):
 
         # --- generator update, every fake_update_ratio-th iteration (TTUR, ALGORITHM.md 4.6) ---
         if (step + 1) % args.fake_update_ratio == 0:
-            stop = int(torch.randint(1, nsteps + 1, (1,), generator=shared))
+            stop = sample.random_stop(nsteps, shared)
             with autocast:
                 sim = sample.backward_simulation(bb, generator, bb.noise(B), cond, stop, eta=args.eta)
             x_s, s = subinterval_start(sim, args.plain_dmd)
