@@ -603,17 +603,11 @@ def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, nul
                                                        args.guidance, args.eta, args.grad_norm)
                         loss = loss + w_dm * l_dm
                         rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
-                    if w_bp and 0 < args.bp_batch_size < B:  # chunked (memory), same gradient
+                    if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
                         l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
                                                    args.bp_batch_size)
                         loss = loss + w_bp * l_bp
                         rec["loss_bp"] += w_bp * value / args.num_batches_per_epoch
-                    elif w_bp:  # decode x0_hat with grad through the VAE, score, hinge
-                        out = bp_fn(bb.decode(x0_hat), prompts)
-                        l_bp, _ = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out),
-                                                  args.bp_margin)
-                        loss = loss + w_bp * l_bp
-                        rec["loss_bp"] += w_bp * l_bp.item() / args.num_batches_per_epoch
             if torch.is_tensor(loss):
                 (loss / accumulation).backward()
     params = trainable(generator)
@@ -670,10 +664,12 @@ def chunks(n, size):
 
 
 def bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, margin, chunk):
-    """Reward back-prop through VAE and reward models, `chunk` images at a time. Each chunk is
-    decoded and scored with grad w.r.t. a detached copy of x0_hat, and its backward runs at once,
-    freeing that chunk's VAE and reward activations; the collected dL/dx0_hat then enters the
-    generator's graph through the surrogate (g . x0_hat), whose gradient is exactly dL_BP/dtheta.
+    """Reward back-prop through the VAE and the reward models (subgrpo.bp_loss), `chunk` images at
+    a time (0: all at once). Each chunk is decoded and scored with grad w.r.t. a detached copy of
+    x0_hat, and its backward runs at once, freeing that chunk's VAE and reward activations; the
+    collected g = dL_BP/dx0_hat then enters the generator's graph through the surrogate g . x0_hat,
+    whose gradient w.r.t. theta is exactly dL_BP/dtheta by the chain rule. One path for every chunk
+    size: only the memory changes with it.
     Returns (surrogate, L_BP value)."""
     x = x0_hat.detach().requires_grad_(True)
     value, B = 0.0, len(x)
