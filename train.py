@@ -60,16 +60,16 @@ import subgrpo
 # Arguments. None means "the backbone's default" (resolved in resolve_defaults).
 # ---------------------------------------------------------------------------------------------
 
-# Paper values per backbone (official code: configs/cold_start/*.yaml, configs/rtdmd/*.yaml) and
-# CPU-sized values for the toy.
+# Paper values per backbone (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
+# configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml for stage 2) and CPU-sized values for the toy.
 DEFAULTS = {
     "toy": dict(steps=3000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5,
                 ema_decay=0.99, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10,
                  ema_decay=0.99, log_every=10),
     # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
-    # Real: the paper's SD3.5-M row (configs/rtdmd/*.yaml). Toy: tuned to be stable (subgrpo.py, section on
-    # the loss weights: the paper's balance assumes D ~ 65k latent numbers, the toy has D = 2).
+    # Real: configs/rtdmd/sd35m.yaml. Toy: tuned to be stable (the paper's loss weights assume
+    # D ~ 65k latent numbers per sample, the toy has D = 2; subgrpo.py explains the balance).
     "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
                  w_pg=1.0, w_dm=3.0, w_bp=0.1),
@@ -78,8 +78,8 @@ DEFAULTS = {
                   ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
                   w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
 }
-# Stage-2 differences between the real backbones (official code: configs/rtdmd/*.yaml). batch_size is the
-# global number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
+# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml). batch_size is the global
+# number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
 # SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
 # whole sub-batch at once. The tiny twins take their family's values.
 STAGE2_PER_BACKBONE = {
