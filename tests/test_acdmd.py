@@ -73,14 +73,17 @@ def test_ambient_target_conditional_mean_is_exact_velocity(mix, s, t):
     assert (m.abs() < 5 * se + 1e-3).all(), (m, se)
 
 
-def test_ambient_target_without_correction_term_is_biased(mix):
-    # dropping the (1-t) s^2/(1-s)^2 term (i.e. plain flow matching applied to x_s as if clean)
-    # must fail the same check: the test can tell a right target from a wrong one.
+def test_ambient_target_passes_the_check_that_a_missing_correction_fails(mix):
+    # Dropping the (1-t) s^2/(1-s)^2 term (plain flow matching applied to x_s as if it were clean)
+    # must fail the conditional-mean check that ambient_target passes, on the same draws: the check
+    # can tell a right target from a wrong one, and this test grades ambient_target itself.
     def wrong(x_s, n, s, t):
         _, sig = acdmd.subinterval_coeffs(torch.tensor(s), torch.tensor(t))
         return -x_s / (1 - s) + t / sig * n
+    m, se = ambient_residual_moments(mix, 0.5, 0.7, acdmd.ambient_target)
+    assert (m.abs() < 5 * se + 1e-3).all(), "ambient_target's conditional mean is not the exact velocity"
     m, se = ambient_residual_moments(mix, 0.5, 0.7, wrong)
-    assert (m.abs() > 10 * se).any()
+    assert (m.abs() > 10 * se).any(), "the check cannot tell a target without its correction term"
 
 
 def test_fake_loss_weight_is_min_one_ten_sigma_sq():
