@@ -348,8 +348,8 @@ def grade(out, exercises=None, quiet=False):
             base = case.get("name").split("[")[0]
             passed.setdefault(base, []).append(ok)
     result = {}
-    for e in chosen:
-        runs = [ok for t in table[e] for ok in passed.get(t, [False])]
+    for e in chosen:  # a test passes when all its parametrised cases pass; a missing one fails
+        runs = [all(passed.get(t, [False])) for t in table[e]]
         n_ok, n = sum(runs), len(runs)
         pts = EXERCISES[e]["points"]
         result[e] = (n_ok, n, round(pts * n_ok / n, 1), pts)
