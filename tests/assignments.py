@@ -39,10 +39,9 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADING_FILE = os.path.join("tests", "test_exercises.py")
-WRONG_DIR = os.path.join("tests", "wrong_answers")
 # what a student copy leaves out: the wrong answers are near-solutions, and the test of this tool
 # needs them
-HIDDEN = (WRONG_DIR + os.sep, os.path.join("tests", "test_assignments.py"))
+HIDDEN = ("tests/wrong_answers/", "tests/test_assignments.py")  # as git lists paths
 MARK = re.compile(r"^(\s*)# --- exercise (\w+): (begin|end) ---\s*$")
 
 # The exercises in the suggested order (README, "For instructors"). `uses`: the other exercises
@@ -151,7 +150,8 @@ EXERCISES = {
 
 def tracked_files(root):
     """The files git tracks or would track under root (relative paths): no history, no runs."""
-    out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, text=True)
+    out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"assignments: {root} is not a git checkout; run this tool from the repository")
     return [p for p in out.stdout.split("\0") if p and os.path.isfile(os.path.join(root, p))]
@@ -191,7 +191,7 @@ def all_blocks(root):
     """{relative path: blocks} for every tracked Python file outside tests/ that has markers."""
     out = {}
     for rel in tracked_files(root):
-        if rel.endswith(".py") and not rel.startswith("tests" + os.sep):  # tests hold no exercise
+        if rel.endswith(".py") and not rel.startswith("tests/"):  # tests hold no exercise
             b = find_blocks(os.path.join(root, rel))
             if b:
                 out[rel] = b
