@@ -173,6 +173,7 @@ DEFAULT_SOURCES = {
     "imagereward": "THUDM/ImageReward",  # holds ImageReward.pt
     "imagereward_tokenizer": "google-bert/bert-base-uncased",
     "imagereward_config": None,
+    "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
 }
 
 
@@ -556,6 +557,255 @@ class ImageReward:
         tok = tok.to(images.device)
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
+# --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
+#
+# The official scorer (official code: rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former
+# Swin-S (COCO instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here:
+#   detector  transformers Mask2FormerForUniversalSegmentation, by default the Mask2Former
+#             authors' own Swin-S COCO-instance model (facebook/mask2former-swin-small-coco-instance).
+#             Same architecture, backbone and training data as mmdet's checkpoint, but trained
+#             separately (Detectron2, not mmdet), so individual detections and scores differ and
+#             a borderline object can fall on the other side of the 0.3 / 0.9 thresholds.
+#   colours   CLIP ViT-L/14 with OpenAI's weights = openai/clip-vit-large-patch14, the very
+#             model CLIPScore uses (one shared instance).
+# What follows the detector is the official rule set, rewritten: thresholds, top-16 per class,
+# no NMS, box-centre relations, and the partial-credit reward that GRPO trains on.
+# A prompt's metadata (one JSON line of the GenEval prompt file) says what must be in the image:
+#   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
+#    "include": [{"class": "laptop", "count": 1},
+#                {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+# "color" may accompany an include entry; "position" = [relation, index of the include entry
+# that is the reference]; the strict verdict also needs exact counts.
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+                  "white")
+# the 80 COCO instance classes in their usual contiguous order, with GenEval's names for three of
+# them (Detectron2's id2label says "mouse", "remote", "keyboard"); label id i -> GENEVAL_OBJECTS[i]
+GENEVAL_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
+# counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
+GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
+GENEVAL_MAX_OBJECTS, GENEVAL_POSITION_MARGIN = 16, 0.1
+GENEVAL_TOPK = 100  # mmdet Mask2Former test_cfg max_per_image: candidates kept per image
+GENEVAL_GREY = 0x99 / 255  # the "#999" background the colour crops are composited on
+
+
+def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
+    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2;
+    y points down). The centre offset is shrunk on each axis by margin * (sum of the two boxes'
+    sizes on that axis), then divided by the unshrunk offset's length; a relation holds where
+    that direction's component exceeds 0.5. Overlapping, similar-sized boxes relate to nothing."""
+    a, b = torch.as_tensor(box_a[:4], dtype=torch.float64), torch.as_tensor(box_b[:4], dtype=torch.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    size = (a[2:] - a[:2]).abs() + (b[2:] - b[:2]).abs()
+    shrunk = (offset.abs() - margin * size).clamp(min=0) * offset.sign()
+    if bool((shrunk.abs() < 1e-3).all()):
+        return set()
+    dx, dy = (shrunk / offset.norm()).tolist()
+    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
+
+
+def geneval_verdict(objects, metadata, colors_of):
+    """One image's GenEval result: (strict_correct, score, reasons).
+
+    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score
+               first, already thresholded (geneval_objects).
+    metadata   the prompt's GenEval record (see above).
+    colors_of  (objects of one class, class name) -> one colour name per object.
+
+    score is the official partial credit (the GRPO reward): the mean of one term per check,
+      count     1 - |expected - found| / expected         (negative if found > 2 * expected)
+      colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
+      position  0 or 1 per failed/passed check            (0 if the count was already wrong)
+    strict_correct needs every count exact, every colour and relation right. Two details follow
+    the official code exactly: a colour or position entry whose count is wrong adds ONE zero
+    term; a failed relation adds a 0 and then the 1 the loop appends after it ends, so it costs
+    half a term; and a colour failure skips that entry's position check (no term)."""
+    correct, terms, reasons, groups = True, [], [], []
+    for req in metadata.get("include", []):
+        name, n = req["class"], req["count"]
+        found = objects.get(name, [])
+        ok = True
+        terms.append(1 - abs(n - len(found)) / n)
+        if len(found) != n:
+            ok = False
+            reasons.append(f"expected {n} {name}, found {len(found)}")
+            if "color" in req or "position" in req:
+                terms.append(0.0)
+        else:
+            if "color" in req:
+                hits = list(colors_of(found, name)).count(req["color"])
+                terms.append(1 - abs(n - hits) / n)
+                if hits != n:
+                    ok = False
+                    reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
+            if "position" in req and ok:
+                rel, target = req["position"]
+                if groups[target] is None:
+                    ok = False
+                    reasons.append(f"no reference object for {name} to be {rel}")
+                    terms.append(0.0)
+                else:
+                    for obj in found:
+                        bad = next((t for t in groups[target] if rel not in relative_position(obj[0], t[0])), None)
+                        if bad is not None:
+                            ok = False
+                            reasons.append(f"expected {name} {rel} the reference, found "
+                                           f"{' and '.join(sorted(relative_position(obj[0], bad[0]))) or 'no relation'}")
+                            terms.append(0.0)
+                            break
+                    terms.append(1.0)  # official: appended after the loop, failure or not
+        correct = correct and ok
+        groups.append(found if ok else None)
+    return correct, (sum(terms) / len(terms) if terms else 0.0), reasons
+
+
+def geneval_objects(labels, scores, boxes, masks, tag):
+    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9
+    for counting prompts), highest first, at most 16 per class (no NMS)."""
+    threshold = GENEVAL_COUNTING_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
+    objects = {}
+    for i in torch.argsort(torch.as_tensor(scores), descending=True, stable=True).tolist():
+        if float(scores[i]) <= threshold:
+            break
+        found = objects.setdefault(GENEVAL_OBJECTS[int(labels[i])], [])
+        if len(found) < GENEVAL_MAX_OBJECTS:
+            found.append(([*map(float, boxes[i][:4]), float(scores[i])], None if masks is None else masks[i]))
+    return objects
+
+
+def masks_to_boxes(masks):
+    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty
+    mask: how mmdet's Mask2Former derives its boxes from its masks."""
+    boxes = torch.zeros(len(masks), 4)
+    for i, m in enumerate(masks):
+        ys, xs = torch.where(m)
+        if len(xs):
+            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return boxes
+
+
+class Mask2FormerDetector:
+    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
+    resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
+    multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
+    scored class probability x mean mask probability inside its binary mask (mask logit > 0 at
+    full image size), its box the mask's bounding box."""
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    SHORT, LONG, DIVISOR = 800, 1333, 32
+
+    def __init__(self, src):
+        self.src, self.model = src, None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import Mask2FormerForUniversalSegmentation
+            model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
+                                "Mask2Former COCO instance model")
+            if model.config.num_labels != len(GENEVAL_OBJECTS):
+                raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
+                                 f"model has {model.config.num_labels} labels")
+            self.model = _frozen(model)
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    @torch.no_grad()
+    def __call__(self, images):
+        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4],
+        masks [K, H, W] bool)."""
+        model = self.load(images.device)
+        h, w = images.shape[-2:]
+        s = min(self.SHORT / min(h, w), self.LONG / max(h, w))
+        nh, nw = round(h * s), round(w * s)
+        x = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False)
+        x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) / x.new_tensor(self.STD).view(1, 3, 1, 1)
+        ph, pw = -nh % self.DIVISOR, -nw % self.DIVISOR
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        out = model(pixel_values=x.to(model.dtype))
+        results = []
+        for cls, mask in zip(out.class_queries_logits.float(), out.masks_queries_logits.float()):
+            prob = cls.softmax(-1)[:, :-1]  # the last class is "no object"
+            n_cls = prob.shape[1]
+            top, idx = prob.flatten().topk(min(GENEVAL_TOPK, prob.numel()))
+            labels, query = idx % n_cls, idx // n_cls
+            m = F.interpolate(mask[query][None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            m = F.interpolate(m[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]
+            binary = m > 0
+            mask_score = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+            results.append((labels.cpu(), (top * mask_score).cpu(), masks_to_boxes(binary.cpu()), binary.cpu()))
+        return results
+
+
+class GenEval:
+    """GenEval's partial-credit score per image, at most 1 (every check passed) and below 0 only
+    when more than twice the expected objects are found (down to 1 - 15 with 16 found for 1
+    expected), and "geneval_strict" in {0, 1}, the strict verdict. Needs each prompt's GenEval
+    metadata. No gradient: GRPO and evaluation only."""
+    name, needs_metadata = "geneval", True
+    TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
+
+    def __init__(self, detector, clip):
+        self.detector, self.clip, self.classifiers = detector, clip, {}
+
+    def color_classifier(self, name, device):
+        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
+        templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
+        if name not in self.classifiers:
+            m, tok = self.clip.model, self.clip.tokenizer
+            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
+            ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt",
+                      max_length=m.config.text_config.max_position_embeddings).to(device)
+            emb = F.normalize(_pooled(m.get_text_features(input_ids=ids.input_ids,
+                                                          attention_mask=ids.attention_mask)).float(), dim=-1)
+            self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
+                                                 .mean(1), dim=-1).t()
+        return self.classifiers[name]
+
+    def colors(self, image, found, name):
+        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
+        best-matching colour (official: ImageCrops + zero-shot classification)."""
+        m = self.clip.load(image.device)
+        clf = self.color_classifier(name, image.device)
+        out = []
+        for box, mask in found:
+            x = image if mask is None else torch.where(mask.to(image.device), image, GENEVAL_GREY)
+            x1, y1, x2, y2 = (round(v) for v in box[:4])  # PIL's crop rounds its box the same way
+            crop = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)][None]
+            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic").to(m.dtype)
+            img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
+            out.append(GENEVAL_COLORS[int((img @ clf).argmax())])
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata=None):
+        if metadata is None or len(metadata) != len(images) or not all(
+                isinstance(m, dict) and "include" in m for m in metadata):
+            raise ValueError("geneval needs one GenEval metadata record (with 'include') per image: "
+                             "read the prompts from a GenEval .jsonl file (e.g. the official "
+                             "dataset/geneval/train_metadata.jsonl)")
+        self.detector.load(images.device)
+        self.clip.load(images.device)
+        score, strict = [], []
+        for img, dets, meta in zip(images, self.detector(images), metadata):
+            objects = geneval_objects(*dets, meta.get("tag"))
+            ok, s, _ = geneval_verdict(objects, meta, lambda found, name: self.colors(img, found, name))
+            score.append(s)
+            strict.append(float(ok))
+        return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict)}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
@@ -571,8 +821,9 @@ class ImageReward:
 #     the weighted sum of the differentiable subset of the GRPO rewards.
 # Evaluation scores every metric with weight 1 on uint8 images.
 
-GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}  # the paper adds geneval: 1.0,
-# which is not implemented here (it needs an mmdet detector, REWARDS.md 4.1)
+# the official stage-2 reward set of every backbone (official code: configs/rtdmd/*.yaml), with
+# weight_advantages: true, i.e. one advantage per reward (subgrpo.group_advantages)
+GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 BP_CAPABLE = ("clipscore", "pickscore", "hpsv2", "imagereward")  # what RTDMD's BP can score
 EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward")}
 
@@ -597,12 +848,13 @@ def make_scorers(names, sources=None, cache=None):
             build=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
         "imagereward": lambda: ImageReward(
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
+        "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
     }
     for n in names:
         if n not in builders:
             raise NotImplementedError(
-                f"reward {n!r} is not implemented in this educational code (geneval, hpsv3, ocr "
-                f"are out of scope, REWARDS.md 1.6, 4); available: {sorted(builders)}")
+                f"reward {n!r} is not implemented"
+                f"; available: {sorted(builders)}")
         if n not in cache:
             cache[n] = builders[n]()
     return {n: cache[n] for n in names}
@@ -620,12 +872,17 @@ class MultiReward:
         self.cache = share.cache if share is not None else {}
         self.scorers = make_scorers(self.weights, sources, self.cache)
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, metadata=None):
+        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the
+        scorers that declare needs_metadata receive it."""
         if self.quantize:
             images = quantize_uint8(images)
         out = {}
         for scorer in self.scorers.values():
-            out.update(scorer(images, prompts))
+            if getattr(scorer, "needs_metadata", False):
+                out.update(scorer(images, prompts, metadata))
+            else:
+                out.update(scorer(images, prompts))
         out["weighted"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
@@ -647,8 +904,10 @@ def sources_from_args(args):
 def preflight(reward_set, device):
     """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
     checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
+    prompt = "a photo of a dog"  # with GenEval metadata, so that a metadata scorer runs too
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt}
     with torch.no_grad():
-        reward_set(torch.rand(1, 3, 64, 64, device=device), ["preflight"])
+        reward_set(torch.rand(1, 3, 64, 64, device=device), [prompt], [meta])
 
 
 def training_rewards(sources=None, weights=GRPO_WEIGHTS):
