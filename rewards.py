@@ -174,6 +174,7 @@ DEFAULT_SOURCES = {
     "imagereward_tokenizer": "google-bert/bert-base-uncased",
     "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
+    "ocr": "florence-community/Florence-2-base",  # model, tokenizer and image-processor config
 }
 
 
@@ -806,6 +807,93 @@ class GenEval:
             strict.append(float(ok))
         return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict)}
 
+# --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
+#
+# The official scorer (official code: rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text
+# detector + a line recogniser) and rewards 1 - normalised edit distance to the text between
+# the prompt's first pair of double quotes. Here the reader is Florence-2 (transformers'
+# Florence2ForConditionalGeneration, florence-community/Florence-2-base, 0.23 B parameters) with
+# its "<OCR>" task: one generate call reads all the text of a natural image, with no separate
+# detector, and it was trained on scene text as well as documents. The alternatives in
+# transformers were worse fits: TrOCR reads one pre-cropped text line (it would need a detector),
+# GOT-OCR2 is 0.58 B and aimed at documents, and the PP-OCR ports (closest to PaddleOCR) need
+# torchvision and OpenCV for their pre- and post-processing. A different reader means different
+# misreadings, so per-image OCR scores can differ from PaddleOCR's in both directions.
+
+def edit_distance(a, b):
+    """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def ocr_target(prompt):
+    """The text the image must show: between the prompt's first two double quotes."""
+    parts = prompt.split('"')
+    if len(parts) < 3 or not parts[1].replace(" ", ""):
+        raise ValueError(f"ocr needs the text to render in double quotes in every prompt; got {prompt!r}")
+    return parts[1]
+
+
+def ocr_score(read, target):
+    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs
+    in what was read, else 1 - edit distance / target length, floored at 0."""
+    read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
+    dist = 0 if target in read else min(edit_distance(read, target), len(target))
+    return 1 - dist / len(target)
+
+
+class OCR:
+    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
+    gradient: an evaluation metric (GRPO-usable)."""
+    name = "ocr"
+    TASK = "What is the text in the image?"  # the prompt Florence-2's processor uses for <OCR>
+
+    def __init__(self, src, max_new_tokens=128, num_beams=3):
+        self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
+        self.model = self.tokenizer = None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import AutoTokenizer, Florence2ForConditionalGeneration, ImageProcessingMixin
+            self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
+            self.tokenizer = _pretrained(AutoTokenizer, self.src, "ocr", "Florence-2 tokenizer")
+            try:  # size and normalisation of the checkpoint's image processor (768 px, ImageNet)
+                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
+            except OSError:
+                cfg = {}
+            size = cfg.get("size", {})
+            self.size = (size.get("height", 768), size.get("width", 768))
+            self.mean = cfg.get("image_mean", (0.485, 0.456, 0.406))
+            self.std = cfg.get("image_std", (0.229, 0.224, 0.225))
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    @torch.no_grad()
+    def read(self, images):
+        """images [B, 3, H, W] in [0, 1] -> the text Florence-2 reads in each."""
+        m = self.load(images.device)
+        # the image is squashed to the processor's square size (resized, never cropped)
+        x = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        x = ((x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)).to(m.dtype)
+        # the processor's input: one image token per image feature, then <s> task </s>
+        n_img = _pooled(m.get_image_features(pixel_values=x)).shape[1]
+        task = self.tokenizer(self.TASK, return_tensors="pt").input_ids[0]
+        ids = torch.cat([torch.full((n_img,), m.config.image_token_id), task])
+        ids = ids.expand(len(images), -1).to(images.device)
+        out = m.generate(input_ids=ids, pixel_values=x, max_new_tokens=self.max_new_tokens,
+                         num_beams=self.num_beams, do_sample=False)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def __call__(self, images, prompts):
+        targets = [ocr_target(p) for p in prompts]  # fails before any model work
+        return {self.name: images.new_tensor([ocr_score(r, t) for r, t in zip(self.read(images), targets)])}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
@@ -849,6 +937,7 @@ def make_scorers(names, sources=None, cache=None):
         "imagereward": lambda: ImageReward(
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
+        "ocr": lambda: OCR(src["ocr"]),
     }
     for n in names:
         if n not in builders:
@@ -904,7 +993,7 @@ def sources_from_args(args):
 def preflight(reward_set, device):
     """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
     checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
-    prompt = "a photo of a dog"  # with GenEval metadata, so that a metadata scorer runs too
+    prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
     meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt}
     with torch.no_grad():
         reward_set(torch.rand(1, 3, 64, 64, device=device), [prompt], [meta])
