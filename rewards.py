@@ -175,6 +175,10 @@ DEFAULT_SOURCES = {
     "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
     "ocr": "florence-community/Florence-2-base",  # model, tokenizer and image-processor config
+    "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
+    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
+    "hpsv3_config": None,
+    "hpsv3_template": None,  # the hpsv3 package (installed, its .whl, or data_collator_qwen.py)
 }
 
 
@@ -894,6 +898,181 @@ class OCR:
         targets = [ocr_target(p) for p in prompts]  # fails before any model work
         return {self.name: images.new_tensor([ocr_score(r, t) for r, t in zip(self.read(images), targets)])}
 
+# --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
+#
+# The official scorer (official code: rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
+# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference
+# score; the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
+# Qwen2VLRewardModelBT with rm_head_type "ranknet", output_dim 2, reward_token "special"):
+#   Qwen2-VL-7B-Instruct with one added token <|Reward|>, its embedding table resized to match;
+#   the last hidden state (after the final norm) at the <|Reward|> position ->
+#   rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)  (keys 0, 3, 5).
+# Its forward builds the input embeddings itself and calls the language model without position
+# ids, so every token, image tokens included, gets plain sequential rotary positions (never
+# Qwen2-VL's 2-D image positions); we do the same.
+# Input (hpsv3 package: hpsv3/inference.py and hpsv3/dataset/data_collator_qwen.py): the image
+# resized to exactly 256 * 28 * 28 pixels in Qwen2-VL's way (448 x 448 for a square), one user
+# message "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END", in
+# Qwen2-VL's chat format with its default system message.
+# The released file HPSv3.safetensors (hub MizzenAI/HPSv3) was saved with the older transformers
+# Qwen2-VL layout ("visual.*", "model.*" for the language model, "lm_head.*"); hpsv3_to_hf maps
+# it, or the newer "model.visual.*" / "model.language_model.*" layout, onto HPSv3Net. The
+# instruction text is long prose written by the HPSv3 authors; it is read from the hpsv3 package's
+# source (installed, its wheel, or the file) rather than copied here.
+
+def hpsv3_template(src=None):
+    """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
+    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the
+    package's .whl, or None for the installed package. Read with ast, never imported."""
+    import ast
+    import importlib.util
+    import zipfile
+    rel = "hpsv3/dataset/data_collator_qwen.py"
+    if src is None:
+        spec = importlib.util.find_spec("hpsv3")  # locates the package without importing it
+        src = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else ""
+    text = None
+    if os.path.isfile(src) and src.endswith(".whl"):
+        with zipfile.ZipFile(src) as z:
+            text = z.read(rel).decode() if rel in z.namelist() else None
+    elif os.path.isfile(src):
+        text = open(src, encoding="utf-8").read()
+    elif os.path.isfile(os.path.join(src, rel)):
+        text = open(os.path.join(src, rel), encoding="utf-8").read()
+    found = {}
+    for node in ast.parse(text).body if text else ():
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for t in node.targets:
+                if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token"):
+                    found[t.id] = node.value.value
+    if len(found) != 2:
+        raise FileNotFoundError(
+            f"HPSv3 prompt template not found at {src!r}: `pip download hpsv3 --no-deps` (or install "
+            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--hpsv3-template-path)")
+    return found["INSTRUCTION"], found["prompt_with_special_token"]
+
+
+class HPSv3Net(nn.Module):
+    """Qwen2-VL (transformers' Qwen2VLModel: .visual, .language_model) + the ranknet head."""
+
+    def __init__(self, config, output_dim=2):
+        super().__init__()
+        from transformers import Qwen2VLModel
+        self.backbone = Qwen2VLModel(config)
+        d = config.text_config.hidden_size
+        self.rm_head = nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16),
+                                     nn.ReLU(), nn.Linear(16, output_dim))
+
+    def forward(self, input_ids, attention_mask, pixel_values, grid_thw, reward_id):
+        """[B, output_dim] head outputs at the <|Reward|> token (column 0 = the score)."""
+        bb = self.backbone
+        emb = bb.get_input_embeddings()(input_ids)
+        img = bb.visual(pixel_values.to(emb.dtype), grid_thw=grid_thw).pooler_output
+        emb = emb.masked_scatter((input_ids == bb.config.image_token_id)[..., None], img.to(emb.dtype))
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        h = bb.language_model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        at = input_ids == reward_id
+        if not bool((at.sum(1) == 1).all()):
+            raise ValueError("HPSv3 input must hold exactly one <|Reward|> token per sequence")
+        return self.rm_head(h[at].float())
+
+
+def hpsv3_to_hf(sd):
+    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
+    lm_head is dropped: the reward reads hidden states, never next-token logits."""
+    out, unknown = {}, []
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if k.startswith("rm_head."):
+            out[k] = v
+        elif k.startswith(("visual.", "model.visual.")):
+            out["backbone.visual." + k.split("visual.", 1)[1]] = v
+        elif k.startswith("model.language_model."):
+            out["backbone.language_model." + k.removeprefix("model.language_model.")] = v
+        elif k.startswith("model."):  # the older layout: model.* is the language model
+            out["backbone.language_model." + k.removeprefix("model.")] = v
+        elif k.startswith("lm_head."):
+            pass
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"hpsv3_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
+    return out
+
+
+def qwen2vl_patches(images, patch=14, merge=2, temporal=2):
+    """[B, 3, H, W] normalised, H and W multiples of patch * merge -> (pixel_values
+    [B * t * h * w, 3 * temporal * patch^2], grid_thw [B, 3]): Qwen2-VL's patch order, each image
+    repeated `temporal` times (one video frame pair), patches grouped by merge x merge blocks."""
+    b, c, hh, ww = images.shape
+    gh, gw = hh // patch, ww // patch
+    x = images[:, None].expand(b, temporal, c, hh, ww)
+    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * gh * gw, c * temporal * patch * patch)
+    return x, torch.tensor([[1, gh, gw]] * b, device=images.device)
+
+
+class HPSv3:
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6). No gradient here:
+    an evaluation metric in RTDMD. bf16 weights on CUDA (as the hpsv3 package runs), float32 on
+    CPU; the head always in float32."""
+    name = "hpsv3"
+    PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
+    SYSTEM = "You are a helpful assistant."  # Qwen2-VL's chat template default
+
+    def __init__(self, src, base_src, config=None, template_src=None):
+        self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
+        self.net = self.tokenizer = None
+
+    def load(self, device=None):
+        if self.net is None:
+            from safetensors.torch import load_file
+            from transformers import AutoTokenizer, Qwen2VLConfig
+            self.template = hpsv3_template(self.template_src)
+            path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
+            sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
+            if self.config is None:
+                config = _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config")
+            else:
+                config = _config(Qwen2VLConfig, self.config, None)
+            tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+            tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+            self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+            # the package resized the embedding table to the tokenizer plus <|Reward|>: take the
+            # size from the checkpoint itself
+            config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
+            net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
+            self.net = _frozen(_load_strict(net, sd, path))
+            self.tokenizer = tok
+        if device is not None and next(self.net.parameters()).device != torch.device(device):
+            self.net.to(device)
+            self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return self.net
+
+    def inputs(self, images, prompts):
+        """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        vc = self.net.backbone.config.vision_config
+        patch, merge = vc.patch_size, vc.spatial_merge_size
+        h, w = smart_resize(*images.shape[-2:], factor=patch * merge, min_pixels=self.PIXELS, max_pixels=self.PIXELS)
+        x = F.interpolate(images.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        x = (x.clamp(0, 1) - x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
+        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
+        n_img = (h // patch) * (w // patch) // merge ** 2
+        instruction, closing = self.template
+        texts = [f"<|im_start|>system\n{self.SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                 + "<|image_pad|>" * n_img + "<|vision_end|>" + instruction.format(text_prompt=p) + closing
+                 + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+        self.tokenizer.padding_side = "right"
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(images.device)
+        return tok.input_ids, tok.attention_mask, px, grid
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        net = self.load(images.device)
+        out = net(*self.inputs(images, prompts), self.reward_id)
+        return {self.name: out[:, 0].to(images.dtype)}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
@@ -938,6 +1117,7 @@ def make_scorers(names, sources=None, cache=None):
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
         "ocr": lambda: OCR(src["ocr"]),
+        "hpsv3": lambda: HPSv3(src["hpsv3"], src["hpsv3_base"], src["hpsv3_config"], src["hpsv3_template"]),
     }
     for n in names:
         if n not in builders:
