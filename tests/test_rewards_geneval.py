@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import rewards as R  # noqa: E402
 from reward_assets import build_reward_assets  # noqa: E402
+from paper_reward_assets import tiny_mask2former  # noqa: E402
 
 
 def obj(x1, y1, x2, y2, score=0.95):
@@ -152,24 +153,6 @@ def test_masks_to_boxes_half_open():
 
 
 # --- the scorer on tiny random models ---------------------------------------------------------
-
-def tiny_mask2former(folder, num_queries=3, dog=16):
-    """A tiny random COCO Mask2Former whose class head says "dog" for every query."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                            encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2,
-                            num_attention_heads=2, num_queries=num_queries, num_labels=80)
-    torch.manual_seed(0)
-    m = Mask2FormerForUniversalSegmentation(cfg).eval()
-    with torch.no_grad():
-        m.class_predictor.weight.zero_()
-        m.class_predictor.bias.fill_(-10.0)
-        m.class_predictor.bias[dog] = 10.0
-    m.save_pretrained(folder)
-    return str(folder)
-
 
 @pytest.fixture(scope="module")
 def geneval_sources(tmp_path_factory):

@@ -20,66 +20,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import Qwen2VLImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import rewards as R  # noqa: E402
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
-TEMPLATE = '''
-raise RuntimeError("this file is read, never imported")
-INSTRUCTION = """
-Rate this image for the prompt - {text_prompt}
-"""
-prompt_with_special_token = """
-Please provide the overall ratings of this image: <|Reward|>
-
-END
-"""
-'''
-
-
-def tiny_tokenizer():
-    """Byte-level Qwen2 tokenizer built in memory, with Qwen2-VL's chat and vision tokens."""
-    chars = sorted(ByteLevel.alphabet())
-    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(chars)}, merges=[], model_max_length=8192)
-    tok.add_tokens(SPECIALS, special_tokens=True)
-    return tok
-
-
-def tiny_config(tok):
-    """Qwen2-VL with the real patch 14 / merge 2 / temporal 2 and M-RoPE sections, tiny widths.
-    vocab = tokenizer + <|Reward|>, as the package's resize_token_embeddings leaves it."""
-    ids = tok.convert_tokens_to_ids
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
-                         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2),
-        image_token_id=ids("<|image_pad|>"), vision_start_token_id=ids("<|vision_start|>"))
-
-
-def released_layout(cfg, seed=0):
-    """A state dict in HPSv3.safetensors' layout: transformers' Qwen2VLForConditionalGeneration
-    renamed to the older layout, plus the ranknet head of qwen2vl_trainer.py (rm_head_kwargs unset:
-    Linear(d, 1024), ReLU, Dropout, Linear(1024, 16), ReLU, Linear(16, 2) = keys 0, 3, 5)."""
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("model.visual."):
-            sd["visual." + k[len("model.visual."):]] = v
-        elif k.startswith("model.language_model."):
-            sd["model." + k[len("model.language_model."):]] = v
-        else:
-            sd[k] = v  # lm_head.weight
-    d = cfg.text_config.hidden_size
-    for name, shape in (("0", (1024, d)), ("3", (16, 1024)), ("5", (2, 16))):
-        sd[f"rm_head.{name}.weight"] = torch.randn(shape) / shape[1] ** 0.5
-        sd[f"rm_head.{name}.bias"] = torch.randn(shape[0]) * 0.1
-    return sd, model
+from paper_reward_assets import TEMPLATE, released_layout, tiny_config, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

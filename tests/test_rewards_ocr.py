@@ -2,7 +2,6 @@
 OCR in rewards.py: the edit distance, the official score rule on hand-made strings, the quoted
 target, and the whole scorer on a tiny random Florence-2 loaded through the real loading code.
 """
-import json
 import os
 import random
 import sys
@@ -11,12 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, \
-    Florence2VisionConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 import rewards as R  # noqa: E402
+from paper_reward_assets import tiny_florence  # noqa: E402
 
 
 def levenshtein_reference(a, b):
@@ -63,34 +60,6 @@ def test_ocr_target_first_quotes():
 
 
 # --- the scorer on a tiny random Florence-2 -----------------------------------------------------
-
-def tiny_florence(folder):
-    """A tiny random Florence-2 with a byte-level BART tokenizer, saved as a checkpoint folder
-    (model, tokenizer, and the image processor's config, here 64 px)."""
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + chars)}
-    (folder / "t").mkdir(parents=True)
-    (folder / "t" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "t" / "merges.txt").write_text("#version: 0.2\n")
-    tok = BartTokenizer(str(folder / "t" / "vocab.json"), str(folder / "t" / "merges.txt"))
-    image_token = len(vocab)  # one id past the text vocabulary, as the real <image> token
-    vision = Florence2VisionConfig(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
-                                   patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
-                                   num_groups=[2, 2], window_size=4, projection_dim=32,
-                                   max_position_embeddings=16, drop_path_rate=0.0)
-    text = BartConfig(vocab_size=len(vocab) + 1, d_model=32, encoder_layers=1, decoder_layers=1,
-                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                      max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                      decoder_start_token_id=2)
-    torch.manual_seed(0)
-    model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
-                                                              image_token_id=image_token)).eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"height": 64, "width": 64}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    return str(folder)
-
 
 def test_ocr_scorer_tiny_model(tmp_path):
     mr = R.MultiReward({"ocr": 1.0}, {"ocr": tiny_florence(tmp_path / "florence")}, quantize=True)
