@@ -317,6 +317,9 @@ def main_images(args):
             if "geneval" in sc.weights and not (recs and all("include" in r for r in recs)):
                 raise ValueError(f"geneval needs GenEval metadata records, which {path!r} lacks: pass "
                                  f"--reward-prompts geneval={OFFICIAL_PROMPT_SETS['geneval']} (official repo)")
+            if "geneval2" in sc.weights and not (recs and all("vqa_list" in r for r in recs)):
+                raise ValueError(f"geneval2 needs GenEval2 records with a vqa_list, which {path!r} lacks: pass "
+                                 f"--reward-prompts geneval2={OFFICIAL_PROMPT_SETS['geneval2']} (official repo)")
             if "ocr" in sc.weights:
                 [rewards.ocr_target(p) for p in ps]
         prompts = next(iter(sets.values()))[0]
@@ -643,10 +646,10 @@ def get_args(argv=None):
                    "official YAMLs truncate to 64; the paper tables presumably use all)")
     g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
-                   "each with weight 1; also geneval, ocr, hpsv3 (each best on its own --reward-prompts)")
+                   "each with weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
     g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
                    help="score these rewards on their own prompt file instead of --prompts; the official "
-                   "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items() if k != "geneval2"))
+                   "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
     g.add_argument("--batch-size", type=int, default=4, help="images depend on it (one seed)")
     g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
                    "(tiny twins: their own)")

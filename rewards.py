@@ -149,6 +149,7 @@ class QuadraticReward:
 #
 # Image-reward imports live here, not at the top of the file, so that the toy section stays
 # import-light; transformers itself is imported inside the loaders (it costs ~4-7 s).
+import math
 import os
 import re
 
@@ -179,6 +180,7 @@ DEFAULT_SOURCES = {
     "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
     "hpsv3_config": None,
     "hpsv3_template": None,  # the hpsv3 package (installed, its .whl, or data_collator_qwen.py)
+    "geneval2": "Qwen/Qwen3-VL-8B-Instruct",  # Soft-TIFA's question answerer
 }
 
 
@@ -1073,6 +1075,115 @@ class HPSv3:
         out = net(*self.inputs(images, prompts), self.reward_id)
         return {self.name: out[:, 0].to(images.dtype)}
 
+# --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
+#
+# The official scorer (official code: rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct
+# one question per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are
+# in the image?", "one"], ["Is the backpack green?", "Yes"]), as "<question> Answer in one word."
+# with the image, and takes the probability mass of the expected answer on the first answer
+# token: the sum, over a list of spellings, of the probability of each spelling's first token
+# (so two spellings that share a first token count it twice, as the official code does):
+#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
+#                         one..ten, else the word "other")
+#   every other question: "Yes", "yes", " Yes", " yes"
+# The prompt's score is the geometric mean of its atoms' probabilities (0 if any is 0; -10 for a
+# record without atoms). The official code reads these probabilities off a one-token greedy
+# generate; a single forward pass gives the same next-token distribution as long as the
+# checkpoint's generation config applies no logits processor (such as a repetition penalty).
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
+
+
+def soft_tifa_answers(question, answer):
+    """The spellings whose first-token probabilities add up to an atom's score."""
+    if question.startswith("How many"):
+        digit = NUMBER_WORDS.get(answer.strip().lower(), "other")
+        return [answer, answer.capitalize(), " " + answer, " " + answer.capitalize(), digit, " " + digit]
+    return ["Yes", "yes", " Yes", " yes"]
+
+
+def geometric_mean(values):
+    """exp(mean(log v)); 0 when any value is 0."""
+    if not values:
+        raise ValueError("geometric_mean of nothing")
+    if min(values) <= 0:
+        return 0.0
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+class GenEval2:
+    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
+    probability of the expected one-word answer. Needs each prompt's record with its vqa_list
+    (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
+    name, needs_metadata = "geneval2", True
+    SUFFIX = " Answer in one word."
+
+    def __init__(self, src):
+        self.src, self.model, self.tokenizer = src, None, None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import AutoTokenizer, ImageProcessingMixin, Qwen3VLForConditionalGeneration
+            self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
+            self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
+            try:  # the checkpoint's image-processor config: pixel budget and normalisation
+                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
+            except OSError:
+                cfg = {}
+            size = cfg.get("size", {})
+            self.pixels = (size.get("shortest_edge", 65536), size.get("longest_edge", 16777216))
+            self.mean, self.std = cfg.get("image_mean", (0.5, 0.5, 0.5)), cfg.get("image_std", (0.5, 0.5, 0.5))
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    def image_inputs(self, image):
+        """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        vc = self.model.config.vision_config
+        patch, merge = vc.patch_size, vc.spatial_merge_size
+        h, w = smart_resize(*image.shape[-2:], factor=patch * merge, min_pixels=self.pixels[0],
+                            max_pixels=self.pixels[1])
+        x = image[None].float()
+        if (h, w) != tuple(image.shape[-2:]):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
+        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
+        return px, grid, (h // patch) * (w // patch) // merge ** 2
+
+    @torch.no_grad()
+    def atom_probabilities(self, image, vqa_list):
+        """P(expected answer) for every (question, answer) of one image, in one batch."""
+        m = self.load(image.device)
+        px, grid, n_img = self.image_inputs(image)
+        image_tokens = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
+        texts = [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": image_tokens + str(q) + self.SUFFIX}], tokenize=False,
+            add_generation_prompt=True) for q, _ in vqa_list]
+        self.tokenizer.padding_side = "right"
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(image.device)
+        k = len(texts)
+        ids = tok.input_ids
+        logits = m(input_ids=ids, attention_mask=tok.attention_mask, pixel_values=px.repeat(k, 1).to(m.dtype),
+                   image_grid_thw=grid.repeat(k, 1), mm_token_type_ids=(ids == m.config.image_token_id).long()).logits
+        last = tok.attention_mask.sum(1) - 1  # the generation prompt's last token
+        probs = logits[torch.arange(k), last].float().softmax(-1)
+        out = []
+        for row, (q, a) in zip(probs, vqa_list):
+            firsts = [self.tokenizer.encode(s, add_special_tokens=False)[:1] for s in soft_tifa_answers(str(q), str(a))]
+            out.append(sum(row[t[0]].item() for t in firsts if t))
+        return out
+
+    def __call__(self, images, prompts, metadata=None):
+        if metadata is None or len(metadata) != len(images) or not all(
+                isinstance(m, dict) and "vqa_list" in m for m in metadata):
+            raise ValueError("geneval2 needs one GenEval2 record (with 'vqa_list') per image: read the "
+                             "prompts from a GenEval2 .jsonl file (e.g. the official dataset/geneval2/test.jsonl)")
+        scores = [geometric_mean(self.atom_probabilities(img, meta["vqa_list"])) if meta["vqa_list"] else -10.0
+                  for img, meta in zip(images, metadata)]
+        return {self.name: images.new_tensor(scores)}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
@@ -1117,6 +1228,7 @@ def make_scorers(names, sources=None, cache=None):
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
         "ocr": lambda: OCR(src["ocr"]),
+        "geneval2": lambda: GenEval2(src["geneval2"]),
         "hpsv3": lambda: HPSv3(src["hpsv3"], src["hpsv3_base"], src["hpsv3_config"], src["hpsv3_template"]),
     }
     for n in names:
@@ -1174,7 +1286,8 @@ def preflight(reward_set, device):
     """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
     checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
     prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
-    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt}
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt,
+            "vqa_list": [["Is there a dog in the image?", "Yes"]]}  # geneval2's atoms
     with torch.no_grad():
         reward_set(torch.rand(1, 3, 64, 64, device=device), [prompt], [meta])
 

@@ -1,8 +1,8 @@
 """
 Tiny random stand-ins for the paper's other reward models (rewards.py: GenEval's Mask2Former,
-OCR's Florence-2, HPSv3's Qwen2-VL), written in the format of their real checkpoints and loaded
+OCR's Florence-2, HPSv3's Qwen2-VL, GenEval2's Qwen3-VL), written in the format of their real checkpoints and loaded
 back through rewards.py's real loading code (test_rewards_geneval.py, test_rewards_ocr.py,
-test_rewards_hpsv3.py, test_eval_paper_rewards.py).
+test_rewards_hpsv3.py, test_rewards_geneval2.py, test_eval_paper_rewards.py).
 
     paths = build_paper_reward_assets(folder)   # slot -> path, for MultiReward(sources=) or the CLI
 """
@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, \
-    Florence2VisionConfig, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    Florence2VisionConfig, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig, \
+    Qwen3VLForConditionalGeneration
 
 
 # --- GenEval: Mask2Former ------------------------------------------------------------------------
@@ -126,6 +127,37 @@ def released_layout(cfg, seed=0):
 
 
 
+# --- GenEval2: Qwen3-VL ----------------------------------------------------------------------------
+
+# Qwen3's chat format for one user turn (no default system message), then the assistant's turn
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen3vl(folder):
+    """A tiny random Qwen3-VL (real patch 16 / merge 2 / temporal 2, deepstack, M-RoPE) with the
+    byte-level tokenizer and a chat template, plus an image-processor config whose pixel budget
+    keeps a 64 x 64 image at its size (4 merged image tokens)."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    ids = tok.convert_tokens_to_ids
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True}, pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|endoftext|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    return str(folder)
+
+
 def build_paper_reward_assets(d):
     """Every tiny model above into the folder `d` (a pathlib.Path): slot -> path (configs saved
     as folders, so the dict also works as --<slot>-path options)."""
@@ -138,5 +170,6 @@ def build_paper_reward_assets(d):
     tiny_config(tok).save_pretrained(d / "qwen2vl_config")
     (d / "data_collator_qwen.py").write_text(TEMPLATE)
     return {"geneval_detector": tiny_mask2former(d / "m2f"), "ocr": tiny_florence(d / "florence"),
+            "geneval2": tiny_qwen3vl(d / "qwen3vl"),
             "hpsv3": str(d / "hpsv3"), "hpsv3_base": str(d / "qwen2vl"),
             "hpsv3_config": str(d / "qwen2vl_config"), "hpsv3_template": str(d / "data_collator_qwen.py")}
