@@ -1246,16 +1246,22 @@ class MultiReward:
 
     weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
     for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (and so its models and its sources) for every name they have in common."""
+    (and so its models and its sources) for every name they have in common. records: a .jsonl
+    prompt file's records; a call without metadata then looks each prompt's record up by its
+    text (as the official GenEval2 scorer looks up its questions), so a training loop that passes
+    prompts alone can still score geneval and geneval2."""
 
-    def __init__(self, weights, sources=None, quantize=False, share=None):
+    def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
         self.cache = share.cache if share is not None else {}
         self.scorers = make_scorers(self.weights, sources, self.cache)
+        self.records = {r["prompt"]: r for r in records} if records else None
 
     def __call__(self, images, prompts, metadata=None):
         """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the
         scorers that declare needs_metadata receive it."""
+        if metadata is None and self.records is not None:
+            metadata = [self.records.get(p) for p in prompts]
         if self.quantize:
             images = quantize_uint8(images)
         out = {}
@@ -1292,11 +1298,12 @@ def preflight(reward_set, device):
         reward_set(torch.rand(1, 3, 64, 64, device=device), [prompt], [meta])
 
 
-def training_rewards(sources=None, weights=GRPO_WEIGHTS):
+def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
     the GRPO rewards with the same weights (RTDMD's default "training_reward_fn" mode, REWARDS.md
-    0): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad()."""
-    grpo = MultiReward(weights, sources, quantize=True)
+    0): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad().
+    records: the training prompt file's .jsonl records, which geneval needs (MultiReward)."""
+    grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp
 

@@ -48,3 +48,26 @@ def test_group_advantages_per_reward_like_the_official_code():
     summed = sum(rewards.values())
     naive = subgrpo.group_advantages({"sum": summed}, prompts, {"sum": 1.0})
     assert (ours - naive).abs().max() > 0.1, "per-reward advantages must differ from the summed reward's"
+
+
+def test_training_rewards_four_tiny_rewards_and_their_advantages(tmp_path):
+    """The official GRPO set on tiny random models: prompts alone reach geneval through the prompt
+    file's records; BP keeps the three differentiable ones; one advantage per sample."""
+    from paper_reward_assets import tiny_mask2former
+    from reward_assets import build_reward_assets
+    sources = dict(build_reward_assets(tmp_path / "r")["sources"], geneval_detector=tiny_mask2former(tmp_path / "m"))
+    records = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+               {"tag": "counting", "include": [{"class": "dog", "count": 3}], "prompt": "a photo of three dogs"}]
+    grpo, bp = R.training_rewards(sources, R.GRPO_WEIGHTS, records)
+    grpo.scorers["geneval"].detector.SHORT = grpo.scorers["geneval"].detector.LONG = 128  # speed only
+    assert set(bp.weights) == {"clipscore", "hpsv2", "pickscore"}, "geneval has no gradient: GRPO only"
+    prompts = [r["prompt"] for r in records for _ in range(3)]  # 2 prompts x a group of 3
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = grpo(torch.rand(6, 3, 64, 64), prompts)
+    assert all(out[n].shape == (6,) and torch.isfinite(out[n]).all() for n in R.GRPO_WEIGHTS)
+    # the planted detector finds three dogs in every image: -1 for "a dog" (1 - 2/1), 0 for
+    # "three dogs" (counting needs score > 0.9, which 1 x mean mask probability never reaches)
+    assert out["geneval"].tolist() == [-1.0] * 3 + [0.0] * 3
+    A = subgrpo.group_advantages({n: out[n] for n in R.GRPO_WEIGHTS}, prompts, R.GRPO_WEIGHTS)
+    assert torch.isfinite(A).all() and abs(A.mean()) < 1e-5 and abs(A.std(unbiased=False) - 1) < 1e-3
