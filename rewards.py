@@ -1112,6 +1112,19 @@ def geometric_mean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _chat_template(src):
+    """A checkpoint's chat template from its processor files (chat_template.jinja or .json)."""
+    import json
+    from transformers.utils import cached_file
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(src, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    raise FileNotFoundError(f"no chat template in {src!r} (tokenizer_config.json, chat_template.jinja or "
+                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES['geneval2']}")
+
+
 class GenEval2:
     """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
     probability of the expected one-word answer. Needs each prompt's record with its vqa_list
@@ -1127,6 +1140,8 @@ class GenEval2:
             from transformers import AutoTokenizer, ImageProcessingMixin, Qwen3VLForConditionalGeneration
             self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
             self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
+            if getattr(self.tokenizer, "chat_template", None) is None:  # kept with the processor
+                self.tokenizer.chat_template = _chat_template(self.src)
             try:  # the checkpoint's image-processor config: pixel budget and normalisation
                 cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
             except OSError:

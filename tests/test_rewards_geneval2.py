@@ -69,3 +69,14 @@ def test_geneval2_scorer_needs_metadata(scorer_mr):
 def test_geneval2_scorer_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="Qwen/Qwen3-VL-8B-Instruct"):
         R.preflight(R.MultiReward({"geneval2": 1.0}, {"geneval2": str(tmp_path / "nowhere")}), "cpu")
+
+
+def test_chat_template_from_processor_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "chat_template.json").write_text('{"chat_template": "{{ messages[0][\'content\'] }}"}')
+    assert R._chat_template(str(tmp_path / "a")) == "{{ messages[0]['content'] }}"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "chat_template.jinja").write_text("<|im_start|>{{ x }}")
+    assert R._chat_template(str(tmp_path / "b")) == "<|im_start|>{{ x }}"
+    with pytest.raises(FileNotFoundError, match="chat template"):
+        R._chat_template(str(tmp_path))
