@@ -704,6 +704,22 @@ def masks_to_boxes(masks):
     return boxes
 
 
+def check_coco_order(id2label, src):
+    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the
+    Detectron2 short names), and a few differing spellings pass; an order that is off (nearly
+    every name differs) is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(GENEVAL_OBJECTS))]
+    if all(n.startswith("LABEL_") for n in names):
+        return
+    short = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+    norm = [short.get(n.lower().replace("-", " ").replace("_", " "), n.lower().replace("-", " ").replace("_", " "))
+            for n in names]
+    wrong = [(i, n) for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if n != want]
+    if len(wrong) > 3:
+        raise ValueError(f"{src}: its labels are not the COCO-80 order GenEval expects, e.g. "
+                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i, _ in wrong[:3]]}")
+
+
 class Mask2FormerDetector:
     """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
     resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
@@ -724,6 +740,7 @@ class Mask2FormerDetector:
             if model.config.num_labels != len(GENEVAL_OBJECTS):
                 raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
                                  f"model has {model.config.num_labels} labels")
+            check_coco_order(model.config.id2label, self.src)
             self.model = _frozen(model)
         if device is not None:
             self.model.to(device)

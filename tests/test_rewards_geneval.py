@@ -152,6 +152,16 @@ def test_masks_to_boxes_half_open():
     assert R.masks_to_boxes(m).tolist() == [[3, 2, 7, 5], [0, 0, 0, 0]]
 
 
+def test_check_coco_order_names():
+    names = list(R.GENEVAL_OBJECTS)
+    names[64:67] = ["mouse", "remote", "keyboard"]  # Detectron2's short names
+    names[9] = "Traffic-Light"
+    R.check_coco_order(dict(enumerate(names)), "ok")
+    R.check_coco_order({str(i): f"LABEL_{i}" for i in range(80)}, "random model")
+    with pytest.raises(ValueError, match="COCO-80 order"):
+        R.check_coco_order(dict(enumerate(names[1:] + names[:1])), "shifted")
+
+
 # --- the scorer on tiny random models ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
