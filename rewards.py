@@ -147,6 +147,10 @@ class QuadraticReward:
 # their original open_clip / BLIP layouts (HPSv2.1, ImageReward) are converted key by key, and
 # a key the converter does not know is an error, never silently dropped.
 #
+# The scorers after ImageReward (GenEval, OCR, HPSv3, GenEval2) are the paper's other metrics:
+# no gradient (GRPO and evaluation only), and GenEval / GenEval2 also take each prompt's record
+# of its .jsonl prompt file: scorer(images, prompts, metadata).
+#
 # Image-reward imports live here, not at the top of the file, so that the toy section stays
 # import-light; transformers itself is imported inside the loaders (it costs ~4-7 s).
 import math
