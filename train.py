@@ -973,26 +973,29 @@ class Profiler:
         self._sync()
         self.step_times.append(time.perf_counter() - t0)
 
-    def bare_seconds(self, key, autocast, repeats=3):
+    def bare_seconds(self, key, autocast, repeats=5):
         """Seconds per bare call of one recorded kind: forward only, or forward + backward of the
-        output's sum when the call was made with grad (as in training)."""
+        output's sum when the call was made with grad (as in training). The fastest of `repeats`
+        runs after a warm-up run: the least disturbed by whatever else the machine is doing."""
         module, args, kwargs = self.inputs[key]
+        best = float("inf")
         with torch.set_grad_enabled(key[1]):
-            for i in range(repeats + 1):  # the first run is a warm-up
-                if i == 1:
-                    self._sync()
-                    t0 = time.perf_counter()
+            for i in range(repeats + 1):  # run 0 is the warm-up
+                self._sync()
+                t0 = time.perf_counter()
                 with autocast:
                     out = module(*args, **kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 if key[1]:
                     out.float().sum().backward()
-                    module.zero_grad(set_to_none=True)
-                    for a in list(args) + list(kwargs.values()):
-                        if torch.is_tensor(a):
-                            a.grad = None
-        self._sync()
-        return (time.perf_counter() - t0) / repeats
+                self._sync()
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+                module.zero_grad(set_to_none=True)
+                for a in list(args) + list(kwargs.values()):
+                    if torch.is_tensor(a):
+                        a.grad = None
+        return best
 
     def report(self, stage, autocast, master):
         """Print the table and write profile_stage{stage}.json in the run folder (rank 0)."""
@@ -1051,9 +1054,11 @@ class Profiler:
 
 def profiled_networks(bb, generator, fake):
     """The networks whose calls the profiler counts and replays bare: the two students, the
-    teacher and, for the image backbones, the VAE decoder (reward back-prop decodes with grad)."""
+    teacher and, for the image backbones, the text encoders (every batch of prompts is encoded)
+    and the VAE decoder (reward back-prop decodes with grad)."""
     nets = dict(generator=raw(generator), fake=raw(fake), teacher=bb.teacher)
     if hasattr(bb, "pipe"):
+        nets |= {name: m for name, m in bb.pipe.components.items() if name.startswith("text_encoder")}
         nets["vae decoder"] = bb.pipe.vae.decoder
     return nets
 
