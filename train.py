@@ -665,11 +665,14 @@ def make_reward(args, device=None):
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
     try:
-        grpo, bp = rewards.training_rewards(rewards.sources_from_args(args))
+        # geneval scores against each prompt's GenEval metadata (rewards.GenEval), which the
+        # plain-text prompts read here do not carry: it joins once the prompts come from a .jsonl
+        weights = {n: w for n, w in rewards.GRPO_WEIGHTS.items() if n != "geneval"}
+        grpo, bp = rewards.training_rewards(rewards.sources_from_args(args), weights)
         rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
         sys.exit(f"error: stage-2 reward model: {' '.join(str(e).split())}")
-    return grpo, bp, dict(rewards.GRPO_WEIGHTS)
+    return grpo, bp, weights
 
 
 def init_stage2_models(bb, ck):
