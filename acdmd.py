@@ -242,19 +242,26 @@ def consistency_two_sample(h0, h1, h2):
 
 
 def consistency_loss(bb, fake, x_t, t, v_hat, cond, eta=0.9, max_delta=200, generator=None,
-                     two_sample=True):
+                     two_sample=True, transition=None):
     """Consistency regulariser (section 5): delta ~ U{1..max_delta} (in tau units),
     t' = max(tau - delta, 0)/1000; two CPS moves x_t -> t' with the detached fake velocity and
     independent noise; h_0 = x_t - t v_hat (not detached), h_i = x'_i - t' f(x'_i, t').
-    One f call evaluates both moves (batched). `generator` draws delta (shared across ranks)."""
+    One f call evaluates both moves (batched). `generator` draws delta (shared across ranks).
+    transition(x_t, v, t, t') -> x' replaces the CPS move (None: the CPS step with `eta`, as the
+    official code does); the tests pass the toy's exact reverse kernel, under which the exact
+    velocity has zero defect."""
     B = x_t.shape[0]
     tau = sigma_to_timestep(t)
     delta = torch.randint(1, max_delta + 1, (B,), generator=generator).to(t.device)
     t_prime = timestep_to_sigma(torch.clamp(torch.round(tau) - delta, min=0.0))
     with torch.no_grad():
         v_sg = v_hat.detach()
-        x1 = cps_step(x_t, v_sg, t, t_prime, eta)
-        x2 = cps_step(x_t, v_sg, t, t_prime, eta)
+        if transition is None:
+            x1 = cps_step(x_t, v_sg, t, t_prime, eta)
+            x2 = cps_step(x_t, v_sg, t, t_prime, eta)
+        else:
+            x1 = transition(x_t, v_sg, t, t_prime)
+            x2 = transition(x_t, v_sg, t, t_prime)
     h0 = x0_from_velocity(x_t, v_hat, t)
     xx = torch.cat([x1, x2])
     tt = torch.cat([t_prime, t_prime])
@@ -266,9 +273,10 @@ def consistency_loss(bb, fake, x_t, t, v_hat, cond, eta=0.9, max_delta=200, gene
 
 
 def fake_score_loss(bb, fake, x_s, s, t, n, x_t, cond, move_scale_out=True,
-                    consistency_weight=1e-2, eta=0.9, generator=None):
+                    consistency_weight=1e-2, eta=0.9, generator=None, transition=None):
     """L_fake = mean(w (f(x_t, t) - T)^2) + lambda_c L_cons (sections 4, 5).
-    x_s, n, x_t: the sub-interval (no grad). Returns (loss, stats)."""
+    x_s, n, x_t: the sub-interval (no grad); transition: see consistency_loss.
+    Returns (loss, stats)."""
     v_hat = bb.velocity(fake, x_t, t, cond).float()
     target = ambient_target(x_s.float(), n, s, t)
     w = fake_loss_weight(s, t, x_t, move_scale_out)
@@ -276,7 +284,8 @@ def fake_score_loss(bb, fake, x_s, s, t, n, x_t, cond, move_scale_out=True,
     loss = loss_ac
     stats = {"fake_ac": loss_ac.item()}
     if consistency_weight > 0:
-        loss_cons = consistency_loss(bb, fake, x_t, t, v_hat, cond, eta, generator=generator)
+        loss_cons = consistency_loss(bb, fake, x_t, t, v_hat, cond, eta, generator=generator,
+                                     transition=transition)
         loss = loss + consistency_weight * loss_cons
         stats["fake_cons"] = loss_cons.item()
     return loss, stats
