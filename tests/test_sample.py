@@ -8,7 +8,7 @@ import models
 import sample
 
 
-def test_velocity_conventions_roundtrip():
+def test_x0_from_velocity_eps_from_velocity_roundtrip():
     torch.manual_seed(0)
     x0, eps = torch.randn(8, 2), torch.randn(8, 2)
     sigma = torch.rand(8)
@@ -18,7 +18,7 @@ def test_velocity_conventions_roundtrip():
     assert torch.allclose(models.eps_from_velocity(x, v, sigma), eps, atol=1e-6)
 
 
-def test_score_velocity_relation_on_mixture():
+def test_velocity_from_score_on_mixture():
     mix = models.toy_mixture()
     torch.manual_seed(0)
     x, s, c = torch.randn(64, 2), torch.rand(64) * 0.9 + 0.05, torch.randint(0, 4, (64,))
@@ -30,8 +30,8 @@ def test_score_velocity_relation_on_mixture():
     assert torch.allclose(xg.grad.float(), mix.score(x, s, c), atol=1e-4)
 
 
-def test_sigma_schedules_match_table():
-    # ALGORITHM.md 1.3
+def test_sd3_sigmas_flux2_sigmas_match_table():
+    # the sigma table of models.py, section 1
     assert torch.allclose(models.sd3_sigmas(), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
     assert torch.allclose(models.flux2_sigmas(resolution=512),
                           torch.tensor([1.0, 0.95809, 0.88398, 0.71750, 0.0]), atol=2e-5)
@@ -39,7 +39,7 @@ def test_sigma_schedules_match_table():
                           torch.tensor([1.0, 0.96738, 0.90814, 0.76720, 0.0]), atol=2e-5)
 
 
-def test_cps_eta0_is_euler_and_final_step_is_x0_hat():
+def test_cps_step_eta0_is_euler_and_final_step_is_x0_hat():
     torch.manual_seed(0)
     x, v = torch.randn(16, 3, 4, 4), torch.randn(16, 3, 4, 4)
     out = sample.cps_step(x, v, 0.75, 0.5, eta=0.0, noise=torch.randn_like(x))
@@ -48,9 +48,9 @@ def test_cps_eta0_is_euler_and_final_step_is_x0_hat():
     assert torch.allclose(out, x - 0.5 * v, atol=1e-6)
 
 
-def test_cps_preserves_marginal_for_known_x0():
+def test_cps_step_preserves_marginal_for_known_x0():
     # With the true x0 and eps behind x, CPS maps x_sigma to a sample of N((1-s')x0, s'^2 I)
-    # for any eta ("coefficient preserving", ALGORITHM.md 3.1).
+    # for any eta ("coefficient preserving", sample.py section 1).
     torch.manual_seed(0)
     N = 200_000
     x0 = torch.full((N, 1), 1.5)
@@ -65,7 +65,7 @@ def test_cps_preserves_marginal_for_known_x0():
     assert float(rho) == pytest.approx(0.4 * math.sin(0.9 * math.pi / 2))
 
 
-def test_teacher_ode_reaches_exact_distribution():
+def test_euler_sample_teacher_ode_reaches_exact_distribution():
     bb = models.ToyBackbone(pretrain_steps=1)
     torch.manual_seed(0)
     n = 20_000

@@ -1,5 +1,5 @@
 """Shared fixtures for tests on the tiny real backbones (random-init diffusers pipelines built in
-code, FACTS.md 2). Each twin is built once per test session into a temporary folder and loaded
+code, models.build_tiny). Each twin is built once per test session into a temporary folder and loaded
 through the same `from_pretrained` path as the real checkpoints."""
 import os
 import sys
