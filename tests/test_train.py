@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import models
 import train
+from checks import assert_checkpoints_equal, assert_states_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "64", "--log-every", "5"]
@@ -63,11 +64,7 @@ def test_train_stage1_resume_is_exact(tmp_path, toy_base):
     train.main(["--stage", "1", "--out", a, "--steps", "20"] + args)
     train.main(["--stage", "1", "--out", b, "--steps", "10"] + args)
     train.main(["--stage", "1", "--out", b, "--steps", "20", "--resume"] + args)
-    ca = torch.load(os.path.join(a, "stage1.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage1.pt"), weights_only=False)
-    for key in ("generator", "fake", "ema"):
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    assert_checkpoints_equal(os.path.join(a, "stage1.pt"), os.path.join(b, "stage1.pt"))
 
 
 def _ddp_worker(rank, world, port, out, result_dir):
@@ -91,9 +88,7 @@ def test_train_stage1_ddp_two_ranks_identical(tmp_path, toy_base):
     r1 = torch.load(tmp_path / "rank1.pt")
     base = torch.load(toy_base)["state_dict"]
     base = {k: v for k, v in base.items() if k in r0["generator"]}
-    for key in ("generator", "fake", "ema"):
-        for k in r0[key]:
-            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    assert_states_equal(r0, r1)
     assert (flat(r0["generator"]) - flat(base)).abs().max() > 1e-4  # and they did train
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from reward_assets import build_reward_assets, cli_args
-from test_train_real import is_lora, new_run, train_and_capture
+from test_train_real import is_lora, train_and_capture, train_twins
 from tiny import tiny_dir  # noqa: F401  (pytest fixture)
 import models
 import train
+from checks import assert_checkpoints_equal
 
 pytestmark = pytest.mark.slow
 S1 = ["--stage", "1", "--steps", "2", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
@@ -37,13 +38,8 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(tiny_dir, tmp_path_factory):
     """{name: a stage-1 run folder (2 iterations)} to copy stage-2 runs from."""
-    root = str(tmp_path_factory.mktemp("s1"))
-    out = {}
-    for name in NAMES:
-        d = new_run(tiny_dir, root, name, name)
-        train.main(S1 + ["--model", name, "--out", d])
-        out[name] = d
-    return out
+    runs = train_twins(tiny_dir, str(tmp_path_factory.mktemp("s1")), NAMES, S1)
+    return {name: d for name, (d, _, _) in runs.items()}
 
 
 def fresh(stage1, tmp_path, name, tag):
@@ -161,13 +157,9 @@ def test_train_stage2_tiny_twin_resume_is_exact(runs, stage1, assets, tmp_path):
     half = [x if x != "2" or i != S2.index("--steps") + 1 else "1" for i, x in enumerate(S2)]
     train.main(half + ["--model", name, "--out", b] + assets)
     train.main(S2 + ["--model", name, "--out", b, "--resume"] + assets)
-    ca = torch.load(os.path.join(a, "stage2.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage2.pt"), weights_only=False)
+    _, cb = assert_checkpoints_equal(os.path.join(a, "stage2.pt"), os.path.join(b, "stage2.pt"),
+                                     ("generator", "fake", "ema", "stage1_ema", "stage1_fake"))
     assert cb["epoch"] == 2
-    for key in ("generator", "fake", "ema", "stage1_ema", "stage1_fake"):
-        assert ca[key].keys() == cb[key].keys()
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
     assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
 
 
