@@ -134,9 +134,9 @@ def print_toy_table(results, sigmas):
 # 4. Image evaluation
 # ---------------------------------------------------------------------------------------------
 
-# The official inference protocol: the generator samples 4 steps [1000, 750, 500, 250] (shifted),
-# CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per prompt line, at 1024 px for all
-# three backbones (even SD3.5-M and FLUX.2, which trained at 512; configs/inference/*.yaml).
+# The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
+# [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
+# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512).
 # Teacher rows use "their standard multi-step settings" (the official README): SD3-M is reported at
 # 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
 # backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
@@ -542,7 +542,7 @@ def get_args(argv=None):
     g.add_argument("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl "
                    "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
     g.add_argument("--max-prompts", type=int, default=0, help="first N prompts, 0 = all (the "
-                   "official YAMLs truncate to 64; the paper tables presumably use all)")
+                   "configs/inference/*.yaml of the official code truncate to 64)")
     g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
                    "each with weight 1 (geneval, hpsv3, ocr are not implemented)")
