@@ -21,13 +21,13 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    Stage 1 (this file) trains the first term alone (beta -> 0); stage 2 (subgrpo.py) adds the
    second. `kl_split_check` verifies the identity by quadrature on a 1-D example.
 
-2. The step-k objective and the sub-interval kernel (paper App. B)      `renoise`, `subinterval_coeffs`
-   -------------------------------------------------------------
+2. The step-k objective and the sub-interval kernel (paper App. B)                     `renoise`
+   ----------------------------------------------------------------
    Step k of the sampler maps level sigma_k to s = sigma_{k+1}. AC-DMD asks that the marginal
    q_k of its output x_s equals the teacher's marginal p_s. It compares the two after noising
    further to a level t > s with the exact forward kernel of the flow:
 
-       x_t = a_ts x_s + sigma_ts n,   a_ts = (1-t)/(1-s),   sigma_ts^2 = t^2 - a_ts^2 s^2,   n ~ N(0, I).
+       x_t = a_ts x_s + sigma_ts n,  a_ts = (1-t)/(1-s),  sigma_ts^2 = t^2 - a_ts^2 s^2,  n ~ N(0, I).
 
    Why this kernel: if x_s = (1-s) x0 + s e (models.py, section 1), then
    a_ts x_s + sigma_ts n = (1-t) x0 + (a_ts s e + sigma_ts n), and the bracket is Gaussian with
@@ -63,8 +63,8 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    rtdmd/trainers/ac_dmd_trainer.py, `_update_generator`; rtdmd/trainers/dmd_trainer.py,
    `dmd_loss`.)
 
-4. The fake score: ambient denoising score matching (paper App. D)   `ambient_target`, `fake_score_loss`
-   -------------------------------------------------------
+4. The fake score: ambient denoising score matching (paper App. D)              `ambient_target`
+   -----------------------------------------------------------------
    The fake score never sees clean data of intermediate steps, only x_s. It regresses f(x_t, t) on
 
        T = -x_s/(1-s) + k n,     k = [t + (1-t) s^2/(1-s)^2] / sigma_ts.

@@ -101,7 +101,8 @@ Its settings are in configs/rtdmd/*.yaml.
    - DM: the surrogate's gradient is g / (B D) (acdmd.py, section 3), and E[g] is a positive
      multiple of the data-space KL gradient. For the final step of a Gaussian generator N(m, s^2 I)
      against a teacher N(mu, s^2 I): E[g] = C (m - mu) = C s^2 grad_m KL, with
-     C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ] over the law of t. So the DM term is (w_dm C s^2 / D) grad KL.
+     C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ] over the law of t. So the DM term is
+     (w_dm C s^2 / D) grad KL.
    - BP: with the hinge active, exactly -w_bp times the path-wise part of grad E[r].
    - PG: with the exact log-prob and un-normalised advantages r - (group mean), -w_pg (1 - 1/N) f
      times the score-function part (N = group size: the group mean includes the sample itself;
@@ -130,8 +131,9 @@ Its settings are in configs/rtdmd/*.yaml.
    SubGRPO's 2 of 3, 1 with --all-steps).
    a. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
           v_T(x, sigma) = (x - E[x0|x]) / sigma,  slope lambda = (1 - (1-sigma) s^2 / V) / sigma,
-      V = (1-sigma)^2 s^2 + sigma^2. The CPS mean (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)
-      (sample.cps_mean_std; s' = next sigma) moves by  c_k b  for a velocity shift b and by
+      V = (1-sigma)^2 s^2 + sigma^2. The CPS mean
+      (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)  (sample.cps_mean_std; s' = next sigma)
+      moves by  c_k b  for a velocity shift b and by
       A_k delta for an input shift delta:
           c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
           A_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
