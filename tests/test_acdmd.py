@@ -334,7 +334,7 @@ def fake_score_sub_interval(mix, s, N=200_000, seed=6):
     x_s = mix.sample(c, s, generator=g).double()
     tau = acdmd.sample_renoise_timesteps(s, N, generator=g)
     n = torch.randn(N, 2, generator=g, dtype=torch.float64)
-    t = (tau / 1000).double()
+    t = models.timestep_to_sigma(tau).double()
     return c, x_s, t, n, acdmd.renoise(x_s, s, t, n)
 
 
