@@ -22,9 +22,9 @@ def test_kl_split_check_holds_numerically():
     reward = lambda x: -0.5 * (x - 1) ** 2 + torch.sin(x)
     for beta in (0.0, 0.5, 2.0):
         lhs, rhs = acdmd.kl_split_check(normal(0.3, 0.8), normal(0.0, 1.0), reward, beta, grid)
-        assert lhs == pytest.approx(rhs, abs=1e-8)
+        assert lhs == pytest.approx(rhs, abs=1e-8), f"beta {beta}: KL(p_G||p~) != KL(p_G||p_T) - beta E[r] + log Z"
     lhs, _ = acdmd.kl_split_check(normal(0.3, 0.8), normal(0.0, 1.0), reward, 2.0, grid)
-    assert lhs > 0.05  # the tilted KL is not trivially zero
+    assert lhs > 0.05, "the tilted KL is trivially zero: the check would prove nothing"
 
 
 def test_renoise_subinterval_kernel_reproduces_exact_marginal(mix):
@@ -42,12 +42,13 @@ def test_renoise_subinterval_kernel_reproduces_exact_marginal(mix):
         second = ((1 - t) ** 2 * (w[:, None, None] * mix.means[:, :, None] * mix.means[:, None, :]).sum(0)
                   + ((1 - t) ** 2 * (w * mix.stds ** 2).sum() + t ** 2) * torch.eye(2, dtype=torch.float64))
         cov = second - mean[:, None] * mean[None, :]
-        assert torch.allclose(x_t.mean(0), mean, atol=0.01)
-        assert torch.allclose(torch.cov(x_t.T), cov, atol=0.02)
+        assert torch.allclose(x_t.mean(0), mean, atol=0.01), f"s {s}, t {t}: renoised mean is not p_t's"
+        assert torch.allclose(torch.cov(x_t.T), cov, atol=0.02), f"s {s}, t {t}: renoised covariance is not p_t's"
     # a wrong kernel (forgetting the a_ts rescale) is detectably off
     x_s = mix.sample(c, 0.5, generator=g).double()
     wrong = x_s + math.sqrt(0.8 ** 2 - 0.5 ** 2) * torch.randn(N, 2, generator=g, dtype=torch.float64)
-    assert (wrong.mean(0) - (1 - 0.8) * (mix.weights[0][:, None] * mix.means).sum(0)).abs().max() > 0.1
+    assert (wrong.mean(0) - (1 - 0.8) * (mix.weights[0][:, None] * mix.means).sum(0)).abs().max() > 0.1, \
+        "a kernel without the a_ts rescale passes: the check cannot tell right from wrong"
 
 
 def ambient_residual_moments(mix, s, t, target_fn, N=400_000, seed=1):
@@ -70,7 +71,7 @@ def ambient_residual_moments(mix, s, t, target_fn, N=400_000, seed=1):
 @pytest.mark.parametrize("s,t", [(0.0, 0.5), (0.5, 0.7), (0.75, 0.95)])
 def test_ambient_target_conditional_mean_is_exact_velocity(mix, s, t):
     m, se = ambient_residual_moments(mix, s, t, acdmd.ambient_target)
-    assert (m.abs() < 5 * se + 1e-3).all(), (m, se)
+    assert (m.abs() < 5 * se + 1e-3).all(), f"E[T | x_t] is not the exact velocity: residual moments {m}, errors {se}"
 
 
 def test_ambient_target_without_correction_term_is_biased(mix):
@@ -80,7 +81,7 @@ def test_ambient_target_without_correction_term_is_biased(mix):
         _, sig = acdmd.subinterval_coeffs(torch.tensor(s), torch.tensor(t))
         return -x_s / (1 - s) + t / sig * n
     m, se = ambient_residual_moments(mix, 0.5, 0.7, wrong)
-    assert (m.abs() > 10 * se).any()
+    assert (m.abs() > 10 * se).any(), "a target without the correction term passes: the check is blind"
 
 
 def test_fake_loss_weight_is_min_one_ten_sigma_sq():
@@ -89,8 +90,9 @@ def test_fake_loss_weight_is_min_one_ten_sigma_sq():
     t = torch.tensor([0.1, 0.9, 0.55, 0.98])
     _, sig = acdmd.subinterval_coeffs(s, t)
     w = acdmd.fake_loss_weight(s, t, x).flatten()
-    assert torch.allclose(w, torch.clamp(10 * sig ** 2, max=1.0), atol=1e-6)
-    assert torch.allclose(acdmd.fake_loss_weight(s, t, x, move_scale_out=False).flatten(), torch.ones(4))
+    assert torch.allclose(w, torch.clamp(10 * sig ** 2, max=1.0), atol=1e-6), "weight is not min(1, 10 sigma_ts^2)"
+    assert torch.allclose(acdmd.fake_loss_weight(s, t, x, move_scale_out=False).flatten(), torch.ones(4)), \
+        "move_scale_out=False does not give the unweighted loss"
 
 
 def test_dmd_direction_is_kappa_times_velocity_gap_over_scale(mix):
@@ -105,15 +107,15 @@ def test_dmd_direction_is_kappa_times_velocity_gap_over_scale(mix):
         xr = sample.cps_step(x_t, v_r, tt, s, eta, z)
         xf = sample.cps_step(x_t, v_f, tt, s, eta, z)
         kappa = s * math.cos(eta * math.pi / 2) * (1 - t) - (1 - s) * t
-        assert kappa < 0
-        assert torch.allclose(xf - xr, kappa * (v_f - v_r), atol=1e-5)
+        assert kappa < 0, "kappa must be negative for t > s"
+        assert torch.allclose(xf - xr, kappa * (v_f - v_r), atol=1e-5), "with shared noise the gap is not kappa (v_f - v_r)"
         # normalised direction and the surrogate's gradient g / (B D)
         x_s = torch.randn(64, 2, requires_grad=True)
         g = acdmd.dmd_direction(x_s, xr, xf)
         scale = (x_s.detach() - xr).abs().mean(1, keepdim=True)
-        assert torch.allclose(g.float(), (xf - xr) / scale, atol=1e-5)
+        assert torch.allclose(g.float(), (xf - xr) / scale, atol=1e-5), "g is not normalised by mean|x_s - x_s^real|"
         acdmd.dmd_surrogate(x_s, g).backward()
-        assert torch.allclose(x_s.grad, (g / g.numel()).float(), atol=1e-7)
+        assert torch.allclose(x_s.grad, (g / g.numel()).float(), atol=1e-7), "the surrogate's gradient is not g / (B D)"
 
 
 def test_generator_loss_moves_samples_toward_teacher(mix):
@@ -134,8 +136,8 @@ def test_generator_loss_moves_samples_toward_teacher(mix):
     loss, _ = acdmd.generator_loss(bb, fake, x_s, 0.0, t, x_t, cond, null, 1.0)
     loss.backward()
     step = -x_s.grad * N * 2  # gradient descent direction, per sample
-    assert step[:, 0].mean() < -0.1  # pushes x back toward the teacher (-x direction)
-    assert abs(step[:, 1].mean()) < 0.1
+    assert step[:, 0].mean() < -0.1, "the generator step does not move x_s back toward the teacher"
+    assert abs(step[:, 1].mean()) < 0.1, "the generator step moves x_s sideways"
 
 
 def test_consistency_two_sample_unbiased_for_perturbed_field(mix):
@@ -164,11 +166,12 @@ def test_consistency_two_sample_unbiased_for_perturbed_field(mix):
         h2 = x2 - 0.45 * f(x2, t_p, c)
         ests.append(acdmd.consistency_two_sample(h0, h1, h2).item())
     ests = torch.tensor(ests)
-    assert defect > 1e-3
-    assert abs(ests.mean().item() - defect) < 4 * ests.std().item() / math.sqrt(len(ests)) + 2e-4
+    assert defect > 1e-3, "the perturbed field has no defect: the check would prove nothing"
+    assert abs(ests.mean().item() - defect) < 4 * ests.std().item() / math.sqrt(len(ests)) + 2e-4, \
+        "the two-sample estimator is biased"
     # the one-sample MSE is biased upward by Var[h(x')]
     mse = (h.view(inner, A, 2)[0] - h0).pow(2).mean().item()
-    assert mse > 3 * defect
+    assert mse > 3 * defect, "the one-sample MSE shows no variance bias"
 
 
 def test_consistency_two_sample_vanishes_for_exact_velocity_under_exact_reverse_kernel(mix):
@@ -197,23 +200,25 @@ def test_consistency_two_sample_vanishes_for_exact_velocity_under_exact_reverse_
 
     exact = torch.tensor([acdmd.consistency_two_sample(h0, h(exact_reverse()), h(exact_reverse())).item()
                           for _ in range(R)])
-    assert abs(exact.mean().item()) < 4 * exact.std().item() / math.sqrt(R)
+    assert abs(exact.mean().item()) < 4 * exact.std().item() / math.sqrt(R), \
+        "the exact denoiser has a defect under the exact reverse kernel"
     # under the CPS kernel the same exact denoiser has a small but non-zero defect (sample.py, section 1)
     v = mix.velocity(x_t, tt, c)
     cps = torch.tensor([acdmd.consistency_two_sample(
         h0, h(sample.cps_step(x_t, v, tt, tp, 0.9)), h(sample.cps_step(x_t, v, tt, tp, 0.9))).item()
         for _ in range(R)])
-    assert cps.mean().item() > 4 * cps.std().item() / math.sqrt(R)
+    assert cps.mean().item() > 4 * cps.std().item() / math.sqrt(R), \
+        "the exact denoiser shows no defect under the CPS kernel"
 
 
 def test_sample_renoise_timesteps_range_and_clamp():
     g = torch.Generator().manual_seed(0)
     tau = acdmd.sample_renoise_timesteps(0.9, 100_000, generator=g)
-    assert tau.min() >= 910 - 1e-3 and tau.max() <= 980 + 1e-3
+    assert tau.min() >= 910 - 1e-3 and tau.max() <= 980 + 1e-3, "s = 0.9: tau outside [910, 980]"
     # s = 0.9: tau ~ U[910, 1000] clamped at 980, so 20/90 of the draws sit on the clamp
-    assert (tau == 980).float().mean().item() == pytest.approx(20 / 90, abs=0.01)
+    assert (tau == 980).float().mean().item() == pytest.approx(20 / 90, abs=0.01), "wrong mass on the 980 clamp"
     tau = acdmd.sample_renoise_timesteps(0.0, 100_000, generator=g)
-    assert tau.min() >= 20 and tau.max() <= 980
+    assert tau.min() >= 20 and tau.max() <= 980, "s = 0: tau outside [20, 980]"
 
 
 def toy_bb(mix):
@@ -322,7 +327,7 @@ def test_consistency_loss_equals_closed_form_defect_of_perturbed_field(mix):
     est, tt = consistency_repeats(mix, OffsetVelocity(mix, offset))
     se = est.std().item() / math.sqrt(len(est))
     expected = offset_defect(tt, offset)
-    assert expected > 10 * se
+    assert expected > 10 * se, "the offset's defect is lost in Monte-Carlo noise"
     assert abs(est.mean().item() - expected) < 4 * se, \
         f"the consistency loss of an offset velocity is {est.mean().item():.2e}, not its defect {expected:.2e}"
 
@@ -356,7 +361,7 @@ def test_fake_score_loss_excess_of_perturbed_field_is_weighted_square_of_perturb
     v = mix.velocity(x_t, t, c).double()
     cross = 2 * w * d * (v - acdmd.ambient_target(x_s, n, s, t))
     se = cross.sum(1).std().item() / math.sqrt(len(t)) / 2
-    assert excess > 10 * se
+    assert excess > 10 * se, "the perturbation is lost in Monte-Carlo noise"
     assert abs((worse - exact).item() - excess) < 4 * se, \
         "the fake-score loss is not minimised by the exact velocity of the noised marginal"
 
@@ -376,6 +381,6 @@ def test_fake_score_loss_consistency_term_vanishes_only_for_exact_velocity(mix):
     assert abs(out["exact"].mean().item()) < 4 * se["exact"], \
         "the exact velocity shows a consistency defect inside fake_score_loss"
     expected = offset_defect(t, offset)
-    assert expected > 10 * se["offset"]
+    assert expected > 10 * se["offset"], "the offset's defect is lost in Monte-Carlo noise"
     assert abs(out["offset"].mean().item() - expected) < 4 * se["offset"], \
         "the consistency term inside fake_score_loss is not the offset velocity's defect"
