@@ -746,12 +746,14 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
     # self-attention (attn2, MMDiT-X) out, as in the official target list.
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    # FLUX.2: the double-stream projections and the single-stream fused qkv+mlp projection ...
+    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
+    # single-stream output projection of blocks 0-19 only. The same list in both stages, for the
+    # generator and the fake score alike (official code: configs/cold_start/flux2_4b.yaml and
+    # configs/rtdmd/flux2_4b.yaml, generator_lora and fake_score_lora).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-              "to_add_out", "to_qkv_mlp_proj"),
+              "to_add_out", "to_qkv_mlp_proj")
+             + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
 }
-# ... plus, in stage 1 only, the single-stream output projection of blocks 0-19.
-FLUX2_STAGE1_EXTRA = tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20))
 
 
 class LoRALinear(nn.Linear):
@@ -783,10 +785,10 @@ class LoRALinear(nn.Linear):
 
 
 def lora_targets(net, family, stage=1):
-    """Names of the Linear modules of `net` that get a LoRA (ALGORITHM.md 4.1 / 5.1)."""
+    """Names of the Linear modules of `net` that get a LoRA. The lists are the same in stage 1 and
+    stage 2 for every family (official code: configs/cold_start/*.yaml and configs/rtdmd/*.yaml);
+    `stage` only documents the caller's intent."""
     suffixes = LORA_TARGETS[family]
-    if family == "flux2" and stage == 1:
-        suffixes += FLUX2_STAGE1_EXTRA
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
 
