@@ -314,7 +314,7 @@ class ToyBackbone:
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
         path = None if cache_dir is None else os.path.join(cache_dir, f"toy_base_w{width}.pt")
         if path is not None and os.path.exists(path):
-            ck = torch.load(path, map_location="cpu")
+            ck = load_checkpoint(path)
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"])
             self.base.load_state_dict(ck["state_dict"])
         else:
@@ -920,7 +920,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
         if not stages:
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
-    ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
+    ck = load_checkpoint(os.path.join(run_dir, f"stage{stage}.pt"))
     args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
                 generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
                 lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
@@ -934,3 +934,77 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     lost = [k for k in missing if ".lora_" in k]  # a LoRA the checkpoint should have held
     assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
     return bb, net.eval().requires_grad_(False), stage
+
+# ---------------------------------------------------------------------------------------------
+# 6. Run-folder checkpoints and prompt files
+# ---------------------------------------------------------------------------------------------
+
+# A run folder may come from someone else (a student's, a downloaded one), and a pickle can run
+# any code while it loads. So every checkpoint of a run folder is read with torch's restricted
+# unpickler (weights_only=True): tensors, dicts, lists, str, int, float, bool, None only. The
+# checkpoints train.py writes hold nothing else (RNG states are uint8 tensors, configs plain).
+
+
+def load_checkpoint(path):
+    """torch.load(path) that never executes code from the file. A checkpoint holding any other
+    Python object is refused with one line saying so (pickle.UnpicklingError, a ValueError)."""
+    import pickle
+    import re
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))  # torch names the culprit
+        what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors"
+        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when "
+                         "unpickled; it was not written by train.py (or was changed since); "
+                         "only open run folders you trust") from None
+
+
+# Training and evaluation prompts (official code: rtdmd/data/prompt_dataset.py):
+#   .txt    one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets);
+#   .jsonl  one JSON object a line with a "prompt" field; its other fields are that prompt's
+#           metadata (GenEval's train_metadata.jsonl / test_metadata.jsonl: tag, include, ...),
+#           which the GenEval reward needs to score the image.
+# Blank lines are skipped. metadata is always a list aligned with the prompts ({} for .txt), and
+# a reward is called as reward(images, prompts, metadata=None).
+
+
+def read_prompt_file(path):
+    """(prompts: list[str], metadata: list[dict]) of a .txt or .jsonl prompt file. Raises a
+    one-line FileNotFoundError / ValueError for a missing or empty file, a .json file, a .jsonl
+    line that is not a JSON object or has no string "prompt"."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
+                                ".jsonl (a \"prompt\" field a line)")
+    if path.endswith(".json"):
+        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or "
+                         ".jsonl (one JSON object with a \"prompt\" field a line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [(i + 1, line.strip()) for i, line in enumerate(f) if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path} holds no prompts (it is empty or blank)")
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines], [{} for _ in lines]
+    import json
+    prompts, metadata = [], []
+    for n, line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl "
+                             "line must be an object like {\"prompt\": \"a photo of a cat\", ...}")
+        prompts.append(rec.pop("prompt"))
+        metadata.append(rec)
+    return prompts, metadata
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
