@@ -42,6 +42,8 @@ Read this file first; every other file uses its conventions.
        bb.noise(n, generator)   Tensor[n, *latent_shape] of N(0, I) in float32
        bb.decode(x)             images [B, 3, H, W] in [0, 1], differentiable
        bb.prompts               list[str], the default training prompts
+       bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
+                                unless the prompts came from a .jsonl, see read_prompt_file)
 
    plus `cfg_velocity` below for the classifier-free-guided teacher.
 """
@@ -453,12 +455,17 @@ class DiffusersBackbone:
     """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, noise."""
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
-                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None, **unused):
+                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None,
+                 prompt_metadata=None, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.prompts = list(prompts or DEFAULT_PROMPTS)
+        # one dict per training prompt (read_prompt_file: a .jsonl line's other fields), for the
+        # rewards that score against it (GenEval)
+        self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
+        assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
         # cast the transformer by hand: without accelerate, diffusers 0.42.1's
         # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
         pipe.transformer.to(dtype)
