@@ -104,6 +104,13 @@ def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
     return states
 
 
+def random_stop(num_steps, rng):
+    """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every sampler step
+    k = stop - 1 is trained equally often. `rng` is a torch.Generator that every rank shares, so
+    all ranks train the same step in an iteration (same numbers as a broadcast from rank 0)."""
+    return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
+
+
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
     """Stage-1 backward simulation with random stop (ALGORITHM.md 3.3).
 

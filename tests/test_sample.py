@@ -104,3 +104,13 @@ def test_rollout_returns_all_states():
     bb = models.ToyBackbone(pretrain_steps=1)
     states = sample.rollout(bb, bb.base, bb.noise(5), bb.encode(["ring"] * 5))
     assert len(states) == 5 and all(s.shape == (5, 2) for s in states)
+
+
+def test_random_stop_is_uniform_over_steps():
+    # 4 steps, 40 000 draws: each stop in {1, 2, 3, 4} has frequency 1/4 (binomial sd 0.0022), and
+    # nothing else occurs (0 would train no step, 5 would run past the last level).
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample.random_stop(4, rng) for _ in range(40_000)])
+    assert set(draws.tolist()) == {1, 2, 3, 4}, "random_stop must return 1..num_steps only"
+    freq = torch.bincount(draws, minlength=5)[1:].double() / len(draws)
+    assert (freq - 0.25).abs().max() < 0.01, f"stop frequencies {freq.tolist()} are not uniform"
