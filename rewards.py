@@ -634,7 +634,8 @@ class MultiReward:
         self.cache = share.cache if share is not None else {}
         self.scorers = make_scorers(self.weights, sources, self.cache)
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, metadata=None):
+        # metadata (one dict per prompt, models.read_prompt_file) is for the scorers that read it
         if self.quantize:
             images = quantize_uint8(images)
         out = {}
