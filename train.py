@@ -927,7 +927,8 @@ class UpdateGuard:
         """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
         gradient norm is not finite. Returns the gradient norm (float, before clipping)."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        ok = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(float(loss), device=norm.device))
+        loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        ok = torch.isfinite(norm) & torch.isfinite(torch.tensor(loss, device=norm.device))
         if dist.is_initialized():  # a rank-local inf loss with a finite gradient: all ranks skip
             ok = ok.float()
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from reward_assets import build_reward_assets, cli_args
-from tiny import load_tiny, tiny_dir  # noqa: F401  (pytest fixtures)
+from tiny import PROMPT_FILE, load_tiny, tiny_dir  # noqa: F401  (pytest fixtures)
 import eval as E
 import models
 import rewards
@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory):
     """A tiny-sd3 stage-1 run folder written by train.py (2 iterations)."""
     d = str(tmp_path_factory.mktemp("runs") / "tiny")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--stage", "1", "--model", "tiny-sd3", "--out", d, "--steps", "2",
+        train.main(["--stage", "1", "--model", "tiny-sd3", "--out", d, "--steps", "2", "--prompts", PROMPT_FILE,
                     "--batch-size", "2", "--fake-update-ratio", "1"])
     return d
 

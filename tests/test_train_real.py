@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tiny import TINY, tiny_dir  # noqa: F401  (pytest fixture)
+from tiny import PROMPT_FILE, TINY, tiny_dir  # noqa: F401  (pytest fixture)
 from test_train import free_port
 import models
 import sample
@@ -20,7 +20,7 @@ from checks import assert_checkpoints_equal, assert_states_equal
 pytestmark = pytest.mark.slow
 # 32 px, 2 images, 4 iterations with a generator step every 2nd: both updates run twice. A large
 # lr and a short EMA make the trained LoRAs differ visibly from their initial values.
-ARGS = ["--steps", "4", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
+ARGS = ["--prompts", PROMPT_FILE, "--steps", "4", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
         "--grad-ckpt", "1", "--bf16", "1", "--log-every", "1", "--lr-gen", "1e-3",
         "--lr-fake", "1e-3", "--ema-decay", "0.5"]
 
@@ -144,7 +144,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    nets = train.main(["--stage", "1", "--model", "tiny-flux2", "--out", out, "--steps", "2",
+    nets = train.main(["--stage", "1", "--model", "tiny-flux2", "--out", out, "--steps", "2", "--prompts", PROMPT_FILE,
                        "--batch-size", "4", "--fake-update-ratio", "2", "--resolution", "32",
                        "--grad-ckpt", "1", "--bf16", "1", "--lr-gen", "1e-3", "--lr-fake", "1e-3"])
     # 2 per rank, one generator step
