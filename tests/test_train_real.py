@@ -79,7 +79,7 @@ def test_train_stage1_tiny_twin_trains_only_lora(runs, name):
         for k in ("fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm"):
             assert k not in r or torch.isfinite(torch.tensor(r[k])), (k, r)
     # checkpoint: LoRA tensors only, the EMA under the generator's names, and they trained
-    ck = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
+    ck = models.load_checkpoint(os.path.join(d, "stage1.pt"))
     for key in ("generator", "fake", "ema"):
         assert ck[key] and all(is_lora(k) for k in ck[key]), key
         assert all(v.dtype == torch.float32 for v in ck[key].values())

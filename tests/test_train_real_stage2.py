@@ -75,8 +75,8 @@ def test_train_stage2_tiny_twin_trains_only_the_fresh_lora(runs, name):
                   "grad_norm", "fake_grad_norm", "loss_pg", "loss_dm", "loss_bp"):
             assert torch.isfinite(torch.tensor(r[k])), (k, r)
         assert r["grad_norm"] > 0 and r["loss_bp"] > 0 and r["loss_dm"] > 0
-    ck1 = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
-    ck = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    ck1 = models.load_checkpoint(os.path.join(d, "stage1.pt"))
+    ck = models.load_checkpoint(os.path.join(d, "stage2.pt"))
     # stage2.pt: the new LoRA only, plus the stage-1 LoRAs it sits on (models.load_run's contract)
     for key in ("ema", "fake"):
         assert ck["stage1_" + key].keys() == ck1[key].keys()
@@ -142,12 +142,16 @@ def test_train_stage2_tiny_twin_reward_gradient_alone_reaches_generator(stage1, 
                          "--bp-batch-size", chunk] + assets)
         log = stage2_log(d)
         assert all(r["grad_norm"] > 0 and r["loss_pg"] == 0 and r["loss_dm"] == 0 for r in log)
-        steps[chunk] = (log, torch.load(os.path.join(d, "stage2.pt"), weights_only=False)["generator"])
+        steps[chunk] = (log, models.load_checkpoint(os.path.join(d, "stage2.pt"))["generator"])
     for r0, r1 in zip(steps["0"][0], steps["1"][0]):
         assert r1["grad_norm"] == pytest.approx(r0["grad_norm"], rel=1e-4)
         assert r1["loss_bp"] == pytest.approx(r0["loss_bp"], rel=1e-5)
+    # AdamW divides each element by its own gradient scale, so a float32 rounding difference in
+    # an element whose gradient is ~0 can move it by a visible fraction of lr (1e-3): 1.5e-6 was
+    # measured. A wrong chunked gradient flips whole elements (~1e-3), hence atol 1e-5.
     for k, v in steps["0"][1].items():
-        assert torch.allclose(steps["1"][1][k], v, atol=1e-6), k
+        diff = (steps["1"][1][k] - v).abs().max()
+        assert diff < 1e-5, f"{k}: the chunked back-prop step differs by {diff:.2e}"
 
 
 def test_train_stage2_tiny_twin_resume_is_exact(runs, stage1, assets, tmp_path):

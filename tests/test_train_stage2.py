@@ -57,8 +57,8 @@ def test_train_stage2_runs_and_logs(stage1_dir, tmp_path):
         assert key in log[-1], key
     assert abs(log[-1]["adv_mean"]) < 1e-4 and abs(log[-1]["adv_std"] - 1) < 1e-2  # standardised (5.5)
     assert abs(log[-1]["ratio_mean"] - 1) < 1e-5  # on-policy: the ratio is 1 at the sampling weights
-    s1 = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
-    s2 = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    s1 = models.load_checkpoint(os.path.join(d, "stage1.pt"))
+    s2 = models.load_checkpoint(os.path.join(d, "stage2.pt"))
     assert s2["epoch"] == 3
     assert any(not torch.equal(s1["ema"][k], s2["generator"][k]) for k in s2["generator"])
     assert any(not torch.equal(s1["fake"][k], s2["fake"][k]) for k in s2["fake"])
@@ -94,7 +94,7 @@ def test_train_stage2_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_pat
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "world 2" in out.stdout
-    ck = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    ck = models.load_checkpoint(os.path.join(d, "stage2.pt"))
     assert len(ck["replica_checksums"]) == 2
     assert ck["replica_checksums"][0] == ck["replica_checksums"][1]
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
