@@ -16,6 +16,7 @@ CLI:
     python sample.py --model tiny-sd3 --teacher                      (no run needed)
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -262,6 +263,45 @@ def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     return torch.cat(out)
 
 
+def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
+    """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher
+    (`steps` Euler steps with CFG: one batched call of 2n rows a step unless guidance is 1), on the
+    same prompts, resolution and batch (n images per prompt), each timed over `repeats` calls after
+    one warm-up call. Two views: the samplers alone (text already encoded, latents not decoded:
+    the part the 4-step generator shortens) and end to end (text encoding and VAE decoding too:
+    fixed costs both pay). Returns a dict of the numbers."""
+    cuda = bb.device.type == "cuda"
+    g = bb.guidance if guidance is None else guidance
+
+    def seconds(fn):
+        fn()  # warm-up: allocator, kernels, caches
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    x, rep = initial_noise(bb, prompts, n, seed=0)
+    batches = [(x[i:i + n], bb.encode(rep[i:i + n])) for i in range(0, len(rep), n)]
+    null, sigmas = bb.encode([""] * n), bb.teacher_sigmas(steps)
+    with torch.no_grad():
+        t = dict(generator_sampler=seconds(lambda: [rollout(bb, net, xb, c, eta=eta) for xb, c in batches]),
+                 teacher_sampler=seconds(lambda: [euler_sample(bb, bb.teacher, xb, sigmas, c, null, g)
+                                                  for xb, c in batches]),
+                 generator_end_to_end=seconds(lambda: generator_images(bb, net, prompts, n, eta=eta)),
+                 teacher_end_to_end=seconds(lambda: teacher_images(bb, prompts, n, steps=steps, guidance=g)))
+    images = len(prompts) * n
+    return dict(images=images, batch=n, resolution=getattr(bb, "resolution", None), repeats=repeats,
+                generator_nfe=len(bb.sigmas) - 1, teacher_nfe=steps * (1 if g == 1.0 else 2),
+                teacher_steps=steps, teacher_cfg=g, device=str(bb.device), dtype=str(bb.dtype),
+                **{f"{k}_images_per_s": images / v for k, v in t.items()},
+                speedup_sampler=t["teacher_sampler"] / t["generator_sampler"],
+                speedup_end_to_end=t["teacher_end_to_end"] / t["generator_end_to_end"])
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +323,13 @@ def main(argv=None):
     p.add_argument("--pretrained", default=None, help="teacher without --run: hub id or folder")
     p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
     p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
+    p.add_argument("--speed", action="store_true",
+                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch "
+                   "and print images/s and the speed-up; without --run, the generator's base network "
+                   "stands in for the generator (same architecture, same cost)")
     args = p.parse_args(argv)
-    if args.run is None and not (args.teacher and args.model):
-        p.error("pass --run RUN, or --teacher --model NAME to sample a teacher without a run")
+    if args.run is None and not ((args.teacher or args.speed) and args.model):
+        p.error("pass --run RUN, or --teacher --model NAME (or --speed --model NAME) without a run")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
@@ -296,6 +340,24 @@ def main(argv=None):
         bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
                          device=device, dtype=dtype)
     t_load = time.time() - t0
+
+    if args.speed:
+        if bb.name.startswith("toy"):
+            p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
+        net = net if args.run is not None else bb.generator_base
+        r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
+        print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
+              f"mean of {r['repeats']} after a warm-up; images/s, samplers alone | end to end:\n"
+              f"  generator, {r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
+              f"{r['generator_end_to_end_images_per_s']:.3f}\n"
+              f"  teacher, {r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE): "
+              f"{r['teacher_sampler_images_per_s']:.3f} | {r['teacher_end_to_end_images_per_s']:.3f}\n"
+              f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
+        out = args.out or os.path.join(args.run or os.path.join("samples", args.model), "speed.json")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(r, f, indent=2)
+        return r
 
     if bb.name == "toy":  # the toy keeps its scatter plot
         if args.run is None:

@@ -40,9 +40,11 @@ loop, then its two phases) -> stage 2 (the loop, then its four phases and their 
 shared helpers (EMA, checkpoints, logging, exported files).
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -127,6 +129,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="time N steps (after 2 warm-up steps) phase by phase against bare network passes; "
+                   "prints a table and writes profile_stage{1,2}.json (use a fresh --out)")
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
@@ -384,6 +389,8 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     null_cond = bb.encode([""] * B)
 
+    PROF.attach(args, profiled_networks(bb, generator, fake), device, step)
+
     print0(f"stage 1 (AC-DMD{', plain-DMD ablation' if args.plain_dmd else ''}) | model {args.model} | "
            f"world {world} x {B} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
            f"  fake step every iter, generator step every {args.fake_update_ratio} "
@@ -396,20 +403,25 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
 
     log, guard = RunLog(args, master, "stage 1", step), UpdateGuard(args, ckpt_path)
     while step < args.steps:
-        rec = {"stage": 1, "step": step + 1}
-        idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
-        cond = bb.encode([bb.prompts[i] for i in idx])
-        rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
-        if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
-            rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
-                                         autocast, guard)
-        ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
-        step += 1
-        log.record(guard.note(rec), step, fake=f"{rec['fake_loss']:.4f}")
-        guard.stop_if_stuck(f"iteration {step}")
-        if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
+        with PROF.step(step):
+            rec = {"stage": 1, "step": step + 1}
+            with PROF.phase("prompts"):
+                idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
+                cond = bb.encode([bb.prompts[i] for i in idx])
+            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
+            if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
+                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
+                                             autocast, guard)
+            with PROF.phase("EMA"):
+                ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
+            step += 1
+            log.record(guard.note(rec), step, fake=f"{rec['fake_loss']:.4f}")
+            guard.stop_if_stuck(f"iteration {step}")
+            if step % args.save_every == 0 or step == args.steps:
+                with PROF.phase("checkpoint"):
+                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
     log.close()
+    PROF.report(1, autocast, master)
     write_samples_and_exports(args, bb, ema, 1, master)
     return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
 
@@ -428,18 +440,19 @@ def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocas
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
     B = len(next(iter(cond.values())))
     stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
-    with torch.no_grad(), autocast:
+    with PROF.phase("backward simulation"), torch.no_grad(), autocast:
         sim = sample.backward_simulation(bb, raw(generator), bb.noise(B), cond, stop, eta=args.eta)
-    x_s, s = subinterval_start(sim, args.plain_dmd)
-    tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
-    t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
-    with autocast:
-        loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
-                                              args.move_scale_out, args.consistency_weight, args.eta,
-                                              generator=shared_rng)
-    opt_f.zero_grad(set_to_none=True)
-    loss_f.backward()
-    grad_norm = guard.step("fake score", opt_f, trainable(fake), loss_f, args.grad_clip)
+    with PROF.phase("fake-score update"):
+        x_s, s = subinterval_start(sim, args.plain_dmd)
+        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
+        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
+        with autocast:
+            loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
+                                                  args.move_scale_out, args.consistency_weight, args.eta,
+                                                  generator=shared_rng)
+        opt_f.zero_grad(set_to_none=True)
+        loss_f.backward()
+        grad_norm = guard.step("fake score", opt_f, trainable(fake), loss_f, args.grad_clip)
     return {"fake_grad_norm": grad_norm, "fake_loss": loss_f.item(), "fake_stop": stop} | stats
 
 
@@ -449,17 +462,18 @@ def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, sha
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
     B = len(next(iter(cond.values())))
     stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
-    with autocast:
+    with PROF.phase("backward simulation"), autocast:
         sim = sample.backward_simulation(bb, generator, bb.noise(B), cond, stop, eta=args.eta)
-    x_s, s = subinterval_start(sim, args.plain_dmd)
-    tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
-    t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
-    with autocast:
-        loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
-                                             args.guidance, args.eta, args.grad_norm)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    grad_norm = guard.step("generator", opt_g, trainable(generator), loss_g, args.grad_clip)
+    with PROF.phase("generator update"):
+        x_s, s = subinterval_start(sim, args.plain_dmd)
+        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
+        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
+        with autocast:
+            loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
+                                                 args.guidance, args.eta, args.grad_norm)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        grad_norm = guard.step("generator", opt_g, trainable(generator), loss_g, args.grad_clip)
     return {"gen_grad_norm": grad_norm, "gen_loss": loss_g.item(), "gen_stop": stop} | stats
 
 
@@ -512,6 +526,8 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
     # this fixed count, also when a term is ablated, so the ablations keep the weights' scale.
     accumulation = num_batches * trained_per_epoch
 
+    PROF.attach(args, profiled_networks(bb, generator, fake), device, epoch)
+
     print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
            f"reward {', '.join(weights)} | world {world}\n"
            f"  per sampling iter: {args.batch_size // group} prompts x K {group} = {args.batch_size} images "
@@ -529,33 +545,42 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
 
     log, guard = RunLog(args, master, "stage 2", epoch), UpdateGuard(args, ckpt_path)
     while epoch < args.steps:
-        steps = list(range(final)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, final)
-        rollouts = stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, rank, world,
-                                   autocast)
-        rec = {"stage": 2, "epoch": epoch + 1, "steps": steps}
-        rec |= stage2_advantages(args, rollouts, weights, rank, world)
-        rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard)
-        rec |= stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond, (w_pg, w_dm, w_bp),
-                                     bp_fn, weights, accumulation, epoch, rank, world, autocast)
-        # The official trainer calls its EMA after every sub-batch; the calls that fire apply
-        # ema <- d ema + (1 - d) theta, nb times in all every 8th step, so the stage-2 EMA trails
-        # the weights by ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays). The
-        # epoch's one optimiser step sits between its calls 1..nb-1 and its last one.
-        before, after = subgrpo.stage2_ema_decays(epoch, num_batches, max_decay=args.ema_decay)
-        if args.ema_schedule == "once":  # the nominal reading: one update per firing, after the step
-            before, after = [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
-        for d in before:
-            ema_update(ema, generator, d)
-        loss = rec["loss_pg"] + rec["loss_dm"] + rec["loss_bp"]
-        rec["grad_norm"] = guard.step("generator", opt_g, trainable(generator), loss, args.grad_clip)
-        for d in after:
-            ema_update(ema, generator, d)
-        epoch += 1
-        log.record(guard.note(rec), epoch, reward=f"{rec['reward_mean']:.3f}")
-        guard.stop_if_stuck(f"epoch {epoch}")
-        if epoch % args.save_every == 0 or epoch == args.steps:
-            save_checkpoint(ckpt_path, {"epoch": epoch}, nets, opts, shared_rng, args, world, master, stage1)
+        with PROF.step(epoch):
+            steps = list(range(final)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, final)
+            rollouts = stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, rank, world,
+                                       autocast)
+            rec = {"stage": 2, "epoch": epoch + 1, "steps": steps}
+            with PROF.phase("advantages"):
+                rec |= stage2_advantages(args, rollouts, weights, rank, world)
+            with PROF.phase("fake-score step"):
+                rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard)
+            rec |= stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond, (w_pg, w_dm, w_bp),
+                                         bp_fn, weights, accumulation, epoch, rank, world, autocast)
+            # The official trainer calls its EMA after every sub-batch; the calls that fire apply
+            # ema <- d ema + (1 - d) theta, nb times in all every 8th step, so the stage-2 EMA trails
+            # the weights by ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays). The
+            # epoch's one optimiser step sits between its calls 1..nb-1 and its last one.
+            before, after = subgrpo.stage2_ema_decays(epoch, num_batches, max_decay=args.ema_decay)
+            if args.ema_schedule == "once":  # the nominal reading: one update per firing, after the step
+                before, after = [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
+            with PROF.phase("EMA"):
+                for d in before:
+                    ema_update(ema, generator, d)
+            with PROF.phase("optimiser step"):
+                loss = rec["loss_pg"] + rec["loss_dm"] + rec["loss_bp"]
+                rec["grad_norm"] = guard.step("generator", opt_g, trainable(generator), loss, args.grad_clip)
+            with PROF.phase("EMA"):
+                for d in after:
+                    ema_update(ema, generator, d)
+            epoch += 1
+            log.record(guard.note(rec), epoch, reward=f"{rec['reward_mean']:.3f}")
+            guard.stop_if_stuck(f"epoch {epoch}")
+            if epoch % args.save_every == 0 or epoch == args.steps:
+                with PROF.phase("checkpoint"):
+                    save_checkpoint(ckpt_path, {"epoch": epoch}, nets, opts, shared_rng, args, world, master,
+                                    stage1)
     log.close()
+    PROF.report(2, autocast, master)
     write_samples_and_exports(args, bb, ema, 2, master)
     return {"generator": generator, "fake": fake, "ema": ema}
 
@@ -578,11 +603,12 @@ def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, ra
         per_iteration.append(idx.tolist())
         mine = per_iteration[-1][rank * B:(rank + 1) * B]
         prompts = [bb.prompts[i] for i in mine]
-        cond = bb.encode(prompts)
-        with torch.no_grad(), autocast:
-            out = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, prompts, steps, epoch,
-                                               args.eta, args.shared_noise, args.logprob)
-        with torch.no_grad():
+        with PROF.phase("rollouts"):
+            cond = bb.encode(prompts)
+            with torch.no_grad(), autocast:
+                out = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, prompts, steps,
+                                                   epoch, args.eta, args.shared_noise, args.logprob)
+        with PROF.phase("rewards"), torch.no_grad():
             images = bb.decode(out["x0"])
             out["rewards"] = reward_fn(images, prompts) if metadata is None else \
                 reward_fn(images, prompts, metadata=[metadata[i] for i in mine])
@@ -633,7 +659,8 @@ def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard):
         for k, v in stats.items():
             rec[k] = rec.get(k, 0.0) + v * share
     params = trainable(fake)
-    allreduce_grads(params, world)
+    with PROF.phase("gradient all-reduce"):
+        allreduce_grads(params, world)
     rec["fake_grad_norm"] = guard.step("fake score", opt_f, params, rec["fake_loss"], args.grad_clip)
     return rec
 
@@ -665,28 +692,34 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
             loss = 0.0
             with autocast:
                 if j != final and w_pg:  # score-function part: PPO on a stochastic step
-                    log_prob = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sigmas[j], sigmas[j + 1],
-                                                           cond, args.eta, args.logprob)
-                    l_pg, stats = subgrpo.ppo_loss(log_prob, rollouts["log_probs"][i, j], adv[i], args.clip_range)
-                    loss = w_pg * l_pg
-                    ppo_stats.append(stats)
-                    rec["loss_pg"] += loss.item() / args.num_batches_per_epoch
+                    with PROF.phase("PPO terms"):
+                        log_prob = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sigmas[j],
+                                                               sigmas[j + 1], cond, args.eta, args.logprob)
+                        l_pg, stats = subgrpo.ppo_loss(log_prob, rollouts["log_probs"][i, j], adv[i],
+                                                       args.clip_range)
+                        loss = w_pg * l_pg
+                        ppo_stats.append(stats)
+                        rec["loss_pg"] += loss.item() / args.num_batches_per_epoch
                 elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
-                    x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
-                    if w_dm:
-                        t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
-                        l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
-                                                       args.guidance, args.eta, args.grad_norm)
-                        loss = loss + w_dm * l_dm
-                        rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
+                    with PROF.phase("final step + DM term"):
+                        x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
+                        if w_dm:
+                            t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
+                            l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
+                                                           args.guidance, args.eta, args.grad_norm)
+                            loss = loss + w_dm * l_dm
+                            rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
                     if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
-                        l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
-                                                   args.bp_batch_size)
-                        loss = loss + w_bp * l_bp
-                        rec["loss_bp"] += w_bp * value / args.num_batches_per_epoch
-            if torch.is_tensor(loss):
-                (loss / accumulation).backward()
-    allreduce_grads(trainable(generator), world)
+                        with PROF.phase("back-prop term"):
+                            l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
+                                                       args.bp_batch_size)
+                            loss = loss + w_bp * l_bp
+                            rec["loss_bp"] += w_bp * value / args.num_batches_per_epoch
+            if torch.is_tensor(loss):  # the generator's backward of this step's terms
+                with PROF.phase("PPO terms" if j != final else "final-step backward"):
+                    (loss / accumulation).backward()
+    with PROF.phase("gradient all-reduce"):
+        allreduce_grads(trainable(generator), world)
     if ppo_stats:
         n = len(ppo_stats)
         rec |= {"ratio_mean": sum(s["ratio_mean"] for s in ppo_stats) / n,
@@ -1012,6 +1045,187 @@ def write_samples_and_exports(args, bb, ema, stage, master):
         ema.save_pretrained(os.path.join(args.out, name))
     images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
     sample.save_grid(images, os.path.join(args.out, f"samples_stage{stage}.png"), nrow=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling (--profile N): where the time of a training step goes
+# ---------------------------------------------------------------------------------------------
+
+
+class Profiler:
+    """With --profile N, after a warm-up of PROFILE_WARMUP steps, N steps are timed phase by phase
+    (PROF.phase: self time, so nested phases never count twice) and every forward call of the
+    networks (generator, fake score, teacher, VAE decoder) is counted per phase. Then the same
+    calls are replayed bare, on the inputs they saw, in the same process: the step time divided
+    by that bare time says how much the training code adds to the network passes it needs.
+    Without --profile, phase() is an empty context and no hook is installed."""
+
+    def __init__(self):
+        self.on = self.recording = False
+
+    def attach(self, args, nets, device, start):
+        """Start profiling if --profile: install the forward hooks, and end the run after the
+        warm-up and N profiled steps (args.steps is set accordingly)."""
+        if not args.profile:
+            return
+        self.on, self.args, self.device, self.start = True, args, device, start
+        self.stack, self.time, self.calls, self.step_times, self.inputs = [], {}, {}, [], {}
+        args.steps = start + PROFILE_WARMUP + args.profile
+        for name, net in nets.items():
+            if isinstance(net, torch.nn.Module):
+                net.register_forward_hook(self._hook(name), with_kwargs=True)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _hook(self, name):
+        def hook(module, args, kwargs, output):
+            if not self.recording:
+                return
+            tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+            grad = torch.is_grad_enabled() and (any(p.requires_grad for p in module.parameters())
+                                                or any(a.requires_grad for a in tensors))
+            shapes = tuple(tuple(a.shape) for a in tensors)
+            key = (name, grad, shapes)
+            if key not in self.inputs:  # keep one copy of each kind of call, for the bare replay
+                keep = lambda a: a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                self.inputs[key] = (module, [keep(a) for a in args], {k: keep(v) for k, v in kwargs.items()})
+            phase = self.stack[-1][0] if self.stack else "other"
+            self.calls.setdefault(phase, {}).setdefault(key, 0)
+            self.calls[phase][key] += 1
+        return hook
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        """Time the block as phase `name`, excluding the phases nested inside it."""
+        if not self.recording:
+            yield
+            return
+        self._sync()
+        now = time.perf_counter()
+        if self.stack:  # pause the enclosing phase
+            parent, since = self.stack[-1]
+            self.time[parent] = self.time.get(parent, 0.0) + now - since
+        self.stack.append([name, now])
+        try:
+            yield
+        finally:
+            self._sync()
+            now = time.perf_counter()
+            _, since = self.stack.pop()
+            self.time[name] = self.time.get(name, 0.0) + now - since
+            if self.stack:
+                self.stack[-1][1] = now
+
+    @contextlib.contextmanager
+    def step(self, step):
+        """One loop iteration; recorded once the warm-up is over."""
+        self.recording = self.on and step >= self.start + PROFILE_WARMUP
+        if not self.recording:
+            yield
+            return
+        if step == self.start + PROFILE_WARMUP and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        with self.phase("other"):  # whatever no named phase covers (prompt draw, logging, ...)
+            yield
+        self._sync()
+        self.step_times.append(time.perf_counter() - t0)
+
+    def bare_seconds(self, key, autocast, repeats=5):
+        """Seconds per bare call of one recorded kind: forward only, or forward + backward of the
+        output's sum when the call was made with grad (as in training). The fastest of `repeats`
+        runs after a warm-up run: the least disturbed by whatever else the machine is doing."""
+        module, args, kwargs = self.inputs[key]
+        best = float("inf")
+        with torch.set_grad_enabled(key[1]):
+            for i in range(repeats + 1):  # run 0 is the warm-up
+                self._sync()
+                t0 = time.perf_counter()
+                with autocast:
+                    out = module(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if key[1]:
+                    out.float().sum().backward()
+                self._sync()
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+                module.zero_grad(set_to_none=True)
+                for a in list(args) + list(kwargs.values()):
+                    if torch.is_tensor(a):
+                        a.grad = None
+        return best
+
+    def report(self, stage, autocast, master):
+        """Print the table and write profile_stage{stage}.json in the run folder (rank 0)."""
+        if not self.on:
+            return
+        self.recording = False
+        n = len(self.step_times)
+        step_time = sum(self.step_times) / n
+        bare = {key: self.bare_seconds(key, autocast) for key in self.inputs}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            peak_what = "CUDA max_memory_allocated"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+            peak_what = "peak resident set of this process"
+        rows = []
+        for phase in sorted(self.time, key=self.time.get, reverse=True):
+            calls = self.calls.get(phase, {})
+            rows.append(dict(phase=phase, seconds_per_step=self.time[phase] / n,
+                             share=self.time[phase] / n / step_time,
+                             forward_calls=sum(calls.values()) / n,
+                             backward_calls=sum(c for k, c in calls.items() if k[1]) / n,
+                             bare_seconds_per_step=sum(c * bare[k] for k, c in calls.items()) / n))
+        bare_total = sum(r["bare_seconds_per_step"] for r in rows)
+        # The reward models are not replayed (their calls are not forward() calls of one module):
+        # the second ratio leaves out the two phases that run them.
+        backbone = [r for r in rows if r["phase"] not in ("rewards", "back-prop term")]
+        backbone_time = sum(r["seconds_per_step"] for r in backbone)
+        backbone_bare = sum(r["bare_seconds_per_step"] for r in backbone)
+        out = dict(stage=stage, model=self.args.model, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                   batch_size=self.args.batch_size, steps_profiled=n, warmup=PROFILE_WARMUP,
+                   step_seconds=step_time, phases_sum_seconds=sum(r["seconds_per_step"] for r in rows),
+                   bare_seconds=bare_total, step_over_bare=step_time / bare_total if bare_total else None,
+                   backbone_phases_over_bare=backbone_time / backbone_bare if backbone_bare else None,
+                   peak_memory_gib=peak, peak_memory_is=peak_what, device=str(self.device),
+                   bf16=bool(self.args.bf16), grad_ckpt=bool(self.args.grad_ckpt), phases=rows,
+                   bare_calls={f"{k[0]} {'fwd+bwd' if k[1] else 'fwd'} {list(k[2][:1])}": v for k, v in bare.items()})
+        if not master:
+            return out
+        print0(f"\nprofile, stage {stage}, {self.args.model}: {n} steps after {PROFILE_WARMUP} warm-up, "
+               f"{out['step_seconds']:.4f} s/step on {self.device}\n"
+               f"{'phase':<26}{'s/step':>10}{'share':>8}{'fwd':>7}{'bwd':>7}{'bare s/step':>13}")
+        for r in rows:
+            print0(f"{r['phase']:<26}{r['seconds_per_step']:>10.4f}{r['share']:>8.1%}{r['forward_calls']:>7.1f}"
+                   f"{r['backward_calls']:>7.1f}{r['bare_seconds_per_step']:>13.4f}")
+        print0(f"{'sum of phases':<26}{out['phases_sum_seconds']:>10.4f}\n"
+               f"step time / bare network passes: {step_time:.4f} / {bare_total:.4f} = "
+               f"{out['step_over_bare'] or float('nan'):.2f}x"
+               + (f" (without the reward-model phases: {backbone_time:.4f} / {backbone_bare:.4f} = "
+                  f"{out['backbone_phases_over_bare']:.2f}x)" if len(backbone) < len(rows) else "")
+               + f"\npeak memory {peak:.2f} GiB ({peak_what})")
+        with open(os.path.join(self.args.out, f"profile_stage{stage}.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        return out
+
+
+def profiled_networks(bb, generator, fake):
+    """The networks whose calls the profiler counts and replays bare: the two students, the
+    teacher and, for the image backbones, the text encoders (every batch of prompts is encoded)
+    and the VAE decoder (reward back-prop decodes with grad)."""
+    nets = dict(generator=raw(generator), fake=raw(fake), teacher=bb.teacher)
+    if hasattr(bb, "pipe"):
+        nets |= {name: m for name, m in bb.pipe.components.items() if name.startswith("text_encoder")}
+        nets["vae decoder"] = bb.pipe.vae.decoder
+    return nets
+
+
+PROFILE_WARMUP = 2  # steps run before timing starts (allocator, caches, lazy initialisation)
+PROF = Profiler()   # module-level so that the phase functions can mark their parts
 
 
 if __name__ == "__main__":
