@@ -23,6 +23,8 @@ Images (ALGORITHM.md 7): the generator (or, with --model, the base model used as
 image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
 8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
 table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
+--protocol official (the official inference configs: first 64 prompts, seed 42, batch 4, 1024 px)
+or full (every prompt) sets those knobs; the table's first line and eval.json name it.
 """
 import argparse
 import json

@@ -32,7 +32,7 @@ config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samp
 |   generator step, accumulated over sub-batches and steps j      stage2_generator_step     |
 |     j in S (2 of the 3 stochastic steps): w_pg * clipped PPO surrogate                    |
 |     j = 3 (deterministic): w_dm * AC-DMD at s = 0  +  w_bp * reward back-prop             |
-|   EMA of the generator, every 8th epoch                                   ema_update      |
+|   EMA of the generator: every 8th epoch, nb updates (official schedule)   ema_update      |
 +------------------------------------------------------------------------------------------+
 
 Reading order (the order of this file): arguments -> set-up (DDP, backbone) -> stage 1 (the
