@@ -172,19 +172,44 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def read_prompts(path, max_prompts=0):
+# Each metric's own prompt set, as the official evaluation pairs them (official code:
+# configs/inference/*.yaml, reward_dataset_map; the files live in the official repository's
+# dataset/ folder). Metrics not listed here score the --prompts set (DrawBench officially).
+# geneval needs the GenEval metadata of its .jsonl, ocr the quoted text of its prompts.
+OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr": "dataset/ocr/test.txt",
+                        "hpsv3": "dataset/hpsv3/test.txt", "geneval2": "dataset/geneval2/test.jsonl"}
+
+
+def read_prompt_records(path, max_prompts=0):
     """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for path
     "builtin". max_prompts > 0 keeps the first N, as the official `num_media_images` does (64 in
-    the shipped YAMLs, ALGORITHM.md 7); 0 keeps all.
-    Returns (prompts, metadata, number of prompts in the file, sha256 of the file's bytes)."""
+    the shipped YAMLs, ALGORITHM.md 7); 0 keeps all. Returns (prompts, records, number of prompts
+    in the file, sha256 of the file's bytes); records: a .jsonl line's whole record (its prompt
+    and metadata) per prompt, None for .txt and "builtin"."""
     if path == "builtin":
-        prompts, metadata = list(BUILTIN_PROMPTS), [{} for _ in BUILTIN_PROMPTS]
+        prompts, records = list(BUILTIN_PROMPTS), None
         sha = hashlib.sha256("\n".join(BUILTIN_PROMPTS).encode()).hexdigest()
     else:
         prompts, metadata = models.read_prompt_file(path)
         sha = models.file_sha256(path)
+        records = [{"prompt": p, **m} for p, m in zip(prompts, metadata)] if path.endswith(".jsonl") else None
     n, keep = len(prompts), (max_prompts if max_prompts > 0 else len(prompts))
-    return prompts[:keep], metadata[:keep], n, sha
+    return prompts[:keep], records and records[:keep], n, sha
+
+
+def prompt_sets(reward_names, default, routes):
+    """{prompt file: [reward names]}: each reward on routes[name] ("name=file,..." of
+    --reward-prompts), else on the default file."""
+    table = {}
+    for item in filter(None, (routes or "").split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or name not in reward_names:
+            raise ValueError(f"--reward-prompts {item!r}: expected NAME=FILE with NAME one of {reward_names}")
+        table[name] = path
+    sets = {}
+    for name in reward_names:
+        sets.setdefault(table.get(name, default), []).append(name)
+    return sets
 
 
 def teacher_sigmas(bb, steps):
@@ -202,7 +227,7 @@ def teacher_sigmas(bb, steps):
 
 @torch.no_grad()
 def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42, teacher=False,
-                steps=TEACHER_STEPS, cfg=None, keep=16, progress=True):
+                steps=TEACHER_STEPS, cfg=None, keep=16, progress=True, metadata=None):
     """Generate n_per_prompt images for every prompt and score them with `scorer` (a
     rewards.MultiReward; eval_rewards quantises to uint8 first).
       generator (teacher=False): `net`, the 4-step CPS sampler, eta 0.9, no CFG (sample.rollout).
@@ -211,9 +236,11 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
     One torch.Generator, seeded once, draws every batch's initial noise in order (and the
     generator's CPS noises), so an image depends on its position in the list and on batch_size,
     as in the official code (ALGORITHM.md 3.4); the official CPS noise comes from the global RNG.
+    metadata: None, or one record per prompt (a .jsonl's lines), handed to the scorer with them.
     Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W]}."""
     gen = torch.Generator().manual_seed(seed)
     items = [p for p in prompts for _ in range(n_per_prompt)]
+    metas = None if metadata is None else [m for m in metadata for _ in range(n_per_prompt)]
     if teacher:
         sigmas, cfg = teacher_sigmas(bb, steps), bb.guidance if cfg is None else cfg
     scores, kept = {}, []
@@ -230,8 +257,9 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
             noises = [bb.noise(len(batch), gen) for _ in range(len(bb.sigmas) - 1)]
             x = sample.rollout(bb, net, x, cond, eta=CPS_ETA, noises=noises)[-1]
         images = bb.decode(x)
-        for name, v in scorer(images, batch).items():
-            if name in scorer.weights:  # not the "weighted" sum of unrelated scales
+        meta = None if metas is None else metas[i:i + batch_size]
+        for name, v in scorer(images, batch, meta).items():
+            if name in scorer.weights or name == "geneval_strict":  # not the "weighted" sum
                 scores.setdefault(name, []).append(v.float().cpu())
         kept += list((images[:keep - len(kept)] * 255).round().to(torch.uint8).cpu())
     return {"prompts": items, "scores": {k: torch.cat(v) for k, v in scores.items()},
@@ -280,8 +308,21 @@ def main_images(args):
     sources = rewards.sources_from_args(args)
     out_dir = args.out or args.run or os.path.join("runs", f"eval_{args.model}")
     try:  # everything that can be missing is looked up before the (slow) generation
-        prompts, metadata, n_file, sha = read_prompts(args.prompts, args.max_prompts)
+        sets = {}  # prompt file -> (prompts, records, n in file, sha256, scorer of its rewards)
         scorer = rewards.eval_rewards(sources, weights)
+        for path, names in prompt_sets(list(weights), args.prompts, args.reward_prompts).items():
+            sets[path] = (*read_prompt_records(path, args.max_prompts),
+                          rewards.eval_rewards(sources, {n: 1.0 for n in names}, share=scorer))
+        for path, (ps, recs, *_, sc) in sets.items():  # prompt-set needs, checked before any work
+            if "geneval" in sc.weights and not (recs and all("include" in r for r in recs)):
+                raise ValueError(f"geneval needs GenEval metadata records, which {path!r} lacks: pass "
+                                 f"--reward-prompts geneval={OFFICIAL_PROMPT_SETS['geneval']} (official repo)")
+            if "geneval2" in sc.weights and not (recs and all("vqa_list" in r for r in recs)):
+                raise ValueError(f"geneval2 needs GenEval2 records with a vqa_list, which {path!r} lacks: pass "
+                                 f"--reward-prompts geneval2={OFFICIAL_PROMPT_SETS['geneval2']} (official repo)")
+            if "ocr" in sc.weights:
+                [rewards.ocr_target(p) for p in ps]
+        prompts = next(iter(sets.values()))[0]
         rewards.preflight(scorer, device)  # loads every reward model
         bb, net, stage = load_generator(args, device, dtype)
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
@@ -296,30 +337,37 @@ def main_images(args):
         rows["teacher"] = dict(sampler="Euler ODE", steps=args.teacher_steps, cfg=cfg,
                                nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
                                sigmas=teacher_sigmas(bb, args.teacher_steps))
-    res = {}
+    res = {}  # row -> prompt file -> eval_images output
     for name, r in rows.items():
-        res[name] = eval_images(bb, net, prompts, scorer, args.n_per_prompt, args.batch_size, args.seed,
-                                teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"])
+        res[name] = {path: eval_images(bb, net, ps, sc, args.n_per_prompt, args.batch_size, args.seed,
+                                       teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"], metadata=recs)
+                     for path, (ps, recs, _, _, sc) in sets.items()}
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
-        r["summary_table_units"] = summarize(res[name]["scores"])
-    print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else "") +
-          f": {len(prompts)} prompts x {args.n_per_prompt}, {bb.resolution} px, seed {args.seed}")
+        r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+    print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else ""))
+    for path, (ps, *_, sc) in sets.items():
+        print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
+    print(f"{bb.resolution} px, seed {args.seed}")
     run_name = args.run and os.path.basename(os.path.abspath(args.run))
     gen = f"{run_name} stage {stage}" if args.run else f"{args.model} base"
     labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
                                          for n, r in rows.items() if n == "teacher"]
     print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
-    per_image = [{"prompt": p, **{n: {k: v[i].item() for k, v in res[n]["scores"].items()} for n in res}}
-                 for i, p in enumerate(res["generator"]["prompts"])]
+    per_image = [{"prompt": p, **({} if path == args.prompts else {"prompt_file": path}),
+                  **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
+                 for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]
     os.makedirs(out_dir, exist_ok=True)
-    grids = {n: sample.save_grid(r["images"].float() / 255, os.path.join(
+    first = next(iter(sets))  # the grids show the first prompt set's images
+    grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
     out = {"protocol": {"name": args.protocol, "overrides": args.overrides},
            "model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
            "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
            "n_per_prompt": args.n_per_prompt, "rows": rows,
-           "prompts": {"file": args.prompts, "sha256": sha, "n_in_file": n_file, "n_used": len(prompts),
-                       "max_prompts": args.max_prompts},
+           "prompts": {"file": first, "sha256": sets[first][3], "n_in_file": sets[first][2],
+                       "n_used": len(prompts), "max_prompts": args.max_prompts},
+           "prompt_sets": {path: {"rewards": list(sc.weights), "sha256": sha, "n_in_file": n, "n_used": len(ps)}
+                           for path, (ps, _, n, sha, sc) in sets.items()},
            "rewards": {"weights": weights, "quantize_uint8": True, "table_scale": TABLE_SCALE,
                        "sources": {**rewards.DEFAULT_SOURCES, **sources}},
            "scores_units": "per_image: raw scorer outputs (PickScore / 26); summaries: table units",
@@ -607,7 +655,10 @@ def get_args(argv=None):
                    "(default: the protocol's, official 64, full 0)")
     g.add_argument("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
-                   "each with weight 1 (geneval, hpsv3, ocr are not implemented)")
+                   "each with weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
+    g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
+                   help="score these rewards on their own prompt file instead of --prompts; the official "
+                   "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
     g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); "
                    "default: the protocol's, 4")
     g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "

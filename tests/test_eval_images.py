@@ -207,21 +207,22 @@ def test_other_errors_are_one_line(assets, tmp_path, capsys):
 # --- prompt files -----------------------------------------------------------------------------
 
 
-def test_read_prompts_builtin_truncation_and_sha(tmp_path):
+def test_read_prompt_records_builtin_truncation_and_sha(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_bytes(b"a cat\n\n  a dog on a log  \nthird\n")
-    prompts, metadata, n, sha = E.read_prompts(str(txt))
-    assert prompts == ["a cat", "a dog on a log", "third"] and n == 3 and metadata == [{}, {}, {}]
+    prompts, records, n, sha = E.read_prompt_records(str(txt))
+    assert prompts == ["a cat", "a dog on a log", "third"] and n == 3 and records is None
     assert sha == hashlib.sha256(txt.read_bytes()).hexdigest()
-    assert E.read_prompts(str(txt), max_prompts=2)[::2] == (["a cat", "a dog on a log"], 3)
+    assert E.read_prompt_records(str(txt), max_prompts=2)[::2] == (["a cat", "a dog on a log"], 3)
     jl = tmp_path / "m.jsonl"
     jl.write_text('{"tag": "counting", "prompt": "two cats"}\n{"prompt": "a \\"quoted\\" sign"}\n')
-    prompts, metadata, _, _ = E.read_prompts(str(jl))
-    assert prompts == ["two cats", 'a "quoted" sign'] and metadata == [{"tag": "counting"}, {}]
+    prompts, records, _, _ = E.read_prompt_records(str(jl))
+    assert prompts == ["two cats", 'a "quoted" sign']
+    assert records == [{"prompt": "two cats", "tag": "counting"}, {"prompt": 'a "quoted" sign'}]
     jl.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="line 2"):
-        E.read_prompts(str(jl))
-    prompts, _, n, _ = E.read_prompts("builtin")
+        E.read_prompt_records(str(jl))
+    prompts, _, n, _ = E.read_prompt_records("builtin")
     assert n == len(set(prompts)) == 16
 
 

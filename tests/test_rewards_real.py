@@ -235,8 +235,8 @@ def test_weighted_sum_quantize_and_sharing(assets):
     assert xg.grad.abs().sum() > 0
     ev = R.eval_rewards(assets["sources"], share=grpo)
     assert ev.scorers["clipscore"].backbone is ev.scorers["aesthetic"].backbone  # one CLIP-L
-    with pytest.raises(NotImplementedError, match="geneval"):
-        R.MultiReward({"geneval": 1.0})
+    with pytest.raises(NotImplementedError, match="no_such_reward"):
+        R.MultiReward({"no_such_reward": 1.0})
 
 
 def test_real_size_configs_match_the_checkpoints():
