@@ -205,3 +205,17 @@ def test_load_checkpoint_refuses_a_malicious_pickle_on_resume(tmp_path, toy_base
     msg = exit_line(lambda: train.main(["--stage", "2", "--out", d, "--steps", "1"]))
     assert "refusing to load" in msg, msg
     assert not os.path.exists(marker), "the pickle's code ran"
+
+
+def test_make_reward_geneval_only_with_geneval_metadata(monkeypatch):
+    """The paper's stage-2 reward has geneval, which scores against each prompt's GenEval record:
+    it joins when every training prompt has one ("include"), and is left out for a .txt."""
+    seen = []
+    monkeypatch.setattr(train.rewards, "training_rewards", lambda sources, weights: seen.append(weights) or (1, 2))
+    monkeypatch.setattr(train.rewards, "preflight", lambda reward, device: None)
+    args = train.get_args(["--stage", "2", "--model", "tiny-sd3"])
+    geneval = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}] * 2
+    assert "geneval" in train.make_reward(args, None, geneval)[2]
+    assert "geneval" not in train.make_reward(args, None, [{}, {}])[2]
+    assert "geneval" not in train.make_reward(args, None, [geneval[0], {}])[2]
+    assert seen[1] == {n: w for n, w in train.rewards.GRPO_WEIGHTS.items() if n != "geneval"}
