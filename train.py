@@ -1000,8 +1000,29 @@ class RunLog:
         self.args, self.master, self.desc, self.t0 = args, master, desc, time.time()
         if master:
             from tqdm import tqdm
-            self.file = open(os.path.join(args.out, "log.jsonl"), "a")
+            path = os.path.join(args.out, "log.jsonl")
+            if start and os.path.exists(path):
+                self.drop_records_after(path, args.stage, start)
+            self.file = open(path, "a")
             self.bar = tqdm(total=args.steps, initial=start, desc=desc, dynamic_ncols=True)
+
+    @staticmethod
+    def drop_records_after(path, stage, start):
+        """A resumed run continues from its checkpoint at `start`: the records this stage wrote
+        after it (a killed run's last ones, maybe a half-written line) are dropped, so that the
+        log reads as one uninterrupted run. Rewritten under a temporary name, then renamed."""
+        key, kept = ("step" if stage == 1 else "epoch"), []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short
+                    continue
+                if rec.get("stage") != stage or rec.get(key, 0) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def record(self, rec, step, **postfix):
         """After every iteration / epoch: advance the bar; every log_every-th (and the last)

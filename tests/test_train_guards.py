@@ -187,6 +187,9 @@ def test_save_checkpoint_survives_sigkill_and_resume_is_exact(tmp_path, toy_base
         assert models.load_checkpoint(os.path.join(d, "stage1.prev.pt"))["step"] == resumes_from - 10
     train.main(args + ["--out", d, "--resume"])
     assert_checkpoints_equal(os.path.join(ref, "stage1.pt"), os.path.join(d, "stage1.pt"))
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(os.path.join(f, "log.jsonl"))]
+            for f in (ref, d)]
+    assert logs[0] == logs[1], "the resumed log must read as the uninterrupted run's, record for record"
 
 
 # --- checkpoints that carry code ----------------------------------------------------------------
