@@ -183,7 +183,7 @@ OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr":
 def read_prompt_records(path, max_prompts=0):
     """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for path
     "builtin". max_prompts > 0 keeps the first N, as the official `num_media_images` does (64 in
-    the shipped YAMLs, ALGORITHM.md 7); 0 keeps all. Returns (prompts, records, number of prompts
+    the shipped YAMLs, official code: configs/inference/*.yaml); 0 keeps all. Returns (prompts, records, number of prompts
     in the file, sha256 of the file's bytes); records: a .jsonl line's whole record (its prompt
     and metadata) per prompt, None for .txt and "builtin"."""
     if path == "builtin":
