@@ -222,3 +222,20 @@ def test_make_reward_geneval_only_with_geneval_metadata(monkeypatch):
     assert "geneval" not in train.make_reward(args, None, [{}, {}])[2]
     assert "geneval" not in train.make_reward(args, None, [geneval[0], {}])[2]
     assert seen[1] == {n: w for n, w in train.rewards.GRPO_WEIGHTS.items() if n != "geneval"}
+
+
+def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
+    """A backstop behind the guard: weights that are not finite are never written, and the
+    checkpoint already on disk stays as it was."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    args = train.get_args(["--stage", "1", "--out", str(tmp_path)])
+    nets, path = {"generator": net, "fake": net, "ema": train.ema_copy(net)}, str(tmp_path / "stage1.pt")
+    rng = torch.Generator()
+    train.save_checkpoint(path, {"step": 1}, nets, {"opt_g": opt}, rng, args, 1, True)
+    before = open(path, "rb").read()
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    msg = exit_line(lambda: train.save_checkpoint(path, {"step": 2}, nets, {"opt_g": opt}, rng, args, 1, True))
+    assert "generator, fake weights are not finite at step 2" in msg and "nothing was saved" in msg, msg
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
