@@ -3,6 +3,7 @@ reach the reward), updates whose loss or gradient is not finite, checkpoints tha
 SIGKILL (also in the middle of a save) and resume exactly, and checkpoints that carry code."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,7 +150,7 @@ mode, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 if mode == "save":
     real = torch.save
     def save(obj, f, *a, **k):
-        if obj.get("step") == at:
+        if obj.get("step", obj.get("epoch")) == at:
             buf = io.BytesIO()
             real(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -239,3 +240,23 @@ def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
     msg = exit_line(lambda: train.save_checkpoint(path, {"step": 2}, nets, {"opt_g": opt}, rng, args, 1, True))
     assert "generator, fake weights are not finite at step 2" in msg and "nothing was saved" in msg, msg
     assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+
+
+def test_save_checkpoint_stage2_survives_sigkill_mid_save(tmp_path, toy_base):  # noqa: F811
+    """Stage 2 (its EMA schedule, shared prompt draws and zero-advantage picks all restart from the
+    checkpoint): SIGKILL while epoch 4's checkpoint is half written, --resume, and the run ends
+    bitwise where an uninterrupted one ends."""
+    s1 = run_dir(tmp_path, "s1", toy_base)
+    train.main(["--stage", "1", "--out", s1, "--steps", "4", "--batch-size", "32"])
+    args = ["--stage", "2", "--steps", "6", "--save-every", "2", "--batch-size", "16", "--group-size", "8",
+            "--num-batches-per-epoch", "2", "--log-every", "1"]
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "killed")
+    shutil.copytree(s1, ref)
+    shutil.copytree(s1, d)
+    train.main(args + ["--out", ref])
+    r = subprocess.run([sys.executable, "-c", KILLER.format(root=ROOT), "save", "4"] + args + ["--out", d],
+                       capture_output=True, text=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert models.load_checkpoint(os.path.join(d, "stage2.pt"))["epoch"] == 2
+    train.main(args + ["--out", d, "--resume"])
+    assert_checkpoints_equal(os.path.join(ref, "stage2.pt"), os.path.join(d, "stage2.pt"))
