@@ -9,8 +9,8 @@ eval.py -- measure a run.
         --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
-Toy (ALGORITHM.md 9.3): for each prompt, the 4-step EMA generator's samples are compared with
-exact samples of the teacher p(x|c):
+1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
+with exact samples of the teacher p(x|c) (models.py, section 2):
   - energy distance (ED), next to the noise floor: the ED between two independent exact sample
     sets of the same size (a perfect generator sits at the floor);
   - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
@@ -19,7 +19,15 @@ exact samples of the teacher p(x|c):
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
 Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise.
 
-Images (ALGORITHM.md 7): the generator (or, with --model, the base model used as one) draws one
+2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture
+(rewards.py, section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor,
+occupancy error against the tilted weights, and mean reward against its exact tilted value.
+
+3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
+the exact tilted teacher, evaluated against the same tilted target.
+
+4. Images (`eval_images`): the official inference protocol (official code: rtdmd/inference.py,
+configs/inference/*.yaml). The generator (or, with --model, the base model used as one) draws one
 image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
 8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
 table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
@@ -38,9 +46,10 @@ import torch
 import models
 import rewards
 import sample
+import subgrpo
 
 # ---------------------------------------------------------------------------------------------
-# Metrics
+# Metrics (sections 1-3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -80,7 +89,7 @@ def noise_floor(mixture, c, gen, repeats=4):
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy evaluation
+# 1. Toy evaluation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -124,13 +133,13 @@ def print_toy_table(results, sigmas):
 
 
 # ---------------------------------------------------------------------------------------------
-# Image evaluation (ALGORITHM.md 7)
+# 4. Image evaluation
 # ---------------------------------------------------------------------------------------------
 
-# The official inference protocol: the generator samples 4 steps [1000, 750, 500, 250] (shifted),
-# CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per prompt line, at 1024 px for all
-# three backbones (even SD3.5-M and FLUX.2, which trained at 512; ALGORITHM.md 10.6).
-# Teacher rows use "their standard multi-step settings" (ALGORITHM.md 7): SD3-M is reported at
+# The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
+# [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
+# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512).
+# Teacher rows use "their standard multi-step settings" (the official README): SD3-M is reported at
 # 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
 # backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
 # (50 steps with CFG are 100 forwards): pass --teacher-steps 25 for 50 forwards.
@@ -235,7 +244,8 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
                backbone's g) against the empty prompt (sample.euler_sample).
     One torch.Generator, seeded once, draws every batch's initial noise in order (and the
     generator's CPS noises), so an image depends on its position in the list and on batch_size,
-    as in the official code (ALGORITHM.md 3.4); the official CPS noise comes from the global RNG.
+    as in the official code (rtdmd/inference.py, seed set once); there the CPS noise comes from
+    the global RNG.
     metadata: None, or one record per prompt (a .jsonl's lines), handed to the scorer with them.
     Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W]}."""
     gen = torch.Generator().manual_seed(seed)
@@ -380,13 +390,13 @@ def main_images(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: against the exact reward-tilted target (ALGORITHM.md 9.5, 9.6)
+# 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1)
 # ---------------------------------------------------------------------------------------------
 #
-# The stage-2 loss has no beta of its own (ALGORITHM.md 2.2): the normalised DM direction and the
-# standardised advantages set an implicit tilt. So a run is compared with p~_beta at the beta that
-# fits it best (the energy distance summed over prompts, minimised over a grid of beta), and
-# three things are reported there:
+# The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction
+# and the standardised advantages set an implicit tilt. So a run is compared with p~_beta at the
+# beta that fits it best (the energy distance summed over prompts, minimised over a grid of
+# beta), and three things are reported there:
 #   - ED / noise floor against exact samples of p~_beta(x|c)     (is it the tilted target?)
 #   - occupancy error against the tilted weights pi~_cj          (are the modes re-weighted right?)
 #   - mean reward next to the exact E_{p~_beta}[r]               (overshoot = reward hacking: the
@@ -462,71 +472,13 @@ def eval_stage2(run, n=2000, seed=0, beta=None):
     return {"stage": stage, "beta_fit": fitted, "beta": beta, **tilted_metrics(xs, bb.mixture, reward, beta)}
 
 
-# ---------------------------------------------------------------------------------------------
-# The exact-decomposition mode's stationary point, in closed form (ALGORITHM.md 9.6, mode 2)
-# ---------------------------------------------------------------------------------------------
-#
-# Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(mu, s^2 I) in D = 2 dims,
-# linear reward r = a^T x, generator G = v_T + b (models.ShiftVelocity: it can only move its
-# output mean), un-normalised DM direction, exact Gaussian log-prob, advantages A = r - (group
-# mean), no clipping. Weights w_pg, w_dm, w_bp; N = samples per prompt per epoch (one prompt:
-# the whole epoch); f = probability that a stochastic step is trained in an epoch (2/3 for
-# SubGRPO's 2 of 3, 1 with --all-steps).
-#
-# 1. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
-#        v_T(x, sigma) = (x - E[x0|x]) / sigma,   slope lambda = (1 - (1-sigma) s^2 / V) / sigma,
-#    V = (1-sigma)^2 s^2 + sigma^2. The CPS mean  (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)
-#    (sample.cps_mean_std; s' = next sigma) moves by  c_k b  for a velocity shift b and by
-#    A_k delta for an input shift delta:
-#        c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
-#        A_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
-#    So the output mean is  m = mu + sum_k kappa_k b,  kappa_k = c_k prod_{j>k} A_j  (the exact
-#    velocity keeps the mean exact, so b = 0 gives m = mu). The last step has kappa_3 = -sigma_3.
-# 2. The expected gradient in b of each term (the accumulation divisor is common and drops out):
-#    - BP, w_bp mean relu(M - a^T x0_hat), hinge active:        -w_bp kappa_3 a
-#    - DM, surrogate 1/2 mean_{b,d}(x0_hat - sg(x0_hat - g))^2:   w_dm kappa_3 E[g] / D.  With the
-#      fake equal to the velocity of the generator's output law N(m, s_g^2), the tower rule gives
-#      E[x0_hat_fake] = m while E[x0_hat_real] = mu + (1-t)^2 s^2 / V(t) (m - mu), so
-#          E[g] = C (m - mu),   C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ]
-#      over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], with its point masses);
-#      s_g does not enter.
-#    - PG, -w_pg mean_i A_i sum_{k in S} grad_b log pi_k(i): the score identity gives
-#      E[r grad log pi_k] = d E[r] / d b_k = kappa_k a (b_k: the copy of b used at step k), and a
-#      group mean that includes sample i itself scales it by (1 - 1/N):
-#          -w_pg (1 - 1/N) f sum_{k<3} kappa_k a    (averaged over the epochs' step subsets).
-# 3. Setting the sum to zero:
-#        m* = mu + (D / (w_dm C)) [ w_bp + w_pg (1 - 1/N) f sum_{k<3} kappa_k / kappa_3 ] a,
-#    i.e. the tilt mu + beta_eff s^2 a of section 9.5 with beta_eff = |m* - mu| / s^2 (|a| = 1).
-#    With PG off this is ALGORITHM.md 9.6's  m* = mu + D w_bp a / (w_dm C).  The kappa_k of the
-#    earlier steps have the sign of kappa_3, so the policy gradient strengthens the tilt: it moves
-#    x_3, and the final step, which alone feels the DM pull, has to hold the balance.
-
-
-def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.9):
-    """m* of the exact-decomposition mode on toy-gauss (derivation above). Returns (m*, parts)
-    with parts = {C, kappa, beta_eff}."""
-    import math
-    mu, s2 = bb.mixture.means[0], float(bb.mixture.stds[0]) ** 2
-    D, cos = mu.numel(), math.cos(eta * math.pi / 2)
-    sig = [float(x) for x in bb.sigmas]
-    c, A = [], []
-    for sg, sn in zip(sig[:-1], sig[1:]):
-        V = (1 - sg) ** 2 * s2 + sg ** 2
-        lam = (1 - (1 - sg) * s2 / V) / sg
-        c.append(-(1 - sn) * sg + sn * cos * (1 - sg))
-        A.append((1 - sn) * (1 - sg * lam) + sn * cos * (1 + (1 - sg) * lam))
-    kappa = [c[k] * math.prod(A[k + 1:]) for k in range(len(c))]
-    u = (torch.arange(1_000_000, dtype=torch.float64) + 0.5) / 1_000_000
-    t = ((10 + 990 * u).clamp(20, 980)) / 1000  # acdmd.sample_renoise_timesteps(0.0)
-    C = (t ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean().item()
-    push = w_bp + w_pg * (1 - 1 / N) * f * sum(kappa[:-1]) / kappa[-1]
-    shift = D / (w_dm * C) * push
-    m = mu + shift * torch.tensor(a, dtype=torch.float64)
-    return m, {"C": C, "kappa": kappa, "beta_eff": shift / s2}
+# The exact-decomposition mode's stationary point lives next to the loss it comes from
+# (subgrpo.py, section 7); eval.stationary_mean_gauss is the same function.
+stationary_mean_gauss = subgrpo.stationary_mean_gauss
 
 
 # ---------------------------------------------------------------------------------------------
-# The ablation table (toy): train every row, evaluate all of them against the same tilted target
+# 3. The ablation table (toy): train every row, evaluate all of them against the same tilted target
 # ---------------------------------------------------------------------------------------------
 
 ABLATION_ROWS = [  # (row name, extra stage-2 flags)
@@ -541,7 +493,7 @@ ABLATION_ROWS = [  # (row name, extra stage-2 flags)
 def ablation(root, seed=0, n=2000):
     """Train stage 1 once, every stage-2 row from it (train.main with argv lists), and the
     reference-mode row (stage 1 against the exact tilted teacher at the RTDMD row's fitted beta*,
-    ALGORITHM.md 9.6 mode 1). Evaluate every row against p~_{beta*}; write ablation.md/json."""
+    whose fixed point is p~ exactly). Evaluate every row against p~_{beta*}; write ablation.md/json."""
     import shutil
     import train
     torch.set_num_threads(1)  # 2-D points: threads only add overhead
@@ -638,7 +590,7 @@ def get_args(argv=None):
     p.add_argument("--model", default=None, choices=list(models.SPECS),
                    help="evaluate this backbone's base model (as the generator) instead of a run")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (ALGORITHM.md 7)")
+    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
     p.add_argument("--n", type=int, default=4000, help="toy: samples per prompt")
     p.add_argument("--tilted", action="store_true",
                    help="toy stage 2: compare with the exact tilted target at the fitted beta")

@@ -2,11 +2,53 @@
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
 Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}  and is differentiable
-in `samples` where the method back-propagates through it (ALGORITHM.md 5.7, 6).
+in `samples` where the method back-propagates through it (subgrpo.py, section 2). "Official
+code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
 
-    1. toy rewards of a 2-D point, each with its exact reward-tilted mixture (ALGORITHM.md 9.5)
-    2. image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward (REWARDS.md)
-    3. the weighted multi-reward
+1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
+   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
+   toy mixture (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed
+   form (derivation at the code).
+
+2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
+   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
+   Evaluation and GRPO score the 8-bit image round(255 x)/255 (official code:
+   rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with its gradient
+   (rtdmd/trainers/bp_mixin.py). Preprocessing is written in torch (F.interpolate with
+   antialias, crop by slicing, normalise with the OpenAI CLIP mean/std that all five use), so
+   every score is differentiable; PIL's processors differ from it by well under 1%.
+
+       scorer       network (hub id)                    preprocessing               score
+       clipscore    CLIP ViT-L/14                       shortest side 224           cosine of the
+                    (openai/clip-vit-large-patch14)     (bilinear), centre crop     projections,
+                                                                                    ~0.3
+       pickscore    PickScore_v1, a CLIP ViT-H/14       shortest side 224           logit_scale cos,
+                    (yuvalkirstain/PickScore_v1)        (bicubic), centre crop      / 26 (~0.9)
+       aesthetic    LAION MLP head on the normalised    as clipscore (bicubic)      ~5-6 (AVA scale)
+                    CLIP-L/14 image embedding
+       hpsv2        HPSv2.1, an open_clip ViT-H/14      longest side 224 (bicubic), cosine, no
+                    (xswu/HPSv2)                        zero-pad to a square        scale (~0.3)
+       imagereward  ImageReward v1.0, BLIP ViT-L/16 +   shortest side 224           z-score:
+                    BERT with cross-attention           (bicubic), centre crop;     (raw - 0.16717)
+                    (THUDM/ImageReward)                 text max 35 tokens          / 1.03334
+
+   PickScore's logit scale is exp(4.6) ~ 100, so its raw score is ~22-24, the number the paper's
+   tables report; the official code trains and logs PickScore / 26 so that the three training
+   rewards have similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in
+   their original open_clip / BLIP layouts: their checkpoints are converted key by key here
+   (`openclip_to_hf`, `blip_to_hf`). Only transformers + torch are used.
+   The paper's other metrics have no gradient (GRPO and evaluation only): GenEval (objects,
+   counts, colours and positions of each prompt's GenEval metadata, from a Mask2Former detector
+   and CLIP colours; official code: rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit
+   distance to the prompt's quoted text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL
+   preference model; rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
+   rtdmd/rewards/geneval2_scorer.py). The comment at each scorer says how it differs from the
+   official one.
+
+3. The weighted multi-reward
+   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
+   are per reward (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the
+   same rewards with the same weights. Evaluation reports every metric with weight 1.
 """
 import torch
 
@@ -19,7 +61,7 @@ import models
 # The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both
 # rewards ignore the prompt, are differentiable in x, and tilt an isotropic mixture
 #     p(x|c) = sum_j pi_cj N(x; mu_j, s_j^2 I)
-# into another isotropic mixture, in closed form (ALGORITHM.md 9.5), because a Gaussian times
+# into another isotropic mixture, in closed form, because a Gaussian times
 # exp(linear or quadratic) is again a Gaussian times a constant:
 #     N(x; mu_j, s_j^2 I) exp(beta r(x)) = f_j  N(x; mu~_j, s~_j^2 I),
 # so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),
@@ -34,7 +76,7 @@ def tilted_weights(weights, log_f):
 
 
 def tilt_linear(mixture, a, beta):
-    """Exact tilt of an isotropic mixture by exp(beta a^T x) (ALGORITHM.md 9.5):
+    """Exact tilt of an isotropic mixture by exp(beta a^T x) (section 1):
         mu~_j = mu_j + beta s_j^2 a,   s~_j = s_j,
         log f_j = beta a^T mu_j + 1/2 beta^2 s_j^2 |a|^2.
     Returns a new models.Mixture (weights [C, J], one row per condition, null row included)."""
@@ -62,7 +104,7 @@ def quadratic_log_f(mixture, gamma, m, beta):
 
 
 def tilt_quadratic(mixture, gamma, m, beta):
-    """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (ALGORITHM.md 9.5):
+    """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (section 1):
         precision 1/s~_j^2 = 1/s_j^2 + beta gamma,   i.e. s~_j^2 = s_j^2 / (1 + beta gamma s_j^2),
         mu~_j = (mu_j / s_j^2 + beta gamma m) / (1/s_j^2 + beta gamma),
         pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f).
@@ -130,20 +172,18 @@ class QuadraticReward:
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# (image rewards go here)
-#
 # Every scorer is a callable   scorer(images, prompts) -> {scorer.name: Tensor[B]}
-#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (REWARDS.md 0)
+#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (section 2)
 #   prompts  list of B strings; image i is scored against prompts[i] only (pairs, never the
 #            all-images-x-all-prompts matrix that ImageReward's `inference_rank` builds).
 # Gradients flow from the scores back to `images`, because every preprocessing step is a torch
-# op (REWARDS.md 2.3). No scorer parameter ever gets a gradient: each network is frozen and in
+# op (section 2). No scorer parameter ever gets a gradient: each network is frozen and in
 # eval mode (dropout off), so the generator is the only thing reward back-prop can move.
 # Networks load lazily on the first call: building a reward set costs nothing, and a run that
 # never asks for ImageReward never needs its 1.8 GB checkpoint.
 #
 # Where weights come from: `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES).
-# Only transformers + torch are used (REWARDS.md 2). The two checkpoints that exist only in
+# Only transformers + torch are used. The two checkpoints that exist only in
 # their original open_clip / BLIP layouts (HPSv2.1, ImageReward) are converted key by key, and
 # a key the converter does not know is an error, never silently dropped.
 #
@@ -163,7 +203,9 @@ import torch.nn.functional as F
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables report PickScore raw
-IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407  # REWARDS.md 1.5
+# ImageReward's z-score of the raw head output (the image-reward package's constants, which
+# rtdmd/rewards/imagereward_scorer.py uses through that package)
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
 # slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
 # A "*_config" slot may be a transformers config object (tests use tiny ones); None = real size.
@@ -189,7 +231,7 @@ DEFAULT_SOURCES = {
 
 
 def quantize_uint8(images):
-    """round(255 x) / 255: the 8-bit image that eval and GRPO score (ALGORITHM.md 6).
+    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
     Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
 
@@ -204,7 +246,7 @@ def crop_offset(margin, rounding):
 
 
 def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
-    """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (REWARDS.md 2.3).
+    """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
 
     fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision
                 Resize + CenterCrop in RTDMD's tensor path); `crop` is crop_offset's rounding
@@ -301,7 +343,7 @@ def _pooled(out):
 
 class MLPHead(nn.Module):
     """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic
-    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; REWARDS.md 1.3, 1.5).
+    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2).
     In eval mode it is a single affine map; we keep the layers so the checkpoints load as is."""
 
     def __init__(self, in_dim=768):
@@ -354,7 +396,7 @@ class CLIPBackbone:
 
 
 class CLIPScore:
-    """REWARDS.md 1.1: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
+    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
     2.5*max(cos,0) of the CLIPScore paper), ~0.28-0.32. `mode` bilinear: RTDMD's tensor path uses
     torchvision Resize's default, for eval and back-prop alike; `crop` round: its CenterCrop
     (official code: rtdmd/rewards/clip_scorer.py)."""
@@ -372,7 +414,7 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """REWARDS.md 1.2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
+    """Section 2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
     returned DIVIDED BY 26 (~0.86-0.92) as RTDMD trains and logs it, so weights 1:1:1 with the
     two cosines make sense. Tables: multiply by PICKSCORE_TABLE_SCALE. `mode` bicubic: its eval
     numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart).
@@ -385,13 +427,13 @@ class PickScore(CLIPScore):
 
 
 class HPSv2(CLIPScore):
-    """REWARDS.md 1.4: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
+    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
     ~0.27-0.35; image resized on its longest side and zero-padded (never cropped)."""
     name, fit, mode = "hpsv2", "pad", "bicubic"
 
 
 class Aesthetic:
-    """REWARDS.md 1.3: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
+    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
     ~5-6 on the AVA 1-10 scale. Ignores the prompt. RTDMD uses it only as a (no-grad) metric; the
     torch preprocessing makes it differentiable anyway. `crop` round: the original predictor
     preprocesses with OpenAI CLIP's torchvision CenterCrop."""
@@ -410,7 +452,7 @@ class Aesthetic:
         return {self.name: self.head.to(img.device)(img)}
 
 
-# --- HPSv2.1: open_clip ViT-H/14 -> transformers CLIPModel (REWARDS.md 2.1) ----------------------
+# --- HPSv2.1: open_clip ViT-H/14 -> transformers CLIPModel ---------------------------------------
 
 def hpsv2_clip_config():
     """open_clip ViT-H-14 as a CLIPConfig (= laion/CLIP-ViT-H-14's config.json)."""
@@ -471,14 +513,14 @@ def openclip_to_hf(sd):
 
 def load_hpsv2(src, config=None):
     """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
-    laion base weights the official code builds first are not needed (REWARDS.md 1.4)."""
+    laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
     path = _resolve_file(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
     sd = openclip_to_hf(_state_dict(path))  # fp16 in the file; load_state_dict casts to fp32
     return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), sd, path)
 
 
-# --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel (REWARDS.md 1.5, 2.2) ---
+# --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
 
 def imagereward_blip_config():
     """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image
@@ -549,7 +591,7 @@ def blip_to_hf(sd):
 
 
 class ImageReward:
-    """REWARDS.md 1.5: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
+    """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
     Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
     Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
     squashed to 224x224 without antialias instead; identical for square images up to antialias).
@@ -1238,10 +1280,7 @@ class GenEval2:
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# (multi-reward goes here)
-#
-# RTDMD scores every sample with several rewards and combines them in two places (ALGORITHM.md
-# 5.5, 5.7, 6):
+# RTDMD scores every sample with several rewards and combines them in two places (section 3):
 #   * GRPO (score-function part): no gradient, images quantised to uint8 first. Advantages are
 #     computed PER REWARD and then weighted (subgrpo.py), so the per-reward tensors are returned
 #     alongside their weighted sum.
@@ -1350,14 +1389,15 @@ def preflight(reward_set, device):
 
 def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
-    the GRPO rewards with the same weights (RTDMD's default "training_reward_fn" mode, REWARDS.md
-    0): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad().
-    records: the training prompt file's .jsonl records, which geneval needs (MultiReward)."""
+    the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
+    rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
+    under torch.no_grad(). records: the training prompt file's .jsonl records, which geneval needs
+    (MultiReward)."""
     grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp
 
 
 def eval_rewards(sources=None, weights=EVAL_WEIGHTS, share=None):
-    """All metrics on uint8 images (ALGORITHM.md 7). Tables: pickscore * PICKSCORE_TABLE_SCALE."""
+    """All metrics on uint8 images (section 2). Tables: pickscore * PICKSCORE_TABLE_SCALE."""
     return MultiReward(weights, sources, quantize=True, share=share)

@@ -1,12 +1,43 @@
 """
 sample.py -- HOW samples are drawn: every sampler of the project lives here.
 
-    cps_step            one coefficient-preserving sampling (CPS) step       (ALGORITHM.md 3.1)
-    euler_sample        the teacher's Euler ODE with classifier-free guidance (1.4)
-    rollout             the 4-step generator sampler (CPS, eta = 0.9)         (3.4)
-    backward_simulation stage-1's random-stop simulation, grad on the last step only (3.3)
+    cps_step            one coefficient-preserving sampling (CPS) step              (section 1)
+    euler_sample        the teacher's Euler ODE with classifier-free guidance       (section 2)
+    rollout             the 4-step generator sampler (CPS, eta = 0.9)                (section 2)
+    random_stop         the stop index of a stage-1 backward simulation             (section 3)
+    backward_simulation stage-1's random-stop simulation, grad on the last step only (section 3)
 
-The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps.
+The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps. "Official code" is
+github.com/Harahan/RTDMD (README).
+
+1. The CPS step (paper App. C; official code: rtdmd/schedulers/cps_scheduler.py)
+   From x at level sigma with velocity v, to sigma' < sigma, with theta = eta pi / 2:
+       x0_hat = x - sigma v,  eps_hat = x + (1 - sigma) v            (models.py, section 1)
+       x'     = (1 - sigma') x0_hat + sigma' (cos(theta) eps_hat + sin(theta) z),  z ~ N(0, I).
+   cos^2 + sin^2 = 1, so the noise at sigma' keeps total std sigma' ("coefficient preserving"):
+   for a known x0 the kernel maps the marginal at sigma onto the marginal at sigma' for every
+   eta (tests/test_sample.py). It is the DDIM(eta) kernel with x0 and eps replaced by their
+   estimates, not the true reverse kernel of the flow. eta = 0 or sigma' = 0 gives Euler. The
+   official configs use eta = 0.9 everywhere, so fresh noise is 98.8% of the next level's std.
+   All arithmetic is float32; the output is cast back to x's dtype.
+
+2. The teacher ODE and the few-step rollout (paper App. K)
+   The teacher integrates dx = v dsigma with Euler steps and classifier-free guidance
+   v = v(null) + g (v(c) - v(null)) (models.cfg_velocity). The generator samples 4 steps on the
+   shifted sigmas of [1000, 750, 500, 250] (models.py, section 1) with CPS eta 0.9 and no CFG; its
+   last step goes to sigma' = 0, so it returns x0_hat of that step (official code:
+   rtdmd/inference.py).
+
+3. Backward simulation with random stop (stage 1; official code: rtdmd/trainers/dmd_trainer.py,
+   `_generate_latents`)
+   Draw stop ~ U{1, ..., 4} (`random_stop`), the same on every rank. Run steps 0 .. stop-2 of the
+   rollout without grad, and step k = stop - 1 with grad. The output x_s of step k is what the
+   AC-DMD losses compare with the teacher at level s = sigma_{k+1} (acdmd.py, section 2): every
+   step is trained equally often, each against its own marginal, and the gradient is truncated to
+   one network call. The fake-score update and the generator update each draw their own
+   simulation.
+
+4. Pictures and images (pillow only), and the CLI.
 
 CLI:
     python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
@@ -27,7 +58,7 @@ import models
 from models import bcast, eps_from_velocity, x0_from_velocity
 
 # ---------------------------------------------------------------------------------------------
-# The CPS step (ALGORITHM.md 3.1)
+# 1. The CPS step
 # ---------------------------------------------------------------------------------------------
 
 
@@ -40,7 +71,7 @@ def cps_mean_std(x, v, sigma, sigma_next, eta):
 
     cos^2 + sin^2 = 1, so the total noise norm at the next level stays sigma' ("coefficient
     preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
-    All arithmetic in float32 (ALGORITHM.md 8.8). sigma, sigma_next: float or Tensor[B].
+    All arithmetic in float32 (section 1). sigma, sigma_next: float or Tensor[B].
     Returns mu (float32, x's shape) and rho (broadcastable against x)."""
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
@@ -67,13 +98,13 @@ def full(sigma, x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher ODE and generator rollout
+# 2. Teacher ODE and generator rollout; 3. backward simulation
 # ---------------------------------------------------------------------------------------------
 
 
 def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progress=False):
     """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
-    guidance != 1 (ALGORITHM.md 1.1, 1.4). This is the teacher's multi-step sampler, and the
+    guidance != 1 (section 2). This is the teacher's multi-step sampler, and the
     reference row "teacher 4-step Euler" when given the 4-step sampler sigmas."""
     steps = range(len(sigmas) - 1)
     if progress:
@@ -91,7 +122,7 @@ def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progres
 
 @torch.no_grad()
 def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
-    """The few-step generator sampler (ALGORITHM.md 3.4): at every step k,
+    """The few-step generator sampler (section 2): at every step k,
     v = G(x, sigma_k, c) with no CFG, then x <- CPS(x, v, sigma_k -> sigma_{k+1}, eta).
     `noises[k]` optionally fixes the CPS noise of step k. Returns the list of states
     [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
@@ -113,11 +144,11 @@ def random_stop(num_steps, rng):
 
 
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
-    """Stage-1 backward simulation with random stop (ALGORITHM.md 3.3).
+    """Stage-1 backward simulation with random stop (section 3).
 
     Runs steps k = 0 .. stop-1 of the sampler from x = eps. Only the last executed step
     (k = stop - 1) runs with autograd, so its input is a constant and the gradient is truncated
-    to one network call (the step-k objective of section 2.3 trains step k alone).
+    to one network call (the step-k objective, acdmd.py section 2, trains step k alone).
     Returns a dict: x_in, v (last step's input state and velocity), sigma, sigma_next (floats),
     x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat and eps_hat; the fresh
     noise is a constant) and x0_hat of the last step."""
@@ -136,7 +167,7 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures (pillow only): toy scatter plots
+# 4. Pictures (pillow only): toy scatter plots
 # ---------------------------------------------------------------------------------------------
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -234,7 +265,7 @@ def initial_noise(bb, prompts, n, seed):
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
-    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (ALGORITHM.md 3.4): CPS with
+    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2): CPS with
     eta = 0.9, no CFG. One batch per prompt. The CPS noise comes from the global RNG, seeded
     here too (inside fork_rng), so a call is reproducible."""
     x, rep = initial_noise(bb, prompts, n, seed)

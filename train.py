@@ -72,7 +72,7 @@ DEFAULTS = {
                  ema_decay=0.99, log_every=10),
     # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
     # Real: configs/rtdmd/sd35m.yaml. Toy: tuned to be stable (the paper's loss weights assume
-    # D ~ 65k latent numbers per sample, the toy has D = 2; subgrpo.py explains the balance).
+    # D ~ 65k latent numbers per sample, the toy has D = 2; subgrpo.py, section 6, explains the balance).
     "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
                  w_pg=1.0, w_dm=3.0, w_bp=0.1),
@@ -435,7 +435,7 @@ def subinterval_start(sim, plain_dmd):
 
 
 def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard):
-    """Fake-score phase (acdmd.py, fake_score_loss): simulate the generator without grad up to a
+    """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
     random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
     B = len(next(iter(cond.values())))
@@ -457,7 +457,7 @@ def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocas
 
 
 def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast, guard):
-    """Generator phase (acdmd.py, generator_loss): simulate up to a random step with grad through
+    """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
     that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
     B = len(next(iter(cond.values())))
@@ -486,7 +486,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
     """The stage-2 loop (box at the top of this file): per epoch, rollouts -> advantages -> one
     fake-score step -> one generator step accumulated over the whole epoch, with the parameter
     EMA on the official schedule around it (subgrpo.stage2_ema_decays)."""
-    if args.exact_decomposition:  # every term an exact multiple of a gradient (subgrpo.py)
+    if args.exact_decomposition:  # every term an exact multiple of a gradient (subgrpo.py, section 7)
         args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
     group, num_batches = args.group_size, args.num_batches_per_epoch
     final = len(bb.sigmas) - 2  # index of the deterministic last step (3 for the 4-step sampler)
@@ -669,7 +669,7 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
                           weights, accumulation, epoch, rank, world, autocast):
     """Generator phase: the gradient of the epoch's one optimiser step (the caller takes the step),
     accumulated over the epoch's sub-batches and, in each, over the trained steps j (the hybrid
-    gradient, subgrpo.py):
+    gradient, subgrpo.py, section 2):
         j in steps (stochastic):   w_pg * clipped PPO surrogate of log pi(x_{j+1} | x_j)
         j = final (deterministic): w_dm * AC-DMD at s = 0 on x0_hat  +  w_bp * reward back-prop
     Samples whose advantage is exactly 0 are dropped first and the rest padded back to a multiple

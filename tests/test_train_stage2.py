@@ -11,6 +11,7 @@ import torch
 
 import eval as evaluation
 import models
+import subgrpo
 import train
 from checks import assert_checkpoints_equal
 
@@ -102,8 +103,8 @@ def test_train_stage2_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_pat
 
 @pytest.mark.slow
 def test_train_stage2_exact_decomposition_lands_on_closed_form(tmp_path):
-    # ALGORITHM.md 9.6 mode 2 on toy-gauss (single Gaussian teacher, shift-only generator, linear
-    # reward, PG + DM + BP all on): the learned output mean vs eval.stationary_mean_gauss.
+    # subgrpo.py, section 7, on toy-gauss (single Gaussian teacher, shift-only generator, linear
+    # reward, PG + DM + BP all on): the learned output mean vs subgrpo.stationary_mean_gauss.
     # --no-shared-noise: with toy-gauss's single prompt the shared SubGRPO noise would be shared by
     # the whole epoch, making each epoch's gradient very noisy; the closed form holds either way.
     # --ema-schedule once: the measured mean is that of the EMA, and the raw weights jitter by ~0.007
@@ -119,7 +120,7 @@ def test_train_stage2_exact_decomposition_lands_on_closed_form(tmp_path):
                 "--weight-decay", "0", "--steps", "800", "--lr-gen", "3e-3", "--log-every", "100", "--no-shared-noise", "--ema-schedule", "once",
                 "--w-pg", str(w["w_pg"]), "--w-dm", str(w["w_dm"]), "--w-bp", str(w["w_bp"])])
     bb, net, _ = models.load_run(d)
-    m_star, parts = evaluation.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)
+    m_star, parts = subgrpo.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)
     m = evaluation.toy_samples(bb, net, 400_000, 0)["gauss"].double().mean(0)
     print(f"exact decomposition: learned mean {m.tolist()}, closed form {m_star.tolist()}, "
           f"beta_eff {parts['beta_eff']:.3f}")
