@@ -140,6 +140,9 @@ def get_args(argv=None):
                    "default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
     p.add_argument("--num-batches-per-epoch", type=int, default=None,
                    help="sampling iterations per epoch = sub-batches of the one optimiser step")
+    p.add_argument("--rewards", default=None, metavar="NAME,NAME",
+                   help="stage 2, real backbones: the GRPO rewards, weight 1 each (default: the paper's "
+                   "clipscore,hpsv2,pickscore,geneval; geneval needs the GenEval .jsonl as --prompts)")
     p.add_argument("--reward", default="quadratic", choices=("quadratic", "linear"),
                    help="toy reward: -(1/2)|x - (2,0)|^2 or x_1 (rewards.py)")
     p.add_argument("--w-pg", type=float, default=None, help="policy-gradient (PPO) weight; paper 1")
@@ -733,17 +736,22 @@ def make_reward(args, device=None, metadata=None):
     """(reward, bp_reward, weights). reward(images, prompts, metadata) -> {name: Tensor[B]} scores
     the rollouts (advantages); bp_reward is its differentiable part, back-propagated through the
     last step; weights {name: w} says which names count and how much.
-    Real backbones: the paper's set (rewards.GRPO_WEIGHTS) from the --<slot>-path checkpoints,
-    every model loaded now; a missing one exits with one line. A reward that scores against
-    GenEval metadata (geneval) joins only when every training prompt carries such a record
-    ("include"), i.e. when --prompts is the GenEval .jsonl; otherwise it is left out, and said so."""
+    Real backbones: the paper's set (rewards.GRPO_WEIGHTS: clipscore, hpsv2, pickscore, geneval,
+    weight 1 each; configs/rtdmd/*.yaml), or --rewards, from the --<slot>-path checkpoints, every
+    model loaded now; a missing one exits with one line. geneval scores each image against its
+    prompt's GenEval record ("include"), so it needs --prompts to be the GenEval .jsonl: any other
+    prompt file stops here with one line saying what to pass."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
     weights = dict(rewards.GRPO_WEIGHTS)
+    if args.rewards:
+        weights = {name.strip(): 1.0 for name in args.rewards.split(",") if name.strip()}
     if "geneval" in weights and not (metadata and all("include" in m for m in metadata)):
-        del weights["geneval"]
-        print0("stage 2: geneval left out of the reward: the --prompts file carries no GenEval metadata")
+        sys.exit(f"error: the stage-2 reward geneval scores each image against its prompt's GenEval record, "
+                 f"but --prompts {args.prompts} carries none; pass the GenEval training prompts (the official "
+                 f"code's dataset/geneval/train_metadata.jsonl) or leave geneval out with --rewards "
+                 f"{','.join(n for n in weights if n != 'geneval')}")
     try:
         grpo, bp = rewards.training_rewards(rewards.sources_from_args(args), weights)
         rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
