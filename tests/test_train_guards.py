@@ -211,18 +211,23 @@ def test_load_checkpoint_refuses_a_malicious_pickle_on_resume(tmp_path, toy_base
     assert not os.path.exists(marker), "the pickle's code ran"
 
 
-def test_make_reward_geneval_only_with_geneval_metadata(monkeypatch):
+def test_make_reward_geneval_needs_geneval_metadata(monkeypatch):
     """The paper's stage-2 reward has geneval, which scores against each prompt's GenEval record:
-    it joins when every training prompt has one ("include"), and is left out for a .txt."""
+    it trains when every prompt has one ("include"); a prompt file without them stops with one
+    line naming the fix, unless --rewards leaves geneval out."""
     seen = []
     monkeypatch.setattr(train.rewards, "training_rewards", lambda sources, weights: seen.append(weights) or (1, 2))
     monkeypatch.setattr(train.rewards, "preflight", lambda reward, device: None)
     args = train.get_args(["--stage", "2", "--model", "tiny-sd3"])
     geneval = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]}] * 2
-    assert "geneval" in train.make_reward(args, None, geneval)[2]
-    assert "geneval" not in train.make_reward(args, None, [{}, {}])[2]
-    assert "geneval" not in train.make_reward(args, None, [geneval[0], {}])[2]
-    assert seen[1] == {n: w for n, w in train.rewards.GRPO_WEIGHTS.items() if n != "geneval"}
+    assert train.make_reward(args, None, geneval)[2] == train.rewards.GRPO_WEIGHTS
+    for metadata in ([{}, {}], [geneval[0], {}], None):
+        with pytest.raises(SystemExit) as e:
+            train.make_reward(args, None, metadata)
+        assert "GenEval record" in str(e.value) and "--rewards clipscore,hpsv2,pickscore" in str(e.value), str(e.value)
+    args = train.get_args(["--stage", "2", "--model", "tiny-sd3", "--rewards", "clipscore,hpsv2,pickscore"])
+    assert train.make_reward(args, None, [{}, {}])[2] == {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}
+    assert seen[-1] == {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}
 
 
 def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
