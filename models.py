@@ -269,12 +269,12 @@ class ToyMLP(nn.Module):
         return self.net(torch.cat(feats, 1))
 
 
-def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False):
+def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3):
     """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
     It initialises the generator and the fake score, exactly as the real generator and fake
     score start from the teacher's weights (ALGORITHM.md 4.1)."""
     g = torch.Generator().manual_seed(seed)
-    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width)
+    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     C = mixture.weights.shape[0]
@@ -315,7 +315,8 @@ class ToyBackbone:
         path = None if cache_dir is None else os.path.join(cache_dir, f"toy_base_w{width}.pt")
         if path is not None and os.path.exists(path):
             ck = torch.load(path, map_location="cpu")
-            self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"])
+            self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"],
+                               depth=ck.get("depth", 3))
             self.base.load_state_dict(ck["state_dict"])
         else:
             self.base = pretrain_toy_base(self.mixture, steps=pretrain_steps, width=width,
