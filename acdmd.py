@@ -137,21 +137,12 @@ def make_subinterval(x_s, s, tau, noise=None):
 
 def dmd_direction(x_s, x_s_real, x_s_fake, normalize=True):
     """g = (x_s^fake - x_s^real) / mean_{C,H,W}|x_s - x_s^real|, per sample, then nan_to_num
-    (ALGORITHM.md 4.3 step 2). Descending along g moves x_s toward the teacher.
-
-    normalize: True or "sample" (the paper's), "batch" (one scale for the whole batch: the mean
-    of the per-sample scales) or False (the raw direction). Why "batch" exists: the per-sample
-    scale reweights the samples, by 1 / (distance of x_s to the teacher's denoised guess). That
-    leaves the stage-1 fixed point alone (g = 0 there whatever the weights), but in stage 2 the
-    DM pull is balanced against the reward terms, and a per-sample weight turns one tilt beta into
-    a different beta per region of x and per prompt: the toy's "top" prompt (modes near the
-    reward's optimum) came out over-tilted and "bottom" under-tilted. One scale per batch keeps the
-    step size independent of the direction's magnitude and every sample's relative weight exact."""
+    (ALGORITHM.md 4.3 step 2). Descending along g moves x_s toward the teacher."""
     g = (x_s_fake - x_s_real).double()
     if normalize:
         dims = tuple(range(1, x_s.dim()))
         scale = (x_s.detach().double() - x_s_real.double()).abs().mean(dim=dims, keepdim=True)
-        g = g / (scale.mean() if normalize == "batch" else scale)
+        g = g / scale
     return torch.nan_to_num(g)
 
 

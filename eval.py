@@ -560,6 +560,23 @@ def fit_beta(samples, mixture, reward, grid=None, n=2000, seed=1):
     return fine[best(fine)]
 
 
+def fit_beta_reward(samples, mixture, reward):
+    """The beta whose exact tilted target has the same prompt-averaged mean reward as the samples
+    (E_{p~_beta}[r] increases with beta: its derivative is Var_{p~_beta}[r]); bisection on log beta.
+    At this beta the per-prompt reward gaps sum to zero, so their spread says whether ONE tilt
+    fits every prompt, whatever the samples' shape errors (which dominate the ED fit)."""
+    P = len(samples)
+    target = sum(reward(x.double())[reward.name].mean().item() for x in samples.values()) / P
+    mean_at = lambda b: reward.exact_mean(reward.tilt(mixture, b))[:P].mean().item()
+    if target <= mean_at(0.0):
+        return 0.0
+    lo, hi = -6.0, 3.0  # log10 beta
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(10 ** mid) < target else (lo, mid)
+    return 10 ** ((lo + hi) / 2)
+
+
 def run_reward(cfg):
     """The toy reward a run used (train.make_reward's toy branch)."""
     import rewards
@@ -588,10 +605,13 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     xs["exact"] = {p: tilt.sample(torch.full((n,), ci, dtype=torch.long), generator=gen)
                    for ci, p in enumerate(bb.prompts)}
     rows = {name: tilted_metrics(x, bb.mixture, reward, beta) for name, x in xs.items()}
+    beta_r = fit_beta_reward(xs[next(iter(xs))], bb.mixture, reward)
+    exact_r = reward.exact_mean(reward.tilt(bb.mixture, beta_r))
+    gaps_r = {p: rows[next(iter(rows))][p]["reward"] - exact_r[ci].item() for ci, p in enumerate(bb.prompts)}
     if keep is not None:
         keep.update(xs)
     return {"stage": stage, "beta_fit": fitted, "beta": beta, "n": n, "floor_pairs": FLOOR_PAIRS,
-            "reward": reward.name, "rows": rows}
+            "reward": reward.name, "rows": rows, "beta_reward": beta_r, "reward_gaps_at_beta_reward": gaps_r}
 
 
 def toy_figure_stage2(bb, res, keep, reward, path):
@@ -617,25 +637,42 @@ def toy_figure_stage2(bb, res, keep, reward, path):
 
 def main_tilted(args, t0):
     others = {"without DM": args.no_dm_run} if args.no_dm_run else None
-    keep = {}
-    res = eval_stage2(args.run, args.n, args.seed, args.beta, others, keep)
-    print(f"run {args.run}: stage-{res['stage']} EMA generator vs the exact tilted target p~_beta, "
-          f"beta {res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per prompt, floor = mean ED "
-          f"of {FLOOR_PAIRS} pairs of exact sets of p~_beta")
-    print(f"{'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'reward':>8s} "
-          f"{'exact E_p~[r]':>13s} {'gap':>7s}")
-    for name, rows in res["rows"].items():
-        for prompt, r in rows.items():
-            print(f"{name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} "
-                  f"{r['reward']:8.3f} {r['reward_exact']:13.3f} {r['reward_gap']:+7.3f}")
-    with open(os.path.join(args.run, "eval_tilted.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    runs = [args.run] + (args.runs or [])
+    keep, all_res = {}, []
+    for i, run in enumerate(runs):
+        res = eval_stage2(run, args.n, args.seed, args.beta, others if i == 0 else None, keep if i == 0 else None)
+        all_res.append(res)
+        print(f"run {run}: stage-{res['stage']} EMA generator vs the exact tilted target p~_beta at beta "
+              f"{res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per prompt, floor = mean ED of "
+              f"{FLOOR_PAIRS} pairs of exact sets of p~_beta")
+        print(f"  {'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'reward':>8s} "
+              f"{'exact E_p~[r]':>13s} {'gap':>7s}")
+        for name, rows in res["rows"].items():
+            for prompt, r in rows.items():
+                print(f"  {name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} "
+                      f"{r['reward']:8.3f} {r['reward_exact']:13.3f} {r['reward_gap']:+7.3f}")
+        print(f"  one beta for every prompt? at beta {res['beta_reward']:.3g} (the exact tilt with the generator's "
+              f"prompt-averaged mean reward) the per-prompt reward gaps are "
+              + ", ".join(f"{p} {g:+.3f}" for p, g in res["reward_gaps_at_beta_reward"].items()))
+        with open(os.path.join(run, "eval_tilted.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    if len(runs) > 1:  # the headline: mean +- spread (half range) over the runs, each at its own beta
+        key = next(iter(all_res[0]["rows"]))
+        s = summarize_runs([{"beta": r["beta"], "beta_reward": r["beta_reward"], "rows": r["rows"][key],
+                             "gaps": r["reward_gaps_at_beta_reward"]} for r in all_res])
+        print(f"{key} over {len(runs)} runs (mean +- spread), n = {args.n}: fitted beta {s['beta'][0]:.3g} +- "
+              f"{s['beta'][1]:.2g}")
+        for p, r in s["rows"].items():
+            print(f"  {p:7s} ED/floor {r['ratio'][0]:6.2f} +- {r['ratio'][1]:5.2f}   occ err {r['occ_err'][0]:.3f} +- "
+                  f"{r['occ_err'][1]:.3f}   outliers {r['outliers'][0]:.3f} +- {r['outliers'][1]:.3f}   reward gap "
+                  f"{r['reward_gap'][0]:+.3f} +- {r['reward_gap'][1]:.3f}   gap at the reward-fitted beta "
+                  f"{s['gaps'][p][0]:+.3f} +- {s['gaps'][p][1]:.3f}")
     bb = models.load_run(args.run)[0]
     with open(os.path.join(args.run, "config.json")) as f:
         reward = run_reward(json.load(f))
-    png = toy_figure_stage2(bb, res, keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
-    print(f"wrote {os.path.join(args.run, 'eval_tilted.json')} and {png} ({time.time() - t0:.1f}s)")
-    return res
+    png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
+    print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
+    return all_res[0] if len(runs) == 1 else all_res
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ DEFAULTS = {
     # Real: the paper's (ALGORITHM.md 5.10, SD3.5-M). Toy: tuned to be stable (ALGORITHM.md 9.4).
     "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
-                 w_pg=1.0, w_dm=3.0, w_bp=0.1, dm_norm="sample"),
+                 w_pg=1.0, w_dm=3.0, w_bp=0.1),
     # real2 = SD3.5-M; the other backbones differ only as in STAGE2_PER_BACKBONE.
     "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
                   ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
-                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0, dm_norm="sample"),
+                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
 }
 # Stage-2 differences between the real backbones (ALGORITHM.md 5.3, 5.10). batch_size is the
 # global number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
@@ -93,8 +93,6 @@ def get_args(argv=None):
                    help="ablation: match x0_hat of every step at s = 0 (DMD2), not the sub-interval")
     p.add_argument("--no-grad-norm", dest="grad_norm", action="store_false",
                    help="do not normalise the DMD direction per sample")
-    p.add_argument("--dm-norm", default=None, choices=("sample", "batch"), help="stage 2: scale of the "
-                   "DMD direction, per sample (paper) or one per batch (toy default; acdmd.dmd_direction)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--toy-width", type=int, default=128, help="toy: hidden width of the velocity MLPs")
     p.add_argument("--seed", type=int, default=0)
@@ -760,7 +758,7 @@ def train_stage2(args, bb, ddp, rank, world, device, master, shared, reward=None
                         if w_dm:
                             t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
                             l_dm, st = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, c_b, null_cond,
-                                                            args.guidance, args.eta, args.grad_norm and args.dm_norm)
+                                                            args.guidance, args.eta, args.grad_norm)
                             loss = loss + w_dm * l_dm
                             parts["loss_dm"] += w_dm * l_dm.item() / nb
                         if w_bp and 0 < args.bp_batch_size < B:  # chunked (memory), same gradient

@@ -2,8 +2,6 @@
 run beats the teacher's own 4-step Euler sampler on every prompt, and a short stage-2 run raises
 the mean reward while staying near the exact reward-tilted target. Each assertion fails when the
 DMD direction or the advantages have the wrong sign (checked by flipping them)."""
-import json
-import os
 import shutil
 
 import pytest
@@ -15,7 +13,7 @@ import train
 
 N = 2000  # samples per prompt for every energy distance below
 STAGE1 = ["--steps", "600", "--batch-size", "256", "--log-every", "50", "--seed", "0"]
-STAGE2 = ["--steps", "80", "--log-every", "5", "--seed", "0"]
+STAGE2 = ["--steps", "100", "--lr-gen", "1e-4", "--log-every", "10", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +42,13 @@ def test_train_stage2_raises_reward_near_tilted_target(stage1_run, tmp_path):
     shutil.copytree(stage1_run, out)
     torch.manual_seed(0)
     train.main(["--stage", "2", "--out", out] + STAGE2)
-    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"stage": 2' in line]
-    first, last = recs[0]["reward_mean"], sum(r["reward_mean"] for r in recs[-4:]) / 4
-    assert last > first + 0.3, f"stage 2 should raise the mean reward by > 0.3; it went {first:.3f} -> {last:.3f}"
     res = evaluation.eval_stage2(out, n=N, seed=0)
-    assert res["beta_fit"] > 0.03, f"the stage-2 generator should be tilted (fitted beta {res['beta_fit']:.3g})"
-    for prompt, r in res["rows"]["RTDMD"].items():
-        assert abs(r["reward_gap"]) < 0.5, (
-            f"prompt {prompt!r}: mean reward {r['reward']:.3f} should stay within 0.5 of the exact tilted "
-            f"target's {r['reward_exact']:.3f} at the fitted beta {res['beta']:.3g} (no reward hacking)")
+    rows, beta = res["rows"], res["beta"]
+    assert beta > 0.03, f"the stage-2 generator should be tilted toward the reward (fitted beta {beta:.3g})"
+    for prompt, r in rows["RTDMD"].items():
+        gain = r["reward"] - rows["stage 1"][prompt]["reward"]
+        assert gain > 0.3, (f"prompt {prompt!r}: stage 2 should raise the mean reward by more than 0.3 "
+                            f"over stage 1; it moved by {gain:+.3f}")
+        assert abs(r["reward_gap"]) < 0.4, (
+            f"prompt {prompt!r}: mean reward {r['reward']:.3f} should stay within 0.4 of the exact tilted "
+            f"target's {r['reward_exact']:.3f} at the fitted beta {beta:.3g} (no reward hacking)")
