@@ -134,7 +134,7 @@ def teacher_euler_states(bb, x, cond, sigmas=None):
 
 
 @torch.no_grad()
-def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True):
+def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True, base_ode=False):
     """Per prompt, every row against the exact teacher p(x|c) with n samples (toy_metrics):
       generator       the 4-step CPS sampler of `net`, every intermediate state included;
       <name>          each further generator in `others` ({name: net}, e.g. the plain-DMD run);
@@ -142,7 +142,9 @@ def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=Tr
       teacher_euler4  the teacher's Euler ODE on the same 4 sigmas;
       teacher_ode50   the teacher's 50-step Euler ODE (the exact velocity: what a good many-step
                       sampler reaches);
-      exact           another independent exact set: what ED/floor reads for a perfect sampler.
+      exact           another independent exact set: what ED/floor reads for a perfect sampler;
+    and, with base_ode=True, base_ode50: the pretrained base MLP (what generator and fake start
+    from) as a 50-step ODE sampler: how well the network class fits the teacher's velocity.
     Every row starts from the same initial noise and is compared with the same exact sets
     (ExactReference), so a row's numbers depend only on its own samples and `seed`.
     keep: a dict that receives every row's states, keep[prompt][row] = [x_sigma_0, ...] (pictures)."""
@@ -164,6 +166,8 @@ def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=Tr
             states["teacher_euler4"] = teacher_euler_states(bb, x, cond)
             states["teacher_ode50"] = [x, sample.euler_sample(bb, bb.teacher, x, fine, cond)]
             states["exact"] = [x, mix.sample(c, generator=gen)]
+        if base_ode:
+            states["base_ode50"] = [x, sample.euler_sample(bb, bb.base, x, fine, cond)]
         results[prompt] = {name: toy_metrics(st, bb.sigmas if len(st) == len(bb.sigmas) else [1.0, 0.0],
                                              ref, mix.weights[ci])
                            for name, st in states.items()}
@@ -828,7 +832,8 @@ def main_toy(args):
     for i, run in enumerate(runs):
         bb, net, stage = models.load_run(run, args.stage)
         others = {"plain_dmd": models.load_run(plain[min(i, len(plain) - 1)], 1)[1]} if plain else None
-        per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None))
+        per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None,
+                                base_ode=args.base_ode))
     summary = summarize_runs(per_run)
     print(f"stage-{stage} EMA generator of {', '.join(runs)}" + (f"; plain DMD: {', '.join(plain)}" if plain else ""))
     print_toy_table(summary, bb.sigmas, args.n, len(runs))
@@ -856,6 +861,8 @@ def get_args(argv=None):
                    help="toy stage 1: --plain-dmd run(s), one more row and picture column")
     p.add_argument("--no-dm-run", default=None, metavar="RUN",
                    help="toy, with --tilted: a --no-dm stage-2 run, one more row and picture column")
+    p.add_argument("--base-ode", action="store_true",
+                   help="toy stage 1: add the row of the pretrained base MLP as a 50-step ODE sampler")
     p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
     p.add_argument("--tilted", action="store_true",
                    help="toy stage 2: compare with the exact tilted target at the fitted beta")
