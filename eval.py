@@ -9,17 +9,29 @@ eval.py -- measure a run.
         --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
-Toy (ALGORITHM.md 9.3): for each prompt, the 4-step EMA generator's samples are compared with
-exact samples of the teacher p(x|c):
-  - energy distance (ED), next to the noise floor: the ED between two independent exact sample
-    sets of the same size (a perfect generator sits at the floor);
+1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
+with exact samples of the teacher p(x|c) (models.py, section 2), n = 4000 per prompt (--n):
+  - energy distance (ED) divided by the noise floor, the mean ED of 6 pairs of independent exact
+    sets of the same n (one definition for every toy number: "Metrics" below);
   - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
-    the exact weights pi_cj;
-  - the same ED at every intermediate sampler state x_{sigma_k} against the exact marginal
+    the exact weights pi_cj; and the fraction of samples 3 stds away from every mode;
+  - the same ED/floor at every intermediate sampler state x_{sigma_k} against the exact marginal
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
-Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise.
+Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise, and
+another exact set. --runs: more seeds, shown as mean +- spread. Writes a picture (Pillow):
+exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
 
-Images (ALGORITHM.md 7): the generator (or, with --model, the base model used as one) draws one
+2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture
+(rewards.py, section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor,
+occupancy error against the tilted weights, and mean reward against its exact tilted value; and
+the per-prompt reward gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`).
+The picture: exact tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
+
+3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
+the exact tilted teacher, evaluated against the same tilted target.
+
+4. Images (`eval_images`): the official inference protocol (official code: rtdmd/inference.py,
+configs/inference/*.yaml). The generator (or, with --model, the base model used as one) draws one
 image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
 8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
 table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
@@ -37,9 +49,10 @@ import torch
 import models
 import rewards
 import sample
+import subgrpo
 
 # ---------------------------------------------------------------------------------------------
-# Metrics
+# Metrics (sections 1-3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -62,10 +75,12 @@ def occupancy(x, means):
 #   floor     the mean ED between FLOOR_PAIRS pairs of independent exact sets of the same n. The
 #             V-statistic has an O(1/n) positive bias, so ED and floor both shrink with n and
 #             only their ratio is comparable across n: every printed ED states its n;
-#   ED/floor  1 for a perfect sampler (about 1 +- 0.3 for one exact set against another);
+#   ED/floor  1 on average for a perfect sampler, but one exact set against another scatters
+#             widely (0.3-4.5 measured): the floor is a scale, not a threshold;
 #   occ err   max_j |fraction of samples nearest to mean j - pi_cj|;
 #   outliers  fraction of samples farther than 3 standard deviations from every mode; for an
-#             isotropic 2-D Gaussian P(|z| > 3) = exp(-9/2) = 1.1%, so an exact set sits at ~1.1%.
+#             isolated 2-D Gaussian P(|z| > 3) = exp(-9/2) = 1.1%; neighbouring modes catch a few
+#             of those, so an exact set of the toy reads 0.4-0.8%.
 DEFAULT_N = 4000
 FLOOR_PAIRS = 6
 
@@ -131,6 +146,11 @@ def teacher_euler_states(bb, x, cond, sigmas=None):
     for k in range(len(sigmas) - 1):
         states.append(sample.euler_sample(bb, bb.teacher, states[-1], sigmas[k:k + 2], cond))
     return states
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Toy evaluation
+# ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -289,13 +309,13 @@ def toy_figure_stage1(bb, results, keep, path, n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Image evaluation (ALGORITHM.md 7)
+# 4. Image evaluation
 # ---------------------------------------------------------------------------------------------
 
-# The official inference protocol: the generator samples 4 steps [1000, 750, 500, 250] (shifted),
-# CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per prompt line, at 1024 px for all
-# three backbones (even SD3.5-M and FLUX.2, which trained at 512; ALGORITHM.md 10.6).
-# Teacher rows use "their standard multi-step settings" (ALGORITHM.md 7): SD3-M is reported at
+# The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
+# [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
+# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512).
+# Teacher rows use "their standard multi-step settings" (the official README): SD3-M is reported at
 # 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
 # backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
 # (50 steps with CFG are 100 forwards): pass --teacher-steps 25 for 50 forwards.
@@ -326,28 +346,58 @@ BUILTIN_PROMPTS = [
 ]
 
 
+# Each metric's own prompt set, as the official evaluation pairs them (official code:
+# configs/inference/*.yaml, reward_dataset_map; the files live in the official repository's
+# dataset/ folder). Metrics not listed here score the --prompts set (DrawBench officially).
+# geneval needs the GenEval metadata of its .jsonl, ocr the quoted text of its prompts.
+OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr": "dataset/ocr/test.txt",
+                        "hpsv3": "dataset/hpsv3/test.txt", "geneval2": "dataset/geneval2/test.jsonl"}
+
+
 def read_prompts(path, max_prompts=0):
     """Prompts from a .txt file (one a line) or a .jsonl file (field "prompt"), or the built-in
     set for path "builtin". Blank lines are skipped. max_prompts > 0 keeps the first N, as the
-    official `num_media_images` does (64 in the shipped YAMLs, ALGORITHM.md 7); 0 keeps all.
+    official `num_media_images` does (64 in configs/inference/*.yaml); 0 keeps all.
     Returns (prompts, number of prompts in the file, sha256 of the file's bytes)."""
+    prompts, _, n, sha = read_prompt_records(path, max_prompts)
+    return prompts, n, sha
+
+
+def read_prompt_records(path, max_prompts=0):
+    """read_prompts, plus each .jsonl line's whole record (None for .txt and "builtin"):
+    (prompts, records or None, number of prompts in the file, sha256 of the file)."""
     if path == "builtin":
         data = "\n".join(BUILTIN_PROMPTS).encode()
     else:
         with open(path, "rb") as f:
             data = f.read()
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    records = None
     if path.endswith(".jsonl"):
-        prompts = []
-        for i, line in enumerate(lines):
-            rec = json.loads(line)
+        records = [json.loads(line) for line in lines]
+        for i, rec in enumerate(records):
             if "prompt" not in rec:
                 raise ValueError(f"{path}: record {i + 1} has no \"prompt\" field")
-            prompts.append(rec["prompt"])
+        prompts = [rec["prompt"] for rec in records]
     else:
         prompts = [line.strip() for line in lines]
-    n = len(prompts)
-    return (prompts[:max_prompts] if max_prompts > 0 else prompts), n, hashlib.sha256(data).hexdigest()
+    n, keep = len(prompts), (max_prompts if max_prompts > 0 else None)
+    return prompts[:keep], records and records[:keep], n, hashlib.sha256(data).hexdigest()
+
+
+def prompt_sets(reward_names, default, routes):
+    """{prompt file: [reward names]}: each reward on routes[name] ("name=file,..." of
+    --reward-prompts), else on the default file."""
+    table = {}
+    for item in filter(None, (routes or "").split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or name not in reward_names:
+            raise ValueError(f"--reward-prompts {item!r}: expected NAME=FILE with NAME one of {reward_names}")
+        table[name] = path
+    sets = {}
+    for name in reward_names:
+        sets.setdefault(table.get(name, default), []).append(name)
+    return sets
 
 
 def teacher_sigmas(bb, steps):
@@ -365,7 +415,7 @@ def teacher_sigmas(bb, steps):
 
 @torch.no_grad()
 def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42, teacher=False,
-                steps=TEACHER_STEPS, cfg=None, keep=16, progress=True):
+                steps=TEACHER_STEPS, cfg=None, keep=16, progress=True, metadata=None):
     """Generate n_per_prompt images for every prompt and score them with `scorer` (a
     rewards.MultiReward; eval_rewards quantises to uint8 first).
       generator (teacher=False): `net`, the 4-step CPS sampler, eta 0.9, no CFG (sample.rollout).
@@ -373,10 +423,13 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
                backbone's g) against the empty prompt (sample.euler_sample).
     One torch.Generator, seeded once, draws every batch's initial noise in order (and the
     generator's CPS noises), so an image depends on its position in the list and on batch_size,
-    as in the official code (ALGORITHM.md 3.4); the official CPS noise comes from the global RNG.
+    as in the official code (rtdmd/inference.py, seed set once); there the CPS noise comes from
+    the global RNG.
+    metadata: None, or one record per prompt (a .jsonl's lines), handed to the scorer with them.
     Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W]}."""
     gen = torch.Generator().manual_seed(seed)
     items = [p for p in prompts for _ in range(n_per_prompt)]
+    metas = None if metadata is None else [m for m in metadata for _ in range(n_per_prompt)]
     if teacher:
         sigmas, cfg = teacher_sigmas(bb, steps), bb.guidance if cfg is None else cfg
     scores, kept = {}, []
@@ -393,8 +446,9 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
             noises = [bb.noise(len(batch), gen) for _ in range(len(bb.sigmas) - 1)]
             x = sample.rollout(bb, net, x, cond, eta=CPS_ETA, noises=noises)[-1]
         images = bb.decode(x)
-        for name, v in scorer(images, batch).items():
-            if name in scorer.weights:  # not the "weighted" sum of unrelated scales
+        meta = None if metas is None else metas[i:i + batch_size]
+        for name, v in scorer(images, batch, meta).items():
+            if name in scorer.weights or name == "geneval_strict":  # not the "weighted" sum
                 scores.setdefault(name, []).append(v.float().cpu())
         kept += list((images[:keep - len(kept)] * 255).round().to(torch.uint8).cpu())
     return {"prompts": items, "scores": {k: torch.cat(v) for k, v in scores.items()},
@@ -442,8 +496,21 @@ def main_images(args):
     sources = rewards.sources_from_args(args)
     out_dir = args.out or args.run or os.path.join("runs", f"eval_{args.model}")
     try:  # everything that can be missing is looked up before the (slow) generation
-        prompts, n_file, sha = read_prompts(args.prompts, args.max_prompts)
+        sets = {}  # prompt file -> (prompts, records, n in file, sha256, scorer of its rewards)
         scorer = rewards.eval_rewards(sources, weights)
+        for path, names in prompt_sets(list(weights), args.prompts, args.reward_prompts).items():
+            sets[path] = (*read_prompt_records(path, args.max_prompts),
+                          rewards.eval_rewards(sources, {n: 1.0 for n in names}, share=scorer))
+        for path, (ps, recs, *_, sc) in sets.items():  # prompt-set needs, checked before any work
+            if "geneval" in sc.weights and not (recs and all("include" in r for r in recs)):
+                raise ValueError(f"geneval needs GenEval metadata records, which {path!r} lacks: pass "
+                                 f"--reward-prompts geneval={OFFICIAL_PROMPT_SETS['geneval']} (official repo)")
+            if "geneval2" in sc.weights and not (recs and all("vqa_list" in r for r in recs)):
+                raise ValueError(f"geneval2 needs GenEval2 records with a vqa_list, which {path!r} lacks: pass "
+                                 f"--reward-prompts geneval2={OFFICIAL_PROMPT_SETS['geneval2']} (official repo)")
+            if "ocr" in sc.weights:
+                [rewards.ocr_target(p) for p in ps]
+        prompts = next(iter(sets.values()))[0]
         rewards.preflight(scorer, device)  # loads every reward model
         bb, net, stage = load_generator(args, device, dtype)
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
@@ -458,28 +525,35 @@ def main_images(args):
         rows["teacher"] = dict(sampler="Euler ODE", steps=args.teacher_steps, cfg=cfg,
                                nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
                                sigmas=teacher_sigmas(bb, args.teacher_steps))
-    res = {}
+    res = {}  # row -> prompt file -> eval_images output
     for name, r in rows.items():
-        res[name] = eval_images(bb, net, prompts, scorer, args.n_per_prompt, args.batch_size, args.seed,
-                                teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"])
+        res[name] = {path: eval_images(bb, net, ps, sc, args.n_per_prompt, args.batch_size, args.seed,
+                                       teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"], metadata=recs)
+                     for path, (ps, recs, _, _, sc) in sets.items()}
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
-        r["summary_table_units"] = summarize(res[name]["scores"])
-    print(f"{len(prompts)} prompts x {args.n_per_prompt}, {bb.resolution} px, seed {args.seed}")
+        r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+    for path, (ps, *_, sc) in sets.items():
+        print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
+    print(f"{bb.resolution} px, seed {args.seed}")
     run_name = args.run and os.path.basename(os.path.abspath(args.run))
     gen = f"{run_name} stage {stage}" if args.run else f"{args.model} base"
     labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
                                          for n, r in rows.items() if n == "teacher"]
     print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
-    per_image = [{"prompt": p, **{n: {k: v[i].item() for k, v in res[n]["scores"].items()} for n in res}}
-                 for i, p in enumerate(res["generator"]["prompts"])]
+    per_image = [{"prompt": p, **({} if path == args.prompts else {"prompt_file": path}),
+                  **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
+                 for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]
     os.makedirs(out_dir, exist_ok=True)
-    grids = {n: sample.save_grid(r["images"].float() / 255, os.path.join(
+    first = next(iter(sets))  # the grids show the first prompt set's images
+    grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
     out = {"model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
            "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
            "n_per_prompt": args.n_per_prompt, "rows": rows,
-           "prompts": {"file": args.prompts, "sha256": sha, "n_in_file": n_file, "n_used": len(prompts),
-                       "max_prompts": args.max_prompts},
+           "prompts": {"file": first, "sha256": sets[first][3], "n_in_file": sets[first][2],
+                       "n_used": len(prompts), "max_prompts": args.max_prompts},
+           "prompt_sets": {path: {"rewards": list(sc.weights), "sha256": sha, "n_in_file": n, "n_used": len(ps)}
+                           for path, (ps, _, n, sha, sc) in sets.items()},
            "rewards": {"weights": weights, "quantize_uint8": True, "table_scale": TABLE_SCALE,
                        "sources": {**rewards.DEFAULT_SOURCES, **sources}},
            "scores_units": "per_image: raw scorer outputs (PickScore / 26); summaries: table units",
@@ -492,13 +566,13 @@ def main_images(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: against the exact reward-tilted target (ALGORITHM.md 9.5, 9.6)
+# 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1)
 # ---------------------------------------------------------------------------------------------
 #
-# The stage-2 loss has no beta of its own (ALGORITHM.md 2.2): the normalised DM direction and the
-# standardised advantages set an implicit tilt. So a run is compared with p~_beta at the beta that
-# fits it best (the energy distance summed over prompts, minimised over a grid of beta), and
-# three things are reported there:
+# The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction
+# and the standardised advantages set an implicit tilt. So a run is compared with p~_beta at the
+# beta that fits it best (the energy distance summed over prompts, minimised over a grid of
+# beta), and three things are reported there:
 #   - ED / noise floor against exact samples of p~_beta(x|c)     (is it the tilted target?)
 #   - occupancy error against the tilted weights pi~_cj          (are the modes re-weighted right?)
 #   - mean reward next to the exact E_{p~_beta}[r]               (overshoot = reward hacking: the
@@ -679,71 +753,13 @@ def main_tilted(args, t0):
     return all_res[0] if len(runs) == 1 else all_res
 
 
-# ---------------------------------------------------------------------------------------------
-# The exact-decomposition mode's stationary point, in closed form (ALGORITHM.md 9.6, mode 2)
-# ---------------------------------------------------------------------------------------------
-#
-# Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(mu, s^2 I) in D = 2 dims,
-# linear reward r = a^T x, generator G = v_T + b (models.ShiftVelocity: it can only move its
-# output mean), un-normalised DM direction, exact Gaussian log-prob, advantages A = r - (group
-# mean), no clipping. Weights w_pg, w_dm, w_bp; N = samples per prompt per epoch (one prompt:
-# the whole epoch); f = probability that a stochastic step is trained in an epoch (2/3 for
-# SubGRPO's 2 of 3, 1 with --all-steps).
-#
-# 1. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
-#        v_T(x, sigma) = (x - E[x0|x]) / sigma,   slope lambda = (1 - (1-sigma) s^2 / V) / sigma,
-#    V = (1-sigma)^2 s^2 + sigma^2. The CPS mean  (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)
-#    (sample.cps_mean_std; s' = next sigma) moves by  c_k b  for a velocity shift b and by
-#    A_k delta for an input shift delta:
-#        c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
-#        A_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
-#    So the output mean is  m = mu + sum_k kappa_k b,  kappa_k = c_k prod_{j>k} A_j  (the exact
-#    velocity keeps the mean exact, so b = 0 gives m = mu). The last step has kappa_3 = -sigma_3.
-# 2. The expected gradient in b of each term (the accumulation divisor is common and drops out):
-#    - BP, w_bp mean relu(M - a^T x0_hat), hinge active:        -w_bp kappa_3 a
-#    - DM, surrogate 1/2 mean_{b,d}(x0_hat - sg(x0_hat - g))^2:   w_dm kappa_3 E[g] / D.  With the
-#      fake equal to the velocity of the generator's output law N(m, s_g^2), the tower rule gives
-#      E[x0_hat_fake] = m while E[x0_hat_real] = mu + (1-t)^2 s^2 / V(t) (m - mu), so
-#          E[g] = C (m - mu),   C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ]
-#      over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], with its point masses);
-#      s_g does not enter.
-#    - PG, -w_pg mean_i A_i sum_{k in S} grad_b log pi_k(i): the score identity gives
-#      E[r grad log pi_k] = d E[r] / d b_k = kappa_k a (b_k: the copy of b used at step k), and a
-#      group mean that includes sample i itself scales it by (1 - 1/N):
-#          -w_pg (1 - 1/N) f sum_{k<3} kappa_k a    (averaged over the epochs' step subsets).
-# 3. Setting the sum to zero:
-#        m* = mu + (D / (w_dm C)) [ w_bp + w_pg (1 - 1/N) f sum_{k<3} kappa_k / kappa_3 ] a,
-#    i.e. the tilt mu + beta_eff s^2 a of section 9.5 with beta_eff = |m* - mu| / s^2 (|a| = 1).
-#    With PG off this is ALGORITHM.md 9.6's  m* = mu + D w_bp a / (w_dm C).  The kappa_k of the
-#    earlier steps have the sign of kappa_3, so the policy gradient strengthens the tilt: it moves
-#    x_3, and the final step, which alone feels the DM pull, has to hold the balance.
-
-
-def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.9):
-    """m* of the exact-decomposition mode on toy-gauss (derivation above). Returns (m*, parts)
-    with parts = {C, kappa, beta_eff}."""
-    import math
-    mu, s2 = bb.mixture.means[0], float(bb.mixture.stds[0]) ** 2
-    D, cos = mu.numel(), math.cos(eta * math.pi / 2)
-    sig = [float(x) for x in bb.sigmas]
-    c, A = [], []
-    for sg, sn in zip(sig[:-1], sig[1:]):
-        V = (1 - sg) ** 2 * s2 + sg ** 2
-        lam = (1 - (1 - sg) * s2 / V) / sg
-        c.append(-(1 - sn) * sg + sn * cos * (1 - sg))
-        A.append((1 - sn) * (1 - sg * lam) + sn * cos * (1 + (1 - sg) * lam))
-    kappa = [c[k] * math.prod(A[k + 1:]) for k in range(len(c))]
-    u = (torch.arange(1_000_000, dtype=torch.float64) + 0.5) / 1_000_000
-    t = ((10 + 990 * u).clamp(20, 980)) / 1000  # acdmd.sample_renoise_timesteps(0.0)
-    C = (t ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean().item()
-    push = w_bp + w_pg * (1 - 1 / N) * f * sum(kappa[:-1]) / kappa[-1]
-    shift = D / (w_dm * C) * push
-    m = mu + shift * torch.tensor(a, dtype=torch.float64)
-    return m, {"C": C, "kappa": kappa, "beta_eff": shift / s2}
+# The exact-decomposition mode's stationary point lives next to the loss it comes from
+# (subgrpo.py, section 7); eval.stationary_mean_gauss is the same function.
+stationary_mean_gauss = subgrpo.stationary_mean_gauss
 
 
 # ---------------------------------------------------------------------------------------------
-# The ablation table (toy): train every row, evaluate all of them against the same tilted target
+# 3. The ablation table (toy): train every row, evaluate all of them against the same tilted target
 # ---------------------------------------------------------------------------------------------
 
 ABLATION_ROWS = [  # (row name, extra stage-2 flags)
@@ -758,7 +774,7 @@ ABLATION_ROWS = [  # (row name, extra stage-2 flags)
 def ablation(root, seed=0, n=DEFAULT_N):
     """Train stage 1 once, every stage-2 row from it (train.main with argv lists), and the
     reference-mode row (stage 1 against the exact tilted teacher at the RTDMD row's fitted beta*,
-    ALGORITHM.md 9.6 mode 1). Evaluate every row against p~_{beta*}; write ablation.md/json."""
+    whose fixed point is p~ exactly). Evaluate every row against p~_{beta*}; write ablation.md/json."""
     import shutil
     import train
     torch.set_num_threads(1)  # 2-D points: threads only add overhead
@@ -853,7 +869,7 @@ def get_args(argv=None):
     p.add_argument("--model", default=None, choices=list(models.SPECS),
                    help="evaluate this backbone's base model (as the generator) instead of a run")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (ALGORITHM.md 7)")
+    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt (ED, floor, occupancy)")
     p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
                    help="toy: more runs of the same setting (other --seed): rows show mean +- spread")
@@ -873,10 +889,13 @@ def get_args(argv=None):
     g.add_argument("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl "
                    "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
     g.add_argument("--max-prompts", type=int, default=0, help="first N prompts, 0 = all (the "
-                   "official YAMLs truncate to 64; the paper tables presumably use all)")
+                   "configs/inference/*.yaml of the official code truncate to 64)")
     g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
-                   "each with weight 1 (geneval, hpsv3, ocr are not implemented)")
+                   "each with weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
+    g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
+                   help="score these rewards on their own prompt file instead of --prompts; the official "
+                   "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
     g.add_argument("--batch-size", type=int, default=4, help="images depend on it (one seed)")
     g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
                    "(tiny twins: their own)")

@@ -1,10 +1,12 @@
 """
 models.py -- WHAT generates: flow-matching conventions, the backbones, LoRA.
 
-Read this file first; every other file uses its conventions.
+Read this file first; every other file uses its conventions. "Official code" is
+github.com/Harahan/RTDMD (README); its configs are configs/cold_start/*.yaml (stage 1),
+configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 
-1. Flow-matching conventions (ALGORITHM.md section 1.1, SD3's rectified flow)
-   ------------------------------------------------------------------------
+1. Flow-matching conventions (SD3's rectified flow)
+   ------------------------------------------------
    sigma in [0, 1] is the noise level, sigma = 1 is pure noise:
 
        x_sigma = (1 - sigma) * x0 + sigma * eps,       eps ~ N(0, I)
@@ -15,13 +17,80 @@ Read this file first; every other file uses its conventions.
        x0_hat  = x - sigma * v
        eps_hat = x + (1 - sigma) * v          check: (1-sigma) x0_hat + sigma eps_hat = x
 
+   With the score S = grad log p_sigma, Tweedie's formula E[(1-sigma) x0 | x] = x + sigma^2 S
+   gives v = (x - E[x0|x]) / sigma = -(x + sigma S) / (1 - sigma), and S = -(x + (1-sigma) v)/sigma.
    The transformer's input is the *model timestep* tau = 1000 * sigma of an already shifted
    sigma. The "shift" of SD3 / FLUX is applied exactly once, when the raw step list
    [1000, 750, 500, 250] of the 4-step sampler is turned into sampler sigmas
-   (`sd3_sigmas`, `flux2_sigmas`). Noise levels drawn *inside* the losses are never shifted.
+   (`sd3_sigmas`, `flux2_sigmas`; official code: rtdmd/models/sd35.py, `compute_sigmas_sd35`, and
+   rtdmd/models/flux2_klein.py, `compute_sigmas_flux2_klein`). Noise levels drawn *inside* the
+   losses are never shifted: tau is drawn in [0, 1000] and sigma = tau / 1000.
 
-2. The backbone interface (ARCHITECTURE.md section 3)
-   --------------------------------------------------
+       backbone (resolution)          sampler sigmas sigma_0 .. sigma_3 (sigma_4 = 0)
+       SD3-M, SD3.5-M (any)           1.0, 0.9, 0.75, 0.5            (static shift 3)
+       FLUX.2-klein-4B, 512 px        1.0, 0.95809, 0.88398, 0.71750 (shift from the token count)
+       FLUX.2-klein-4B, 1024 px       1.0, 0.96738, 0.90814, 0.76720
+
+2. The toy world: a 2-D conditional Gaussian mixture, closed form at every level
+   ------------------------------------------------------------------------------
+   J = 8 isotropic components with means mu_j on a circle of radius 2 and std s_j = 0.3;
+   prompt c picks weights pi_cj ("top": components 0-3 with weights .4 .3 .2 .1, "bottom": 4-7
+   uniformly, "ring": all 8 uniformly; the empty prompt, CFG's null branch, the mean of the three
+   rows). Noising a Gaussian component keeps it Gaussian, so with V_j(sigma) = (1-sigma)^2 s_j^2
+   + sigma^2:
+
+       p_sigma(x | c) = sum_j pi_cj N(x; (1-sigma) mu_j, V_j I)             (`Mixture.log_prob`)
+       w_j(x)         = pi_cj N(x; (1-sigma) mu_j, V_j I) / p_sigma(x | c)        posterior weights
+       m_j(x)         = mu_j + (1-sigma) s_j^2 / V_j (x - (1-sigma) mu_j)         E[x0 | x, j]
+       Var[x0 | x, j] = s_j^2 sigma^2 / V_j  (per coordinate)
+       E[x0 | x]      = sum_j w_j m_j,     v(x) = (x - E[x0 | x]) / sigma      (`Mixture.velocity`)
+       score(x)       = sum_j w_j (-(x - (1-sigma) mu_j) / V_j)                  (`Mixture.score`)
+
+   (sigma is clamped at 1e-4; weights are computed in log space.) The teacher is this exact
+   velocity with CFG scale 1, so the teacher *is* p(x|c) and every target is exact. Its
+   reward-tilted versions are mixtures again (rewards.py, section 1). The generator and the fake
+   score start from a small MLP flow-matched on exact samples (`pretrain_toy_base`), as the real
+   ones start from the teacher's weights. "toy-gauss" is a one-Gaussian variant with a
+   shift-only generator, whose stage-2 stationary point is closed form (subgrpo.py, section 7).
+
+3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
+   ------------------------------------------------------------------------------
+   Each wraps a stock diffusers pipeline (`from_pretrained`, hub id or local folder): its text
+   encoders encode, its VAE decodes, its transformer is the frozen teacher. The official settings
+   per backbone (stage 1: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml; stage 2:
+   configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml):
+
+                                     SD3-M              SD3.5-M            FLUX.2-klein-4B
+       teacher / fake-score base     sd3-medium         sd3.5-medium       klein-base-4B
+       generator base                = teacher          = teacher          klein-4B (distilled)
+       train resolution              1024               512                512
+       teacher CFG g                 7.0                4.5                4.0
+       stage 1: lr (both nets)       3e-5               3e-5               1e-6
+       stage 1: batch                9 per GPU x 8 GPUs, 15 000 iterations, TTUR 10, EMA 0.99
+       stage 2: GPUs x prompts/GPU   16 x 2             8 x 9              16 x 6
+       stage 2: group size K         16                 24                 24
+       stage 2: fake lr / chunk      3e-5 / 2           3e-5 / 8           1e-6 / 2
+       stage 2: back-prop chunk      whole sub-batch    whole sub-batch    2
+       common: LoRA r 32, alpha 64; CPS eta 0.9; stage 2: generator lr 3e-6, weight decay 1e-4,
+       16 sampling iterations per epoch, 1000 epochs, loss weights PG 1 : DM 1e-3 : BP 1e-4.
+
+   Evaluation runs every backbone at 1024 px (configs/inference/*.yaml), so FLUX.2 is tested on
+   other sigmas than it trained on (section 1). The SD3 text condition is CLIP-L + CLIP-G + T5
+   ([B, 77 + 128, 4096]) plus pooled CLIP projections [B, 2048]; FLUX.2-klein's is Qwen3 hidden
+   states of layers 9, 18, 27 with text position ids. SD3 takes tau = 1000 sigma; FLUX.2's
+   transformer multiplies by 1000 itself, so it gets sigma. FLUX.2 latents are the VAE latents
+   BatchNorm-normalised and 2x2-patchified to 128 channels. The tiny twins (tiny-sd3, tiny-sd35,
+   tiny-flux2) are random-init pipelines of the same classes, written with `save_pretrained` and
+   loaded through the same `from_pretrained` path, so every line runs in the CPU tests.
+
+4. LoRA, hand-written (official code: rtdmd/utils/lora.py)
+   ---------------------------------------------------------
+   W x + b -> W x + b + (alpha / r) B A x, B = 0 at init. Stage 1: A ~ N(0, 1/r^2) (peft's
+   "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a fresh LoRA with
+   A ~ N(0, 1). Files use the diffusers/PEFT layout, so a stock pipeline loads them.
+
+5. The backbone interface, and `load(name)`
+   ----------------------------------------
    `load(name, ...)` returns a backbone object. The loss files (acdmd.py, subgrpo.py) and the
    samplers (sample.py) only ever talk to a backbone through these members, so they never know
    whether they run on the 2-D toy or on SD3:
@@ -43,7 +112,7 @@ Read this file first; every other file uses its conventions.
        bb.decode(x)             images [B, 3, H, W] in [0, 1], differentiable
        bb.prompts               list[str], the default training prompts
 
-   plus `cfg_velocity` below for the classifier-free-guided teacher.
+   plus `cfg_velocity` (section 1) for the classifier-free-guided teacher.
 """
 import copy
 import math
@@ -65,7 +134,7 @@ def bcast(sigma, x):
 
 
 def add_noise(x0, eps, sigma):
-    """Forward path x_sigma = (1 - sigma) x0 + sigma eps (ALGORITHM.md 1.1)."""
+    """Forward path x_sigma = (1 - sigma) x0 + sigma eps (section 1)."""
     s = bcast(sigma, x0)
     return (1 - s) * x0 + s * eps
 
@@ -86,8 +155,9 @@ def eps_from_velocity(x, v, sigma):
 
 
 def velocity_from_score(x, score, sigma):
-    """v = -(x + sigma^2 score)/(1 - sigma)... derived: E[x0|x] = (x + sigma^2 score)/(1 - sigma),
-    v = (x - E[x0|x])/sigma = -(x + sigma * score)/(1 - sigma)  (ALGORITHM.md 1.1)."""
+    """v = -(x + sigma score) / (1 - sigma), from Tweedie's
+    E[x0|x] = (x + sigma^2 score) / (1 - sigma) and v = (x - E[x0|x]) / sigma (section 1).
+    score: grad log p_sigma at x, x's shape."""
     s = bcast(sigma, x)
     return -(x + s * score) / (1 - s)
 
@@ -107,14 +177,14 @@ DENOISING_STEP_LIST = (1000, 750, 500, 250)
 def sd3_sigmas(step_list=DENOISING_STEP_LIST, shift=3.0):
     """Static shift of SD3 / SD3.5: u = step/1000, sigma = shift u / (1 + (shift - 1) u).
     Returns Tensor[len+1] with sigma_N = 0 appended. [1000,750,500,250] -> [1, .9, .75, .5, 0]."""
-    u = torch.tensor(step_list, dtype=torch.float64) / 1000.0
+    u = timestep_to_sigma(torch.tensor(step_list, dtype=torch.float64))
     s = shift * u / (1 + (shift - 1) * u)
     s = torch.round(s * 1e6) / 1e6  # the official code rounds to 6 decimals
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
 
 
 def flux2_empirical_mu(image_seq_len, num_steps):
-    """FLUX.2's resolution-dependent shift mu (ALGORITHM.md 1.2): piecewise linear in the token
+    """FLUX.2's resolution-dependent shift mu (the FLUX.2 pipeline's): piecewise linear in the token
     count, and linear in the number of steps between the (10 steps) and (200 steps) lines."""
     a1, b1 = 8.73809524e-05, 1.89833333
     a2, b2 = 0.00016927, 0.45666666
@@ -132,13 +202,13 @@ def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
     512 px -> [1, .95809, .88398, .71750, 0]; 1024 px -> [1, .96738, .90814, .76720, 0]."""
     seq = (resolution // 16) ** 2
     mu = flux2_empirical_mu(seq, len(step_list))
-    u = torch.tensor(step_list, dtype=torch.float64) / 1000.0
+    u = timestep_to_sigma(torch.tensor(step_list, dtype=torch.float64))
     s = math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
 
 
 def cfg_velocity(bb, net, x, sigma, cond, null_cond, g):
-    """Classifier-free guidance (ALGORITHM.md 1.4): v = v(null) + g (v(c) - v(null)).
+    """Classifier-free guidance: v = v(null) + g (v(c) - v(null)), null = the encoded empty prompt.
     One batched forward over [null; cond]."""
     if g == 1.0:
         return bb.velocity(net, x, sigma, cond)
@@ -154,7 +224,7 @@ def cond_select(cond, idx):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The toy backbone: a 2-D conditional Gaussian mixture (ALGORITHM.md section 9)
+# 2. The toy backbone: a 2-D conditional Gaussian mixture
 # ---------------------------------------------------------------------------------------------
 
 
@@ -162,7 +232,7 @@ class Mixture:
     """An isotropic Gaussian mixture in d dimensions with per-condition weights.
 
     means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1).
-    Everything about it is closed form at every noise level sigma (ALGORITHM.md 9.1):
+    Everything about it is closed form at every noise level sigma (section 2):
 
         p_sigma(x | c) = sum_j pi_cj N(x; (1 - sigma) mu_j, V_j(sigma) I),
         V_j(sigma)     = (1 - sigma)^2 s_j^2 + sigma^2.
@@ -218,7 +288,7 @@ class Mixture:
 
 
 def toy_mixture(num_components=8, radius=2.0, std=0.3):
-    """The toy world of ALGORITHM.md 9.1: 8 components on a circle of radius 2, std 0.3, and
+    """The toy world of section 2: 8 components on a circle of radius 2, std 0.3, and
     four conditions. Prompt 'top' uses components 0-3 with *unequal* weights (so mode
     occupancy is a real test), 'bottom' uses 4-7 uniformly, 'ring' uses all 8, and the empty
     prompt "" (CFG's unconditional branch) uses the average of the three rows."""
@@ -272,7 +342,7 @@ class ToyMLP(nn.Module):
 def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3):
     """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
     It initialises the generator and the fake score, exactly as the real generator and fake
-    score start from the teacher's weights (ALGORITHM.md 4.1)."""
+    score start from the teacher's weights (section 3)."""
     g = torch.Generator().manual_seed(seed)
     net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -303,7 +373,7 @@ class ToyBackbone:
     cached file wins over pretrain_steps / pretrain_batch / depth).
 
     The default base (width 128, 2000 steps at batch 512, a few seconds) is a mediocre ODE
-    sampler: 50 Euler steps land at 2.5-14x the energy-distance floor, against 0.6-2.2x for a
+    sampler: 50 Euler steps land at 2.5-14x the energy-distance floor, against 0.8-4.1x for a
     width-256 base pretrained 6000 steps at batch 1024 (~90 s). The distilled 4-step generator
     does not follow the better base (README, "what limits the 4-step generator"), so the cheap
     one stays the default."""
@@ -362,7 +432,7 @@ class ShiftVelocity(nn.Module):
     """The "toy-gauss" generator: the exact teacher velocity plus one learnable vector b,
         G(x, sigma, c) = v_teacher(x, sigma, c) + b.
     It can only move its output mean (linearly in b), which makes the stationary point of the
-    stage-2 exact-decomposition mode closed-form (ALGORITHM.md 9.6; derived in eval.py)."""
+    stage-2 exact-decomposition mode closed-form (subgrpo.py, section 7)."""
 
     def __init__(self, mixture, dim=2):
         super().__init__()
@@ -382,7 +452,7 @@ def toy_gauss(mean=(0.5, -0.5), std=0.5):
 class ToyGaussBackbone(ToyBackbone):
     """"toy-gauss": the toy backbone with a single-Gaussian teacher and a shift-only generator
     (ShiftVelocity). The fake score is still the flow-matched MLP. Used by the exact-decomposition
-    check of stage 2 (ALGORITHM.md 9.6, 2.)."""
+    check of stage 2 (subgrpo.py, section 7)."""
 
     name = "toy-gauss"
 
@@ -399,15 +469,15 @@ class ToyGaussBackbone(ToyBackbone):
 # 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
 # ---------------------------------------------------------------------------------------------
 
-# Three real backbones, two families, one class each:
-#   SD3Backbone   sd3-medium (g 7.0, 1024 px), sd3.5-medium (g 4.5, 512 px train)   ALGORITHM.md 4.7
-#   Flux2Backbone flux2-klein-4b (g 4.0, 512 px): teacher and fake from klein-base-4B, the
-#                 generator from the step-distilled klein-4B (ALGORITHM.md 4.1, pitfall 8.12)
-# Each wraps a stock diffusers pipeline loaded with `from_pretrained` (hub id or local folder):
-# its text encoders encode prompts, its VAE decodes, its transformer is the frozen teacher.
-# The tiny twins (tiny-sd3, tiny-sd35, tiny-flux2) are random-init pipelines of the same classes
-# (FACTS.md 2), written once with `save_pretrained` and then loaded through the very same
-# `from_pretrained` path, so every line below runs in the CPU tests.
+# What this section holds (the settings per backbone are in the module docstring, section 3):
+#   SPECS, DEFAULT_PROMPTS  name -> family, hub ids, CFG g, train resolution; default prompts
+#   shared_copy             a student that shares the teacher's frozen tensors
+#   load_pipeline           from_pretrained with one actionable error line
+#   DiffusersBackbone       what both families share: teacher, students (LoRA), noise
+#   SD3Backbone             sd3-medium, sd3.5-medium, tiny-sd3, tiny-sd35
+#   Flux2Backbone           flux2-klein-4b, tiny-flux2 (generator base: the distilled klein-4B)
+#   build_tiny              the random-init tiny twins, written with save_pretrained
+#   load_diffusers          a real backbone or a tiny twin, through from_pretrained
 #
 # Memory (why there are no copies of frozen weights): the teacher *is* pipe.transformer. A LoRA
 # student is a `shared_copy` of its base: a fresh module tree whose frozen weights are the
@@ -482,10 +552,10 @@ class DiffusersBackbone:
         assert resolution % step == 0, f"resolution must be a multiple of {step}"
 
     def make_student(self, role, stage=1, merge=None):
-        """The trainable velocity net for role "generator" or "fake" (ALGORITHM.md 4.1, 5.1).
+        """The trainable velocity net for role "generator" or "fake" (sections 3, 4).
         stage 1: base + LoRA (gaussian init, A std 1/r, B = 0): starts equal to the base.
         stage 2: base + `merge` (the previous stage's LoRA file / state dict, or a list merged in
-        order) folded into the weights, then a fresh LoRA (A std 1, B = 0; pitfall 8.14).
+        order) folded into the weights, then a fresh LoRA (A std 1, B = 0; rtdmd/utils/lora.py).
         lora_rank=0: full fine-tuning, every weight of a real copy trains."""
         base = self.generator_base if role == "generator" else self.teacher
         net = copy.deepcopy(base).requires_grad_(True) if self.lora_rank == 0 else shared_copy(base)
@@ -504,7 +574,7 @@ class DiffusersBackbone:
 
 
 class SD3Backbone(DiffusersBackbone):
-    """SD3-Medium / SD3.5-Medium (ALGORITHM.md 1.5): latents [B, 16, H/8, W/8]; the text is the
+    """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]; the text is the
     CLIP-L + CLIP-G + T5 sequence [B, 77+128, 4096] plus pooled CLIP projections [B, 2048]."""
     family = "sd3"
 
@@ -538,7 +608,7 @@ class SD3Backbone(DiffusersBackbone):
         return {"prompt_embeds": pe, "pooled_projections": pooled}
 
     def velocity(self, net, x, sigma, cond):
-        """SD3 takes the model timestep tau = 1000 sigma (ALGORITHM.md 1.2, pitfall 8.2)."""
+        """SD3 takes the model timestep tau = 1000 sigma (section 1)."""
         tau = sigma_to_timestep(sigma.to(self.device, torch.float32))
         v = net(hidden_states=x.to(self.dtype), timestep=tau,
                 encoder_hidden_states=cond["prompt_embeds"],
@@ -550,7 +620,7 @@ class SD3Backbone(DiffusersBackbone):
         return x
 
     def decode(self, x):
-        """Differentiable: z/scaling + shift, VAE decode, [-1, 1] -> [0, 1] (pitfall 8.10)."""
+        """Differentiable: z/scaling + shift, VAE decode, [-1, 1] -> [0, 1] (section 3)."""
         vae = self.pipe.vae
         z = x / vae.config.scaling_factor + vae.config.shift_factor
         img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
@@ -558,7 +628,7 @@ class SD3Backbone(DiffusersBackbone):
 
 
 class Flux2Backbone(DiffusersBackbone):
-    """FLUX.2-klein (ALGORITHM.md 1.5). Our latent x is the BatchNorm-normalised, 2x2-patchified
+    """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
     VAE latent as an image [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128]
     with position ids (0, h, w, 0), text ids (0, 0, 0, l), and unpacks the output again."""
     family = "flux2"
@@ -593,7 +663,7 @@ class Flux2Backbone(DiffusersBackbone):
 
     def velocity(self, net, x, sigma, cond):
         """FLUX.2's transformer multiplies the timestep by 1000 itself, so it gets sigma
-        (transformer_flux2.py: `timestep * 1000`; ALGORITHM.md 1.2)."""
+        (diffusers' transformer_flux2.py: `timestep * 1000`; section 1)."""
         B, C, h, w = x.shape
         tokens = x.to(self.dtype).flatten(2).transpose(1, 2)  # [B, h*w, C], row-major
         img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w),
@@ -605,7 +675,7 @@ class Flux2Backbone(DiffusersBackbone):
 
     def to_vae_latents(self, x):
         """Undo the BatchNorm normalisation (z std + mean with the VAE's running stats), then
-        un-patchify [B, 4c, h, w] -> [B, c, 2h, 2w] (pitfall 8.10)."""
+        un-patchify [B, 4c, h, w] -> [B, c, 2h, 2w] (section 3)."""
         vae = self.pipe.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
@@ -621,7 +691,7 @@ class Flux2Backbone(DiffusersBackbone):
 
 
 def build_tiny(name, folder):
-    """Random-init twin of a real pipeline (FACTS.md 2), saved with save_pretrained into `folder`.
+    """Random-init twin of a real pipeline (section 3), saved with save_pretrained into `folder`.
     Fixed seeds, in-memory tokenizers, no network. tiny-flux2 writes two pipelines, base/ and
     distilled/ (another transformer seed), so that generator != teacher as for klein."""
     from tokenizers.pre_tokenizers import ByteLevel
@@ -741,17 +811,17 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
 # 4. LoRA, hand-written (no peft at run time)
 # ---------------------------------------------------------------------------------------------
 
-# LoRA (ALGORITHM.md 4.1, 5.1): W x + b  ->  W x + b + (alpha / r) B A x, with A [r, in] and
+# LoRA (section 4): W x + b  ->  W x + b + (alpha / r) B A x, with A [r, in] and
 # B [out, r]. B = 0 at init, so a fresh LoRA leaves the function unchanged. rank 32, alpha 64
 # (scale 2) everywhere in the paper. Two inits of A: peft's "gaussian" (std 1/r, stage 1) and
-# the stage-2 re-init after merging (std 1, pitfall 8.14).
+# the stage-2 re-init after merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`).
 # Files use the diffusers/PEFT layout, `transformer.<module>.lora_A.weight`, with r, lora_alpha
 # and target_modules in the safetensors metadata, so a stock pipeline's `load_lora_weights`
 # (which needs peft) applies them with the right alpha/r; `export_merged` needs no extra library.
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
     # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
-    # self-attention (attn2, MMDiT-X) out, as in the official target list.
+    # self-attention (attn2, MMDiT-X) out, as the target list of configs/cold_start/sd35m.yaml does.
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
     # FLUX.2: the double-stream projections and the single-stream fused qkv+mlp projection ...
@@ -791,7 +861,8 @@ class LoRALinear(nn.Linear):
 
 
 def lora_targets(net, family, stage=1):
-    """Names of the Linear modules of `net` that get a LoRA (ALGORITHM.md 4.1 / 5.1)."""
+    """Names of the Linear modules of `net` that get a LoRA (section 4; the lists of
+    configs/cold_start/*.yaml and configs/rtdmd/*.yaml)."""
     suffixes = LORA_TARGETS[family]
     if family == "flux2" and stage == 1:
         suffixes += FLUX2_STAGE1_EXTRA
@@ -911,7 +982,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
                lora_rank 0, all its weights). The net is make_student("generator") + ck[which].
     stage2.pt  the same keys hold the *stage-2* LoRA. On a LoRA backbone the stage-2 checkpoint
                must also hold ck["stage1_ema"], the stage-1 EMA LoRA state (lora_state_dict),
-               which the stage-2 student has merged into its base weights (ALGORITHM.md 5.1, 3.4):
+               which the stage-2 student has merged into its base weights (sections 3, 4):
                net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which].
                Without "stage1_ema" (the toy, full fine-tuning) ck[which] is the whole student.
     """

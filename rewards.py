@@ -2,11 +2,53 @@
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
 Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}  and is differentiable
-in `samples` where the method back-propagates through it (ALGORITHM.md 5.7, 6).
+in `samples` where the method back-propagates through it (subgrpo.py, section 2). "Official
+code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
 
-    1. toy rewards of a 2-D point, each with its exact reward-tilted mixture (ALGORITHM.md 9.5)
-    2. image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward (REWARDS.md)
-    3. the weighted multi-reward
+1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
+   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
+   toy mixture (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed
+   form (derivation at the code).
+
+2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
+   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
+   Evaluation and GRPO score the 8-bit image round(255 x)/255 (official code:
+   rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with its gradient
+   (rtdmd/trainers/bp_mixin.py). Preprocessing is written in torch (F.interpolate with
+   antialias, crop by slicing, normalise with the OpenAI CLIP mean/std that all five use), so
+   every score is differentiable; PIL's processors differ from it by well under 1%.
+
+       scorer       network (hub id)                    preprocessing               score
+       clipscore    CLIP ViT-L/14                       shortest side 224           cosine of the
+                    (openai/clip-vit-large-patch14)     (bilinear), centre crop     projections,
+                                                                                    ~0.3
+       pickscore    PickScore_v1, a CLIP ViT-H/14       shortest side 224           logit_scale cos,
+                    (yuvalkirstain/PickScore_v1)        (bicubic), centre crop      / 26 (~0.9)
+       aesthetic    LAION MLP head on the normalised    as clipscore (bicubic)      ~5-6 (AVA scale)
+                    CLIP-L/14 image embedding
+       hpsv2        HPSv2.1, an open_clip ViT-H/14      longest side 224 (bicubic), cosine, no
+                    (xswu/HPSv2)                        zero-pad to a square        scale (~0.3)
+       imagereward  ImageReward v1.0, BLIP ViT-L/16 +   shortest side 224           z-score:
+                    BERT with cross-attention           (bicubic), centre crop;     (raw - 0.16717)
+                    (THUDM/ImageReward)                 text max 35 tokens          / 1.03334
+
+   PickScore's logit scale is exp(4.6) ~ 100, so its raw score is ~22-24, the number the paper's
+   tables report; the official code trains and logs PickScore / 26 so that the three training
+   rewards have similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in
+   their original open_clip / BLIP layouts: their checkpoints are converted key by key here
+   (`openclip_to_hf`, `blip_to_hf`). Only transformers + torch are used.
+   The paper's other metrics have no gradient (GRPO and evaluation only): GenEval (objects,
+   counts, colours and positions of each prompt's GenEval metadata, from a Mask2Former detector
+   and CLIP colours; official code: rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit
+   distance to the prompt's quoted text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL
+   preference model; rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
+   rtdmd/rewards/geneval2_scorer.py). The comment at each scorer says how it differs from the
+   official one.
+
+3. The weighted multi-reward
+   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
+   are per reward (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the
+   same rewards with the same weights. Evaluation reports every metric with weight 1.
 """
 import torch
 
@@ -19,7 +61,7 @@ import models
 # The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both
 # rewards ignore the prompt, are differentiable in x, and tilt an isotropic mixture
 #     p(x|c) = sum_j pi_cj N(x; mu_j, s_j^2 I)
-# into another isotropic mixture, in closed form (ALGORITHM.md 9.5), because a Gaussian times
+# into another isotropic mixture, in closed form, because a Gaussian times
 # exp(linear or quadratic) is again a Gaussian times a constant:
 #     N(x; mu_j, s_j^2 I) exp(beta r(x)) = f_j  N(x; mu~_j, s~_j^2 I),
 # so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),
@@ -34,7 +76,7 @@ def tilted_weights(weights, log_f):
 
 
 def tilt_linear(mixture, a, beta):
-    """Exact tilt of an isotropic mixture by exp(beta a^T x) (ALGORITHM.md 9.5):
+    """Exact tilt of an isotropic mixture by exp(beta a^T x) (section 1):
         mu~_j = mu_j + beta s_j^2 a,   s~_j = s_j,
         log f_j = beta a^T mu_j + 1/2 beta^2 s_j^2 |a|^2.
     Returns a new models.Mixture (weights [C, J], one row per condition, null row included)."""
@@ -62,7 +104,7 @@ def quadratic_log_f(mixture, gamma, m, beta):
 
 
 def tilt_quadratic(mixture, gamma, m, beta):
-    """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (ALGORITHM.md 9.5):
+    """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (section 1):
         precision 1/s~_j^2 = 1/s_j^2 + beta gamma,   i.e. s~_j^2 = s_j^2 / (1 + beta gamma s_j^2),
         mu~_j = (mu_j / s_j^2 + beta gamma m) / (1/s_j^2 + beta gamma),
         pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f).
@@ -130,25 +172,28 @@ class QuadraticReward:
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# (image rewards go here)
-#
 # Every scorer is a callable   scorer(images, prompts) -> {scorer.name: Tensor[B]}
-#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (REWARDS.md 0)
+#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (section 2)
 #   prompts  list of B strings; image i is scored against prompts[i] only (pairs, never the
 #            all-images-x-all-prompts matrix that ImageReward's `inference_rank` builds).
 # Gradients flow from the scores back to `images`, because every preprocessing step is a torch
-# op (REWARDS.md 2.3). No scorer parameter ever gets a gradient: each network is frozen and in
+# op (section 2). No scorer parameter ever gets a gradient: each network is frozen and in
 # eval mode (dropout off), so the generator is the only thing reward back-prop can move.
 # Networks load lazily on the first call: building a reward set costs nothing, and a run that
 # never asks for ImageReward never needs its 1.8 GB checkpoint.
 #
 # Where weights come from: `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES).
-# Only transformers + torch are used (REWARDS.md 2). The two checkpoints that exist only in
+# Only transformers + torch are used. The two checkpoints that exist only in
 # their original open_clip / BLIP layouts (HPSv2.1, ImageReward) are converted key by key, and
 # a key the converter does not know is an error, never silently dropped.
 #
+# The scorers after ImageReward (GenEval, OCR, HPSv3, GenEval2) are the paper's other metrics:
+# no gradient (GRPO and evaluation only), and GenEval / GenEval2 also take each prompt's record
+# of its .jsonl prompt file: scorer(images, prompts, metadata).
+#
 # Image-reward imports live here, not at the top of the file, so that the toy section stays
 # import-light; transformers itself is imported inside the loaders (it costs ~4-7 s).
+import math
 import os
 import re
 
@@ -158,7 +203,9 @@ import torch.nn.functional as F
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables report PickScore raw
-IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407  # REWARDS.md 1.5
+# ImageReward's z-score of the raw head output (the image-reward package's constants, which
+# rtdmd/rewards/imagereward_scorer.py uses through that package)
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
 # slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
 # A "*_config" slot may be a transformers config object (tests use tiny ones); None = real size.
@@ -173,17 +220,24 @@ DEFAULT_SOURCES = {
     "imagereward": "THUDM/ImageReward",  # holds ImageReward.pt
     "imagereward_tokenizer": "google-bert/bert-base-uncased",
     "imagereward_config": None,
+    "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
+    "ocr": "florence-community/Florence-2-base",  # model, tokenizer and image-processor config
+    "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
+    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
+    "hpsv3_config": None,
+    "hpsv3_template": None,  # the hpsv3 package (installed, its .whl, or data_collator_qwen.py)
+    "geneval2": "Qwen/Qwen3-VL-8B-Instruct",  # Soft-TIFA's question answerer
 }
 
 
 def quantize_uint8(images):
-    """round(255 x) / 255: the 8-bit image that eval and GRPO score (ALGORITHM.md 6).
+    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
     Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
 def preprocess(images, size=224, fit="crop", mode="bicubic"):
-    """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (REWARDS.md 2.3).
+    """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
 
     fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision
                 Resize + CenterCrop in RTDMD's tensor path).
@@ -279,7 +333,7 @@ def _pooled(out):
 
 class MLPHead(nn.Module):
     """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic
-    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; REWARDS.md 1.3, 1.5).
+    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2).
     In eval mode it is a single affine map; we keep the layers so the checkpoints load as is."""
 
     def __init__(self, in_dim=768):
@@ -332,7 +386,7 @@ class CLIPBackbone:
 
 
 class CLIPScore:
-    """REWARDS.md 1.1: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
+    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
     2.5*max(cos,0) of the CLIPScore paper), ~0.28-0.32. `mode` bilinear: RTDMD's tensor path uses
     torchvision Resize's default, for eval and back-prop alike."""
     name, fit, mode = "clipscore", "crop", "bilinear"
@@ -349,7 +403,7 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """REWARDS.md 1.2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
+    """Section 2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
     returned DIVIDED BY 26 (~0.86-0.92) as RTDMD trains and logs it, so weights 1:1:1 with the
     two cosines make sense. Tables: multiply by PICKSCORE_TABLE_SCALE. `mode` bicubic: its eval
     numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart)."""
@@ -361,13 +415,13 @@ class PickScore(CLIPScore):
 
 
 class HPSv2(CLIPScore):
-    """REWARDS.md 1.4: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
+    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
     ~0.27-0.35; image resized on its longest side and zero-padded (never cropped)."""
     name, fit, mode = "hpsv2", "pad", "bicubic"
 
 
 class Aesthetic:
-    """REWARDS.md 1.3: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
+    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
     ~5-6 on the AVA 1-10 scale. Ignores the prompt. RTDMD uses it only as a (no-grad) metric; the
     torch preprocessing makes it differentiable anyway."""
     name, fit, mode = "aesthetic", "crop", "bicubic"
@@ -385,7 +439,7 @@ class Aesthetic:
         return {self.name: self.head.to(img.device)(img)}
 
 
-# --- HPSv2.1: open_clip ViT-H/14 -> transformers CLIPModel (REWARDS.md 2.1) ----------------------
+# --- HPSv2.1: open_clip ViT-H/14 -> transformers CLIPModel ---------------------------------------
 
 def hpsv2_clip_config():
     """open_clip ViT-H-14 as a CLIPConfig (= laion/CLIP-ViT-H-14's config.json)."""
@@ -446,14 +500,14 @@ def openclip_to_hf(sd):
 
 def load_hpsv2(src, config=None):
     """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
-    laion base weights the official code builds first are not needed (REWARDS.md 1.4)."""
+    laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
     path = _resolve_file(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
     sd = openclip_to_hf(_state_dict(path))  # fp16 in the file; load_state_dict casts to fp32
     return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), sd, path)
 
 
-# --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel (REWARDS.md 1.5, 2.2) ---
+# --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
 
 def imagereward_blip_config():
     """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image
@@ -524,7 +578,7 @@ def blip_to_hf(sd):
 
 
 class ImageReward:
-    """REWARDS.md 1.5: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
+    """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
     Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
     Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
     squashed to 224x224 without antialias instead; identical for square images up to antialias)."""
@@ -556,14 +610,663 @@ class ImageReward:
         tok = tok.to(images.device)
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
+# --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
+#
+# The official scorer (official code: rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former
+# Swin-S (COCO instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here:
+#   detector  transformers Mask2FormerForUniversalSegmentation, by default the Mask2Former
+#             authors' own Swin-S COCO-instance model (facebook/mask2former-swin-small-coco-instance).
+#             Same architecture, backbone and training data as mmdet's checkpoint, but trained
+#             separately (Detectron2, not mmdet), so individual detections and scores differ and
+#             a borderline object can fall on the other side of the 0.3 / 0.9 thresholds.
+#   colours   CLIP ViT-L/14 with OpenAI's weights = openai/clip-vit-large-patch14, the very
+#             model CLIPScore uses (one shared instance).
+# What follows the detector is the official rule set, rewritten: thresholds, top-16 per class,
+# no NMS, box-centre relations, and the partial-credit reward that GRPO trains on.
+# A prompt's metadata (one JSON line of the GenEval prompt file) says what must be in the image:
+#   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
+#    "include": [{"class": "laptop", "count": 1},
+#                {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+# "color" may accompany an include entry; "position" = [relation, index of the include entry
+# that is the reference]; the strict verdict also needs exact counts.
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
+                  "white")
+# the 80 COCO instance classes in their usual contiguous order, with GenEval's names for three of
+# them (Detectron2's id2label says "mouse", "remote", "keyboard"); label id i -> GENEVAL_OBJECTS[i]
+GENEVAL_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
+# counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
+GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
+GENEVAL_MAX_OBJECTS, GENEVAL_POSITION_MARGIN = 16, 0.1
+GENEVAL_TOPK = 100  # mmdet Mask2Former test_cfg max_per_image: candidates kept per image
+GENEVAL_GREY = 0x99 / 255  # the "#999" background the colour crops are composited on
+
+
+def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
+    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2;
+    y points down). The centre offset is shrunk on each axis by margin * (sum of the two boxes'
+    sizes on that axis), then divided by the unshrunk offset's length; a relation holds where
+    that direction's component exceeds 0.5. Overlapping, similar-sized boxes relate to nothing."""
+    a, b = torch.as_tensor(box_a[:4], dtype=torch.float64), torch.as_tensor(box_b[:4], dtype=torch.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    size = (a[2:] - a[:2]).abs() + (b[2:] - b[:2]).abs()
+    shrunk = (offset.abs() - margin * size).clamp(min=0) * offset.sign()
+    if bool((shrunk.abs() < 1e-3).all()):
+        return set()
+    dx, dy = (shrunk / offset.norm()).tolist()
+    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
+
+
+def geneval_verdict(objects, metadata, colors_of):
+    """One image's GenEval result: (strict_correct, score, reasons).
+
+    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score
+               first, already thresholded (geneval_objects).
+    metadata   the prompt's GenEval record (see above).
+    colors_of  (objects of one class, class name) -> one colour name per object.
+
+    score is the official partial credit (the GRPO reward): the mean of one term per check,
+      count     1 - |expected - found| / expected         (negative if found > 2 * expected)
+      colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
+      position  0 or 1 per failed/passed check            (0 if the count was already wrong)
+    strict_correct needs every count exact, every colour and relation right. Two details follow
+    the official code exactly: a colour or position entry whose count is wrong adds ONE zero
+    term; a failed relation adds a 0 and then the 1 the loop appends after it ends, so it costs
+    half a term; and a colour failure skips that entry's position check (no term)."""
+    correct, terms, reasons, groups = True, [], [], []
+    for req in metadata.get("include", []):
+        name, n = req["class"], req["count"]
+        found = objects.get(name, [])
+        ok = True
+        terms.append(1 - abs(n - len(found)) / n)
+        if len(found) != n:
+            ok = False
+            reasons.append(f"expected {n} {name}, found {len(found)}")
+            if "color" in req or "position" in req:
+                terms.append(0.0)
+        else:
+            if "color" in req:
+                hits = list(colors_of(found, name)).count(req["color"])
+                terms.append(1 - abs(n - hits) / n)
+                if hits != n:
+                    ok = False
+                    reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
+            if "position" in req and ok:
+                rel, target = req["position"]
+                if groups[target] is None:
+                    ok = False
+                    reasons.append(f"no reference object for {name} to be {rel}")
+                    terms.append(0.0)
+                else:
+                    for obj in found:
+                        bad = next((t for t in groups[target] if rel not in relative_position(obj[0], t[0])), None)
+                        if bad is not None:
+                            ok = False
+                            reasons.append(f"expected {name} {rel} the reference, found "
+                                           f"{' and '.join(sorted(relative_position(obj[0], bad[0]))) or 'no relation'}")
+                            terms.append(0.0)
+                            break
+                    terms.append(1.0)  # official: appended after the loop, failure or not
+        correct = correct and ok
+        groups.append(found if ok else None)
+    return correct, (sum(terms) / len(terms) if terms else 0.0), reasons
+
+
+def geneval_objects(labels, scores, boxes, masks, tag):
+    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9
+    for counting prompts), highest first, at most 16 per class (no NMS)."""
+    threshold = GENEVAL_COUNTING_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
+    objects = {}
+    for i in torch.argsort(torch.as_tensor(scores), descending=True, stable=True).tolist():
+        if float(scores[i]) <= threshold:
+            break
+        found = objects.setdefault(GENEVAL_OBJECTS[int(labels[i])], [])
+        if len(found) < GENEVAL_MAX_OBJECTS:
+            found.append(([*map(float, boxes[i][:4]), float(scores[i])], None if masks is None else masks[i]))
+    return objects
+
+
+def masks_to_boxes(masks):
+    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty
+    mask: how mmdet's Mask2Former derives its boxes from its masks."""
+    boxes = torch.zeros(len(masks), 4)
+    for i, m in enumerate(masks):
+        ys, xs = torch.where(m)
+        if len(xs):
+            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    return boxes
+
+
+def check_coco_order(id2label, src):
+    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the
+    Detectron2 short names), and a few differing spellings pass; an order that is off (nearly
+    every name differs) is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(GENEVAL_OBJECTS))]
+    if all(n.startswith("LABEL_") for n in names):
+        return
+    short = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+    norm = [short.get(n.lower().replace("-", " ").replace("_", " "), n.lower().replace("-", " ").replace("_", " "))
+            for n in names]
+    wrong = [(i, n) for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if n != want]
+    if len(wrong) > 3:
+        raise ValueError(f"{src}: its labels are not the COCO-80 order GenEval expects, e.g. "
+                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i, _ in wrong[:3]]}")
+
+
+class Mask2FormerDetector:
+    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
+    resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
+    multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
+    scored class probability x mean mask probability inside its binary mask (mask logit > 0 at
+    full image size), its box the mask's bounding box."""
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    SHORT, LONG, DIVISOR = 800, 1333, 32
+
+    def __init__(self, src):
+        self.src, self.model = src, None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import Mask2FormerForUniversalSegmentation
+            model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
+                                "Mask2Former COCO instance model")
+            if model.config.num_labels != len(GENEVAL_OBJECTS):
+                raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
+                                 f"model has {model.config.num_labels} labels")
+            check_coco_order(model.config.id2label, self.src)
+            self.model = _frozen(model)
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    @torch.no_grad()
+    def __call__(self, images):
+        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4],
+        masks [K, H, W] bool)."""
+        model = self.load(images.device)
+        h, w = images.shape[-2:]
+        s = min(self.SHORT / min(h, w), self.LONG / max(h, w))
+        nh, nw = round(h * s), round(w * s)
+        x = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False)
+        x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) / x.new_tensor(self.STD).view(1, 3, 1, 1)
+        ph, pw = -nh % self.DIVISOR, -nw % self.DIVISOR
+        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        out = model(pixel_values=x.to(model.dtype))
+        results = []
+        for cls, mask in zip(out.class_queries_logits.float(), out.masks_queries_logits.float()):
+            prob = cls.softmax(-1)[:, :-1]  # the last class is "no object"
+            n_cls = prob.shape[1]
+            top, idx = prob.flatten().topk(min(GENEVAL_TOPK, prob.numel()))
+            labels, query = idx % n_cls, idx // n_cls
+            m = F.interpolate(mask[query][None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            m = F.interpolate(m[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]
+            binary = m > 0
+            mask_score = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+            results.append((labels.cpu(), (top * mask_score).cpu(), masks_to_boxes(binary.cpu()), binary.cpu()))
+        return results
+
+
+class GenEval:
+    """GenEval's partial-credit score per image, at most 1 (every check passed) and below 0 only
+    when more than twice the expected objects are found (down to 1 - 15 with 16 found for 1
+    expected), and "geneval_strict" in {0, 1}, the strict verdict. Needs each prompt's GenEval
+    metadata. No gradient: GRPO and evaluation only."""
+    name, needs_metadata = "geneval", True
+    TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
+
+    def __init__(self, detector, clip):
+        self.detector, self.clip, self.classifiers = detector, clip, {}
+
+    def color_classifier(self, name, device):
+        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
+        templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
+        if name not in self.classifiers:
+            m, tok = self.clip.model, self.clip.tokenizer
+            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
+            ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt",
+                      max_length=m.config.text_config.max_position_embeddings).to(device)
+            emb = F.normalize(_pooled(m.get_text_features(input_ids=ids.input_ids,
+                                                          attention_mask=ids.attention_mask)).float(), dim=-1)
+            self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
+                                                 .mean(1), dim=-1).t()
+        return self.classifiers[name]
+
+    def colors(self, image, found, name):
+        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
+        best-matching colour (official: ImageCrops + zero-shot classification)."""
+        m = self.clip.load(image.device)
+        clf = self.color_classifier(name, image.device)
+        out = []
+        for box, mask in found:
+            x = image if mask is None else torch.where(mask.to(image.device), image, GENEVAL_GREY)
+            x1, y1, x2, y2 = (round(v) for v in box[:4])  # PIL's crop rounds its box the same way
+            crop = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)][None]
+            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic").to(m.dtype)
+            img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
+            out.append(GENEVAL_COLORS[int((img @ clf).argmax())])
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images, prompts, metadata=None):
+        if metadata is None or len(metadata) != len(images) or not all(
+                isinstance(m, dict) and "include" in m for m in metadata):
+            raise ValueError("geneval needs one GenEval metadata record (with 'include') per image: "
+                             "read the prompts from a GenEval .jsonl file (e.g. the official "
+                             "dataset/geneval/train_metadata.jsonl)")
+        self.detector.load(images.device)
+        self.clip.load(images.device)
+        score, strict = [], []
+        for img, dets, meta in zip(images, self.detector(images), metadata):
+            objects = geneval_objects(*dets, meta.get("tag"))
+            ok, s, _ = geneval_verdict(objects, meta, lambda found, name: self.colors(img, found, name))
+            score.append(s)
+            strict.append(float(ok))
+        return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict)}
+
+# --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
+#
+# The official scorer (official code: rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text
+# detector + a line recogniser) and rewards 1 - normalised edit distance to the text between
+# the prompt's first pair of double quotes. Here the reader is Florence-2 (transformers'
+# Florence2ForConditionalGeneration, florence-community/Florence-2-base, 0.23 B parameters) with
+# its "<OCR>" task: one generate call reads all the text of a natural image, with no separate
+# detector, and it was trained on scene text as well as documents. The alternatives in
+# transformers were worse fits: TrOCR reads one pre-cropped text line (it would need a detector),
+# GOT-OCR2 is 0.58 B and aimed at documents, and the PP-OCR ports (closest to PaddleOCR) need
+# torchvision and OpenCV for their pre- and post-processing. A different reader means different
+# misreadings, so per-image OCR scores can differ from PaddleOCR's in both directions.
+
+def edit_distance(a, b):
+    """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def ocr_target(prompt):
+    """The text the image must show: between the prompt's first two double quotes."""
+    parts = prompt.split('"')
+    if len(parts) < 3 or not parts[1].replace(" ", ""):
+        raise ValueError(f"ocr needs the text to render in double quotes in every prompt; got {prompt!r}")
+    return parts[1]
+
+
+def ocr_score(read, target):
+    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs
+    in what was read, else 1 - edit distance / target length, floored at 0."""
+    read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
+    dist = 0 if target in read else min(edit_distance(read, target), len(target))
+    return 1 - dist / len(target)
+
+
+class OCR:
+    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
+    gradient: an evaluation metric (GRPO-usable)."""
+    name = "ocr"
+    TASK = "What is the text in the image?"  # the prompt Florence-2's processor uses for <OCR>
+
+    def __init__(self, src, max_new_tokens=128, num_beams=3):
+        self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
+        self.model = self.tokenizer = None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import AutoTokenizer, Florence2ForConditionalGeneration, ImageProcessingMixin
+            self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
+            self.tokenizer = _pretrained(AutoTokenizer, self.src, "ocr", "Florence-2 tokenizer")
+            try:  # size and normalisation of the checkpoint's image processor (768 px, ImageNet)
+                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
+            except OSError:
+                cfg = {}
+            size = cfg.get("size", {})
+            self.size = (size.get("height", 768), size.get("width", 768))
+            self.mean = cfg.get("image_mean", (0.485, 0.456, 0.406))
+            self.std = cfg.get("image_std", (0.229, 0.224, 0.225))
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    @torch.no_grad()
+    def read(self, images):
+        """images [B, 3, H, W] in [0, 1] -> the text Florence-2 reads in each."""
+        m = self.load(images.device)
+        # the image is squashed to the processor's square size (resized, never cropped)
+        x = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        x = ((x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)).to(m.dtype)
+        # the processor's input: one image token per image feature, then <s> task </s>
+        n_img = _pooled(m.get_image_features(pixel_values=x)).shape[1]
+        task = self.tokenizer(self.TASK, return_tensors="pt").input_ids[0]
+        ids = torch.cat([torch.full((n_img,), m.config.image_token_id), task])
+        ids = ids.expand(len(images), -1).to(images.device)
+        out = m.generate(input_ids=ids, pixel_values=x, max_new_tokens=self.max_new_tokens,
+                         num_beams=self.num_beams, do_sample=False)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def __call__(self, images, prompts):
+        targets = [ocr_target(p) for p in prompts]  # fails before any model work
+        return {self.name: images.new_tensor([ocr_score(r, t) for r, t in zip(self.read(images), targets)])}
+
+# --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
+#
+# The official scorer (official code: rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
+# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference
+# score; the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
+# Qwen2VLRewardModelBT with rm_head_type "ranknet", output_dim 2, reward_token "special"):
+#   Qwen2-VL-7B-Instruct with one added token <|Reward|>, its embedding table resized to match;
+#   the last hidden state (after the final norm) at the <|Reward|> position ->
+#   rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)  (keys 0, 3, 5).
+# Its forward builds the input embeddings itself and calls the language model without position
+# ids, so every token, image tokens included, gets plain sequential rotary positions (never
+# Qwen2-VL's 2-D image positions); we do the same.
+# Input (hpsv3 package: hpsv3/inference.py and hpsv3/dataset/data_collator_qwen.py): the image
+# resized to exactly 256 * 28 * 28 pixels in Qwen2-VL's way (448 x 448 for a square), one user
+# message "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END", in
+# Qwen2-VL's chat format with its default system message.
+# The released file HPSv3.safetensors (hub MizzenAI/HPSv3) was saved with the older transformers
+# Qwen2-VL layout ("visual.*", "model.*" for the language model, "lm_head.*"); hpsv3_to_hf maps
+# it, or the newer "model.visual.*" / "model.language_model.*" layout, onto HPSv3Net. The
+# instruction text is long prose written by the HPSv3 authors; it is read from the hpsv3 package's
+# source (installed, its wheel, or the file) rather than copied here.
+
+def hpsv3_template(src=None):
+    """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
+    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the
+    package's .whl, or None for the installed package. Read with ast, never imported."""
+    import ast
+    import importlib.util
+    import zipfile
+    rel = "hpsv3/dataset/data_collator_qwen.py"
+    if src is None:
+        spec = importlib.util.find_spec("hpsv3")  # locates the package without importing it
+        src = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else ""
+    text = None
+    if os.path.isfile(src) and src.endswith(".whl"):
+        with zipfile.ZipFile(src) as z:
+            text = z.read(rel).decode() if rel in z.namelist() else None
+    elif os.path.isfile(src):
+        text = open(src, encoding="utf-8").read()
+    elif os.path.isfile(os.path.join(src, rel)):
+        text = open(os.path.join(src, rel), encoding="utf-8").read()
+    found = {}
+    for node in ast.parse(text).body if text else ():
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for t in node.targets:
+                if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token"):
+                    found[t.id] = node.value.value
+    if len(found) != 2:
+        raise FileNotFoundError(
+            f"HPSv3 prompt template not found at {src!r}: `pip download hpsv3 --no-deps` (or install "
+            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--hpsv3-template-path)")
+    return found["INSTRUCTION"], found["prompt_with_special_token"]
+
+
+class HPSv3Net(nn.Module):
+    """Qwen2-VL (transformers' Qwen2VLModel: .visual, .language_model) + the ranknet head."""
+
+    def __init__(self, config, output_dim=2):
+        super().__init__()
+        from transformers import Qwen2VLModel
+        self.backbone = Qwen2VLModel(config)
+        d = config.text_config.hidden_size
+        self.rm_head = nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16),
+                                     nn.ReLU(), nn.Linear(16, output_dim))
+
+    def forward(self, input_ids, attention_mask, pixel_values, grid_thw, reward_id):
+        """[B, output_dim] head outputs at the <|Reward|> token (column 0 = the score)."""
+        bb = self.backbone
+        emb = bb.get_input_embeddings()(input_ids)
+        img = bb.visual(pixel_values.to(emb.dtype), grid_thw=grid_thw).pooler_output
+        emb = emb.masked_scatter((input_ids == bb.config.image_token_id)[..., None], img.to(emb.dtype))
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        h = bb.language_model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        at = input_ids == reward_id
+        if not bool((at.sum(1) == 1).all()):
+            raise ValueError("HPSv3 input must hold exactly one <|Reward|> token per sequence")
+        return self.rm_head(h[at].float())
+
+
+def hpsv3_to_hf(sd):
+    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
+    lm_head is dropped: the reward reads hidden states, never next-token logits."""
+    out, unknown = {}, []
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if k.startswith("rm_head."):
+            out[k] = v
+        elif k.startswith(("visual.", "model.visual.")):
+            out["backbone.visual." + k.split("visual.", 1)[1]] = v
+        elif k.startswith("model.language_model."):
+            out["backbone.language_model." + k.removeprefix("model.language_model.")] = v
+        elif k.startswith("model."):  # the older layout: model.* is the language model
+            out["backbone.language_model." + k.removeprefix("model.")] = v
+        elif k.startswith("lm_head."):
+            pass
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"hpsv3_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
+    return out
+
+
+def qwen2vl_patches(images, patch=14, merge=2, temporal=2):
+    """[B, 3, H, W] normalised, H and W multiples of patch * merge -> (pixel_values
+    [B * t * h * w, 3 * temporal * patch^2], grid_thw [B, 3]): Qwen2-VL's patch order, each image
+    repeated `temporal` times (one video frame pair), patches grouped by merge x merge blocks."""
+    b, c, hh, ww = images.shape
+    gh, gw = hh // patch, ww // patch
+    x = images[:, None].expand(b, temporal, c, hh, ww)
+    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * gh * gw, c * temporal * patch * patch)
+    return x, torch.tensor([[1, gh, gw]] * b, device=images.device)
+
+
+class HPSv3:
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6). No gradient here:
+    an evaluation metric in RTDMD. bf16 weights on CUDA (as the hpsv3 package runs), float32 on
+    CPU; the head always in float32."""
+    name = "hpsv3"
+    PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
+    SYSTEM = "You are a helpful assistant."  # Qwen2-VL's chat template default
+
+    def __init__(self, src, base_src, config=None, template_src=None):
+        self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
+        self.net = self.tokenizer = None
+
+    def load(self, device=None):
+        if self.net is None:
+            from safetensors.torch import load_file
+            from transformers import AutoTokenizer, Qwen2VLConfig
+            self.template = hpsv3_template(self.template_src)
+            path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
+            sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
+            if self.config is None:
+                config = _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config")
+            else:
+                config = _config(Qwen2VLConfig, self.config, None)
+            tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+            tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+            self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+            # the package resized the embedding table to the tokenizer plus <|Reward|>: take the
+            # size from the checkpoint itself
+            config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
+            net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
+            self.net = _frozen(_load_strict(net, sd, path))
+            self.tokenizer = tok
+        if device is not None and next(self.net.parameters()).device != torch.device(device):
+            self.net.to(device)
+            self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return self.net
+
+    def inputs(self, images, prompts):
+        """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        vc = self.net.backbone.config.vision_config
+        patch, merge = vc.patch_size, vc.spatial_merge_size
+        h, w = smart_resize(*images.shape[-2:], factor=patch * merge, min_pixels=self.PIXELS, max_pixels=self.PIXELS)
+        x = F.interpolate(images.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        x = (x.clamp(0, 1) - x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
+        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
+        n_img = (h // patch) * (w // patch) // merge ** 2
+        instruction, closing = self.template
+        texts = [f"<|im_start|>system\n{self.SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                 + "<|image_pad|>" * n_img + "<|vision_end|>" + instruction.format(text_prompt=p) + closing
+                 + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+        self.tokenizer.padding_side = "right"
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(images.device)
+        return tok.input_ids, tok.attention_mask, px, grid
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        net = self.load(images.device)
+        out = net(*self.inputs(images, prompts), self.reward_id)
+        return {self.name: out[:, 0].to(images.dtype)}
+
+# --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
+#
+# The official scorer (official code: rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct
+# one question per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are
+# in the image?", "one"], ["Is the backpack green?", "Yes"]), as "<question> Answer in one word."
+# with the image, and takes the probability mass of the expected answer on the first answer
+# token: the sum, over a list of spellings, of the probability of each spelling's first token
+# (so two spellings that share a first token count it twice, as the official code does):
+#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
+#                         one..ten, else the word "other")
+#   every other question: "Yes", "yes", " Yes", " yes"
+# The prompt's score is the geometric mean of its atoms' probabilities (0 if any is 0; -10 for a
+# record without atoms). The official code reads these probabilities off a one-token greedy
+# generate; a single forward pass gives the same next-token distribution as long as the
+# checkpoint's generation config applies no logits processor (such as a repetition penalty).
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
+
+
+def soft_tifa_answers(question, answer):
+    """The spellings whose first-token probabilities add up to an atom's score."""
+    if question.startswith("How many"):
+        digit = NUMBER_WORDS.get(answer.strip().lower(), "other")
+        return [answer, answer.capitalize(), " " + answer, " " + answer.capitalize(), digit, " " + digit]
+    return ["Yes", "yes", " Yes", " yes"]
+
+
+def geometric_mean(values):
+    """exp(mean(log v)); 0 when any value is 0."""
+    if not values:
+        raise ValueError("geometric_mean of nothing")
+    if min(values) <= 0:
+        return 0.0
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _chat_template(src):
+    """A checkpoint's chat template from its processor files (chat_template.jinja or .json)."""
+    import json
+    from transformers.utils import cached_file
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(src, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    raise FileNotFoundError(f"no chat template in {src!r} (tokenizer_config.json, chat_template.jinja or "
+                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES['geneval2']}")
+
+
+class GenEval2:
+    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
+    probability of the expected one-word answer. Needs each prompt's record with its vqa_list
+    (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
+    name, needs_metadata = "geneval2", True
+    SUFFIX = " Answer in one word."
+
+    def __init__(self, src):
+        self.src, self.model, self.tokenizer = src, None, None
+
+    def load(self, device=None):
+        if self.model is None:
+            from transformers import AutoTokenizer, ImageProcessingMixin, Qwen3VLForConditionalGeneration
+            self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
+            self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
+            if getattr(self.tokenizer, "chat_template", None) is None:  # kept with the processor
+                self.tokenizer.chat_template = _chat_template(self.src)
+            try:  # the checkpoint's image-processor config: pixel budget and normalisation
+                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
+            except OSError:
+                cfg = {}
+            size = cfg.get("size", {})
+            self.pixels = (size.get("shortest_edge", 65536), size.get("longest_edge", 16777216))
+            self.mean, self.std = cfg.get("image_mean", (0.5, 0.5, 0.5)), cfg.get("image_std", (0.5, 0.5, 0.5))
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+    def image_inputs(self, image):
+        """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        vc = self.model.config.vision_config
+        patch, merge = vc.patch_size, vc.spatial_merge_size
+        h, w = smart_resize(*image.shape[-2:], factor=patch * merge, min_pixels=self.pixels[0],
+                            max_pixels=self.pixels[1])
+        x = image[None].float()
+        if (h, w) != tuple(image.shape[-2:]):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
+        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
+        return px, grid, (h // patch) * (w // patch) // merge ** 2
+
+    @torch.no_grad()
+    def atom_probabilities(self, image, vqa_list):
+        """P(expected answer) for every (question, answer) of one image, in one batch."""
+        m = self.load(image.device)
+        px, grid, n_img = self.image_inputs(image)
+        image_tokens = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
+        texts = [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": image_tokens + str(q) + self.SUFFIX}], tokenize=False,
+            add_generation_prompt=True) for q, _ in vqa_list]
+        self.tokenizer.padding_side = "right"
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(image.device)
+        k = len(texts)
+        ids = tok.input_ids
+        logits = m(input_ids=ids, attention_mask=tok.attention_mask, pixel_values=px.repeat(k, 1).to(m.dtype),
+                   image_grid_thw=grid.repeat(k, 1), mm_token_type_ids=(ids == m.config.image_token_id).long()).logits
+        last = tok.attention_mask.sum(1) - 1  # the generation prompt's last token
+        probs = logits[torch.arange(k), last].float().softmax(-1)
+        out = []
+        for row, (q, a) in zip(probs, vqa_list):
+            firsts = [self.tokenizer.encode(s, add_special_tokens=False)[:1] for s in soft_tifa_answers(str(q), str(a))]
+            out.append(sum(row[t[0]].item() for t in firsts if t))
+        return out
+
+    def __call__(self, images, prompts, metadata=None):
+        if metadata is None or len(metadata) != len(images) or not all(
+                isinstance(m, dict) and "vqa_list" in m for m in metadata):
+            raise ValueError("geneval2 needs one GenEval2 record (with 'vqa_list') per image: read the "
+                             "prompts from a GenEval2 .jsonl file (e.g. the official dataset/geneval2/test.jsonl)")
+        scores = [geometric_mean(self.atom_probabilities(img, meta["vqa_list"])) if meta["vqa_list"] else -10.0
+                  for img, meta in zip(images, metadata)]
+        return {self.name: images.new_tensor(scores)}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# (multi-reward goes here)
-#
-# RTDMD scores every sample with several rewards and combines them in two places (ALGORITHM.md
-# 5.5, 5.7, 6):
+# RTDMD scores every sample with several rewards and combines them in two places (section 3):
 #   * GRPO (score-function part): no gradient, images quantised to uint8 first. Advantages are
 #     computed PER REWARD and then weighted (subgrpo.py), so the per-reward tensors are returned
 #     alongside their weighted sum.
@@ -571,8 +1274,9 @@ class ImageReward:
 #     the weighted sum of the differentiable subset of the GRPO rewards.
 # Evaluation scores every metric with weight 1 on uint8 images.
 
-GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}  # the paper adds geneval: 1.0,
-# which is not implemented here (it needs an mmdet detector, REWARDS.md 4.1)
+# the official stage-2 reward set of every backbone (official code: configs/rtdmd/*.yaml), with
+# weight_advantages: true, i.e. one advantage per reward (subgrpo.group_advantages)
+GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 BP_CAPABLE = ("clipscore", "pickscore", "hpsv2", "imagereward")  # what RTDMD's BP can score
 EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward")}
 
@@ -597,12 +1301,16 @@ def make_scorers(names, sources=None, cache=None):
             build=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
         "imagereward": lambda: ImageReward(
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
+        "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
+        "ocr": lambda: OCR(src["ocr"]),
+        "geneval2": lambda: GenEval2(src["geneval2"]),
+        "hpsv3": lambda: HPSv3(src["hpsv3"], src["hpsv3_base"], src["hpsv3_config"], src["hpsv3_template"]),
     }
     for n in names:
         if n not in builders:
             raise NotImplementedError(
-                f"reward {n!r} is not implemented in this educational code (geneval, hpsv3, ocr "
-                f"are out of scope, REWARDS.md 1.6, 4); available: {sorted(builders)}")
+                f"reward {n!r} is not implemented"
+                f"; available: {sorted(builders)}")
         if n not in cache:
             cache[n] = builders[n]()
     return {n: cache[n] for n in names}
@@ -613,19 +1321,30 @@ class MultiReward:
 
     weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
     for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (and so its models and its sources) for every name they have in common."""
+    (and so its models and its sources) for every name they have in common. records: a .jsonl
+    prompt file's records; a call without metadata then looks each prompt's record up by its
+    text (as the official GenEval2 scorer looks up its questions), so a training loop that passes
+    prompts alone can still score geneval and geneval2."""
 
-    def __init__(self, weights, sources=None, quantize=False, share=None):
+    def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
         self.cache = share.cache if share is not None else {}
         self.scorers = make_scorers(self.weights, sources, self.cache)
+        self.records = {r["prompt"]: r for r in records} if records else None
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, metadata=None):
+        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the
+        scorers that declare needs_metadata receive it."""
+        if metadata is None and self.records is not None:
+            metadata = [self.records.get(p) for p in prompts]
         if self.quantize:
             images = quantize_uint8(images)
         out = {}
         for scorer in self.scorers.values():
-            out.update(scorer(images, prompts))
+            if getattr(scorer, "needs_metadata", False):
+                out.update(scorer(images, prompts, metadata))
+            else:
+                out.update(scorer(images, prompts))
         out["weighted"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
@@ -647,19 +1366,24 @@ def sources_from_args(args):
 def preflight(reward_set, device):
     """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
     checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
+    prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt,
+            "vqa_list": [["Is there a dog in the image?", "Yes"]]}  # geneval2's atoms
     with torch.no_grad():
-        reward_set(torch.rand(1, 3, 64, 64, device=device), ["preflight"])
+        reward_set(torch.rand(1, 3, 64, 64, device=device), [prompt], [meta])
 
 
-def training_rewards(sources=None, weights=GRPO_WEIGHTS):
+def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
-    the GRPO rewards with the same weights (RTDMD's default "training_reward_fn" mode, REWARDS.md
-    0): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad()."""
-    grpo = MultiReward(weights, sources, quantize=True)
+    the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
+    rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
+    under torch.no_grad(). records: the training prompt file's .jsonl records, which geneval needs
+    (MultiReward)."""
+    grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp
 
 
 def eval_rewards(sources=None, weights=EVAL_WEIGHTS, share=None):
-    """All metrics on uint8 images (ALGORITHM.md 7). Tables: pickscore * PICKSCORE_TABLE_SCALE."""
+    """All metrics on uint8 images (section 2). Tables: pickscore * PICKSCORE_TABLE_SCALE."""
     return MultiReward(weights, sources, quantize=True, share=share)

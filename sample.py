@@ -1,12 +1,43 @@
 """
 sample.py -- HOW samples are drawn: every sampler of the project lives here.
 
-    cps_step            one coefficient-preserving sampling (CPS) step       (ALGORITHM.md 3.1)
-    euler_sample        the teacher's Euler ODE with classifier-free guidance (1.4)
-    rollout             the 4-step generator sampler (CPS, eta = 0.9)         (3.4)
-    backward_simulation stage-1's random-stop simulation, grad on the last step only (3.3)
+    cps_step            one coefficient-preserving sampling (CPS) step              (section 1)
+    euler_sample        the teacher's Euler ODE with classifier-free guidance       (section 2)
+    rollout             the 4-step generator sampler (CPS, eta = 0.9)                (section 2)
+    random_stop         the stop index of a stage-1 backward simulation             (section 3)
+    backward_simulation stage-1's random-stop simulation, grad on the last step only (section 3)
 
-The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps.
+The losses (acdmd.py, subgrpo.py) call these instead of re-implementing steps. "Official code" is
+github.com/Harahan/RTDMD (README).
+
+1. The CPS step (paper App. C; official code: rtdmd/schedulers/cps_scheduler.py)
+   From x at level sigma with velocity v, to sigma' < sigma, with theta = eta pi / 2:
+       x0_hat = x - sigma v,  eps_hat = x + (1 - sigma) v            (models.py, section 1)
+       x'     = (1 - sigma') x0_hat + sigma' (cos(theta) eps_hat + sin(theta) z),  z ~ N(0, I).
+   cos^2 + sin^2 = 1, so the noise at sigma' keeps total std sigma' ("coefficient preserving"):
+   for a known x0 the kernel maps the marginal at sigma onto the marginal at sigma' for every
+   eta (tests/test_sample.py). It is the DDIM(eta) kernel with x0 and eps replaced by their
+   estimates, not the true reverse kernel of the flow. eta = 0 or sigma' = 0 gives Euler. The
+   official configs use eta = 0.9 everywhere, so fresh noise is 98.8% of the next level's std.
+   All arithmetic is float32; the output is cast back to x's dtype.
+
+2. The teacher ODE and the few-step rollout (paper App. K)
+   The teacher integrates dx = v dsigma with Euler steps and classifier-free guidance
+   v = v(null) + g (v(c) - v(null)) (models.cfg_velocity). The generator samples 4 steps on the
+   shifted sigmas of [1000, 750, 500, 250] (models.py, section 1) with CPS eta 0.9 and no CFG; its
+   last step goes to sigma' = 0, so it returns x0_hat of that step (official code:
+   rtdmd/inference.py).
+
+3. Backward simulation with random stop (stage 1; official code: rtdmd/trainers/dmd_trainer.py,
+   `_generate_latents`)
+   Draw stop ~ U{1, ..., 4} (`random_stop`), the same on every rank. Run steps 0 .. stop-2 of the
+   rollout without grad, and step k = stop - 1 with grad. The output x_s of step k is what the
+   AC-DMD losses compare with the teacher at level s = sigma_{k+1} (acdmd.py, section 2): every
+   step is trained equally often, each against its own marginal, and the gradient is truncated to
+   one network call. The fake-score update and the generator update each draw their own
+   simulation.
+
+4. Pictures and images (pillow only), and the CLI.
 
 CLI:
     python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
@@ -16,6 +47,7 @@ CLI:
     python sample.py --model tiny-sd3 --teacher                      (no run needed)
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -26,7 +58,7 @@ import models
 from models import bcast, eps_from_velocity, x0_from_velocity
 
 # ---------------------------------------------------------------------------------------------
-# The CPS step (ALGORITHM.md 3.1)
+# 1. The CPS step
 # ---------------------------------------------------------------------------------------------
 
 
@@ -39,7 +71,7 @@ def cps_mean_std(x, v, sigma, sigma_next, eta):
 
     cos^2 + sin^2 = 1, so the total noise norm at the next level stays sigma' ("coefficient
     preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
-    All arithmetic in float32 (ALGORITHM.md 8.8). sigma, sigma_next: float or Tensor[B].
+    All arithmetic in float32 (section 1). sigma, sigma_next: float or Tensor[B].
     Returns mu (float32, x's shape) and rho (broadcastable against x)."""
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
@@ -66,13 +98,13 @@ def full(sigma, x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher ODE and generator rollout
+# 2. Teacher ODE and generator rollout; 3. backward simulation
 # ---------------------------------------------------------------------------------------------
 
 
 def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progress=False):
     """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
-    guidance != 1 (ALGORITHM.md 1.1, 1.4). This is the teacher's multi-step sampler, and the
+    guidance != 1 (section 2). This is the teacher's multi-step sampler, and the
     reference row "teacher 4-step Euler" when given the 4-step sampler sigmas."""
     steps = range(len(sigmas) - 1)
     if progress:
@@ -90,7 +122,7 @@ def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progres
 
 @torch.no_grad()
 def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
-    """The few-step generator sampler (ALGORITHM.md 3.4): at every step k,
+    """The few-step generator sampler (section 2): at every step k,
     v = G(x, sigma_k, c) with no CFG, then x <- CPS(x, v, sigma_k -> sigma_{k+1}, eta).
     `noises[k]` optionally fixes the CPS noise of step k. Returns the list of states
     [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
@@ -104,12 +136,19 @@ def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
     return states
 
 
+def random_stop(num_steps, rng):
+    """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every sampler step
+    k = stop - 1 is trained equally often. `rng` is a torch.Generator that every rank shares, so
+    all ranks train the same step in an iteration (same numbers as a broadcast from rank 0)."""
+    return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
+
+
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
-    """Stage-1 backward simulation with random stop (ALGORITHM.md 3.3).
+    """Stage-1 backward simulation with random stop (section 3).
 
     Runs steps k = 0 .. stop-1 of the sampler from x = eps. Only the last executed step
     (k = stop - 1) runs with autograd, so its input is a constant and the gradient is truncated
-    to one network call (the step-k objective of section 2.3 trains step k alone).
+    to one network call (the step-k objective, acdmd.py section 2, trains step k alone).
     Returns a dict: x_in, v (last step's input state and velocity), sigma, sigma_next (floats),
     x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat and eps_hat; the fresh
     noise is a constant) and x0_hat of the last step."""
@@ -128,7 +167,7 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures (pillow only): toy scatter plots
+# 4. Pictures (pillow only): toy scatter plots
 # ---------------------------------------------------------------------------------------------
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -226,7 +265,7 @@ def initial_noise(bb, prompts, n, seed):
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
-    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (ALGORITHM.md 3.4): CPS with
+    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2): CPS with
     eta = 0.9, no CFG. One batch per prompt. The CPS noise comes from the global RNG, seeded
     here too (inside fork_rng), so a call is reproducible."""
     x, rep = initial_noise(bb, prompts, n, seed)
@@ -255,6 +294,45 @@ def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     return torch.cat(out)
 
 
+def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
+    """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher
+    (`steps` Euler steps with CFG: one batched call of 2n rows a step unless guidance is 1), on the
+    same prompts, resolution and batch (n images per prompt), each timed over `repeats` calls after
+    one warm-up call. Two views: the samplers alone (text already encoded, latents not decoded:
+    the part the 4-step generator shortens) and end to end (text encoding and VAE decoding too:
+    fixed costs both pay). Returns a dict of the numbers."""
+    cuda = bb.device.type == "cuda"
+    g = bb.guidance if guidance is None else guidance
+
+    def seconds(fn):
+        fn()  # warm-up: allocator, kernels, caches
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    x, rep = initial_noise(bb, prompts, n, seed=0)
+    batches = [(x[i:i + n], bb.encode(rep[i:i + n])) for i in range(0, len(rep), n)]
+    null, sigmas = bb.encode([""] * n), bb.teacher_sigmas(steps)
+    with torch.no_grad():
+        t = dict(generator_sampler=seconds(lambda: [rollout(bb, net, xb, c, eta=eta) for xb, c in batches]),
+                 teacher_sampler=seconds(lambda: [euler_sample(bb, bb.teacher, xb, sigmas, c, null, g)
+                                                  for xb, c in batches]),
+                 generator_end_to_end=seconds(lambda: generator_images(bb, net, prompts, n, eta=eta)),
+                 teacher_end_to_end=seconds(lambda: teacher_images(bb, prompts, n, steps=steps, guidance=g)))
+    images = len(prompts) * n
+    return dict(images=images, batch=n, resolution=getattr(bb, "resolution", None), repeats=repeats,
+                generator_nfe=len(bb.sigmas) - 1, teacher_nfe=steps * (1 if g == 1.0 else 2),
+                teacher_steps=steps, teacher_cfg=g, device=str(bb.device), dtype=str(bb.dtype),
+                **{f"{k}_images_per_s": images / v for k, v in t.items()},
+                speedup_sampler=t["teacher_sampler"] / t["generator_sampler"],
+                speedup_end_to_end=t["teacher_end_to_end"] / t["generator_end_to_end"])
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +354,13 @@ def main(argv=None):
     p.add_argument("--pretrained", default=None, help="teacher without --run: hub id or folder")
     p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
     p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
+    p.add_argument("--speed", action="store_true",
+                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch "
+                   "and print images/s and the speed-up; without --run, the generator's base network "
+                   "stands in for the generator (same architecture, same cost)")
     args = p.parse_args(argv)
-    if args.run is None and not (args.teacher and args.model):
-        p.error("pass --run RUN, or --teacher --model NAME to sample a teacher without a run")
+    if args.run is None and not ((args.teacher or args.speed) and args.model):
+        p.error("pass --run RUN, or --teacher --model NAME (or --speed --model NAME) without a run")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
@@ -289,6 +371,24 @@ def main(argv=None):
         bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
                          device=device, dtype=dtype)
     t_load = time.time() - t0
+
+    if args.speed:
+        if bb.name.startswith("toy"):
+            p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
+        net = net if args.run is not None else bb.generator_base
+        r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
+        print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
+              f"mean of {r['repeats']} after a warm-up; images/s, samplers alone | end to end:\n"
+              f"  generator, {r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
+              f"{r['generator_end_to_end_images_per_s']:.3f}\n"
+              f"  teacher, {r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE): "
+              f"{r['teacher_sampler_images_per_s']:.3f} | {r['teacher_end_to_end_images_per_s']:.3f}\n"
+              f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
+        out = args.out or os.path.join(args.run or os.path.join("samples", args.model), "speed.json")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(r, f, indent=2)
+        return r
 
     if bb.name == "toy":  # the toy keeps its scatter plot
         if args.run is None:

@@ -2,21 +2,25 @@
 subgrpo.py -- Stage 2 math (RTDMD): the reward half of the tilted KL, the hybrid policy gradient,
 SubGRPO's step subsets with shared noise, and reward back-propagation through the final step.
 
-    cps_log_prob          log pi(x' | x) of one CPS step, "official" or "exact"           (ALG 5.4)
-    transition_log_prob   the same, recomputing v = G(x, sigma, c) with grad              (5.6)
-    select_steps          which stochastic steps this epoch trains (all ranks agree)      (5.2)
-    shared_noise          the per-prompt noise of the steps that are not trained          (5.3)
-    rollout_with_logprob  the stage-2 sampler: states, next states, log-probs, velocities (5.3)
-    group_advantages      per-prompt mean, global std, weighted over rewards              (5.5)
-    clip_advantages       A clipped to [-5, 5]                                            (5.5)
-    ppo_loss              clipped surrogate on the selected steps                          (5.6)
-    final_step_x0         x0_hat = x_3 - sigma_3 v, the deterministic last step, with grad (3.2)
-    bp_loss               reward back-prop hinge through the final step                    (5.7)
+    cps_log_prob          log pi(x' | x) of one CPS step, "official" or "exact"      (section 4)
+    transition_log_prob   the same, recomputing v = G(x, sigma, c) with grad         (section 4)
+    select_steps          which stochastic steps this epoch trains (all ranks agree) (section 3)
+    shared_noise          the per-prompt noise of the steps that are not trained     (section 3)
+    rollout_with_logprob  the stage-2 sampler: states, next states, log-probs, velocities (3)
+    group_advantages      per-prompt mean, global std, weighted over rewards          (section 5)
+    clip_advantages       A clipped to [-5, 5]                                        (section 5)
+    ppo_loss              clipped surrogate on the selected steps                      (section 5)
+    final_step_x0         x0_hat = x_3 - sigma_3 v, the deterministic last step, with grad (2)
+    bp_loss               reward back-prop hinge through the final step                (section 2)
+    stationary_mean_gauss where stage 2 settles on toy-gauss, in closed form           (section 7)
 
-"ALG" is /work/shared/design/ALGORITHM.md. The paper body was not available to us; its appendix
-titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO background").
+Paper sections cited: App. G (hybrid policy gradient), App. H (GRPO background), App. I (the
+algorithm). "Official code" is github.com/Harahan/RTDMD (README); its stage-2 trainer is
+rtdmd/trainers/rtdmd_trainer.py on top of rtdmd/trainers/grpo_trainer.py, with
+rtdmd/trainers/bp_mixin.py (reward back-prop) and rtdmd/trainers/ac_dmd_mixin.py (final-step DM).
+Its settings are in configs/rtdmd/*.yaml.
 
-1. The reward term of the reward-tilted KL (ALG 2.1)
+1. The reward term of the reward-tilted KL
    The target is the tilted teacher  p~(x|c) = p(x|c) exp(beta r(x,c)) / Z_beta(c).  Then
 
        KL(p_theta || p~) = E_{p_theta}[ log p_theta - log p - beta r + log Z_beta ]
@@ -24,10 +28,10 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
 
    log Z_beta does not depend on theta, so the gradient splits into distribution matching (stage 1,
    acdmd.py; in stage 2 applied to the final step only) and  -beta grad E_{p_theta}[r],  the part
-   this file implements. beta has no knob of its own in the code: it is implied by the loss weights
-   PG 1 : DM 1e-3 : BP 1e-4 (ALG 2.2). tests/test_rewards_toy.py checks the split numerically.
+   this file implements. beta has no knob of its own: the loss weights set it (section 6).
+   tests/test_rewards_toy.py checks the split numerically.
 
-2. The hybrid policy gradient (App. G; ALG 5.7)
+2. The hybrid policy gradient (paper App. G)
    The 4-step sampler draws x_0 ~ N(0, I) (no theta), takes three stochastic CPS steps
        pi_theta(x_{k+1} | x_k) = N(x_{k+1}; mu_theta(x_k), rho_k^2 I),     k = 0, 1, 2,
    (x_k is the state at sigma_k) and ends with the deterministic step
@@ -42,6 +46,8 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
    - Step 3 is a differentiable map of a fixed x_3, so the path-wise term is plain back-prop of a
      differentiable reward through x0_hat = x_3 - sigma_3 v with x_3 a stored constant
      (final_step_x0, bp_loss). Gradients never flow back into steps 0-2 through x_3.
+     The hinge relu(3 - R_w) of the official code (rtdmd/trainers/bp_mixin.py, margin 3.0) is
+     always active for its rewards (R_w ~ 1.5), so it is plain reward maximisation.
    - A baseline does not move the mean (E[grad log pi] = 0), so r is replaced by the group
      advantage A (group_advantages), and the on-policy PPO surrogate (ppo_loss; ratio = 1 at the
      sampling parameters) has gradient  -mean_b A grad log pi: GRPO (App. H).
@@ -49,11 +55,13 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
    step 3 maps a fixed x_3. Dropping either biases the estimate (tests/test_subgrpo.py checks the
    sum against a finite difference of E[r]).
 
-3. SubGRPO: two of the three stochastic steps per epoch, shared noise on the third (ALG 5.2, 5.3)
+3. SubGRPO: two of the three stochastic steps per epoch, shared noise on the third
    Each epoch trains only S = select_steps(epoch) (2 of {0, 1, 2}):
        g = mean_i A_i sum_{k in S} grad log pi(x^i_{k+1} | x^i_k).
    Each step is in S with probability 2/3, so over epochs g estimates 2/3 of the PG part (a
    constant factor). On the steps not in S, all K copies of a prompt use the same noise z_k.
+   (Official code: rtdmd/trainers/grpo_trainer.py, `_sample_selected_steps` and
+   `_make_shared_noise`; the seeds below are theirs, so every rank agrees without communication.)
    - No bias: each sample's path still has its usual law (shared z_k is still N(0, I)); the
      score grad log pi_k(i) for k in S is zero-mean given everything except sample i's own fresh
      z_k, which stays independent, so E[(r_i - rbar) grad log pi(i)] is unchanged.
@@ -66,16 +74,91 @@ titles are cited where they match ("App. G Hybrid policy gradient", "App. H GRPO
      additively and after the trained steps; in the toy with a quadratic reward, or with the
      shared step before a trained one, the variance went up 1.3-2x (tests/test_subgrpo.py).
 
-4. Which log-probability (ALG 5.4)
+4. Which log-probability (paper App. H; official code: rtdmd/diffusers_patch/sde_with_logprob.py)
    exact:     log pi = -|x' - mu|^2 / (2 rho^2) - D log rho - (D/2) log(2 pi)
    official:  l      = -|x' - mu|^2 / D           (mean over the D non-batch elements; no 1/2rho^2)
    For a fixed stored transition, log-ratios relate by
        l_new - l_old = (2 rho^2 / D) (log pi_new - log pi_old),
    so "official" rescales each step's policy gradient by 2 rho_k^2 / D (larger weight for early,
-   noisier steps) and keeps ratios near 1. "official" reproduces the code's PPO-vs-aux balance;
+   noisier steps) and keeps ratios near 1. "official" reproduces the official PPO-vs-aux balance;
    "exact" is the unbiased estimator of section 2. On real latents (D ~ 65k) the exact log-prob
    is ~ -D/2 in float32, so its log-ratios resolve only ~1e-2 and any bf16/train-eval mismatch
    in v is amplified D/(2 rho^2) times: use "exact" for the toy and for derivations.
+
+5. Advantages and the clipped surrogate (paper App. H)
+   Per reward k, A_k(i) = (r_k(i) - mean of i's prompt group) / (std over the whole epoch + 1e-4);
+   then A = sum_k w_k A_k is standardised once more over the epoch and clipped to [-5, 5]. The
+   surrogate L = mean_b max(-A r, -A clip(r, 1 - eps, 1 + eps)) with eps = 1e-5 and one optimiser
+   step per epoch is evaluated at the sampling parameters, where r = 1: on-policy REINFORCE with
+   a group baseline. (Official code: rtdmd/trainers/grpo_trainer.py, `_grpo_compute_advantages`;
+   rtdmd/trainers/grpo_utils.py, `PerPromptStatTracker`.)
+
+6. How the loss weights PG : DM : BP set the effective beta
+   The stage-2 generator loss is  w_pg L_PPO(steps in S) + w_dm L_DM(final step) + w_bp L_BP(final
+   step),  1 : 1e-3 : 1e-4 in configs/rtdmd/*.yaml (`last_step_loss.weight`, `bp_grad_scale`).
+   Divide it by w_dm: the DM term then stands for grad KL(p_theta || p) and the two reward terms
+   for -beta grad E[r]. Each term's expected gradient is a known multiple of the exact one:
+   - DM: the surrogate's gradient is g / (B D) (acdmd.py, section 3), and E[g] is a positive
+     multiple of the data-space KL gradient. For the final step of a Gaussian generator N(m, s^2 I)
+     against a teacher N(mu, s^2 I): E[g] = C (m - mu) = C s^2 grad_m KL, with
+     C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ] over the law of t. So the DM term is
+     (w_dm C s^2 / D) grad KL.
+   - BP: with the hinge active, exactly -w_bp times the path-wise part of grad E[r].
+   - PG: with the exact log-prob and un-normalised advantages r - (group mean), -w_pg (1 - 1/N) f
+     times the score-function part (N = group size: the group mean includes the sample itself;
+     f = the fraction of epochs that train a given step, 2/3 for SubGRPO). The official log-prob
+     multiplies step k's share by 2 rho_k^2 / D and the standardised advantages divide by the
+     reward's std.
+   When the two reward parts get the same multiple w_r, the update is proportional to
+   grad KL - beta_eff grad E[r] with
+
+       beta_eff = D w_r / (w_dm C s^2).
+
+   So beta_eff is not a property of the weights alone: it scales with D (16 x 64 x 64 for SD3.5-M
+   latents at 512 px, 2 in the toy) and with the teacher's spread through C s^2, and the official
+   log-prob and standardised advantages add the factors 2 rho_k^2 / D and 1 / std(r). Weights
+   tuned for SD3 latents therefore do not carry over to the 2-D toy, which has its own (train.py).
+   With gradient normalisation (official) g is further divided by the per-sample
+   mean|x - x_real|, which changes during training: beta_eff is then defined only up to that
+   scale, and a run's beta is read off by fitting (eval.py, fit_beta).
+
+7. The stage-2 stationary point on toy-gauss, in closed form                `stationary_mean_gauss`
+   Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(mu, s^2 I) in D = 2 dims,
+   linear reward r = a^T x, generator G = v_T + b (models.ShiftVelocity: it can only move its
+   output mean), un-normalised DM direction, exact Gaussian log-prob, advantages A = r - (group
+   mean), no clipping. Weights w_pg, w_dm, w_bp; N = samples per prompt per epoch (one prompt:
+   the whole epoch); f = probability that a stochastic step is trained in an epoch (2/3 for
+   SubGRPO's 2 of 3, 1 with --all-steps).
+   a. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
+          v_T(x, sigma) = (x - E[x0|x]) / sigma,  slope lambda = (1 - (1-sigma) s^2 / V) / sigma,
+      V = (1-sigma)^2 s^2 + sigma^2. The CPS mean
+      (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)  (sample.cps_mean_std; s' = next sigma)
+      moves by  c_k b  for a velocity shift b and by
+      A_k delta for an input shift delta:
+          c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
+          A_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
+      So the output mean is  m = mu + sum_k kappa_k b,  kappa_k = c_k prod_{j>k} A_j  (the exact
+      velocity keeps the mean exact, so b = 0 gives m = mu). The last step has kappa_3 = -sigma_3.
+   b. The expected gradient in b of each term (the accumulation divisor is common and drops out):
+      - BP, w_bp mean relu(M - a^T x0_hat), hinge active:        -w_bp kappa_3 a
+      - DM, surrogate 1/2 mean_{b,d}(x0_hat - sg(x0_hat - g))^2:   w_dm kappa_3 E[g] / D.  With the
+        fake equal to the velocity of the generator's output law N(m, s_g^2), the tower rule gives
+        E[x0_hat_fake] = m while E[x0_hat_real] = mu + (1-t)^2 s^2 / V(t) (m - mu), so
+            E[g] = C (m - mu),   C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ]
+        over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], with its point masses);
+        s_g does not enter.
+      - PG, -w_pg mean_i A_i sum_{k in S} grad_b log pi_k(i): the score identity gives
+        E[r grad log pi_k] = d E[r] / d b_k = kappa_k a (b_k: the copy of b used at step k), and a
+        group mean that includes sample i itself scales it by (1 - 1/N):
+            -w_pg (1 - 1/N) f sum_{k<3} kappa_k a    (averaged over the epochs' step subsets).
+   c. Setting the sum to zero:
+          m* = mu + (D / (w_dm C)) [ w_bp + w_pg (1 - 1/N) f sum_{k<3} kappa_k / kappa_3 ] a,
+      i.e. the exact tilt mu + beta_eff s^2 a of a Gaussian by exp(beta a^T x) (rewards.py,
+      section 1) with beta_eff = |m* - mu| / s^2 (|a| = 1). With PG off this is section 6's
+      beta_eff = D w_bp / (w_dm C s^2). The kappa_k of the earlier steps have the sign of
+      kappa_3, so the policy gradient strengthens the tilt: it moves x_3, and the final step,
+      which alone feels the DM pull, has to hold the balance. tests/test_train_stage2.py trains
+      this set-up and lands on m*.
 """
 import hashlib
 import math
@@ -83,11 +166,11 @@ import random
 
 import torch
 
-from models import x0_from_velocity
+from models import timestep_to_sigma, x0_from_velocity
 from sample import cps_mean_std, cps_step, full
 
 # ---------------------------------------------------------------------------------------------
-# Transition log-probability (ALG 5.4)
+# Transition log-probability (section 4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -122,21 +205,21 @@ def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
 
 def transition_log_prob(bb, net, x, x_next, sigma, sigma_next, cond, eta=0.9, form="official"):
     """Recompute the log-probability of stored transitions x -> x_next with the current network:
-    v = G_theta(x, sigma, c) with grad (ALG 5.6 step 1), then cps_log_prob. x, x_next: [B, ...]
+    v = G_theta(x, sigma, c) with grad (section 4), then cps_log_prob. x, x_next: [B, ...]
     (constants); sigma, sigma_next: floats. Returns Tensor[B], differentiable in net's params."""
     v = bb.velocity(net, x, full(sigma, x), cond)
     return cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form)
 
 
 # ---------------------------------------------------------------------------------------------
-# SubGRPO: step selection and shared noise (ALG 5.2, 5.3)
+# SubGRPO: step selection and shared noise (section 3)
 # ---------------------------------------------------------------------------------------------
 
 
 def select_steps(epoch, seed, num_stochastic=3, num_train=2):
     """The PPO steps of this epoch: `num_train` distinct steps of {0 .. num_stochastic-1}, sorted.
     A local RNG seeded by  seed + 100000 epoch + 104729  makes every rank choose the same steps
-    without communicating (ALG 5.2). Returns list[int]."""
+    without communicating (section 3). Returns list[int]."""
     rng = random.Random(seed + 100000 * epoch + 104729)
     return sorted(rng.sample(range(num_stochastic), num_train))
 
@@ -148,7 +231,7 @@ def prompt_seed(prompt, step, epoch):
 
 
 def shared_noise(prompts, step, epoch, shape, device="cpu"):
-    """Noise of a non-selected stochastic step, shared by every copy of a prompt (ALG 5.3).
+    """Noise of a non-selected stochastic step, shared by every copy of a prompt (section 3).
     Drawn on the CPU from a generator seeded by prompt_seed(prompt, step, epoch), so all copies of
     a prompt, on every rank and at any batch position, get the same tensor.
     prompts: list[str] of length B; shape: one sample's shape. Returns float32 [B, *shape]."""
@@ -161,7 +244,7 @@ def shared_noise(prompts, step, epoch, shape, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage-2 rollout (ALG 5.3)
+# The stage-2 rollout: what sections 2, 4 and 5 need, stored
 # ---------------------------------------------------------------------------------------------
 
 
@@ -176,7 +259,7 @@ def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9,
     The log-prob of each transition is computed at the sampling parameters (l_old).
     Returns a dict (N = number of steps, 4):
         latents      [B, N, ...]  x_{sigma_k}          next_latents [B, N, ...]  x_{sigma_{k+1}}
-        velocities   [B, N, ...]  v_k (the fake score needs them, ALG 5.8)
+        velocities   [B, N, ...]  v_k (the fake score's stage-2 step uses them)
         log_probs    [B, N]       l_old (0 on deterministic steps)
         sigmas       [N + 1]      the sampler sigmas
         x0           [B, ...]     the sample = next_latents[:, -1]"""
@@ -205,12 +288,12 @@ def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9,
 
 
 # ---------------------------------------------------------------------------------------------
-# Advantages (ALG 5.5)
+# Advantages (section 5)
 # ---------------------------------------------------------------------------------------------
 
 
 def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
-    """GRPO advantages with a per-prompt mean and a global std (ALG 5.5).
+    """GRPO advantages with a per-prompt mean and a global std (section 5).
 
     rewards: {name: Tensor[N]} for the whole epoch (gathered over ranks); prompts: list[str], N;
     weights: {name: w}, the rewards that count (other keys of `rewards` are ignored).
@@ -218,7 +301,7 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
         A      = sum_k w_k A_k,      then   A <- (A - mean A) / (std A + eps)
     std is the population std (divide by N). normalize=False skips both std divisions, giving
     A = sum_k w_k (r_k - per-prompt mean): plain REINFORCE with a group baseline, whose expected
-    update is an exact multiple of grad E[r] (ALG 9.6, "exact decomposition mode").
+    update is an exact multiple of grad E[r] (sections 6, 7: "exact decomposition mode").
     Returns float32 Tensor[N]."""
     N = len(prompts)
     groups = {}
@@ -237,17 +320,17 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
 
 
 def clip_advantages(advantages, clip_max=5.0):
-    """A clipped to [-clip_max, clip_max] before the policy loss (ALG 5.5, adv_clip_max = 5)."""
+    """A clipped to [-clip_max, clip_max] before the policy loss (section 5; adv_clip_max = 5)."""
     return advantages.clamp(-clip_max, clip_max)
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses: PPO on the stochastic steps, reward back-prop on the final step (ALG 5.6, 5.7)
+# Losses: PPO on the stochastic steps (section 5), reward back-prop on the final step (section 2)
 # ---------------------------------------------------------------------------------------------
 
 
 def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
-    """Clipped surrogate of one step j in S (ALG 5.6):
+    """Clipped surrogate of one step j in S (section 5):
         r = exp(l_new - l_old),    L = mean_b max(-A r, -A clip(r, 1 - eps, 1 + eps)).
     log_prob_new [B] (with grad), log_prob_old [B] and advantages [B] (constants).
     At the sampling parameters r = 1 and grad L = -mean_b A grad l_new (REINFORCE with a baseline).
@@ -267,7 +350,7 @@ def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
 
 
 def final_step_x0(bb, net, x3, sigma3, cond):
-    """The deterministic last step (ALG 3.2, 5.7): x0_hat = x_3 - sigma_3 G_theta(x_3, sigma_3, c),
+    """The deterministic last step (section 2): x0_hat = x_3 - sigma_3 G_theta(x_3, sigma_3, c),
     with grad through the network only; x_3 [B, ...] is a stored rollout state (a constant), so
     reward gradients reach the generator through this one call and never through steps 0-2.
     Returns float32 [B, ...]."""
@@ -277,7 +360,7 @@ def final_step_x0(bb, net, x3, sigma3, cond):
 
 
 def bp_loss(rewards_weighted_sum, margin=3.0):
-    """Reward back-prop hinge of the final step (ALG 5.7):  L_BP = mean_b relu(margin - R_w),
+    """Reward back-prop hinge of the final step (section 2):  L_BP = mean_b relu(margin - R_w),
     R_w [B] = sum_k w_k r_k(decode(x0_hat)), differentiable. While R_w < margin (always, in
     practice) grad L_BP = -mean_b grad R_w: the path-wise part of the hybrid gradient. The caller
     applies the weight bp_grad_scale = 1e-4.
@@ -286,3 +369,34 @@ def bp_loss(rewards_weighted_sum, margin=3.0):
     loss = torch.relu(margin - R).mean()
     stats = dict(reward_mean=R.mean().item(), hinge_active=(R < margin).float().mean().item())
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-2 stationary point on toy-gauss (sections 6, 7)
+# ---------------------------------------------------------------------------------------------
+
+
+def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.9):
+    """m* of the exact-decomposition mode on toy-gauss (derivation: section 7). bb: the toy-gauss
+    backbone (its single-Gaussian mixture and sampler sigmas); w_pg, w_dm, w_bp: loss weights;
+    N: samples per group; f: fraction of epochs a stochastic step is trained; a: the linear
+    reward's direction. Returns (m* float64 [D], parts) with parts = {C, kappa, beta_eff}."""
+    mu, s2 = bb.mixture.means[0], float(bb.mixture.stds[0]) ** 2
+    D, cos = mu.numel(), math.cos(eta * math.pi / 2)
+    sig = [float(x) for x in bb.sigmas]
+    c, A = [], []
+    for sg, sn in zip(sig[:-1], sig[1:]):
+        V = (1 - sg) ** 2 * s2 + sg ** 2
+        lam = (1 - (1 - sg) * s2 / V) / sg
+        c.append(-(1 - sn) * sg + sn * cos * (1 - sg))
+        A.append((1 - sn) * (1 - sg * lam) + sn * cos * (1 + (1 - sg) * lam))
+    kappa = [c[k] * math.prod(A[k + 1:]) for k in range(len(c))]
+    # C = E_t[t^2 / ((1-t)^2 s^2 + t^2)] on a fine midpoint grid of u: the law of t of
+    # acdmd.sample_renoise_timesteps(0.0), point masses at the clamps included
+    u = (torch.arange(1_000_000, dtype=torch.float64) + 0.5) / 1_000_000
+    t = timestep_to_sigma((10 + 990 * u).clamp(20, 980))
+    C = (t ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean().item()
+    push = w_bp + w_pg * (1 - 1 / N) * f * sum(kappa[:-1]) / kappa[-1]
+    shift = D / (w_dm * C) * push
+    m = mu + shift * torch.tensor(a, dtype=torch.float64)
+    return m, {"C": C, "kappa": kappa, "beta_eff": shift / s2}

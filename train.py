@@ -9,17 +9,42 @@ train.py -- both stages of RTDMD, one process or many.
     torchrun --nproc_per_node 8 train.py --stage 2 --model sd3.5-medium --out runs/sd35 \
         --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 ...  # rewards
 
-Stage 1 (AC-DMD, ALGORITHM.md 4.6) trains the 4-step generator to match the teacher on every
-sub-interval of the sampler. Stage 2 (RTDMD, ALGORITHM.md 5) adds the reward term.
-Defaults are the paper's for the real backbones and CPU-sized for the toy. Each run folder holds
+Defaults are the paper's for the real backbones (official code: configs/cold_start/*.yaml for
+stage 1, configs/rtdmd/*.yaml for stage 2) and CPU-sized for the toy. Each run folder holds
 config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samples.
 
-Reading order: set-up (args, DDP, models) -> stage-1 loop -> stage-2 loop.
++------------------------------------------------------------------------------------------+
+| Stage 1, AC-DMD (acdmd.py), one iteration                                    train_stage1 |
+|   fake-score step, every iteration                                    stage1_fake_step    |
+|     k ~ U{1..4}; x_s = output of sampler step k-1 (no grad), s its level                  |
+|     t > s;  x_t = a_ts x_s + sigma_ts n;  regress fake(x_t, t) on the ambient target      |
+|     + consistency regulariser; one AdamW step                                             |
+|   generator step, every fake_update_ratio-th iteration (TTUR)   stage1_generator_step     |
+|     k ~ U{1..4}; x_s = output of step k-1, with grad through that one step                |
+|     t > s;  g = kappa (v_fake - v_teacher) at x_t, projected back to s;  one AdamW step   |
+|   EMA of the generator, every iteration                                   ema_update      |
+|                                                                                          |
+| Stage 2, RTDMD (subgrpo.py), one epoch = one generator step                train_stage2 |
+|   rollouts: num_batches x (M prompts x K copies), 4-step CPS; states, log-probs,          |
+|     rewards; steps not trained this epoch use noise shared per prompt   stage2_rollouts   |
+|   advantages: per prompt mean, global std, over all ranks           stage2_advantages     |
+|   fake-score step on the epoch's samples (s = 0)                      stage2_fake_step    |
+|   generator step, accumulated over sub-batches and steps j      stage2_generator_step     |
+|     j in S (2 of the 3 stochastic steps): w_pg * clipped PPO surrogate                    |
+|     j = 3 (deterministic): w_dm * AC-DMD at s = 0  +  w_bp * reward back-prop             |
+|   EMA of the generator, every 8th epoch                                   ema_update      |
++------------------------------------------------------------------------------------------+
+
+Reading order (the order of this file): arguments -> set-up (DDP, backbone) -> stage 1 (the
+loop, then its two phases) -> stage 2 (the loop, then its four phases and their helpers) ->
+shared helpers (EMA, checkpoints, logging, exported files).
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
+import resource
 import sys
 import time
 
@@ -37,14 +62,16 @@ import subgrpo
 # Arguments. None means "the backbone's default" (resolved in resolve_defaults).
 # ---------------------------------------------------------------------------------------------
 
-# Paper values per backbone (ALGORITHM.md 4.7, 5.10) and CPU-sized values for the toy.
+# Paper values per backbone (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
+# configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml for stage 2) and CPU-sized values for the toy.
 DEFAULTS = {
     "toy": dict(steps=3000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5,
                 ema_decay=0.99, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10,
                  ema_decay=0.99, log_every=10),
     # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
-    # Real: the paper's (ALGORITHM.md 5.10, SD3.5-M). Toy: tuned to be stable (ALGORITHM.md 9.4).
+    # Real: configs/rtdmd/sd35m.yaml. Toy: tuned to be stable (the paper's loss weights assume
+    # D ~ 65k latent numbers per sample, the toy has D = 2; subgrpo.py, section 6, explains the balance).
     "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
                  ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
                  w_pg=1.0, w_dm=3.0, w_bp=0.1),
@@ -53,8 +80,8 @@ DEFAULTS = {
                   ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
                   w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
 }
-# Stage-2 differences between the real backbones (ALGORITHM.md 5.3, 5.10). batch_size is the
-# global number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
+# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml). batch_size is the global
+# number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
 # SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
 # whole sub-batch at once. The tiny twins take their family's values.
 STAGE2_PER_BACKBONE = {
@@ -88,7 +115,7 @@ def get_args(argv=None):
     p.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity")
     p.add_argument("--consistency-weight", type=float, default=1e-2)
     p.add_argument("--no-move-scale-out", dest="move_scale_out", action="store_false",
-                   help="unweighted fake loss instead of the shipped min(1, 10 sigma_ts^2) weight")
+                   help="unweighted fake loss instead of the official min(1, 10 sigma_ts^2) weight")
     p.add_argument("--plain-dmd", action="store_true",
                    help="ablation: match x0_hat of every step at s = 0 (DMD2), not the sub-interval")
     p.add_argument("--no-grad-norm", dest="grad_norm", action="store_false",
@@ -98,10 +125,13 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="time N steps (after 2 warm-up steps) phase by phase against bare network passes; "
+                   "prints a table and writes profile_stage{1,2}.json (use a fresh --out)")
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
-    # stage 2 (ALGORITHM.md 5); None = the backbone's default (DEFAULTS "toy2" / "real2")
+    # stage 2 (subgrpo.py); None = the backbone's default (DEFAULTS "toy2" / "real2")
     p.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group); "
                    "default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
     p.add_argument("--num-batches-per-epoch", type=int, default=None,
@@ -121,7 +151,7 @@ def get_args(argv=None):
     p.add_argument("--fake-batch-size", type=int, default=None,
                    help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
                    "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
-    p.add_argument("--logprob", default="official", choices=("official", "exact"), help="ALGORITHM.md 5.4")
+    p.add_argument("--logprob", default="official", choices=("official", "exact"), help="CPS log-probability form (subgrpo.cps_log_prob)")
     p.add_argument("--no-dm", action="store_true", help="ablation: drop the final-step DM term")
     p.add_argument("--no-bp", action="store_true", help="ablation: drop reward back-prop")
     p.add_argument("--no-pg", action="store_true", help="ablation: drop the policy gradient")
@@ -129,11 +159,11 @@ def get_args(argv=None):
     p.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                    help="independent noise on the untrained steps too")
     p.add_argument("--exact-decomposition", action="store_true",
-                   help="ALGORITHM.md 9.6 mode 2: unnormalised DM, REINFORCE with group-mean baseline, "
+                   help="toy check of the hybrid gradient: unnormalised DM, REINFORCE with group-mean baseline, "
                    "exact log-prob, no clipping (use with --model toy-gauss --reward linear)")
     p.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
                    help="toy, stage 1: replace the teacher by the exact tilted teacher p exp(BETA r) "
-                   "(ALGORITHM.md 9.6 reference mode)")
+                   "(reference mode: stage 1 alone must then land on the tilted target)")
     # Stage 2 on a real backbone scores images with clipscore + hpsv2 + pickscore (GRPO, weight 1
     # each, per-reward advantages) and back-propagates the same three (rewards.training_rewards).
     # Only the slots those use matter: clip_l, pickscore(_tokenizer), hpsv2(_tokenizer, _config).
@@ -150,7 +180,7 @@ def resolve_defaults(args, cuda):
         family = models.SPECS[args.model][0]
         d = d | STAGE2_PER_BACKBONE.get(args.model, STAGE2_PER_BACKBONE.get(family, {}))
     elif models.SPECS[args.model][0] == "flux2":
-        # FLUX.2-klein: stage-1 lr 1e-6 for both nets (ALGORITHM.md 4.7); stage 2 above
+        # FLUX.2-klein: stage-1 lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml); stage 2 above
         d = d | dict(lr_gen=1e-6, lr_fake=1e-6)
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -163,7 +193,7 @@ def resolve_defaults(args, cuda):
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers: printing, EMA, checkpoints
+# Set-up: DDP, backbone, run folder
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,105 +202,8 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def raw(net):
-    """The module inside a DDP wrapper (for no-grad calls, EMA and checkpoints)."""
-    return net.module if isinstance(net, DDP) else net
-
-
-def ema_copy(net):
-    """The EMA model: a copy of `net` whose trainable tensors are new and whose frozen ones are
-    shared (a LoRA student's base weights are the teacher's; copying them would double memory)."""
-    frozen = [p for p in net.parameters() if not p.requires_grad] + list(net.buffers())
-    ema = copy.deepcopy(net, {id(t): t for t in frozen})
-    return ema.eval().requires_grad_(False)
-
-
-def count(net, trainable=True):
-    return sum(p.numel() for p in net.parameters() if p.requires_grad or not trainable)
-
-
-@torch.no_grad()
-def ema_update(ema, net, decay):
-    """theta_ema <- decay theta_ema + (1 - decay) theta, on the trainable tensors only."""
-    for p_ema, p in zip(ema.parameters(), raw(net).parameters()):
-        if p.requires_grad:
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
-
-
-def trainable_state(net, names):
-    """State dict restricted to `names` (the trainable tensors: LoRA, or all for the toy)."""
-    sd = raw(net).state_dict()
-    return {k: sd[k].detach().cpu().clone() for k in names}
-
-
-def rng_state():
-    s = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
-def gather_rng(world):
-    """Every rank's RNG state, gathered to all (each rank draws its own noise)."""
-    states = [None] * world
-    if world > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states[0] = rng_state()
-    return states
-
-
-def log_record(rec, step, args, t0, log, pbar, **postfix):
-    """Rank 0, after every iteration / epoch: advance the bar; every log_every-th (and the last)
-    appends the record to log.jsonl and shows `postfix` on the bar."""
-    pbar.update(1)
-    if step % args.log_every == 0 or step == args.steps:
-        rec["time"] = round(time.time() - t0, 2)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        pbar.set_postfix(**postfix)
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def check_run_folder(args, master):
-    """Refuse to mix runs: a folder made by another model, or resuming a missing run."""
-    cfg_path = os.path.join(args.out, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if old.get("model") != args.model:
-            sys.exit(f"error: {args.out} holds a run of --model {old.get('model')}, not {args.model}; "
-                     f"pick another --out or pass --model {old.get('model')}")
-    ckpt = os.path.join(args.out, f"stage{args.stage}.pt")
-    if args.resume and not os.path.exists(ckpt):
-        sys.exit(f"error: --resume given but {ckpt} does not exist; drop --resume to start stage {args.stage}")
-    if not args.resume and os.path.exists(ckpt):
-        sys.exit(f"error: {ckpt} exists; pass --resume to continue it, or choose a new --out "
-                 "(nothing was overwritten)")
-    if args.stage == 2 and not os.path.exists(os.path.join(args.out, "stage1.pt")):
-        sys.exit(f"error: stage 2 starts from stage 1's EMA generator and fake score, but "
-                 f"{os.path.join(args.out, 'stage1.pt')} does not exist; run "
-                 f"`torchrun train.py --stage 1 --out {args.out}` first")
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up: DDP, backbone, models, optimisers
-# ---------------------------------------------------------------------------------------------
-
-
 def setup(argv=None):
+    """Arguments, process group and device. DDP is on when torchrun sets RANK (nanoGPT's rule)."""
     args = get_args(argv)
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
@@ -294,6 +227,27 @@ def setup(argv=None):
     return args, ddp, rank, world, device, master
 
 
+def check_run_folder(args, master):
+    """Refuse to mix runs: a folder made by another model, or resuming a missing run."""
+    cfg_path = os.path.join(args.out, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if old.get("model") != args.model:
+            sys.exit(f"error: {args.out} holds a run of --model {old.get('model')}, not {args.model}; "
+                     f"pick another --out or pass --model {old.get('model')}")
+    ckpt = os.path.join(args.out, f"stage{args.stage}.pt")
+    if args.resume and not os.path.exists(ckpt):
+        sys.exit(f"error: --resume given but {ckpt} does not exist; drop --resume to start stage {args.stage}")
+    if not args.resume and os.path.exists(ckpt):
+        sys.exit(f"error: {ckpt} exists; pass --resume to continue it, or choose a new --out "
+                 "(nothing was overwritten)")
+    if args.stage == 2 and not os.path.exists(os.path.join(args.out, "stage1.pt")):
+        sys.exit(f"error: stage 2 starts from stage 1's EMA generator and fake score, but "
+                 f"{os.path.join(args.out, 'stage1.pt')} does not exist; run "
+                 f"`torchrun train.py --stage 1 --out {args.out}` first")
+
+
 def main(argv=None):
     args, ddp, rank, world, device, master = setup(argv)
     # Stage 2 loads its reward models first: a missing checkpoint fails here, in one line, before
@@ -301,10 +255,10 @@ def main(argv=None):
     reward = make_reward(args, device) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed + rank)  # per-rank noise
-    # Draws that every rank must agree on (random stop, renoise levels, consistency deltas) come
-    # from this generator, seeded identically everywhere: the same numbers as a broadcast from
-    # rank 0 (ALGORITHM.md 8.15), without the communication.
-    shared = torch.Generator().manual_seed(args.seed + 12345)
+    # Draws that every rank must agree on (random stop, renoise levels, consistency deltas, stage-2
+    # prompts) come from this generator, seeded identically everywhere: the same numbers as a
+    # broadcast from rank 0, without the communication (README, "Deviations and choices").
+    shared_rng = torch.Generator().manual_seed(args.seed + 12345)
 
     # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder.
     # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; LoRA
@@ -334,17 +288,87 @@ def main(argv=None):
     if args.tilt_teacher is not None:
         tilt_toy_teacher(bb, args)
     if args.stage == 1:
-        nets = train_stage1(args, bb, ddp, rank, world, device, master, shared)
+        nets = train_stage1(args, bb, ddp, rank, world, device, master, shared_rng)
     else:
-        nets = train_stage2(args, bb, ddp, rank, world, device, master, shared, reward)
+        nets = train_stage2(args, bb, rank, world, device, master, shared_rng, reward)
     if ddp:
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
 
 
+def tilt_toy_teacher(bb, args):
+    """Reference mode: the toy teacher becomes the exact tilted teacher p(x|c) exp(beta r(x)) /
+    Z_beta(c), in closed form (rewards.py). Stage 1 then converges to the tilted target with no
+    reward term at all, since the DMD fixed point is "generator = teacher"."""
+    if not args.model.startswith("toy") or args.stage != 1:
+        sys.exit("error: --tilt-teacher is a toy, stage-1 option (the tilt is closed-form only there)")
+    bb.mixture = make_reward(args)[0].tilt(bb.mixture, args.tilt_teacher)
+    bb.teacher = models.ExactVelocity(bb.mixture).eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------
-# Stage 1: AC-DMD (ALGORITHM.md 4.6, pseudocode 4.8)
+# Stage 1: AC-DMD (acdmd.py; the official code's rtdmd/trainers/ac_dmd_trainer.py)
 # ---------------------------------------------------------------------------------------------
+
+
+def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
+    """The stage-1 loop (box at the top of this file): a fake-score step every iteration, a
+    generator step every fake_update_ratio-th, the EMA every iteration."""
+    B = args.batch_size // world
+    # Every rank must start from the same LoRA init (random A): draw it from the same seed
+    # everywhere, in a side RNG, so the per-rank streams below stay as they were.
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        generator = bb.make_student("generator")
+        fake = bb.make_student("fake")
+    ema = ema_copy(generator)
+    opt_g = torch.optim.AdamW(trainable(generator), lr=args.lr_gen, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0.0)
+    opt_f = torch.optim.AdamW(trainable(fake), lr=args.lr_fake, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0.0)
+    nets, opts = dict(generator=generator, fake=fake, ema=ema), dict(opt_g=opt_g, opt_f=opt_f)
+    ckpt_path = os.path.join(args.out, "stage1.pt")
+    step = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)["step"] if args.resume else 0
+    if ddp:
+        generator = DDP(generator, device_ids=[device.index] if device.type == "cuda" else None)
+        fake = DDP(fake, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
+    null_cond = bb.encode([""] * B)
+
+    PROF.attach(args, profiled_networks(bb, generator, fake), device, step)
+
+    print0(f"stage 1 (AC-DMD{', plain-DMD ablation' if args.plain_dmd else ''}) | model {args.model} | "
+           f"world {world} x {B} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
+           f"  fake step every iter, generator step every {args.fake_update_ratio} "
+           f"-> {args.steps // args.fake_update_ratio} generator updates in {args.steps} iters | "
+           f"lr G {args.lr_gen} F {args.lr_fake} | CFG {args.guidance} | eta {args.eta} | "
+           f"bf16 {bool(args.bf16)} | grad ckpt {bool(args.grad_ckpt)} | start at {step}\n"
+           f"  trainable params: generator {count(raw(generator)):,} of {count(raw(generator), False):,}, "
+           f"fake {count(raw(fake)):,} of {count(raw(fake), False):,}"
+           + (f" (LoRA rank {args.lora_rank})" if uses_lora(bb) else ""))
+
+    log = RunLog(args, master, "stage 1", step)
+    while step < args.steps:
+        with PROF.step(step):
+            rec = {"stage": 1, "step": step + 1}
+            with PROF.phase("prompts"):
+                idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
+                cond = bb.encode([bb.prompts[i] for i in idx])
+            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast)
+            if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
+                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
+                                             autocast)
+            with PROF.phase("EMA"):
+                ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
+            step += 1
+            log.record(rec, step, fake=f"{rec['fake_loss']:.4f}")
+            if step % args.save_every == 0 or step == args.steps:
+                with PROF.phase("checkpoint"):
+                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
+    log.close()
+    PROF.report(1, autocast, master)
+    write_samples_and_exports(args, bb, ema, 1, master)
+    return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
 
 
 def subinterval_start(sim, plain_dmd):
@@ -355,182 +379,309 @@ def subinterval_start(sim, plain_dmd):
     return sim["x_next"].float(), sim["sigma_next"]
 
 
-def train_stage1(args, bb, ddp, rank, world, device, master, shared):
-    B = args.batch_size // world
-    nsteps = len(bb.sigmas) - 1
-    # Every rank must start from the same LoRA init (random A): draw it from the same seed
-    # everywhere, in a side RNG, so the per-rank streams below stay as they were.
-    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        generator = bb.make_student("generator")
-        fake = bb.make_student("fake")
-    gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
-    fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
-    ema = ema_copy(generator)
-    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=args.lr_gen,
-                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    opt_f = torch.optim.AdamW([p for p in fake.parameters() if p.requires_grad], lr=args.lr_fake,
-                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    step = 0
-    ckpt_path = os.path.join(args.out, "stage1.pt")
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        generator.load_state_dict(ck["generator"], strict=False)
-        fake.load_state_dict(ck["fake"], strict=False)
-        ema.load_state_dict(ck["ema"], strict=False)
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_f.load_state_dict(ck["opt_f"])
-        step = ck["step"]
-        set_rng_state(ck["rng"][rank])
-        shared.set_state(ck["shared_rng"])
-    if ddp:
-        generator = DDP(generator, device_ids=[device.index] if device.type == "cuda" else None)
-        fake = DDP(fake, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
-    null_cond = bb.encode([""] * B)
-
-    print0(f"stage 1 (AC-DMD{', plain-DMD ablation' if args.plain_dmd else ''}) | model {args.model} | "
-           f"world {world} x {B} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
-           f"  fake step every iter, generator step every {args.fake_update_ratio} "
-           f"-> {args.steps // args.fake_update_ratio} generator updates in {args.steps} iters | "
-           f"lr G {args.lr_gen} F {args.lr_fake} | CFG {args.guidance} | eta {args.eta} | "
-           f"bf16 {bool(args.bf16)} | grad ckpt {bool(args.grad_ckpt)} | start at {step}\n"
-           f"  trainable params: generator {count(raw(generator)):,} of {count(raw(generator), False):,}, "
-           f"fake {count(raw(fake)):,} of {count(raw(fake), False):,}"
-           + (f" (LoRA rank {args.lora_rank})" if args.model != "toy" and args.lora_rank else ""))
-
-    def save(step):
-        states = gather_rng(world)  # collective: every rank calls it
-        if master:
-            save_atomic({"generator": trainable_state(generator, gen_names),
-                         "fake": trainable_state(fake, fake_names),
-                         "ema": trainable_state(ema, gen_names),
-                         "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
-                         "step": step, "rng": states, "shared_rng": shared.get_state(),
-                         "config": vars(args)}, ckpt_path)
-
-    def draw_batch():
-        idx = torch.randint(0, len(bb.prompts), (B,))
-        prompts = [bb.prompts[i] for i in idx]
-        return prompts, bb.encode(prompts)
-
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    pbar = None
-    if master:
-        from tqdm import tqdm
-        pbar = tqdm(total=args.steps, initial=step, desc="stage 1", dynamic_ncols=True)
-    t0 = time.time()
-    while step < args.steps:
-        rec = {"stage": 1, "step": step + 1}
-        _, cond = draw_batch()
-
-        # --- fake-score update, every iteration (ALGORITHM.md 4.4) ---
-        stop = int(torch.randint(1, nsteps + 1, (1,), generator=shared))
-        with torch.no_grad(), autocast:
-            sim = sample.backward_simulation(bb, raw(generator), bb.noise(B), cond, stop, eta=args.eta)
+def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast):
+    """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
+    random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
+    target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
+    B = len(next(iter(cond.values())))
+    stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
+    with PROF.phase("backward simulation"), torch.no_grad(), autocast:
+        sim = sample.backward_simulation(bb, raw(generator), bb.noise(B), cond, stop, eta=args.eta)
+    with PROF.phase("fake-score update"):
         x_s, s = subinterval_start(sim, args.plain_dmd)
-        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared)
+        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
         t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
         with autocast:
-            loss_f, st = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
-                                               args.move_scale_out, args.consistency_weight, args.eta,
-                                               generator=shared)
+            loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
+                                                  args.move_scale_out, args.consistency_weight, args.eta,
+                                                  generator=shared_rng)
         opt_f.zero_grad(set_to_none=True)
         loss_f.backward()
-        rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip).item()
         opt_f.step()
-        rec |= {"fake_loss": loss_f.item(), "fake_stop": stop} | st
-
-        # --- generator update, every fake_update_ratio-th iteration (TTUR, ALGORITHM.md 4.6) ---
-        if (step + 1) % args.fake_update_ratio == 0:
-            stop = int(torch.randint(1, nsteps + 1, (1,), generator=shared))
-            with autocast:
-                sim = sample.backward_simulation(bb, generator, bb.noise(B), cond, stop, eta=args.eta)
-            x_s, s = subinterval_start(sim, args.plain_dmd)
-            tau = acdmd.sample_renoise_timesteps(s, B, generator=shared)
-            t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
-            with autocast:
-                loss_g, st = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
-                                                  args.guidance, args.eta, args.grad_norm)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            rec["gen_grad_norm"] = torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip).item()
-            opt_g.step()
-            rec |= {"gen_loss": loss_g.item(), "gen_stop": stop} | st
-
-        ema_update(ema, generator, args.ema_decay)  # every iteration, not every G step (8.13)
-        step += 1
-        if master:
-            log_record(rec, step, args, t0, log, pbar, fake=f"{rec['fake_loss']:.4f}")
-        if step % args.save_every == 0 or step == args.steps:
-            save(step)
-    if master:
-        pbar.close()
-        log.close()
-        print0(f"stage 1 done in {time.time() - t0:.1f}s -> {ckpt_path}")
-        if args.model == "toy":
-            sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage1.png"))
-        elif not args.model.startswith("toy"):  # toy-gauss: nothing to export
-            export_stage1(args, bb, ema)
-    return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
+    return {"fake_grad_norm": grad_norm, "fake_loss": loss_f.item(), "fake_stop": stop} | stats
 
 
-def export_stage1(args, bb, ema):
-    """Real backbones: the EMA generator as a file a stock diffusers pipeline loads
-    (`pipe.load_lora_weights(run/generator_ema_lora.safetensors)`, on the generator's base: for
-    FLUX.2 the distilled klein-4B, not the teacher; a full fine-tune is saved with save_pretrained
-    instead), and a grid of 4-step samples of the EMA generator, one row per prompt."""
-    if models.lora_layers(ema):
-        models.save_lora(ema, os.path.join(args.out, "generator_ema_lora.safetensors"))
-    else:
-        ema.save_pretrained(os.path.join(args.out, "generator_ema"))
-    images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
-    sample.save_grid(images, os.path.join(args.out, "samples_stage1.png"), nrow=2)
+def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast):
+    """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
+    that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
+    projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
+    B = len(next(iter(cond.values())))
+    stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
+    with PROF.phase("backward simulation"), autocast:
+        sim = sample.backward_simulation(bb, generator, bb.noise(B), cond, stop, eta=args.eta)
+    with PROF.phase("generator update"):
+        x_s, s = subinterval_start(sim, args.plain_dmd)
+        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
+        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
+        with autocast:
+            loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
+                                                 args.guidance, args.eta, args.grad_norm)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip).item()
+        opt_g.step()
+    return {"gen_grad_norm": grad_norm, "gen_loss": loss_g.item(), "gen_stop": stop} | stats
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: RTDMD (ALGORITHM.md 5, pseudocode 5.11)
+# Stage 2: RTDMD (subgrpo.py; the official code's rtdmd/trainers/rtdmd_trainer.py)
 # ---------------------------------------------------------------------------------------------
+
+
+def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None):
+    """The stage-2 loop (box at the top of this file): per epoch, rollouts -> advantages -> one
+    fake-score step -> one generator step accumulated over the whole epoch -> EMA every 8th."""
+    if args.exact_decomposition:  # every term an exact multiple of a gradient (subgrpo.py, section 7)
+        args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
+    group, num_batches = args.group_size, args.num_batches_per_epoch
+    final = len(bb.sigmas) - 2  # index of the deterministic last step (3 for the 4-step sampler)
+    if args.batch_size % group or args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} (images per sampling iteration) must be a multiple "
+                 f"of --group-size {group} and of the {world} ranks")
+    B = args.batch_size // world  # this rank's images per sampling iteration
+    # Built from stage1.pt, also on --resume (the stage-2 checkpoint holds only the new LoRA).
+    ck1 = torch.load(os.path.join(args.out, "stage1.pt"), map_location="cpu", weights_only=False)
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 2)  # the same fresh LoRA init on every rank, side RNG
+        generator, fake = init_stage2_models(bb, ck1)
+    ema = ema_copy(generator)
+    opt_g = torch.optim.AdamW(trainable(generator), lr=args.lr_gen, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+    opt_f = torch.optim.AdamW(trainable(fake), lr=args.lr_fake, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    reward_fn, bp_fn, weights = reward or make_reward(args, device)
+    w_pg, w_dm, w_bp = (0.0 if off else w for off, w in
+                        ((args.no_pg, args.w_pg), (args.no_dm, args.w_dm), (args.no_bp, args.w_bp)))
+    # LoRA backbones: the merged stage-1 weights go into stage2.pt too, so that load_run and
+    # --resume know what the stage-2 LoRA sits on (models.load_run's stage-2 contract).
+    stage1 = {"stage1_ema": ck1["ema"], "stage1_fake": ck1["fake"]} if uses_lora(bb) else {}
+    nets, opts = dict(generator=generator, fake=fake, ema=ema), dict(opt_g=opt_g, opt_f=opt_f)
+    ckpt_path, epoch = os.path.join(args.out, "stage2.pt"), 0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)
+        for key in stage1:  # the stage-2 LoRA is meaningless on another stage-1 merge
+            if ck[key].keys() != stage1[key].keys() or any(
+                    not torch.equal(ck[key][k], stage1[key][k]) for k in stage1[key]):
+                sys.exit(f"error: {os.path.join(args.out, 'stage1.pt')} is not the stage-1 checkpoint "
+                         f"this stage-2 run started from ({key} differs); restore it or start stage 2 anew")
+        epoch = ck["epoch"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
+    null_cond = bb.encode([""] * B)  # the teacher's unconditional branch (CFG) in the DM term
+    trained_per_epoch = (final if args.all_steps else 2) + 1  # |S u {final}|
+    # One optimiser step accumulates num_batches x |S u {final}| backward calls; each is divided by
+    # this fixed count, also when a term is ablated, so the ablations keep the weights' scale.
+    accumulation = num_batches * trained_per_epoch
+
+    PROF.attach(args, profiled_networks(bb, generator, fake), device, epoch)
+
+    print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
+           f"reward {', '.join(weights)} | world {world}\n"
+           f"  per sampling iter: {args.batch_size // group} prompts x K {group} = {args.batch_size} images "
+           f"({B}/rank) | {num_batches} iters/epoch -> {num_batches * args.batch_size} images/epoch, "
+           f"one generator + one fake step per epoch\n"
+           f"  trained steps: {'all of' if args.all_steps else '2 of'} 0..{final - 1} + {final} | accumulation "
+           f"{num_batches} x {trained_per_epoch} = {accumulation} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
+           f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
+           f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
+           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}\n"
+           f"  chunks: fake {args.fake_batch_size or 'all'}, BP {args.bp_batch_size or 'all'} | trainable: "
+           f"generator {count(generator):,} of {count(generator, False):,}, fake {count(fake):,} of "
+           f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
+                                         if uses_lora(bb) else ""))
+
+    log = RunLog(args, master, "stage 2", epoch)
+    while epoch < args.steps:
+        with PROF.step(epoch):
+            steps = list(range(final)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, final)
+            rollouts = stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, rank, world,
+                                       autocast)
+            rec = {"stage": 2, "epoch": epoch + 1, "steps": steps}
+            with PROF.phase("advantages"):
+                rec |= stage2_advantages(args, rollouts, weights, rank, world)
+            with PROF.phase("fake-score step"):
+                rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast)
+            rec |= stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, null_cond,
+                                         (w_pg, w_dm, w_bp), bp_fn, weights, accumulation, world, autocast)
+            with PROF.phase("EMA"):
+                if (epoch + 1) % 8 == 0:  # parameter EMA with warm-up, every 8 optimiser steps
+                    ema_update(ema, generator, min((1 + epoch) / (10 + epoch), args.ema_decay))
+            epoch += 1
+            log.record(rec, epoch, reward=f"{rec['reward_mean']:.3f}")
+            if epoch % args.save_every == 0 or epoch == args.steps:
+                with PROF.phase("checkpoint"):
+                    save_checkpoint(ckpt_path, {"epoch": epoch}, nets, opts, shared_rng, args, world, master,
+                                    stage1)
+    log.close()
+    PROF.report(2, autocast, master)
+    write_samples_and_exports(args, bb, ema, 2, master)
+    return {"generator": generator, "fake": fake, "ema": ema}
+
+
+def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, rank, world, autocast):
+    """Rollout phase (subgrpo.rollout_with_logprob): num_batches sampling iterations of M prompts
+    x K copies, 4-step CPS without grad; the steps not in `steps` use noise shared by a prompt's
+    copies. The prompts come from `shared_rng`, so every rank knows the whole epoch's order and a
+    group's K copies are spread over the ranks. Returns this rank's part of the epoch:
+        latents, next_latents [N, 4, ...], log_probs [N, 4], x0 [N, ...], cond (N rows),
+        prompts (N strings), rewards {name: [N]}, and all_prompts: every rank's, in rank order,
+    where N = num_batches x B and B = batch_size / world."""
+    group, B = args.group_size, args.batch_size // world
+    M = args.batch_size // group  # prompts per sampling iteration
+    parts, per_iteration = [], []  # per_iteration: the global prompt list of each iteration
+    for _ in range(args.num_batches_per_epoch):
+        idx = torch.randint(0, len(bb.prompts), (M,), generator=shared_rng).repeat_interleave(group)
+        per_iteration.append([bb.prompts[i] for i in idx[torch.randperm(M * group, generator=shared_rng)]])
+        prompts = per_iteration[-1][rank * B:(rank + 1) * B]
+        with PROF.phase("rollouts"):
+            cond = bb.encode(prompts)
+            with torch.no_grad(), autocast:
+                out = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, prompts, steps,
+                                                   epoch, args.eta, args.shared_noise, args.logprob)
+        with PROF.phase("rewards"), torch.no_grad():
+            out["rewards"] = reward_fn(bb.decode(out["x0"]), prompts)
+        parts.append(out | {"cond": cond})
+    data = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "next_latents", "log_probs", "x0")}
+    data["cond"] = {k: torch.cat([p["cond"][k] for p in parts]) for k in parts[0]["cond"]}
+    data["rewards"] = {n: torch.cat([p["rewards"][n] for p in parts]) for n in parts[0]["rewards"]}
+    data["prompts"] = [p for ps in per_iteration for p in ps[rank * B:(rank + 1) * B]]
+    data["all_prompts"] = [p for r in range(world) for ps in per_iteration for p in ps[r * B:(r + 1) * B]]
+    return data
+
+
+def stage2_advantages(args, rollouts, weights, rank, world):
+    """Advantage phase (subgrpo.group_advantages): gather every rank's rewards in rank order,
+    centre each reward per prompt, divide by its global std, sum with the weights, standardise;
+    keep this rank's shard, clipped. Stores rollouts["advantages"]; returns the logged numbers."""
+    gathered = {n: all_gather_cat(rollouts["rewards"][n].float(), world) for n in weights}
+    adv_all = subgrpo.group_advantages(gathered, rollouts["all_prompts"], weights,
+                                       normalize=not args.exact_decomposition)
+    device = rollouts["x0"].device
+    rollouts["advantages"] = subgrpo.clip_advantages(adv_all.view(world, -1)[rank], args.adv_clip).to(device)
+    total = sum(w * gathered[n] for n, w in weights.items())
+    rec = {"reward_mean": total.mean().item(), "reward_std": total.std(unbiased=False).item(),
+           "adv_mean": adv_all.mean().item(), "adv_std": adv_all.std(unbiased=False).item(),
+           "adv_absmax": adv_all.abs().max().item()}
+    if len(weights) > 1:  # each reward's own mean (the advantages are per reward)
+        rec |= {f"reward_{n}": gathered[n].mean().item() for n in weights}
+    return rec
+
+
+def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast):
+    """Fake-score phase: one step of the ambient fake-score loss on the epoch's clean samples
+    (s = 0, so the ambient target is plain flow matching), renoise levels drawn per rank, in
+    chunks of --fake-batch-size (memory), each chunk weighted by its share of the samples."""
+    x0, cond = rollouts["x0"], rollouts["cond"]
+    t, n, x_t = acdmd.make_subinterval(x0, 0.0, acdmd.sample_renoise_timesteps(0.0, len(x0)))
+    opt_f.zero_grad(set_to_none=True)
+    rec = {"fake_loss": 0.0}
+    for i in chunks(len(x0), args.fake_batch_size):
+        share = len(i) / len(x0)
+        i = i.to(x0.device)
+        with autocast:
+            loss_f, stats = acdmd.fake_score_loss(bb, fake, x0[i], 0.0, t[i], n[i], x_t[i],
+                                                  models.cond_select(cond, i), args.move_scale_out,
+                                                  args.consistency_weight, args.eta)
+        (loss_f * share).backward()
+        rec["fake_loss"] += loss_f.item() * share
+        for k, v in stats.items():
+            rec[k] = rec.get(k, 0.0) + v * share
+    params = trainable(fake)
+    with PROF.phase("gradient all-reduce"):
+        allreduce_grads(params, world)
+    rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+    opt_f.step()
+    return rec
+
+
+def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, null_cond, loss_weights, bp_fn,
+                          weights, accumulation, world, autocast):
+    """Generator phase: one optimiser step whose gradient is accumulated over the epoch's
+    sub-batches and, in each, over the trained steps j (the hybrid gradient, subgrpo.py, section 2):
+        j in steps (stochastic):   w_pg * clipped PPO surrogate of log pi(x_{j+1} | x_j)
+        j = final (deterministic): w_dm * AC-DMD at s = 0 on x0_hat  +  w_bp * reward back-prop
+    Every backward is divided by `accumulation`. Returns the logged numbers."""
+    w_pg, w_dm, w_bp = loss_weights
+    final, sigmas = len(bb.sigmas) - 2, [float(s) for s in bb.sigmas]
+    adv, B = rollouts["advantages"], args.batch_size // world
+    opt_g.zero_grad(set_to_none=True)
+    order = torch.randperm(len(adv))  # sub-batches of the epoch's samples, in a fresh order
+    rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0}, []
+    for b in range(args.num_batches_per_epoch):
+        i = order[b * B:(b + 1) * B]
+        cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
+        for j in sorted(set(steps) | {final}):
+            x_j, x_next = rollouts["latents"][i, j], rollouts["next_latents"][i, j]
+            loss = 0.0
+            with autocast:
+                if j != final and w_pg:  # score-function part: PPO on a stochastic step
+                    with PROF.phase("PPO terms"):
+                        log_prob = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sigmas[j],
+                                                               sigmas[j + 1], cond, args.eta, args.logprob)
+                        l_pg, stats = subgrpo.ppo_loss(log_prob, rollouts["log_probs"][i, j], adv[i],
+                                                       args.clip_range)
+                        loss = w_pg * l_pg
+                        ppo_stats.append(stats)
+                        rec["loss_pg"] += loss.item() / args.num_batches_per_epoch
+                elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
+                    with PROF.phase("final step + DM term"):
+                        x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
+                        if w_dm:
+                            t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
+                            l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_cond,
+                                                           args.guidance, args.eta, args.grad_norm)
+                            loss = loss + w_dm * l_dm
+                            rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
+                    if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
+                        with PROF.phase("back-prop term"):
+                            l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
+                                                       args.bp_batch_size)
+                            loss = loss + w_bp * l_bp
+                            rec["loss_bp"] += w_bp * value / args.num_batches_per_epoch
+            if torch.is_tensor(loss):  # the generator's backward of this step's terms
+                with PROF.phase("PPO terms" if j != final else "final-step backward"):
+                    (loss / accumulation).backward()
+    params = trainable(generator)
+    with PROF.phase("gradient all-reduce"):
+        allreduce_grads(params, world)
+    with PROF.phase("optimiser step"):
+        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        opt_g.step()
+    if ppo_stats:
+        n = len(ppo_stats)
+        rec |= {"ratio_mean": sum(s["ratio_mean"] for s in ppo_stats) / n,
+                "ratio_min": min(s["ratio_min"] for s in ppo_stats),
+                "ratio_max": max(s["ratio_max"] for s in ppo_stats),
+                "clip_frac": sum(s["clip_frac"] for s in ppo_stats) / n}
+    return rec
 
 
 def make_reward(args, device=None):
     """(reward, bp_reward, weights). reward(images, prompts) -> {name: Tensor[B]} scores the
     rollouts (advantages); bp_reward is its differentiable part, back-propagated through the last
-    step; weights {name: w} says which names count and how much (ALGORITHM.md 5.5, 5.7).
-    Real backbones: the paper's set (rewards.GRPO_WEIGHTS: clipscore, hpsv2, pickscore, weight 1
-    each; geneval is not implemented) from the --<slot>-path checkpoints, every model loaded now;
-    a missing one exits with one line."""
+    step; weights {name: w} says which names count and how much.
+    Real backbones: the paper's set (rewards.GRPO_WEIGHTS) from the --<slot>-path checkpoints,
+    every model loaded now; a missing one exits with one line."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
     try:
-        grpo, bp = rewards.training_rewards(rewards.sources_from_args(args))
+        # geneval scores against each prompt's GenEval metadata (rewards.GenEval), which the
+        # plain-text prompts read here do not carry: it joins once the prompts come from a .jsonl
+        weights = {n: w for n, w in rewards.GRPO_WEIGHTS.items() if n != "geneval"}
+        grpo, bp = rewards.training_rewards(rewards.sources_from_args(args), weights)
         rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
         sys.exit(f"error: stage-2 reward model: {' '.join(str(e).split())}")
-    return grpo, bp, dict(rewards.GRPO_WEIGHTS)
-
-
-def tilt_toy_teacher(bb, args):
-    """Reference mode (ALGORITHM.md 9.6, mode 1): the toy teacher becomes the exact tilted teacher
-    p(x|c) exp(beta r(x)) / Z_beta(c), closed form (rewards.py). Stage 1 then converges to the tilted
-    target with no reward term at all, since the DMD fixed point is "generator = teacher"."""
-    if not args.model.startswith("toy") or args.stage != 1:
-        sys.exit("error: --tilt-teacher is a toy, stage-1 option (the tilt is closed-form only there)")
-    bb.mixture = make_reward(args)[0].tilt(bb.mixture, args.tilt_teacher)
-    bb.teacher = models.ExactVelocity(bb.mixture).eval().requires_grad_(False)
-
-
-def uses_lora(bb):
-    return getattr(bb, "lora_rank", 0) > 0  # the toy and full fine-tuning (lora_rank 0) do not
+    return grpo, bp, weights
 
 
 def init_stage2_models(bb, ck):
-    """Stage 2 starts from stage 1's EMA generator and its fake score (ALGORITHM.md 5.1).
+    """Stage 2 starts from stage 1's EMA generator and its fake score.
     Toy and full fine-tuning (lora_rank 0): every parameter is trainable and simply loaded.
     LoRA backbones: the stage-1 LoRA (generator: its EMA; fake: the fake score's) is merged into
     a copy of the base weights, and a fresh trainable LoRA is injected on top (A ~ N(0, 1), B = 0,
-    pitfall 8.14), so both nets start as their stage-1 functions and only the new LoRA trains.
+    so the product starts at zero), so both nets start as their stage-1 functions and only the new
+    LoRA trains (official code: rtdmd/trainers/rtdmd_trainer.py, setup_models).
     The caller seeds the RNG: every rank must draw the same fresh A."""
     if uses_lora(bb):
         return (bb.make_student("generator", stage=2, merge=ck["ema"]),
@@ -541,22 +692,6 @@ def init_stage2_models(bb, ck):
     return generator, fake
 
 
-def export_stage2(args, bb, ema):
-    """Real backbones: the stage-2 EMA generator as `generator_ema_stage2_lora.safetensors` (the
-    stage-2 LoRA only; a full fine-tune is saved with save_pretrained instead) and a sample grid.
-    The stage-2 LoRA was trained on top of the stage-1 EMA LoRA *merged* into the base, so
-    inference applies both, in order (ALGORITHM.md 3.4, 7): merge generator_ema_lora.safetensors
-    (stage 1) into the generator's base, then generator_ema_stage2_lora.safetensors, e.g.
-        net = bb.make_student("generator", stage=2, merge=[stage1_file, stage2_file])
-    (models.load_run(run, 2) does the same from stage2.pt)."""
-    if uses_lora(bb):
-        models.save_lora(ema, os.path.join(args.out, "generator_ema_stage2_lora.safetensors"))
-    else:
-        ema.save_pretrained(os.path.join(args.out, "generator_ema_stage2"))
-    images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
-    sample.save_grid(images, os.path.join(args.out, "samples_stage2.png"), nrow=2)
-
-
 def chunks(n, size):
     """Index ranges [0, n) in pieces of `size` (0 or None: one piece)."""
     size = size or n
@@ -564,11 +699,13 @@ def chunks(n, size):
 
 
 def bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, margin, chunk):
-    """Reward back-prop through VAE and reward models, `chunk` images at a time (ALGORITHM.md 5.7).
-    Each chunk is decoded and scored with grad w.r.t. a detached copy of x0_hat, and its backward
-    runs at once, freeing that chunk's VAE and reward activations; the collected dL/dx0_hat then
-    enters the generator's graph through the surrogate (g . x0_hat), whose gradient is exactly
-    dL_BP/dtheta. Returns (surrogate, L_BP value)."""
+    """Reward back-prop through the VAE and the reward models (subgrpo.bp_loss), `chunk` images at
+    a time (0: all at once). Each chunk is decoded and scored with grad w.r.t. a detached copy of
+    x0_hat, and its backward runs at once, freeing that chunk's VAE and reward activations; the
+    collected g = dL_BP/dx0_hat then enters the generator's graph through the surrogate g . x0_hat,
+    whose gradient w.r.t. theta is exactly dL_BP/dtheta by the chain rule. One path for every chunk
+    size: only the memory changes with it.
+    Returns (surrogate, L_BP value)."""
     x = x0_hat.detach().requires_grad_(True)
     value, B = 0.0, len(x)
     for i in chunks(B, chunk):
@@ -590,7 +727,7 @@ def all_gather_cat(x, world):
 
 def allreduce_grads(params, world):
     """Average the locally accumulated gradients across ranks, once per optimiser step. (DDP
-    would do this on every backward; one stage-2 step accumulates nb x |steps| backward calls.)"""
+    would do this on every backward; one stage-2 step accumulates many backward calls.)"""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -599,206 +736,338 @@ def allreduce_grads(params, world):
             p.grad /= world
 
 
-def train_stage2(args, bb, ddp, rank, world, device, master, shared, reward=None):
-    if args.exact_decomposition:  # ALGORITHM.md 9.6 mode 2: every term an exact multiple of a gradient
-        args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
-    K, nb, last = args.group_size, args.num_batches_per_epoch, len(bb.sigmas) - 2
-    if args.batch_size % K or args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} (images per sampling iteration) must be a multiple "
-                 f"of --group-size {K} and of the {world} ranks")
-    M, B = args.batch_size // K, args.batch_size // world  # prompts per iteration, local images
-    sig = [float(s) for s in bb.sigmas]
-    # Built from stage1.pt, also on --resume (the stage-2 checkpoint holds only the new LoRA).
-    ck1 = torch.load(os.path.join(args.out, "stage1.pt"), map_location="cpu", weights_only=False)
-    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + 2)  # the same fresh LoRA init on every rank, side RNG
-        generator, fake = init_stage2_models(bb, ck1)
-    gen_names = [n for n, p in generator.named_parameters() if p.requires_grad]
-    fake_names = [n for n, p in fake.named_parameters() if p.requires_grad]
-    gen_params = [p for p in generator.parameters() if p.requires_grad]
-    fake_params = [p for p in fake.parameters() if p.requires_grad]
-    ema = ema_copy(generator)
-    opt_g = torch.optim.AdamW(gen_params, lr=args.lr_gen, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=args.weight_decay)
-    opt_f = torch.optim.AdamW(fake_params, lr=args.lr_fake, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    reward_fn, bp_fn, weights = reward or make_reward(args, device)
-    w_pg, w_dm, w_bp = (0.0 if off else w for off, w in
-                        ((args.no_pg, args.w_pg), (args.no_dm, args.w_dm), (args.no_bp, args.w_bp)))
-    epoch, ckpt_path = 0, os.path.join(args.out, "stage2.pt")
-    # LoRA backbones: the merged stage-1 weights go into stage2.pt too, so that load_run and
-    # --resume know what the stage-2 LoRA sits on (models.load_run's stage-2 contract).
-    stage1 = {"stage1_ema": ck1["ema"], "stage1_fake": ck1["fake"]} if uses_lora(bb) else {}
-    if args.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in stage1:  # the stage-2 LoRA is meaningless on another stage-1 merge
-            if ck[key].keys() != stage1[key].keys() or any(
-                    not torch.equal(ck[key][k], stage1[key][k]) for k in stage1[key]):
-                sys.exit(f"error: {os.path.join(args.out, 'stage1.pt')} is not the stage-1 checkpoint "
-                         f"this stage-2 run started from ({key} differs); restore it or start stage 2 anew")
-        for net, key in ((generator, "generator"), (fake, "fake"), (ema, "ema")):
-            net.load_state_dict(ck[key], strict=False)
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_f.load_state_dict(ck["opt_f"])
-        epoch = ck["epoch"]
-        set_rng_state(ck["rng"][rank])
-        shared.set_state(ck["shared_rng"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
-    null_cond = bb.encode([""] * B)
-    n_steps = (last if args.all_steps else 2) + 1  # |S u {last}|
-    E = nb * n_steps  # gradient-accumulation divisor, fixed even when a term is ablated (5.9)
+# ---------------------------------------------------------------------------------------------
+# Shared helpers: parameters, EMA, checkpoints, logging, exported files
+# ---------------------------------------------------------------------------------------------
 
-    print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
-           f"reward {', '.join(weights)} | world {world}\n"
-           f"  per sampling iter: {M} prompts x K {K} = {args.batch_size} images ({B}/rank) | {nb} iters/epoch "
-           f"-> {nb * args.batch_size} images/epoch, one generator + one fake step per epoch\n"
-           f"  trained steps: {'all of 0..' + str(last - 1) if args.all_steps else '2 of 0..' + str(last - 1)} + {last} "
-           f"| accumulation {nb} x {n_steps} = {E} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
-           f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
-           f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
-           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}\n"
-           f"  chunks: fake {args.fake_batch_size or 'all'}, BP {args.bp_batch_size or 'all'} | trainable: "
-           f"generator {count(generator):,} of {count(generator, False):,}, fake {count(fake):,} of "
-           f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
-                                         if uses_lora(bb) else ""))
 
-    def save(epoch):
-        states = gather_rng(world)
-        # one checksum per rank: the replicas must stay bitwise identical (tests/test_train_stage2.py)
-        sums = [None] * world
-        mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
-                   for p in gen_params)
-        if world > 1:
-            dist.all_gather_object(sums, mine)
-        else:
-            sums[0] = mine
+def raw(net):
+    """The module inside a DDP wrapper (for no-grad calls, EMA and checkpoints)."""
+    return net.module if isinstance(net, DDP) else net
+
+
+def trainable(net):
+    """The parameters that train (LoRA, or every weight of the toy and of a full fine-tune)."""
+    return [p for p in raw(net).parameters() if p.requires_grad]
+
+
+def count(net, only_trainable=True):
+    return sum(p.numel() for p in raw(net).parameters() if p.requires_grad or not only_trainable)
+
+
+def uses_lora(bb):
+    return getattr(bb, "lora_rank", 0) > 0  # the toy and full fine-tuning (lora_rank 0) do not
+
+
+def ema_copy(net):
+    """The EMA model: a copy of `net` whose trainable tensors are new and whose frozen ones are
+    shared (a LoRA student's base weights are the teacher's; copying them would double memory)."""
+    frozen = [p for p in net.parameters() if not p.requires_grad] + list(net.buffers())
+    ema = copy.deepcopy(net, {id(t): t for t in frozen})
+    return ema.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """theta_ema <- decay theta_ema + (1 - decay) theta, on the trainable tensors only."""
+    for p_ema, p in zip(ema.parameters(), raw(net).parameters()):
+        if p.requires_grad:
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a collective: every rank calls it)."""
+    out = [None] * world
+    if world > 1:
+        dist.all_gather_object(out, obj)
+    else:
+        out[0] = obj
+    return out
+
+
+def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, extra=None):
+    """Everything an exact --resume needs, in one dict: the trainable tensors of each net (LoRA,
+    or all for the toy), the optimiser states, the counter ({"step": n} or {"epoch": n}), every
+    rank's RNG state (each rank draws its own noise), the shared generator's state, the config,
+    and one checksum per rank of the generator's weights (the replicas must stay bitwise
+    identical; the DDP tests compare them). Written to a temporary file and renamed, so a crash
+    never leaves a half-written checkpoint. Every rank calls it; rank 0 writes."""
+    states = gather_objects(rng_state(), world)
+    weights = trainable(nets["generator"])
+    mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
+               for p in weights)
+    sums = gather_objects(mine, world)
+    if not master:
+        return
+    ck = {"replica_checksums": sums}
+    for key, net in nets.items():
+        names = [n for n, p in raw(net).named_parameters() if p.requires_grad]
+        if key == "ema":  # the EMA copy has requires_grad off: save the generator's trainable names
+            names = [n for n, p in raw(nets["generator"]).named_parameters() if p.requires_grad]
+        sd = raw(net).state_dict()
+        ck[key] = {k: sd[k].detach().cpu().clone() for k in names}
+    ck |= {k: opt.state_dict() for k, opt in opts.items()}
+    ck |= counter | {"rng": states, "shared_rng": shared_rng.get_state(), "config": vars(args)}
+    tmp = path + ".tmp"
+    torch.save(ck | (extra or {}), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, nets, opts, shared_rng, rank):
+    """Restore what save_checkpoint wrote, into the given nets and optimisers, this rank's RNG
+    state and the shared generator. Returns the checkpoint dict (for the counter)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    for key, net in nets.items():
+        raw(net).load_state_dict(ck[key], strict=False)
+    for key, opt in opts.items():
+        opt.load_state_dict(ck[key])
+    torch.set_rng_state(ck["rng"][rank]["torch"])
+    if "cuda" in ck["rng"][rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
+    shared_rng.set_state(ck["shared_rng"])
+    return ck
+
+
+class RunLog:
+    """Rank 0's progress bar and log.jsonl; on other ranks every call does nothing."""
+
+    def __init__(self, args, master, desc, start):
+        self.args, self.master, self.desc, self.t0 = args, master, desc, time.time()
         if master:
-            save_atomic({"replica_checksums": sums, "generator": trainable_state(generator, gen_names),
-                         "fake": trainable_state(fake, fake_names), "ema": trainable_state(ema, gen_names),
-                         "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "epoch": epoch,
-                         "rng": states, "shared_rng": shared.get_state(), "config": vars(args)}
-                        | stage1, ckpt_path)
+            from tqdm import tqdm
+            self.file = open(os.path.join(args.out, "log.jsonl"), "a")
+            self.bar = tqdm(total=args.steps, initial=start, desc=desc, dynamic_ncols=True)
 
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    pbar = None
-    if master:
-        from tqdm import tqdm
-        pbar = tqdm(total=args.steps, initial=epoch, desc="stage 2", dynamic_ncols=True)
-    t0 = time.time()
-    while epoch < args.steps:
-        S = list(range(last)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, last)
-        # --- 1. rollouts (5.3). Prompts come from `shared`, so every rank knows the whole epoch's ---
-        ro, prompts_global = [], []
-        for _ in range(nb):
-            idx = torch.randint(0, len(bb.prompts), (M,), generator=shared).repeat_interleave(K)
-            prompts_global.append([bb.prompts[i] for i in idx[torch.randperm(M * K, generator=shared)]])
-            mine = prompts_global[-1][rank * B:(rank + 1) * B]  # a group's K copies span the ranks
-            cond = bb.encode(mine)
-            with torch.no_grad(), autocast:
-                r = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, mine, S, epoch,
-                                                 args.eta, args.shared_noise, args.logprob)
-            with torch.no_grad():
-                r["rewards"] = reward_fn(bb.decode(r["x0"]), mine)
-            ro.append(r | {"cond": cond})
-        data = {k: torch.cat([r[k] for r in ro]) for k in ("latents", "next_latents", "log_probs", "x0")}
-        cond = {k: torch.cat([r["cond"][k] for r in ro]) for k in ro[0]["cond"]}
-        prompts = [p for ps in prompts_global for p in ps[rank * B:(rank + 1) * B]]
+    def record(self, rec, step, **postfix):
+        """After every iteration / epoch: advance the bar; every log_every-th (and the last)
+        appends the record to log.jsonl and shows `postfix` on the bar."""
+        if not self.master:
+            return
+        self.bar.update(1)
+        if step % self.args.log_every == 0 or step == self.args.steps:
+            rec["time"] = round(time.time() - self.t0, 2)
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(**postfix)
 
-        # --- 2. advantages over the epoch (5.5): gather rewards in rank order, keep our shard ---
-        gathered = {n: all_gather_cat(torch.cat([r["rewards"][n] for r in ro]).float(), world) for n in weights}
-        order = [p for rk in range(world) for ps in prompts_global for p in ps[rk * B:(rk + 1) * B]]
-        A_all = subgrpo.group_advantages(gathered, order, weights, normalize=not args.exact_decomposition)
-        A = subgrpo.clip_advantages(A_all.view(world, -1)[rank], args.adv_clip).to(device)
-        R_all = sum(w * gathered[n] for n, w in weights.items())
-        rec = {"stage": 2, "epoch": epoch + 1, "steps": S, "reward_mean": R_all.mean().item(),
-               "reward_std": R_all.std(unbiased=False).item(), "adv_mean": A_all.mean().item(),
-               "adv_std": A_all.std(unbiased=False).item(), "adv_absmax": A_all.abs().max().item()}
-        if len(weights) > 1:  # each reward's own mean (the advantages are per reward, 5.5)
-            rec |= {f"reward_{n}": gathered[n].mean().item() for n in weights}
+    def close(self):
+        if self.master:
+            self.bar.close()
+            self.file.close()
+            print0(f"{self.desc} done in {time.time() - self.t0:.1f}s -> {self.args.out}")
 
-        # --- 3. one fake-score step on the epoch's clean outputs, s = 0, t rank-local (5.8), ---
-        # in chunks of --fake-batch-size (memory), each weighted by its share of the samples
-        x0 = data["x0"]
-        t, n, x_t = acdmd.make_subinterval(x0, 0.0, acdmd.sample_renoise_timesteps(0.0, len(x0)))
-        opt_f.zero_grad(set_to_none=True)
-        rec["fake_loss"] = 0.0
-        for i in chunks(len(x0), args.fake_batch_size):
-            w = len(i) / len(x0)
-            i_d = i.to(device)
-            with autocast:
-                loss_f, st = acdmd.fake_score_loss(bb, fake, x0[i_d], 0.0, t[i_d], n[i_d], x_t[i_d],
-                                                   models.cond_select(cond, i_d), args.move_scale_out,
-                                                   args.consistency_weight, args.eta)
-            (loss_f * w).backward()
-            rec["fake_loss"] += loss_f.item() * w
-            for k, v in st.items():
-                rec[k] = rec.get(k, 0.0) + v * w
-        allreduce_grads(fake_params, world)
-        rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(fake_params, args.grad_clip).item()
-        opt_f.step()
 
-        # --- 4. one generator step: sum over sub-batches and j in S u {last} (5.6, 5.7, 5.9) ---
-        opt_g.zero_grad(set_to_none=True)
-        perm, parts, ppo = torch.randperm(len(A)), {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0}, []
-        for b in range(nb):
-            i = perm[b * B:(b + 1) * B]
-            c_b, p_b = models.cond_select(cond, i.to(device)), [prompts[k] for k in i]
-            for j in sorted(set(S) | {last}):
-                x_j, x_next = data["latents"][i, j], data["next_latents"][i, j]
+def write_samples_and_exports(args, bb, ema, stage, master):
+    """Rank 0, after the last step: a picture of the EMA generator's samples (toy: a scatter plot of
+    every sampler step; images: a grid, one row per prompt) and, for the real backbones, the EMA
+    generator as a file a stock diffusers pipeline loads:
+        stage 1: generator_ema_lora.safetensors (pipe.load_lora_weights, on the generator's base:
+                 for FLUX.2 the distilled klein-4B, not the teacher)
+        stage 2: generator_ema_stage2_lora.safetensors, the stage-2 LoRA only. It was trained on
+                 top of the stage-1 EMA LoRA *merged* into the base, so inference merges stage 1,
+                 then stage 2: bb.make_student("generator", stage=2, merge=[stage1_file,
+                 stage2_file]) (models.load_run(run, 2) does the same from stage2.pt).
+    A full fine-tune (lora_rank 0) is saved with save_pretrained instead."""
+    if not master or args.model == "toy-gauss":  # toy-gauss: nothing to draw or export
+        return
+    if args.model == "toy":
+        sample.toy_scatter_png(bb, ema, os.path.join(args.out, f"samples_stage{stage}.png"))
+        return
+    name = "generator_ema" if stage == 1 else "generator_ema_stage2"
+    if uses_lora(bb):
+        models.save_lora(ema, os.path.join(args.out, f"{name}_lora.safetensors"))
+    else:
+        ema.save_pretrained(os.path.join(args.out, name))
+    images = sample.generator_images(bb, ema, bb.prompts[:4], n=2, seed=42, eta=args.eta)
+    sample.save_grid(images, os.path.join(args.out, f"samples_stage{stage}.png"), nrow=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling (--profile N): where the time of a training step goes
+# ---------------------------------------------------------------------------------------------
+
+
+class Profiler:
+    """With --profile N, after a warm-up of PROFILE_WARMUP steps, N steps are timed phase by phase
+    (PROF.phase: self time, so nested phases never count twice) and every forward call of the
+    networks (generator, fake score, teacher, VAE decoder) is counted per phase. Then the same
+    calls are replayed bare, on the inputs they saw, in the same process: the step time divided
+    by that bare time says how much the training code adds to the network passes it needs.
+    Without --profile, phase() is an empty context and no hook is installed."""
+
+    def __init__(self):
+        self.on = self.recording = False
+
+    def attach(self, args, nets, device, start):
+        """Start profiling if --profile: install the forward hooks, and end the run after the
+        warm-up and N profiled steps (args.steps is set accordingly)."""
+        if not args.profile:
+            return
+        self.on, self.args, self.device, self.start = True, args, device, start
+        self.stack, self.time, self.calls, self.step_times, self.inputs = [], {}, {}, [], {}
+        args.steps = start + PROFILE_WARMUP + args.profile
+        for name, net in nets.items():
+            if isinstance(net, torch.nn.Module):
+                net.register_forward_hook(self._hook(name), with_kwargs=True)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _hook(self, name):
+        def hook(module, args, kwargs, output):
+            if not self.recording:
+                return
+            tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+            grad = torch.is_grad_enabled() and (any(p.requires_grad for p in module.parameters())
+                                                or any(a.requires_grad for a in tensors))
+            shapes = tuple(tuple(a.shape) for a in tensors)
+            key = (name, grad, shapes)
+            if key not in self.inputs:  # keep one copy of each kind of call, for the bare replay
+                keep = lambda a: a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+                self.inputs[key] = (module, [keep(a) for a in args], {k: keep(v) for k, v in kwargs.items()})
+            phase = self.stack[-1][0] if self.stack else "other"
+            self.calls.setdefault(phase, {}).setdefault(key, 0)
+            self.calls[phase][key] += 1
+        return hook
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        """Time the block as phase `name`, excluding the phases nested inside it."""
+        if not self.recording:
+            yield
+            return
+        self._sync()
+        now = time.perf_counter()
+        if self.stack:  # pause the enclosing phase
+            parent, since = self.stack[-1]
+            self.time[parent] = self.time.get(parent, 0.0) + now - since
+        self.stack.append([name, now])
+        try:
+            yield
+        finally:
+            self._sync()
+            now = time.perf_counter()
+            _, since = self.stack.pop()
+            self.time[name] = self.time.get(name, 0.0) + now - since
+            if self.stack:
+                self.stack[-1][1] = now
+
+    @contextlib.contextmanager
+    def step(self, step):
+        """One loop iteration; recorded once the warm-up is over."""
+        self.recording = self.on and step >= self.start + PROFILE_WARMUP
+        if not self.recording:
+            yield
+            return
+        if step == self.start + PROFILE_WARMUP and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        with self.phase("other"):  # whatever no named phase covers (prompt draw, logging, ...)
+            yield
+        self._sync()
+        self.step_times.append(time.perf_counter() - t0)
+
+    def bare_seconds(self, key, autocast, repeats=5):
+        """Seconds per bare call of one recorded kind: forward only, or forward + backward of the
+        output's sum when the call was made with grad (as in training). The fastest of `repeats`
+        runs after a warm-up run: the least disturbed by whatever else the machine is doing."""
+        module, args, kwargs = self.inputs[key]
+        best = float("inf")
+        with torch.set_grad_enabled(key[1]):
+            for i in range(repeats + 1):  # run 0 is the warm-up
+                self._sync()
+                t0 = time.perf_counter()
                 with autocast:
-                    if j != last and w_pg:  # score-function part: PPO on a stochastic step
-                        lp = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sig[j], sig[j + 1], c_b,
-                                                         args.eta, args.logprob)
-                        loss, st = subgrpo.ppo_loss(lp, data["log_probs"][i, j], A[i], args.clip_range)
-                        loss = w_pg * loss
-                        ppo.append(st)
-                        parts["loss_pg"] += loss.item() / nb
-                    elif j == last and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
-                        x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sig[j], c_b)
-                        loss = 0.0
-                        if w_dm:
-                            t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
-                            l_dm, st = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, c_b, null_cond,
-                                                            args.guidance, args.eta, args.grad_norm)
-                            loss = loss + w_dm * l_dm
-                            parts["loss_dm"] += w_dm * l_dm.item() / nb
-                        if w_bp and 0 < args.bp_batch_size < B:  # chunked (memory), same gradient
-                            l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, p_b, args.bp_margin,
-                                                       args.bp_batch_size)
-                            loss = loss + w_bp * l_bp
-                            parts["loss_bp"] += w_bp * value / nb
-                        elif w_bp:  # decode x0_hat with grad through the VAE, score, hinge (5.7)
-                            out = bp_fn(bb.decode(x0_hat), p_b)
-                            l_bp, st = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out),
-                                                       args.bp_margin)
-                            loss = loss + w_bp * l_bp
-                            parts["loss_bp"] += w_bp * l_bp.item() / nb
-                    else:
-                        continue
-                (loss / E).backward()
-        allreduce_grads(gen_params, world)
-        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(gen_params, args.grad_clip).item()
-        opt_g.step()
-        if (epoch + 1) % 8 == 0:  # parameter EMA with warm-up, every 8 optimiser steps (5.1)
-            ema_update(ema, generator, min((1 + epoch) / (10 + epoch), args.ema_decay))
-        epoch += 1
-        if ppo:
-            rec |= {"ratio_mean": sum(s["ratio_mean"] for s in ppo) / len(ppo),
-                    "ratio_min": min(s["ratio_min"] for s in ppo), "ratio_max": max(s["ratio_max"] for s in ppo),
-                    "clip_frac": sum(s["clip_frac"] for s in ppo) / len(ppo)}
-        rec |= parts
-        if master:
-            log_record(rec, epoch, args, t0, log, pbar, reward=f"{rec['reward_mean']:.3f}")
-        if epoch % args.save_every == 0 or epoch == args.steps:
-            save(epoch)
-    if master:
-        pbar.close()
-        log.close()
-        print0(f"stage 2 done in {time.time() - t0:.1f}s -> {ckpt_path}")
-        if args.model == "toy":
-            sample.toy_scatter_png(bb, ema, os.path.join(args.out, "samples_stage2.png"))
-        elif not args.model.startswith("toy"):
-            export_stage2(args, bb, ema)
-    return {"generator": generator, "fake": fake, "ema": ema}
+                    out = module(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                if key[1]:
+                    out.float().sum().backward()
+                self._sync()
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+                module.zero_grad(set_to_none=True)
+                for a in list(args) + list(kwargs.values()):
+                    if torch.is_tensor(a):
+                        a.grad = None
+        return best
+
+    def report(self, stage, autocast, master):
+        """Print the table and write profile_stage{stage}.json in the run folder (rank 0)."""
+        if not self.on:
+            return
+        self.recording = False
+        n = len(self.step_times)
+        step_time = sum(self.step_times) / n
+        bare = {key: self.bare_seconds(key, autocast) for key in self.inputs}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            peak_what = "CUDA max_memory_allocated"
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+            peak_what = "peak resident set of this process"
+        rows = []
+        for phase in sorted(self.time, key=self.time.get, reverse=True):
+            calls = self.calls.get(phase, {})
+            rows.append(dict(phase=phase, seconds_per_step=self.time[phase] / n,
+                             share=self.time[phase] / n / step_time,
+                             forward_calls=sum(calls.values()) / n,
+                             backward_calls=sum(c for k, c in calls.items() if k[1]) / n,
+                             bare_seconds_per_step=sum(c * bare[k] for k, c in calls.items()) / n))
+        bare_total = sum(r["bare_seconds_per_step"] for r in rows)
+        # The reward models are not replayed (their calls are not forward() calls of one module):
+        # the second ratio leaves out the two phases that run them.
+        backbone = [r for r in rows if r["phase"] not in ("rewards", "back-prop term")]
+        backbone_time = sum(r["seconds_per_step"] for r in backbone)
+        backbone_bare = sum(r["bare_seconds_per_step"] for r in backbone)
+        out = dict(stage=stage, model=self.args.model, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                   batch_size=self.args.batch_size, steps_profiled=n, warmup=PROFILE_WARMUP,
+                   step_seconds=step_time, phases_sum_seconds=sum(r["seconds_per_step"] for r in rows),
+                   bare_seconds=bare_total, step_over_bare=step_time / bare_total if bare_total else None,
+                   backbone_phases_over_bare=backbone_time / backbone_bare if backbone_bare else None,
+                   peak_memory_gib=peak, peak_memory_is=peak_what, device=str(self.device),
+                   bf16=bool(self.args.bf16), grad_ckpt=bool(self.args.grad_ckpt), phases=rows,
+                   bare_calls={f"{k[0]} {'fwd+bwd' if k[1] else 'fwd'} {list(k[2][:1])}": v for k, v in bare.items()})
+        if not master:
+            return out
+        print0(f"\nprofile, stage {stage}, {self.args.model}: {n} steps after {PROFILE_WARMUP} warm-up, "
+               f"{out['step_seconds']:.4f} s/step on {self.device}\n"
+               f"{'phase':<26}{'s/step':>10}{'share':>8}{'fwd':>7}{'bwd':>7}{'bare s/step':>13}")
+        for r in rows:
+            print0(f"{r['phase']:<26}{r['seconds_per_step']:>10.4f}{r['share']:>8.1%}{r['forward_calls']:>7.1f}"
+                   f"{r['backward_calls']:>7.1f}{r['bare_seconds_per_step']:>13.4f}")
+        print0(f"{'sum of phases':<26}{out['phases_sum_seconds']:>10.4f}\n"
+               f"step time / bare network passes: {step_time:.4f} / {bare_total:.4f} = "
+               f"{out['step_over_bare'] or float('nan'):.2f}x"
+               + (f" (without the reward-model phases: {backbone_time:.4f} / {backbone_bare:.4f} = "
+                  f"{out['backbone_phases_over_bare']:.2f}x)" if len(backbone) < len(rows) else "")
+               + f"\npeak memory {peak:.2f} GiB ({peak_what})")
+        with open(os.path.join(self.args.out, f"profile_stage{stage}.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        return out
+
+
+def profiled_networks(bb, generator, fake):
+    """The networks whose calls the profiler counts and replays bare: the two students, the
+    teacher and, for the image backbones, the text encoders (every batch of prompts is encoded)
+    and the VAE decoder (reward back-prop decodes with grad)."""
+    nets = dict(generator=raw(generator), fake=raw(fake), teacher=bb.teacher)
+    if hasattr(bb, "pipe"):
+        nets |= {name: m for name, m in bb.pipe.components.items() if name.startswith("text_encoder")}
+        nets["vae decoder"] = bb.pipe.vae.decoder
+    return nets
+
+
+PROFILE_WARMUP = 2  # steps run before timing starts (allocator, caches, lazy initialisation)
+PROF = Profiler()   # module-level so that the phase functions can mark their parts
 
 
 if __name__ == "__main__":

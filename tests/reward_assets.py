@@ -22,7 +22,8 @@ import rewards as R  # noqa: E402
 # --- tiny assets ---------------------------------------------------------------------------------
 
 def clip_tokenizer():
-    """FACTS.md 2: byte-level CLIP vocabulary, no merges, built in memory."""
+    """A byte-level CLIP vocabulary (2 specials + 256 bytes + 256 end-of-word bytes), no merges,
+    built in memory: no tokenizer file, no network."""
     chars = ByteLevel.alphabet()
     vocab = ["<|startoftext|>", "<|endoftext|>"] + sorted(chars) + [c + "</w>" for c in sorted(chars)]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=16)

@@ -77,7 +77,7 @@ def error_line(stderr):
 # --- the CLI end to end -----------------------------------------------------------------------
 
 
-def test_eval_json_table_and_grid(smoke):
+def test_main_images_eval_json_table_and_grid(smoke):
     out, text, d = smoke["out"], smoke["text"], smoke["dir"]
     with open(os.path.join(d, "eval.json")) as f:
         saved = json.load(f)
@@ -114,7 +114,7 @@ def test_eval_json_table_and_grid(smoke):
         assert Image.open(os.path.join(d, name)).size == (3 * 34 + 2, 2 * 34 + 2)
 
 
-def test_scores_equal_the_scorer_on_regenerated_images(smoke, assets, load_tiny):  # noqa: F811
+def test_eval_images_scores_equal_the_scorer_on_regenerated_images(smoke, assets, load_tiny):  # noqa: F811
     """Redo the first batch by hand (seed 42 once: initial noise, then 4 CPS noises) for the
     generator, and with the STOCK pipeline for the teacher; score with a fresh scorer."""
     bb = load_tiny("tiny-sd3")
@@ -138,7 +138,7 @@ def test_scores_equal_the_scorer_on_regenerated_images(smoke, assets, load_tiny)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_teacher_sampler_is_the_stock_pipeline(load_tiny, name):  # noqa: F811
+def test_teacher_sigmas_sampler_is_the_stock_pipeline(load_tiny, name):  # noqa: F811
     """Euler over teacher_sigmas(bb, N) with CFG = the stock pipeline with num_inference_steps=N."""
     bb = load_tiny(name)
     prompts = ["a red cat", "two dogs"]
@@ -155,7 +155,7 @@ def test_teacher_sampler_is_the_stock_pipeline(load_tiny, name):  # noqa: F811
     assert torch.allclose(bb.to_vae_latents(ours), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_run_folder_and_jsonl_prompts(assets, tiny_run, tmp_path):
+def test_main_images_run_folder_and_jsonl_prompts(assets, tiny_run, tmp_path):
     """--run on a tiny-sd3 stage-1 run: eval.json lands in the run, checkpoints are untouched."""
     before = snapshot(tiny_run)
     pfile = tmp_path / "p.jsonl"
@@ -179,7 +179,7 @@ def test_run_folder_and_jsonl_prompts(assets, tiny_run, tmp_path):
     ("hpsv2", r"HPS_v2.1_compressed.pt' not found at '{}'.*xswu/HPSv2.*--hpsv2-path"),
     ("clip_l", r"CLIP model not found at '{}'.*openai/clip-vit-large-patch14.*--clip-l-path"),
 ])
-def test_missing_checkpoint_is_one_line(assets, tiny_run, tmp_path, capsys, slot, needle):
+def test_main_images_missing_checkpoint_is_one_line(assets, tiny_run, tmp_path, capsys, slot, needle):
     import re
     before = snapshot(tiny_run)
     missing = str(tmp_path / "nowhere")
@@ -192,7 +192,7 @@ def test_missing_checkpoint_is_one_line(assets, tiny_run, tmp_path, capsys, slot
     assert snapshot(tiny_run) == before  # nothing written, deleted or overwritten
 
 
-def test_other_errors_are_one_line(assets, tmp_path, capsys):
+def test_main_images_other_errors_are_one_line(assets, tmp_path, capsys):
     for argv, needle in (
             (["--model", "tiny-sd3", "--rewards", "geneval"], "geneval"),
             (["--model", "tiny-sd3", "--prompts", str(tmp_path / "none.txt")], "none.txt"),
@@ -226,7 +226,7 @@ def test_read_prompts(tmp_path):
 # --- the toy path is unchanged ----------------------------------------------------------------
 
 
-def test_toy_eval_still_works(tmp_path):
+def test_eval_toy_cli_writes_table_json_and_picture(tmp_path):
     d = tmp_path / "toy"
     models.ToyBackbone(cache_dir=str(d), pretrain_steps=50)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -33,7 +33,7 @@ def inputs(bb, n=2, seed=0):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_interface_shapes(load_tiny, name):
+def test_load_interface_shapes(load_tiny, name):
     bb = load_tiny(name)
     x, sigma, cond = inputs(bb)
     assert x.shape == (2, *bb.latent_shape) and x.dtype == torch.float32
@@ -53,7 +53,7 @@ def test_interface_shapes(load_tiny, name):
     assert bb.guidance == {"tiny-sd3": 7.0, "tiny-sd35": 4.5, "tiny-flux2": 4.0}[name]
 
 
-def test_flux2_generator_is_not_teacher(load_tiny):
+def test_make_student_flux2_generator_is_not_teacher(load_tiny):
     """FLUX.2's generator starts from the distilled model, not the teacher (pitfall 8.12)."""
     bb = load_tiny("tiny-flux2")
     x, sigma, cond = inputs(bb)
@@ -65,7 +65,7 @@ def test_flux2_generator_is_not_teacher(load_tiny):
     assert torch.allclose(bb.velocity(f, x, sigma, cond), v_t, atol=1e-6)
 
 
-def test_timestep_convention(load_tiny):
+def test_velocity_timestep_convention(load_tiny):
     """SD3 gets tau = 1000 sigma, FLUX.2 gets sigma (it multiplies by 1000 inside)."""
     for name, scale in (("tiny-sd3", 1000.0), ("tiny-flux2", 1.0)):
         bb = load_tiny(name)
@@ -78,10 +78,10 @@ def test_timestep_convention(load_tiny):
         assert torch.allclose(seen[0].float(), sigma * scale)
 
 
-# --- sigma schedules (ALGORITHM.md 1.3) -------------------------------------------------------
+# --- sigma schedules (models.py, section 1) ----------------------------------------------------
 
 
-def test_sigma_table():
+def test_flux2_sigmas_table():
     table = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
     assert torch.allclose(models.sd3_sigmas(shift=3.0), table, atol=1e-7)
     f512 = torch.tensor([1.0, 0.95809, 0.88398, 0.71750, 0.0])
@@ -93,7 +93,7 @@ def test_sigma_table():
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_sigmas_equal_stock_scheduler(load_tiny, name):
+def test_sd3_sigmas_flux2_sigmas_equal_stock_scheduler(load_tiny, name):
     """The stock scheduler, given the *unshifted* u = step/1000 (and klein's mu), shifts them once
     and lands exactly on bb.sigmas: our shift is diffusers' shift, applied once."""
     bb = load_tiny(name)
@@ -110,7 +110,7 @@ def test_sigmas_equal_stock_scheduler(load_tiny, name):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_teacher_euler_matches_stock_pipeline(load_tiny, name):
+def test_euler_sample_teacher_matches_stock_pipeline(load_tiny, name):
     """sample.euler_sample with CFG (guidance g, null = encoded "") reproduces the stock
     StableDiffusion3Pipeline / Flux2KleinPipeline on the paper's 4-step sigmas, from the same
     initial latents; both compared as VAE latents (output_type="latent")."""
@@ -138,7 +138,7 @@ def test_teacher_euler_matches_stock_pipeline(load_tiny, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_cps_eta0_matches_stock_euler_scheduler(load_tiny, name):
+def test_cps_step_eta0_matches_stock_euler_scheduler(load_tiny, name):
     """CPS with eta = 0 is the stock FlowMatchEulerDiscreteScheduler at the same sigmas."""
     bb = load_tiny(name)
     x, _, cond = inputs(bb, seed=2)
@@ -163,7 +163,7 @@ def test_cps_eta0_matches_stock_euler_scheduler(load_tiny, name):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_student_lora_grads_ckpt_bf16(load_tiny, name):
+def test_make_student_lora_grads_ckpt_bf16(load_tiny, name):
     """Only LoRA parameters train; gradient checkpointing gives the same grads; a bf16-autocast
     forward/backward is finite; the teacher's (shared) weights get no grads."""
     bb = load_tiny(name)
@@ -200,7 +200,7 @@ def test_student_lora_grads_ckpt_bf16(load_tiny, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux2"])
-def test_bf16_weights(load_tiny, name):
+def test_load_bf16_weights(load_tiny, name):
     """bf16 weights (the paper's precision) with float32 LoRA: forward/backward finite, and the
     velocity close to the float32 one."""
     bb, bb16 = load_tiny(name), load_tiny(name, dtype=torch.bfloat16)
@@ -216,7 +216,7 @@ def test_bf16_weights(load_tiny, name):
 
 
 def test_lora_targets():
-    """Target names on the module trees diffusers builds (paper's lists, ALGORITHM.md 4.1, 5.1)."""
+    """Target names on the module trees diffusers builds (the official configs' lists, models.py section 4)."""
     import diffusers as D
     sd3 = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
                                   num_layers=2, attention_head_dim=8, num_attention_heads=4,
@@ -239,7 +239,7 @@ def test_lora_targets():
 
 
 @pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux2"])
-def test_lora_merge_and_stage2_reinit(load_tiny, name, tmp_path):
+def test_merge_lora_and_stage2_reinit(load_tiny, name, tmp_path):
     bb = load_tiny(name)
     x, sigma, cond = inputs(bb)
     v_teacher = bb.velocity(bb.teacher, x, sigma, cond).detach()
@@ -263,7 +263,7 @@ def test_lora_merge_and_stage2_reinit(load_tiny, name, tmp_path):
     assert abs(A.std().item() - 1.0) < 0.05
     A1 = torch.cat([m.lora_A.weight.flatten() for m in models.lora_layers(g).values()])
     assert abs(A1.std().item() * 32 - 1.0) < 0.1  # stage 1: peft's gaussian init, std 1/r
-    # inference recipe (ALGORITHM.md 3.4): merge [stage-1 LoRA, stage-2 LoRA] in order
+    # inference recipe (official code: rtdmd/inference.py): merge [stage-1 LoRA, stage-2 LoRA] in order
     randomize_lora(s2, seed=1)
     v_s2 = bb.velocity(s2, x, sigma, cond).detach()
     models.save_lora(s2, str(tmp_path / "s2.safetensors"))
@@ -277,7 +277,7 @@ def test_lora_merge_and_stage2_reinit(load_tiny, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_lora_file_format_and_merged_export(load_tiny, name, tmp_path):
+def test_save_lora_file_format_and_export_merged(load_tiny, name, tmp_path):
     """Keys and shapes are what diffusers' LoRA loader expects; alpha/r travel in the metadata;
     the merged export is a plain transformer folder a stock pipeline loads."""
     import diffusers as D
@@ -319,7 +319,7 @@ def test_lora_file_format_and_merged_export(load_tiny, name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_stock_load_lora_weights_matches(load_tiny, name, tmp_path):
+def test_save_lora_matches_stock_load_lora_weights(load_tiny, name, tmp_path):
     """With peft installed, a stock pipeline's load_lora_weights applies our file and gives our
     student's output (checks key names *and* the alpha/r = 2 scale). Skipped without peft."""
     pytest.importorskip("peft")
@@ -340,7 +340,7 @@ def test_stock_load_lora_weights_matches(load_tiny, name, tmp_path):
     assert torch.allclose(v_stock, v, atol=1e-5), (v_stock - v).abs().max()
 
 
-def test_full_finetune_switch(tiny_dir):
+def test_make_student_full_finetune_switch(tiny_dir):
     bb = models.load("tiny-sd3", cache_dir=tiny_dir, lora_rank=0)
     net = bb.make_student("generator")
     assert not models.lora_layers(net) and all(p.requires_grad for p in net.parameters())
@@ -350,7 +350,7 @@ def test_full_finetune_switch(tiny_dir):
 # --- errors, images ---------------------------------------------------------------------------
 
 
-def test_bad_pretrained_is_one_clear_line(tmp_path):
+def test_load_pipeline_bad_pretrained_is_one_clear_line(tmp_path):
     for name, where in (("sd3-medium", str(tmp_path / "no_such_folder")),
                         ("sd3.5-medium", str(tmp_path)),  # exists but is not a pipeline
                         ("flux2-klein-4b", None)):        # hub id, offline, not downloaded

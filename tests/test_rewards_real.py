@@ -1,5 +1,5 @@
 """
-Offline tests of the image rewards in rewards.py (REWARDS.md section 3 recipe).
+Offline tests of the image rewards in rewards.py (section 2 there).
 
 Every network is a tiny random model (tests/reward_assets.py), written to tmp_path in the format
 its real checkpoint has (save_pretrained folders, or torch.save files in the ORIGINAL open_clip /
@@ -91,7 +91,7 @@ def smooth_image(h=512, w=512, seed=0):
 # --- tests ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward"])
-def test_scorer_finite_differentiable_frozen(assets, name):
+def test_make_scorers_finite_differentiable_frozen(assets, name):
     scorer = R.make_scorers([name], assets["sources"])[name]
     assert nets(scorer) == []  # lazy: nothing loaded before the first call
     images = torch.rand(2, 3, 96, 64, requires_grad=True)  # non-square: exercises crop / pad
@@ -112,7 +112,7 @@ def test_pickscore_scale(assets):
     torch.testing.assert_close(scorer(x, PROMPTS)["pickscore"] * R.PICKSCORE_TABLE_SCALE, raw)
 
 
-def test_missing_checkpoint_message(assets, tmp_path):
+def test_make_scorers_missing_checkpoint_message(assets, tmp_path):
     srcs = dict(assets["sources"], hpsv2=str(tmp_path / "nowhere"))
     scorer = R.make_scorers(["hpsv2"], srcs)["hpsv2"]  # building is free ...
     with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--hpsv2-path"):
@@ -122,7 +122,7 @@ def test_missing_checkpoint_message(assets, tmp_path):
         R.make_scorers(["clipscore"], srcs)["clipscore"](torch.rand(1, 3, 32, 32), ["x"])
 
 
-def test_hpsv2_converter_round_trip(assets):
+def test_openclip_to_hf_hpsv2_round_trip(assets):
     n = len(assets["tok"])
     ref = assets["hps"]
     orig = hf_to_openclip(ref.state_dict())
@@ -149,7 +149,7 @@ def test_hpsv2_converter_round_trip(assets):
                           R._pooled(loaded.get_image_features(pixel_values=px)), atol=1e-2)
 
 
-def test_imagereward_converter_round_trip(assets):
+def test_blip_to_hf_imagereward_round_trip(assets):
     ref = assets["ir"]
     orig = hf_to_blip(ref.state_dict())
     assert "blip.visual_encoder.blocks.1.attn.qkv.weight" in orig and "mlp.layers.7.bias" in orig
@@ -169,7 +169,7 @@ def test_imagereward_converter_round_trip(assets):
     assert scorer.tokenizer(["red dog"]).input_ids[0][0] == scorer.tokenizer.cls_token_id
 
 
-def test_torch_preprocessing_matches_pil_processor(assets):
+def test_preprocess_matches_pil_processor(assets):
     """Eval path of PickScore / Aesthetic / ImageReward: PIL bicubic shortest side 224, centre crop,
     OpenAI mean/std (CLIPImageProcessor). Ours: torch bicubic + antialias on round(255 x)/255."""
     proc = CLIPImageProcessorPil()  # CLIP defaults = those of every scorer here
@@ -198,7 +198,7 @@ def test_torch_preprocessing_matches_pil_processor(assets):
             assert rel < 0.01, (name, rel)
 
 
-def test_hpsv2_pad_preprocessing_matches_pil():
+def test_preprocess_hpsv2_pad_matches_pil():
     """HPSv2 ResizeMaxSize on PIL: bicubic longest side 224, black padding centred."""
     img = smooth_image(512, 384)
     pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((168, 224), Image.BICUBIC)
@@ -212,7 +212,7 @@ def test_hpsv2_pad_preprocessing_matches_pil():
     assert err < 0.005 and (ours * std + mean)[..., :28].abs().max() < 1e-6
 
 
-def test_weighted_sum_quantize_and_sharing(assets):
+def test_multireward_weighted_sum_quantize_and_sharing(assets):
     weights = {"clipscore": 0.5, "pickscore": 2.0, "hpsv2": -1.0}
     mr = R.MultiReward(weights, assets["sources"])
     x = torch.rand(2, 3, 64, 64)
@@ -235,11 +235,11 @@ def test_weighted_sum_quantize_and_sharing(assets):
     assert xg.grad.abs().sum() > 0
     ev = R.eval_rewards(assets["sources"], share=grpo)
     assert ev.scorers["clipscore"].backbone is ev.scorers["aesthetic"].backbone  # one CLIP-L
-    with pytest.raises(NotImplementedError, match="geneval"):
-        R.MultiReward({"geneval": 1.0})
+    with pytest.raises(NotImplementedError, match="no_such_reward"):
+        R.MultiReward({"no_such_reward": 1.0})
 
 
-def test_real_size_configs_match_the_checkpoints():
+def test_hpsv2_clip_config_imagereward_blip_config_match_the_checkpoints():
     """The built-in real-size configs (built on the meta device: no memory, no weights) have the
     shapes of the original checkpoints: open_clip ViT-H-14 (~986M params) and BLIP ViT-L + BERT."""
     with torch.device("meta"):

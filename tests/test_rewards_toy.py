@@ -1,4 +1,4 @@
-"""Tests of the toy rewards in rewards.py and of the reward-tilted KL split (ALGORITHM.md 2.1, 9.5):
+"""Tests of the toy rewards in rewards.py and of the reward-tilted KL split (acdmd.py section 1; rewards.py section 1):
 exact tilted mixtures against Monte-Carlo importance reweighting of exact samples, the pointwise
 identity log p~ = log p + beta r - log Z, and KL(p||p~) = KL(p||p_T) - beta E_p[r] + log Z."""
 import math
@@ -42,7 +42,7 @@ def sample_with_labels(mix, c, n, gen):
     return x, j
 
 
-def test_toy_rewards_values_and_gradients():
+def test_linearreward_quadraticreward_values_and_gradients():
     x = torch.tensor([[1.0, 2.0], [-0.5, 0.0], [2.0, -1.0]], requires_grad=True)
     lin = rewards.LinearReward((1.0, 0.5))(x, ["top"] * 3)
     assert set(lin) == {"linear"} and lin["linear"].shape == (3,)
@@ -93,7 +93,7 @@ def test_tilt_matches_importance_reweighting(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "quadratic"])
-def test_tilted_density_is_p_times_exp_beta_r_over_Z(name):
+def test_tilt_density_is_p_times_exp_beta_r_over_Z(name):
     """Pointwise: log p~(x|c) = log p(x|c) + beta r(x) - log Z_beta(c), for every row c."""
     reward, _ = REWARDS[name]
     mix = varied_mixture()
@@ -111,7 +111,7 @@ def test_tilted_density_is_p_times_exp_beta_r_over_Z(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "quadratic"])
-def test_exact_mean_reward_matches_monte_carlo(name):
+def test_exact_mean_matches_monte_carlo(name):
     reward, _ = REWARDS[name]
     mix = models.toy_mixture()
     gen = torch.Generator().manual_seed(2)
@@ -123,7 +123,7 @@ def test_exact_mean_reward_matches_monte_carlo(name):
 
 
 @pytest.mark.parametrize("name", ["linear", "quadratic"])
-def test_kl_split_by_quadrature_1d(name):
+def test_log_partition_kl_split_by_quadrature_1d(name):
     """KL(p||p~) = KL(p||p_T) - beta E_p[r] + log Z_beta, each term computed on its own:
     both KLs and log Z by quadrature on a fine 1-D grid, E_p[r] in closed form."""
     teacher = models.Mixture([[-1.0], [0.5], [2.0]], [0.3, 0.5, 0.4],
@@ -149,7 +149,7 @@ def test_kl_split_by_quadrature_1d(name):
         assert abs(kl_tilt - kl_teacher) > 0.05  # the reward term matters
 
 
-def test_kl_split_by_monte_carlo_2d():
+def test_log_partition_kl_split_by_monte_carlo_2d():
     """The same split in 2-D on the toy mixture, with independent Monte-Carlo estimates of the
     two KLs (tolerance from their standard errors)."""
     reward, beta = REWARDS["quadratic"]

@@ -63,11 +63,11 @@ def group_centred(r, prompts):
 
 
 # ---------------------------------------------------------------------------------------------
-# Log-probabilities (ALGORITHM.md 5.4)
+# Log-probabilities (subgrpo.py, section 4)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_official_log_prob_by_hand():
+def test_cps_log_prob_official_form_by_hand():
     g = torch.Generator().manual_seed(0)
     x, v, x_next = (torch.randn(5, 3, 4, 4, generator=g) for _ in range(3))
     s, s_next = 0.9, 0.75
@@ -80,7 +80,7 @@ def test_official_log_prob_by_hand():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_exact_log_prob_is_gaussian_density():
+def test_cps_log_prob_exact_form_is_gaussian_density():
     g = torch.Generator().manual_seed(1)
     x, v, x_next = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
     sigma = torch.tensor([1.0, 0.9, 0.75, 0.5])
@@ -93,7 +93,7 @@ def test_exact_log_prob_is_gaussian_density():
     assert got[3] == 0  # sigma_next = 0: a delta, returned as 0
 
 
-def test_deterministic_step_gives_zero_log_prob_and_zero_finite_grad():
+def test_cps_log_prob_deterministic_step_is_zero_with_zero_finite_grad():
     x, x_next = torch.randn(3, 2), torch.randn(3, 2)
     v = torch.randn(3, 2, requires_grad=True)
     for form in ("official", "exact"):
@@ -104,7 +104,7 @@ def test_deterministic_step_gives_zero_log_prob_and_zero_finite_grad():
             assert torch.isfinite(gv).all() and gv.abs().max() == 0
 
 
-def test_log_ratio_factor_two_rho_squared_over_D():
+def test_cps_log_prob_log_ratio_factor_two_rho_squared_over_D():
     """l_off(new) - l_off(old) = (2 rho^2 / D) (log pi(new) - log pi(old)), fixed transition."""
     g = torch.Generator().manual_seed(2)
     for shape in ((6, 2), (6, 3, 4, 4)):
@@ -123,7 +123,7 @@ def test_log_ratio_factor_two_rho_squared_over_D():
 
 
 # ---------------------------------------------------------------------------------------------
-# SubGRPO: step selection, shared noise, rollout (ALGORITHM.md 5.2, 5.3)
+# SubGRPO: step selection, shared noise, rollout (subgrpo.py, section 3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -142,7 +142,7 @@ def test_select_steps_deterministic_and_in_range():
         sorted(random.Random(404729).sample(range(5), 3))
 
 
-def test_shared_noise_per_prompt():
+def test_shared_noise_is_one_draw_per_prompt():
     rank0 = subgrpo.shared_noise(["top", "bottom", "top", "ring", "top"], 1, 2, (2,))
     rank1 = subgrpo.shared_noise(["ring", "top"], 1, 2, (2,))  # another rank, another order
     assert rank0.shape == (5, 2) and rank0.dtype == torch.float32
@@ -200,12 +200,12 @@ def test_rollout_with_logprob_stores_the_transitions(bb):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ratio, advantages, PPO (ALGORITHM.md 5.5, 5.6)
+# Ratio, advantages, PPO (subgrpo.py, section 5)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("form", ["official", "exact"])
-def test_ratio_is_one_at_sampling_parameters_and_moves_after_an_update(bb, form):
+def test_transition_log_prob_ratio_is_one_at_sampling_parameters_and_moves_after_an_update(bb, form):
     net = Affine(bb.sigmas)
     prompts = ["top", "ring", "bottom", "top"] * 4
     cond = bb.encode(prompts)
@@ -276,11 +276,11 @@ def test_group_advantages_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------
-# Where reward gradients go (ALGORITHM.md 3.2, 5.7)
+# Where reward gradients go (subgrpo.py, section 2)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_reward_gradient_reaches_the_generator_only_through_the_final_step(bb):
+def test_final_step_x0_bp_loss_gradient_reaches_the_generator_only_through_the_final_step(bb):
     net = Affine(bb.sigmas, per_step=True)
     reward = rewards.QuadraticReward(gamma=1.0, m=(2.0, 0.0))
     prompts = ["top", "bottom", "ring", "top"] * 8
@@ -319,12 +319,12 @@ def test_reward_gradient_reaches_the_generator_only_through_the_final_step(bb):
 
 
 # ---------------------------------------------------------------------------------------------
-# The hybrid gradient is unbiased; shared noise lowers its variance (ALGORITHM.md 5.7, 9.7)
+# The hybrid gradient is unbiased; shared noise lowers its variance (subgrpo.py, sections 2, 3)
 # ---------------------------------------------------------------------------------------------
 
 
 def hybrid_parts(bb, net, reward, x, cond, prompts, seed, baseline):
-    """The two halves of one hybrid estimate of grad E[r] (flat vectors, ALGORITHM.md 5.7):
+    """The two halves of one hybrid estimate of grad E[r] (flat vectors, subgrpo.py section 2):
     score function with the exact log-prob on steps 0-2 (advantage r - baseline), and path-wise
     BP through step 3 (bp_loss with a margin that keeps the hinge active)."""
     gen = torch.Generator().manual_seed(seed)
@@ -345,7 +345,7 @@ def hybrid_parts(bb, net, reward, x, cond, prompts, seed, baseline):
     return -torch.cat([g.reshape(-1) for g in g_pg]), -torch.cat([g.reshape(-1) for g in g_bp])
 
 
-def test_hybrid_estimator_matches_finite_difference_of_expected_reward(bb):
+def test_ppo_loss_plus_bp_loss_hybrid_gradient_matches_finite_difference_of_expected_reward(bb):
     net = Affine(bb.sigmas, per_step=False, num_cond=2, scale=0.4)
     reward = rewards.QuadraticReward(gamma=1.0, m=(1.0, 0.5))
     M, n = 40, 1024  # M independent batches of n samples
@@ -421,7 +421,7 @@ def subgrpo_estimates(bb, net, reward, key, prompts, S, share, num=200):
 
 
 def test_shared_noise_lowers_policy_gradient_variance_at_equal_mean(bb):
-    """ALGORITHM.md 9.7: 200 estimates at fixed theta, 3 prompts x K = 16, with and without
+    """200 estimates at fixed theta, 3 prompts x K = 16, with and without
     shared noise on the step not trained.
 
     Sharing is always unbiased. It lowers the variance when the untrained step's noise acts on

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import models
 import train
+from checks import assert_checkpoints_equal, assert_states_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "64", "--log-every", "5"]
@@ -36,7 +37,7 @@ def flat(state):
     return torch.cat([v.flatten().float() for v in state.values()])
 
 
-def test_stage1_runs_and_logs(tmp_path, toy_base):
+def test_train_stage1_runs_and_logs(tmp_path, toy_base):
     out = run_dir(tmp_path, "run", toy_base)
     nets = train.main(["--stage", "1", "--out", out, "--steps", "10"] + SMALL)
     ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=False)
@@ -56,18 +57,14 @@ def test_stage1_runs_and_logs(tmp_path, toy_base):
     assert set(nets) == {"generator", "fake", "ema"}
 
 
-def test_resume_is_exact(tmp_path, toy_base):
+def test_train_stage1_resume_is_exact(tmp_path, toy_base):
     a = run_dir(tmp_path, "a", toy_base)
     b = run_dir(tmp_path, "b", toy_base)
     args = SMALL + ["--save-every", "100"]
     train.main(["--stage", "1", "--out", a, "--steps", "20"] + args)
     train.main(["--stage", "1", "--out", b, "--steps", "10"] + args)
     train.main(["--stage", "1", "--out", b, "--steps", "20", "--resume"] + args)
-    ca = torch.load(os.path.join(a, "stage1.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage1.pt"), weights_only=False)
-    for key in ("generator", "fake", "ema"):
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    assert_checkpoints_equal(os.path.join(a, "stage1.pt"), os.path.join(b, "stage1.pt"))
 
 
 def _ddp_worker(rank, world, port, out, result_dir):
@@ -84,16 +81,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_identical(tmp_path, toy_base):
+def test_train_stage1_ddp_two_ranks_identical(tmp_path, toy_base):
     out = run_dir(tmp_path, "ddp", toy_base)
     mp.spawn(_ddp_worker, args=(2, free_port(), out, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     base = torch.load(toy_base)["state_dict"]
     base = {k: v for k, v in base.items() if k in r0["generator"]}
-    for key in ("generator", "fake", "ema"):
-        for k in r0[key]:
-            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    assert_states_equal(r0, r1)
     assert (flat(r0["generator"]) - flat(base)).abs().max() > 1e-4  # and they did train
 
 
@@ -102,7 +97,7 @@ def run_cli(args, env=None):
                           text=True, cwd=ROOT, env=env or os.environ.copy())
 
 
-def test_bad_input_clear_errors(tmp_path, toy_base):
+def test_main_bad_input_gives_clear_errors(tmp_path, toy_base):
     r = run_cli(["--stage", "1", "--model", "sd9", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "unknown --model 'sd9'" in r.stderr
     out = run_dir(tmp_path, "s2", toy_base)
@@ -117,7 +112,7 @@ def test_bad_input_clear_errors(tmp_path, toy_base):
     assert json.loads((other / "config.json").read_text()) == {"model": "tiny-sd3"}
 
 
-def test_existing_checkpoint_is_never_overwritten(tmp_path, toy_base):
+def test_check_run_folder_never_overwrites_a_checkpoint(tmp_path, toy_base):
     out = run_dir(tmp_path, "keep", toy_base)
     train.main(["--stage", "1", "--out", out, "--steps", "5"] + SMALL)
     before = open(os.path.join(out, "stage1.pt"), "rb").read()
@@ -126,10 +121,26 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path, toy_base):
     assert open(os.path.join(out, "stage1.pt"), "rb").read() == before
 
 
-def test_batch_not_divisible_across_ranks(tmp_path, toy_base):
+def test_setup_refuses_batch_not_divisible_across_ranks(tmp_path, toy_base):
     out = run_dir(tmp_path, "div", toy_base)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--batch-size", "63"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0
     assert "--batch-size 63 does not divide across 2 ranks" in r.stdout + r.stderr
+
+
+def test_ema_update_moves_trainable_tensors_only():
+    # theta_ema <- d theta_ema + (1 - d) theta on the trainable tensors; a frozen tensor (a LoRA
+    # student's base weight, shared with the teacher) is left alone.
+    net = torch.nn.Linear(3, 2)
+    net.bias.requires_grad_(False)
+    ema = train.ema_copy(net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+        net.bias.add_(1.0)
+    w_ema0 = ema.weight.clone()
+    train.ema_update(ema, net, 0.9)
+    assert torch.allclose(ema.weight, 0.9 * w_ema0 + 0.1 * net.weight), "the EMA is not the lerp d*ema + (1-d)*theta"
+    assert not torch.equal(ema.weight, net.weight), "the trainable tensor was copied, not averaged"
+    assert ema.bias is net.bias, "frozen tensors should be shared with the network, not copied"

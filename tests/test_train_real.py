@@ -15,6 +15,7 @@ from test_train import free_port
 import models
 import sample
 import train
+from checks import assert_checkpoints_equal, assert_states_equal
 
 pytestmark = pytest.mark.slow
 # 32 px, 2 images, 4 iterations with a generator step every 2nd: both updates run twice. A large
@@ -51,20 +52,25 @@ def train_and_capture(argv):
     return nets, seen["bb"]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_dir, tmp_path_factory):
-    """Stage 1 on each twin, once: {name: (run folder, nets, backbone)}."""
-    root = str(tmp_path_factory.mktemp("runs"))
+def train_twins(tiny_dir, root, names, argv):
+    """A stage-1 run of each twin in its own new folder under root, trained with `argv`:
+    {name: (run folder, nets, backbone)}."""
     out = {}
-    for name in TINY:
+    for name in names:
         d = new_run(tiny_dir, root, name, name)
-        nets, bb = train_and_capture(["--stage", "1", "--model", name, "--out", d] + ARGS)
+        nets, bb = train_and_capture(argv + ["--model", name, "--out", d])
         out[name] = (d, nets, bb)
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    """Stage 1 on each twin, once: {name: (run folder, nets, backbone)}."""
+    return train_twins(tiny_dir, str(tmp_path_factory.mktemp("runs")), TINY, ["--stage", "1"] + ARGS)
+
+
 @pytest.mark.parametrize("name", TINY)
-def test_stage1_trains_only_lora(runs, name):
+def test_train_stage1_tiny_twin_trains_only_lora(runs, name):
     d, nets, bb = runs[name]
     recs = [json.loads(l) for l in open(os.path.join(d, "log.jsonl"))]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -102,7 +108,7 @@ def test_stage1_trains_only_lora(runs, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
-def test_ema_lora_file_and_load_run(runs, name):
+def test_load_run_rebuilds_stage1_ema_lora(runs, name):
     """generator_ema_lora.safetensors in a fresh copy of the base, and load_run, both give the
     trained EMA generator's velocity."""
     d, nets, _ = runs[name]
@@ -123,19 +129,15 @@ def test_ema_lora_file_and_load_run(runs, name):
     assert torch.allclose(v_run, v_ema, atol=1e-6), (v_run - v_ema).abs().max()
 
 
-def test_resume_is_exact(runs, tiny_dir, tmp_path):
+def test_train_stage1_tiny_twin_resume_is_exact(runs, tiny_dir, tmp_path):
     name = "tiny-sd35"
     a = runs[name][0]
     b = new_run(tiny_dir, str(tmp_path), "b", name)
     half = [x if x != "4" else "2" for x in ARGS]
     train.main(["--stage", "1", "--model", name, "--out", b] + half)
     train.main(["--stage", "1", "--model", name, "--out", b, "--resume"] + ARGS)
-    ca = torch.load(os.path.join(a, "stage1.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage1.pt"), weights_only=False)
+    _, cb = assert_checkpoints_equal(os.path.join(a, "stage1.pt"), os.path.join(b, "stage1.pt"))
     assert cb["step"] == 4
-    for key in ("generator", "fake", "ema"):
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
 
 
 def _ddp_worker(rank, world, port, out, result_dir):
@@ -150,18 +152,15 @@ def _ddp_worker(rank, world, port, out, result_dir):
                os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_ddp_two_ranks_identical(tiny_dir, tmp_path):
+def test_train_stage1_tiny_twin_ddp_two_ranks_identical(tiny_dir, tmp_path):
     out = new_run(tiny_dir, str(tmp_path), "ddp", "tiny-flux2")
     mp.spawn(_ddp_worker, args=(2, free_port(), out, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for key in ("generator", "fake", "ema"):
-        assert r0[key] and set(r0[key]) == set(r1[key])
-        for k in r0[key]:
-            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    assert_states_equal(r0, r1)
     assert max(v.abs().max() for k, v in r0["generator"].items() if ".lora_B." in k) > 0
 
 
-def test_sample_cli_generator(runs, tmp_path, capsys):
+def test_sample_cli_generator_images(runs, tmp_path, capsys):
     d = runs["tiny-sd3"][0]
     out = str(tmp_path / "imgs")
     sample.main(["--run", d, "--prompt", "a red cat", "--prompt", "two dogs", "--n", "2",

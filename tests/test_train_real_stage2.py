@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from reward_assets import build_reward_assets, cli_args
-from test_train_real import is_lora, new_run, train_and_capture
+from test_train_real import is_lora, train_and_capture, train_twins
 from tiny import tiny_dir  # noqa: F401  (pytest fixture)
 import models
 import train
+from checks import assert_checkpoints_equal
 
 pytestmark = pytest.mark.slow
 S1 = ["--stage", "1", "--steps", "2", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
@@ -37,13 +38,8 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(tiny_dir, tmp_path_factory):
     """{name: a stage-1 run folder (2 iterations)} to copy stage-2 runs from."""
-    root = str(tmp_path_factory.mktemp("s1"))
-    out = {}
-    for name in NAMES:
-        d = new_run(tiny_dir, root, name, name)
-        train.main(S1 + ["--model", name, "--out", d])
-        out[name] = d
-    return out
+    runs = train_twins(tiny_dir, str(tmp_path_factory.mktemp("s1")), NAMES, S1)
+    return {name: d for name, (d, _, _) in runs.items()}
 
 
 def fresh(stage1, tmp_path, name, tag):
@@ -70,7 +66,7 @@ def runs(stage1, assets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_stage2_trains_only_the_fresh_lora(runs, name):
+def test_train_stage2_tiny_twin_trains_only_the_fresh_lora(runs, name):
     d, nets, bb = runs[name]
     log = stage2_log(d)
     assert [r["epoch"] for r in log] == [1, 2]
@@ -113,7 +109,7 @@ def test_stage2_trains_only_the_fresh_lora(runs, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_load_run_and_exported_files_rebuild_the_generator(runs, name):
+def test_load_run_stage2_rebuilds_the_generator(runs, name):
     d, nets, _ = runs[name]
     bb = models.load(name, cache_dir=d)
     x = bb.noise(2, torch.Generator().manual_seed(0))
@@ -136,7 +132,7 @@ def test_load_run_and_exported_files_rebuild_the_generator(runs, name):
     assert torch.allclose(v_files, v["ema"], atol=1e-5), (v_files - v["ema"]).abs().max()
 
 
-def test_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
+def test_train_stage2_tiny_twin_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
     """BP alone (no PG, no DM): a non-zero generator gradient can only come from the rewards,
     through the VAE decode of x0_hat. Chunked BP (--bp-batch-size 1) takes the same step."""
     name, steps = "tiny-sd3", {}
@@ -154,24 +150,20 @@ def test_reward_gradient_alone_reaches_generator(stage1, assets, tmp_path):
         assert torch.allclose(steps["1"][1][k], v, atol=1e-6), k
 
 
-def test_resume_is_exact(runs, stage1, assets, tmp_path):
+def test_train_stage2_tiny_twin_resume_is_exact(runs, stage1, assets, tmp_path):
     name = "tiny-sd3"
     a = runs[name][0]
     b = fresh(stage1, tmp_path, name, "b")
     half = [x if x != "2" or i != S2.index("--steps") + 1 else "1" for i, x in enumerate(S2)]
     train.main(half + ["--model", name, "--out", b] + assets)
     train.main(S2 + ["--model", name, "--out", b, "--resume"] + assets)
-    ca = torch.load(os.path.join(a, "stage2.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage2.pt"), weights_only=False)
+    _, cb = assert_checkpoints_equal(os.path.join(a, "stage2.pt"), os.path.join(b, "stage2.pt"),
+                                     ("generator", "fake", "ema", "stage1_ema", "stage1_fake"))
     assert cb["epoch"] == 2
-    for key in ("generator", "fake", "ema", "stage1_ema", "stage1_fake"):
-        assert ca[key].keys() == cb[key].keys()
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
     assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
 
 
-def test_missing_reward_checkpoint_stops_before_any_work(stage1, assets, tmp_path):
+def test_make_reward_missing_checkpoint_stops_before_any_work(stage1, assets, tmp_path):
     name = "tiny-sd3"
     d = fresh(stage1, tmp_path, name, "missing")
     before = {f: open(os.path.join(d, f), "rb").read() for f in ("stage1.pt", "config.json")}

@@ -11,7 +11,9 @@ import torch
 
 import eval as evaluation
 import models
+import subgrpo
 import train
+from checks import assert_checkpoints_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch-size", "16", "--group-size", "8", "--num-batches-per-epoch", "2", "--toy-width", "32",
@@ -40,13 +42,13 @@ def stage2_log(d):
     return [r for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["stage"] == 2]
 
 
-def test_stage2_refuses_without_stage1(tmp_path, capsys):
+def test_train_stage2_refuses_without_stage1(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "2", "--out", str(tmp_path / "empty")])
     assert "stage1.pt" in str(e.value) and "--stage 1" in str(e.value)
 
 
-def test_tiny_stage2_run_trains_and_logs(stage1_dir, tmp_path):
+def test_train_stage2_runs_and_logs(stage1_dir, tmp_path):
     d = fresh(stage1_dir, tmp_path, "tiny")
     train.main(["--stage", "2", "--out", d, "--steps", "3"] + TINY)
     log = stage2_log(d)
@@ -63,7 +65,7 @@ def test_tiny_stage2_run_trains_and_logs(stage1_dir, tmp_path):
     assert any(not torch.equal(s1["fake"][k], s2["fake"][k]) for k in s2["fake"])
 
 
-def test_reward_gradient_reaches_generator(stage1_dir, tmp_path):
+def test_train_stage2_reward_gradient_reaches_generator(stage1_dir, tmp_path):
     # Back-prop alone (no PG, no DM): a non-zero generator gradient can only come from the reward,
     # through x0_hat = x_3 - sigma_3 G(x_3).
     d = fresh(stage1_dir, tmp_path, "bp")
@@ -76,20 +78,16 @@ def test_reward_gradient_reaches_generator(stage1_dir, tmp_path):
     assert all(r["grad_norm"] > 0 for r in stage2_log(d))
 
 
-def test_resume_is_bitwise_identical(stage1_dir, tmp_path):
+def test_train_stage2_resume_is_bitwise_identical(stage1_dir, tmp_path):
     a, b = fresh(stage1_dir, tmp_path, "a"), fresh(stage1_dir, tmp_path, "b")
     train.main(["--stage", "2", "--out", a, "--steps", "4"] + TINY)
     train.main(["--stage", "2", "--out", b, "--steps", "2"] + TINY)
     train.main(["--stage", "2", "--out", b, "--steps", "4", "--resume"] + TINY)
-    ca = torch.load(os.path.join(a, "stage2.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "stage2.pt"), weights_only=False)
-    for key in ("generator", "fake", "ema"):
-        for k in ca[key]:
-            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    assert_checkpoints_equal(os.path.join(a, "stage2.pt"), os.path.join(b, "stage2.pt"))
     assert [r["reward_mean"] for r in stage2_log(a)] == [r["reward_mean"] for r in stage2_log(b)]
 
 
-def test_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_path):
+def test_train_stage2_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_path):
     d = fresh(stage1_dir, tmp_path, "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -104,9 +102,9 @@ def test_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_exact_decomposition_lands_on_closed_form(tmp_path):
-    # ALGORITHM.md 9.6 mode 2 on toy-gauss (single Gaussian teacher, shift-only generator, linear
-    # reward, PG + DM + BP all on): the learned output mean vs eval.stationary_mean_gauss.
+def test_train_stage2_exact_decomposition_lands_on_closed_form(tmp_path):
+    # subgrpo.py, section 7, on toy-gauss (single Gaussian teacher, shift-only generator, linear
+    # reward, PG + DM + BP all on): the learned output mean vs subgrpo.stationary_mean_gauss.
     # --no-shared-noise: with toy-gauss's single prompt the shared SubGRPO noise would be shared by
     # the whole epoch, making each epoch's gradient very noisy; the closed form holds either way.
     # Measured: 0.6284 learned vs 0.6251 closed form (lr 3e-3 jitter and fake-score lag remain).
@@ -118,7 +116,7 @@ def test_exact_decomposition_lands_on_closed_form(tmp_path):
                 "--weight-decay", "0", "--steps", "800", "--lr-gen", "3e-3", "--log-every", "100", "--no-shared-noise",
                 "--w-pg", str(w["w_pg"]), "--w-dm", str(w["w_dm"]), "--w-bp", str(w["w_bp"])])
     bb, net, _ = models.load_run(d)
-    m_star, parts = evaluation.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)
+    m_star, parts = subgrpo.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)
     m = evaluation.toy_samples(bb, net, 400_000, 0)["gauss"].double().mean(0)
     print(f"exact decomposition: learned mean {m.tolist()}, closed form {m_star.tolist()}, "
           f"beta_eff {parts['beta_eff']:.3f}")

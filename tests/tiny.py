@@ -1,5 +1,5 @@
 """Shared fixtures for tests on the tiny real backbones (random-init diffusers pipelines built in
-code, FACTS.md 2). Each twin is built once per test session into a temporary folder and loaded
+code, models.build_tiny). Each twin is built once per test session into a temporary folder and loaded
 through the same `from_pretrained` path as the real checkpoints."""
 import os
 import sys
@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 
-# The tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
-# per op spin-wait on each other: one thread made this file ~10x faster under load.
+# The tiny models gain nothing from intra-op threads; when other processes hold the cores, two
+# threads per op spin-wait on each other, so one thread is also the faster choice under load.
 torch.set_num_threads(1)
 
 TINY = ("tiny-sd3", "tiny-sd35", "tiny-flux2")
