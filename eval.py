@@ -35,6 +35,8 @@ configs/inference/*.yaml). The generator (or, with --model, the base model used 
 image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
 8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
 table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
+--protocol official (the official inference configs: first 64 prompts, seed 42, batch 4, 1024 px)
+or full (every prompt) sets those knobs; the table's first line and eval.json name it.
 """
 import argparse
 import json
@@ -322,6 +324,17 @@ def toy_figure_stage1(bb, results, keep, path, n):
 EVAL_RESOLUTION = 1024  # tiny twins keep their own (32 px)
 TEACHER_STEPS = 50
 CPS_ETA = 0.9
+# --protocol (official code: configs/inference/*.yaml, the same for all three backbones):
+#   official  the first 64 prompts of the set (num_media_images 64), seed 42, batch 4, one image
+#             per prompt, 1024 px, the 4-NFE CPS generator without CFG; what the official
+#             inference script reports.
+#   full      the same, on every prompt of the set (what a paper table presumably averages).
+# An option given explicitly (--max-prompts, --seed, ...) overrides its protocol value and is
+# listed under eval.json's protocol.overrides, so a table always says what it followed.
+PROTOCOLS = {
+    "official": dict(max_prompts=64, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
+    "full": dict(max_prompts=0, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
+}
 TABLE_SCALE = {"pickscore": rewards.PICKSCORE_TABLE_SCALE}  # the code scores PickScore / 26
 
 # A small, varied prompt set written for this project (objects, counts, colours, positions,
@@ -354,35 +367,21 @@ OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr":
                         "hpsv3": "dataset/hpsv3/test.txt", "geneval2": "dataset/geneval2/test.jsonl"}
 
 
-def read_prompts(path, max_prompts=0):
-    """Prompts from a .txt file (one a line) or a .jsonl file (field "prompt"), or the built-in
-    set for path "builtin". Blank lines are skipped. max_prompts > 0 keeps the first N, as the
-    official `num_media_images` does (64 in configs/inference/*.yaml); 0 keeps all.
-    Returns (prompts, number of prompts in the file, sha256 of the file's bytes)."""
-    prompts, _, n, sha = read_prompt_records(path, max_prompts)
-    return prompts, n, sha
-
-
 def read_prompt_records(path, max_prompts=0):
-    """read_prompts, plus each .jsonl line's whole record (None for .txt and "builtin"):
-    (prompts, records or None, number of prompts in the file, sha256 of the file)."""
+    """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for path
+    "builtin". max_prompts > 0 keeps the first N, as the official `num_media_images` does (64 in
+    the shipped YAMLs, official code: configs/inference/*.yaml); 0 keeps all. Returns (prompts, records, number of prompts
+    in the file, sha256 of the file's bytes); records: a .jsonl line's whole record (its prompt
+    and metadata) per prompt, None for .txt and "builtin"."""
     if path == "builtin":
-        data = "\n".join(BUILTIN_PROMPTS).encode()
+        prompts, records = list(BUILTIN_PROMPTS), None
+        sha = hashlib.sha256("\n".join(BUILTIN_PROMPTS).encode()).hexdigest()
     else:
-        with open(path, "rb") as f:
-            data = f.read()
-    lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
-    records = None
-    if path.endswith(".jsonl"):
-        records = [json.loads(line) for line in lines]
-        for i, rec in enumerate(records):
-            if "prompt" not in rec:
-                raise ValueError(f"{path}: record {i + 1} has no \"prompt\" field")
-        prompts = [rec["prompt"] for rec in records]
-    else:
-        prompts = [line.strip() for line in lines]
-    n, keep = len(prompts), (max_prompts if max_prompts > 0 else None)
-    return prompts[:keep], records and records[:keep], n, hashlib.sha256(data).hexdigest()
+        prompts, metadata = models.read_prompt_file(path)
+        sha = models.file_sha256(path)
+        records = [{"prompt": p, **m} for p, m in zip(prompts, metadata)] if path.endswith(".jsonl") else None
+    n, keep = len(prompts), (max_prompts if max_prompts > 0 else len(prompts))
+    return prompts[:keep], records and records[:keep], n, sha
 
 
 def prompt_sets(reward_names, default, routes):
@@ -480,7 +479,8 @@ def load_generator(args, device, dtype):
     """(backbone, generator net, stage): a run's trained generator, or --model's base model
     (FLUX.2: the distilled klein, the generator's starting point; SD3.x: the teacher itself)."""
     name = args.model or args.run_model
-    res = args.resolution or (models.SPECS[name][4] if name.startswith("tiny-") else EVAL_RESOLUTION)
+    res = models.SPECS[name][4] if name.startswith("tiny-") and "resolution" not in args.overrides \
+        else args.resolution
     kw = dict(resolution=res, device=device, dtype=dtype)
     if args.run:
         return models.load_run(args.run, args.stage, **kw)
@@ -532,6 +532,7 @@ def main_images(args):
                      for path, (ps, recs, _, _, sc) in sets.items()}
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
         r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+    print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else ""))
     for path, (ps, *_, sc) in sets.items():
         print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
     print(f"{bb.resolution} px, seed {args.seed}")
@@ -547,7 +548,8 @@ def main_images(args):
     first = next(iter(sets))  # the grids show the first prompt set's images
     grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
-    out = {"model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
+    out = {"protocol": {"name": args.protocol, "overrides": args.overrides},
+           "model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
            "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
            "n_per_prompt": args.n_per_prompt, "rows": rows,
            "prompts": {"file": first, "sha256": sets[first][3], "n_in_file": sets[first][2],
@@ -846,8 +848,12 @@ def main_toy(args):
     plain = args.plain_dmd_run or []
     per_run, keep = [], {}
     for i, run in enumerate(runs):
-        bb, net, stage = models.load_run(run, args.stage)
-        others = {"plain_dmd": models.load_run(plain[min(i, len(plain) - 1)], 1)[1]} if plain else None
+        try:
+            bb, net, stage = models.load_run(run, args.stage)
+            others = {"plain_dmd": models.load_run(plain[min(i, len(plain) - 1)], 1)[1]} if plain else None
+        except (FileNotFoundError, ValueError) as e:  # e.g. a checkpoint that is not plain tensors
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None,
                                 base_ode=args.base_ode))
     summary = summarize_runs(per_run)
@@ -888,15 +894,19 @@ def get_args(argv=None):
     g = p.add_argument_group("images")
     g.add_argument("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl "
                    "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
-    g.add_argument("--max-prompts", type=int, default=0, help="first N prompts, 0 = all (the "
-                   "configs/inference/*.yaml of the official code truncate to 64)")
-    g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (paper: 1)")
+    g.add_argument("--protocol", default="official", choices=tuple(PROTOCOLS),
+                   help="official: the first 64 prompts, seed 42, batch 4, 1024 px, 4 NFE, no CFG "
+                   "(the official inference configs); full: every prompt, otherwise the same")
+    g.add_argument("--max-prompts", type=int, default=None, help="first N prompts, 0 = all "
+                   "(default: the protocol's, official 64, full 0)")
+    g.add_argument("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
                    "each with weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
     g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
                    help="score these rewards on their own prompt file instead of --prompts; the official "
                    "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
-    g.add_argument("--batch-size", type=int, default=4, help="images depend on it (one seed)")
+    g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); "
+                   "default: the protocol's, 4")
     g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
                    "(tiny twins: their own)")
     g.add_argument("--teacher", action="store_true", help="add the teacher's row")
@@ -930,8 +940,20 @@ def main(argv=None):
     if (args.run_model or "").startswith("toy"):
         args.seed = 0 if args.seed is None else args.seed
         return main_toy(args)
-    args.seed = 42 if args.seed is None else args.seed
+    apply_protocol(args)
     return main_images(args)
+
+
+def apply_protocol(args):
+    """Fill every image-evaluation knob left unset from args.protocol (PROTOCOLS) and record in
+    args.overrides the ones given explicitly with another value."""
+    args.overrides = {}
+    for k, v in PROTOCOLS[args.protocol].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+        elif getattr(args, k) != v:
+            args.overrides[k] = getattr(args, k)
+    return args
 
 
 if __name__ == "__main__":

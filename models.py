@@ -111,6 +111,8 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        bb.noise(n, generator)   Tensor[n, *latent_shape] of N(0, I) in float32
        bb.decode(x)             images [B, 3, H, W] in [0, 1], differentiable
        bb.prompts               list[str], the default training prompts
+       bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
+                                unless the prompts came from a .jsonl, see read_prompt_file)
 
    plus `cfg_velocity` (section 1) for the classifier-free-guided teacher.
 """
@@ -391,7 +393,7 @@ class ToyBackbone:
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
         path = None if cache_dir is None else os.path.join(cache_dir, f"toy_base_w{width}.pt")
         if path is not None and os.path.exists(path):
-            ck = torch.load(path, map_location="cpu")
+            ck = load_checkpoint(path)
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"],
                                depth=ck.get("depth", 3))
             self.base.load_state_dict(ck["state_dict"])
@@ -531,12 +533,17 @@ class DiffusersBackbone:
     """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, noise."""
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
-                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None, **unused):
+                 gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None,
+                 prompt_metadata=None, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.prompts = list(prompts or DEFAULT_PROMPTS)
+        # one dict per training prompt (read_prompt_file: a .jsonl line's other fields), for the
+        # rewards that score against it (GenEval)
+        self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
+        assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
         # cast the transformer by hand: without accelerate, diffusers 0.42.1's
         # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
         pipe.transformer.to(dtype)
@@ -824,12 +831,14 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
     # self-attention (attn2, MMDiT-X) out, as the target list of configs/cold_start/sd35m.yaml does.
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    # FLUX.2: the double-stream projections and the single-stream fused qkv+mlp projection ...
+    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
+    # single-stream output projection of blocks 0-19 only. The same list in both stages, for the
+    # generator and the fake score alike (official code: configs/cold_start/flux2_4b.yaml and
+    # configs/rtdmd/flux2_4b.yaml, generator_lora and fake_score_lora).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-              "to_add_out", "to_qkv_mlp_proj"),
+              "to_add_out", "to_qkv_mlp_proj")
+             + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
 }
-# ... plus, in stage 1 only, the single-stream output projection of blocks 0-19.
-FLUX2_STAGE1_EXTRA = tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20))
 
 
 class LoRALinear(nn.Linear):
@@ -861,11 +870,10 @@ class LoRALinear(nn.Linear):
 
 
 def lora_targets(net, family, stage=1):
-    """Names of the Linear modules of `net` that get a LoRA (section 4; the lists of
-    configs/cold_start/*.yaml and configs/rtdmd/*.yaml)."""
+    """Names of the Linear modules of `net` that get a LoRA (section 4). The lists are the same in
+    stage 1 and stage 2 for every family (configs/cold_start/*.yaml and configs/rtdmd/*.yaml);
+    `stage` only documents the caller's intent."""
     suffixes = LORA_TARGETS[family]
-    if family == "flux2" and stage == 1:
-        suffixes += FLUX2_STAGE1_EXTRA
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
 
@@ -997,7 +1005,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
         if not stages:
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
-    ck = torch.load(os.path.join(run_dir, f"stage{stage}.pt"), map_location="cpu", weights_only=False)
+    ck = load_checkpoint(os.path.join(run_dir, f"stage{stage}.pt"))
     args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
                 generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
                 lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
@@ -1011,3 +1019,77 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     lost = [k for k in missing if ".lora_" in k]  # a LoRA the checkpoint should have held
     assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
     return bb, net.eval().requires_grad_(False), stage
+
+# ---------------------------------------------------------------------------------------------
+# 6. Run-folder checkpoints and prompt files
+# ---------------------------------------------------------------------------------------------
+
+# A run folder may come from someone else (a student's, a downloaded one), and a pickle can run
+# any code while it loads. So every checkpoint of a run folder is read with torch's restricted
+# unpickler (weights_only=True): tensors, dicts, lists, str, int, float, bool, None only. The
+# checkpoints train.py writes hold nothing else (RNG states are uint8 tensors, configs plain).
+
+
+def load_checkpoint(path):
+    """torch.load(path) that never executes code from the file. A checkpoint holding any other
+    Python object is refused with one line saying so (pickle.UnpicklingError, a ValueError)."""
+    import pickle
+    import re
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))  # torch names the culprit
+        what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors"
+        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when "
+                         "unpickled; it was not written by train.py (or was changed since); "
+                         "only open run folders you trust") from None
+
+
+# Training and evaluation prompts (official code: rtdmd/data/prompt_dataset.py):
+#   .txt    one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets);
+#   .jsonl  one JSON object a line with a "prompt" field; its other fields are that prompt's
+#           metadata (GenEval's train_metadata.jsonl / test_metadata.jsonl: tag, include, ...),
+#           which the GenEval reward needs to score the image.
+# Blank lines are skipped. metadata is always a list aligned with the prompts ({} for .txt), and
+# a reward is called as reward(images, prompts, metadata=None).
+
+
+def read_prompt_file(path):
+    """(prompts: list[str], metadata: list[dict]) of a .txt or .jsonl prompt file. Raises a
+    one-line FileNotFoundError / ValueError for a missing or empty file, a .json file, a .jsonl
+    line that is not a JSON object or has no string "prompt"."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
+                                ".jsonl (a \"prompt\" field a line)")
+    if path.endswith(".json"):
+        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or "
+                         ".jsonl (one JSON object with a \"prompt\" field a line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [(i + 1, line.strip()) for i, line in enumerate(f) if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path} holds no prompts (it is empty or blank)")
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines], [{} for _ in lines]
+    import json
+    prompts, metadata = [], []
+    for n, line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl "
+                             "line must be an object like {\"prompt\": \"a photo of a cat\", ...}")
+        prompts.append(rec.pop("prompt"))
+        metadata.append(rec)
+    return prompts, metadata
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

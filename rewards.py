@@ -236,11 +236,21 @@ def quantize_uint8(images):
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
-def preprocess(images, size=224, fit="crop", mode="bicubic"):
+def crop_offset(margin, rounding):
+    """Top (or left) offset of a centred crop that leaves `margin` pixels out.
+    "round": torchvision's CenterCrop, int(round(margin / 2)) with Python's round-half-to-even
+             (margin 75 -> 38, 3 -> 2, 1 -> 0); the original ImageReward, LAION aesthetic and
+             CLIPScore pipelines crop this way.
+    "floor": transformers' image processors, margin // 2 (75 -> 37): PickScore's CLIP processor."""
+    return int(round(margin / 2.0)) if rounding == "round" else margin // 2
+
+
+def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
     """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
 
     fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision
-                Resize + CenterCrop in RTDMD's tensor path).
+                Resize + CenterCrop in RTDMD's tensor path); `crop` is crop_offset's rounding
+                of an odd margin, one pixel that moves a score by ~1e-2 on a 1000x749 image.
     fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize").
     """
     h, w = images.shape[-2:]
@@ -256,7 +266,7 @@ def preprocess(images, size=224, fit="crop", mode="bicubic"):
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
         x = x.clamp(0, 1)
     if fit == "crop":
-        top, left = (nh - size) // 2, (nw - size) // 2
+        top, left = crop_offset(nh - size, crop), crop_offset(nw - size, crop)
         x = x[..., top:top + size, left:left + size]
     else:  # pad with black *before* normalising, as HPSv2 pads the PIL image
         ph, pw = size - nh, size - nw
@@ -370,10 +380,10 @@ class CLIPBackbone:
             self.model.to(device)  # follows the images' device; a no-op once it is there
         return self.model
 
-    def embed(self, images, prompts, fit="crop", mode="bicubic"):
+    def embed(self, images, prompts, fit="crop", mode="bicubic", crop="floor"):
         """L2-normalised projected (image [B,D], text [B,D]) embeddings; text None if no prompts."""
         m = self.load(images.device)
-        px = preprocess(images, m.config.vision_config.image_size, fit, mode).to(m.dtype)
+        px = preprocess(images, m.config.vision_config.image_size, fit, mode, crop).to(m.dtype)
         img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
         if prompts is None:
             return img, None
@@ -388,14 +398,15 @@ class CLIPBackbone:
 class CLIPScore:
     """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
     2.5*max(cos,0) of the CLIPScore paper), ~0.28-0.32. `mode` bilinear: RTDMD's tensor path uses
-    torchvision Resize's default, for eval and back-prop alike."""
-    name, fit, mode = "clipscore", "crop", "bilinear"
+    torchvision Resize's default, for eval and back-prop alike; `crop` round: its CenterCrop
+    (official code: rtdmd/rewards/clip_scorer.py)."""
+    name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
         self.backbone = backbone
 
     def cosine(self, images, prompts):
-        img, txt = self.backbone.embed(images, prompts, self.fit, self.mode)
+        img, txt = self.backbone.embed(images, prompts, self.fit, self.mode, self.crop)
         return (img * txt).sum(-1)
 
     def __call__(self, images, prompts):
@@ -406,8 +417,9 @@ class PickScore(CLIPScore):
     """Section 2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
     returned DIVIDED BY 26 (~0.86-0.92) as RTDMD trains and logs it, so weights 1:1:1 with the
     two cosines make sense. Tables: multiply by PICKSCORE_TABLE_SCALE. `mode` bicubic: its eval
-    numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart)."""
-    name, mode = "pickscore", "bicubic"
+    numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart).
+    `crop` floor: the transformers CLIP processor floors an odd margin."""
+    name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
         cos = self.cosine(images, prompts)
@@ -423,15 +435,16 @@ class HPSv2(CLIPScore):
 class Aesthetic:
     """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
     ~5-6 on the AVA 1-10 scale. Ignores the prompt. RTDMD uses it only as a (no-grad) metric; the
-    torch preprocessing makes it differentiable anyway."""
-    name, fit, mode = "aesthetic", "crop", "bicubic"
+    torch preprocessing makes it differentiable anyway. `crop` round: the original predictor
+    preprocesses with OpenAI CLIP's torchvision CenterCrop."""
+    name, fit, mode, crop = "aesthetic", "crop", "bicubic", "round"
     FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")  # original, trl mirror name
 
     def __init__(self, backbone, head_src):
         self.backbone, self.head_src, self.head = backbone, head_src, None
 
     def __call__(self, images, prompts=None):
-        img, _ = self.backbone.embed(images, None, self.fit, self.mode)
+        img, _ = self.backbone.embed(images, None, self.fit, self.mode, self.crop)
         if self.head is None:
             path = _resolve_file(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
             sd = _state_dict(path)
@@ -581,8 +594,9 @@ class ImageReward:
     """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
     Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
     Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
-    squashed to 224x224 without antialias instead; identical for square images up to antialias)."""
-    name, fit, mode = "imagereward", "crop", "bicubic"
+    squashed to 224x224 without antialias instead; identical for square images up to antialias).
+    `crop` round: the image-reward package's torchvision CenterCrop."""
+    name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
 
     def __init__(self, src, tokenizer_src, config=None):
         self.src, self.tokenizer_src, self.config = src, tokenizer_src, config
@@ -604,7 +618,7 @@ class ImageReward:
 
     def __call__(self, images, prompts):
         net = self.load(images.device)
-        px = preprocess(images, net.vision.config.image_size, self.fit, self.mode)
+        px = preprocess(images, net.vision.config.image_size, self.fit, self.mode, self.crop)
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
                              max_length=min(35, net.text.config.max_position_embeddings))
         tok = tok.to(images.device)

@@ -13,6 +13,9 @@ SubGRPO's step subsets with shared noise, and reward back-propagation through th
     final_step_x0         x0_hat = x_3 - sigma_3 v, the deterministic last step, with grad (2)
     bp_loss               reward back-prop hinge through the final step                (section 2)
     stationary_mean_gauss where stage 2 settles on toy-gauss, in closed form           (section 7)
+    draw_prompts          M distinct prompts x K copies per sampling iteration   (official sampler)
+    drop_zero_advantages  keep A != 0, padded to a multiple of the sub-batches   (official trainer)
+    stage2_ema_decays     the official stage-2 EMA schedule (ema_decay: its warm-up decay)
 
 Paper sections cited: App. G (hybrid policy gradient), App. H (GRPO background), App. I (the
 algorithm). "Official code" is github.com/Harahan/RTDMD (README); its stage-2 trainer is
@@ -369,6 +372,76 @@ def bp_loss(rewards_weighted_sum, margin=3.0):
     loss = torch.relu(margin - R).mean()
     stats = dict(reward_mean=R.mean().item(), hinge_active=(R < margin).float().mean().item())
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch bookkeeping: which prompts, which samples, when the EMA moves (official trainer)
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_prompts(num_prompts, m, k, generator):
+    """Prompt indices of one sampling iteration, for all ranks at once [m k]: m distinct prompts,
+    the first m of a random permutation (without replacement), each repeated k times (a GRPO
+    group), then shuffled so that a group's copies spread over the ranks (official code:
+    rtdmd/trainers/grpo_utils.py, DistributedKRepeatSampler). `generator` is seeded alike on every
+    rank, so every rank draws the same list and knows every group without communicating.
+    Without replacement keeps m groups of distinct prompts: two groups of one prompt would merge
+    into one 2k-sample group. Only when m > num_prompts (a toy with few prompts) are
+    permutations concatenated, each prompt then appearing at most ceil(m / num_prompts) times."""
+    perms = [torch.randperm(num_prompts, generator=generator) for _ in range(-(-m // num_prompts))]
+    idx = torch.cat(perms)[:m].repeat_interleave(k)
+    return idx[torch.randperm(m * k, generator=generator)]
+
+
+def drop_zero_advantages(advantages, num_batches, epoch, rank=0):
+    """Indices (sorted) of the local samples the policy update keeps (official code:
+    rtdmd/trainers/grpo_trainer.py, _grpo_compute_advantages):
+      1. every sample whose advantage is not exactly 0 (a group with equal rewards has A = 0 and
+         no policy gradient, so it would only dilute the sub-batches);
+      2. if none is left, num_batches random samples (an update is never empty);
+      3. if the count is not a multiple of num_batches, random dropped samples are added back
+         until it is (if enough exist), so the kept samples split into num_batches equal
+         sub-batches. Those padded samples carry A = 0: no PPO gradient, but their final-step DM
+         and back-prop terms still count.
+    The random picks use CPU generators seeded 1000003 epoch + rank (step 2) and + 17 (step 3),
+    as the official trainer does, so a resumed run repeats them.
+    advantages: Tensor[N] (this rank's). Returns LongTensor[<= N]."""
+    keep = advantages.detach().cpu() != 0
+    n = len(keep)
+    if n and not keep.any():
+        g = torch.Generator().manual_seed(epoch * 1_000_003 + rank)
+        keep[torch.randperm(n, generator=g)[:min(n, num_batches)]] = True
+    short = -int(keep.sum()) % num_batches  # how many are missing to the next multiple
+    dropped = torch.nonzero(~keep).flatten()
+    if short and len(dropped) >= short:
+        g = torch.Generator().manual_seed(epoch * 1_000_003 + rank + 17)
+        keep[dropped[torch.randperm(len(dropped), generator=g)[:short]]] = True
+    return torch.nonzero(keep).flatten()
+
+
+def ema_decay(step, max_decay=0.9):
+    """Warm-up decay of the stage-2 parameter EMA: min((1 + step) / (10 + step), max_decay)
+    (official code: rtdmd/utils/ema.py, get_current_decay)."""
+    return min((1 + step) / (10 + step), max_decay)
+
+
+def stage2_ema_decays(step, num_batches, every=8, max_decay=0.9):
+    """The EMA updates of the epoch that starts after `step` optimiser steps, as the official
+    trainer makes them: it calls the EMA after EVERY one of the num_batches sub-batches (official
+    code: rtdmd/trainers/rtdmd_trainer.py, _grpo_dmd_training_stage), with the step counter of
+    that moment, and a call updates only when (counter + 1) % every == 0 (rtdmd/utils/ema.py):
+      calls 1 .. nb-1, before the optimiser step, counter = step      -> fire if (step + 1) % every == 0
+      call nb, after it,                          counter = step + 1  -> fire if (step + 2) % every == 0
+    Returns (before, after): the decays to apply, in order, to the parameters before and after
+    this epoch's optimiser step (ema <- d ema + (1 - d) theta each).
+    Net effect, with g = 8j + 7 and theta_g the parameters after g steps (the last call of one
+    epoch and the first nb - 1 of the next see the same theta_g and the same d):
+        ema <- d^nb ema + (1 - d^nb) theta_g,     d = min((1 + g) / (10 + g), 0.9),
+    once every 8 steps: d^16 ~ 0.19 at steady state, not the nominal 0.9."""
+    fire = lambda counter: (counter + 1) % every == 0  # noqa: E731
+    before = [ema_decay(step, max_decay)] * (num_batches - 1) if fire(step) else []
+    after = [ema_decay(step + 1, max_decay)] if fire(step + 1) else []
+    return before, after
 
 
 # ---------------------------------------------------------------------------------------------

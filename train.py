@@ -32,7 +32,7 @@ config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samp
 |   generator step, accumulated over sub-batches and steps j      stage2_generator_step     |
 |     j in S (2 of the 3 stochastic steps): w_pg * clipped PPO surrogate                    |
 |     j = 3 (deterministic): w_dm * AC-DMD at s = 0  +  w_bp * reward back-prop             |
-|   EMA of the generator, every 8th epoch                                   ema_update      |
+|   EMA of the generator: every 8th epoch, nb updates (official schedule)   ema_update      |
 +------------------------------------------------------------------------------------------+
 
 Reading order (the order of this file): arguments -> set-up (DDP, backbone) -> stage 1 (the
@@ -45,6 +45,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 
@@ -100,8 +101,9 @@ def get_args(argv=None):
                    help="FLUX.2: the generator's base (default: the distilled klein-4B)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: backbone's)")
     p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (alpha = 2 rank); 0 = full fine-tune")
-    p.add_argument("--prompts", default=None, help="real backbones: text file, one training prompt "
-                   "a line, e.g. the paper's pickscore train.txt (default: 8 built-in prompts)")
+    p.add_argument("--prompts", default=None, help="real backbones, required: the training prompts, .txt "
+                   "(one a line) or .jsonl (a \"prompt\" field a line, the other fields kept as that prompt's "
+                   "metadata); the paper's: stage 1 pickscore/train.txt, stage 2 geneval/train_metadata.jsonl")
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
@@ -121,6 +123,8 @@ def get_args(argv=None):
     p.add_argument("--no-grad-norm", dest="grad_norm", action="store_false",
                    help="do not normalise the DMD direction per sample")
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--max-bad-updates", type=int, default=3,
+                   help="stop the run after this many non-finite (skipped) updates of one network in a row")
     p.add_argument("--toy-width", type=int, default=128, help="toy: hidden width of the velocity MLPs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
@@ -136,6 +140,9 @@ def get_args(argv=None):
                    "default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
     p.add_argument("--num-batches-per-epoch", type=int, default=None,
                    help="sampling iterations per epoch = sub-batches of the one optimiser step")
+    p.add_argument("--rewards", default=None, metavar="NAME,NAME",
+                   help="stage 2, real backbones: the GRPO rewards, weight 1 each (default: the paper's "
+                   "clipscore,hpsv2,pickscore,geneval; geneval needs the GenEval .jsonl as --prompts)")
     p.add_argument("--reward", default="quadratic", choices=("quadratic", "linear"),
                    help="toy reward: -(1/2)|x - (2,0)|^2 or x_1 (rewards.py)")
     p.add_argument("--w-pg", type=float, default=None, help="policy-gradient (PPO) weight; paper 1")
@@ -151,6 +158,9 @@ def get_args(argv=None):
     p.add_argument("--fake-batch-size", type=int, default=None,
                    help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
                    "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
+    p.add_argument("--ema-schedule", default="official", choices=("official", "once"),
+                   help="stage-2 EMA: official = the decay applied after every sub-batch when it fires (nb "
+                   "times per firing, subgrpo.stage2_ema_decays); once = once per firing (a longer average)")
     p.add_argument("--logprob", default="official", choices=("official", "exact"), help="CPS log-probability form (subgrpo.cps_log_prob)")
     p.add_argument("--no-dm", action="store_true", help="ablation: drop the final-step DM term")
     p.add_argument("--no-bp", action="store_true", help="ablation: drop reward back-prop")
@@ -218,6 +228,11 @@ def setup(argv=None):
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+        # TF32 matmuls and convolutions, as the official trainer sets them (official code:
+        # rtdmd/trainers/base_trainer.py): the float32 parts (LoRA branches, CPS and log-prob math)
+        # run on tensor cores with a 10-bit mantissa, still finer than the bf16 of the autocast.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     args = resolve_defaults(args, cuda)
     master = rank == 0
     if args.batch_size % world:
@@ -250,9 +265,10 @@ def check_run_folder(args, master):
 
 def main(argv=None):
     args, ddp, rank, world, device, master = setup(argv)
+    prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
     # Stage 2 loads its reward models first: a missing checkpoint fails here, in one line, before
     # the backbone loads and before anything in the run folder is written.
-    reward = make_reward(args, device) if args.stage == 2 else None
+    reward = make_reward(args, device, metadata) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed + rank)  # per-rank noise
     # Draws that every rank must agree on (random stop, renoise levels, consistency deltas, stage-2
@@ -269,9 +285,8 @@ def main(argv=None):
                    lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,  # scale 2, as the paper
                    gradient_checkpointing=bool(args.grad_ckpt),
                    width=args.toy_width)
-    if args.prompts:
-        with open(args.prompts) as f:
-            load_kw["prompts"] = [line.strip() for line in f if line.strip()]
+    if prompts is not None:
+        load_kw |= dict(prompts=prompts, prompt_metadata=metadata)
     if master:
         bb = models.load(args.model, progress=True, **load_kw)
     if ddp:
@@ -284,7 +299,10 @@ def main(argv=None):
         args.resolution = getattr(bb, "resolution", None)
     if master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world}, f, indent=2)
+            json.dump(vars(args) | {"world_size": world, "prompt_files": prompt_files}, f, indent=2)
+        if prompts is not None:
+            rec = prompt_files[f"stage{args.stage}"]
+            print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(bb, args)
     if args.stage == 1:
@@ -294,6 +312,45 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
+
+
+# The prompt sets the paper trains on (official code: the dataset/ folder, read by
+# rtdmd/data/prompt_dataset.py): stage 1 the PickScore prompts, stage 2 the GenEval training
+# metadata, whose per-prompt fields the GenEval reward scores against.
+PAPER_PROMPTS = {1: "the PickScore prompt set, dataset/pickscore/train.txt (25,432 prompts)",
+                 2: "the GenEval training metadata, dataset/geneval/train_metadata.jsonl"}
+
+
+def read_training_prompts(args):
+    """Real backbones: the --prompts file (models.read_prompt_file), which is required, as
+    (prompts, metadata, prompt_files); prompt_files = the run's record of the prompt file of each
+    stage, {"stage1": {file, sha256, count}, "stage2": {...}}, this stage's entry added to the one
+    config.json already holds. --resume refuses a file whose sha256 differs from the one the stage
+    started with. The toy backbones know their own prompts: (None, None, {}). Every problem exits
+    with one line, before anything is written."""
+    if args.model.startswith("toy"):
+        if args.prompts:
+            sys.exit(f"error: --model {args.model} has its own prompts; drop --prompts")
+        return None, None, {}
+    if not args.prompts:
+        sys.exit(f"error: --prompts is required for --model {args.model}: pass a .txt or .jsonl prompt file; "
+                 f"the paper's stage {args.stage} trains on {PAPER_PROMPTS[args.stage]} of the official code")
+    try:
+        prompts, metadata = models.read_prompt_file(args.prompts)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: --prompts: {e}")
+    mine = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
+    cfg_path, key = os.path.join(args.out, "config.json"), f"stage{args.stage}"
+    files = {}
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            files = json.load(f).get("prompt_files") or {}
+    old = files.get(key)
+    if args.resume and old and old["sha256"] != mine["sha256"]:
+        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {mine['sha256'][:12]}), but stage "
+                 f"{args.stage} of {args.out} started with {old['file']} (sha256 {old['sha256'][:12]}); "
+                 "pass that file to continue this run")
+    return prompts, metadata, files | {key: mine}
 
 
 def tilt_toy_teacher(bb, args):
@@ -347,21 +404,22 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
            f"fake {count(raw(fake)):,} of {count(raw(fake), False):,}"
            + (f" (LoRA rank {args.lora_rank})" if uses_lora(bb) else ""))
 
-    log = RunLog(args, master, "stage 1", step)
+    log, guard = RunLog(args, master, "stage 1", step), UpdateGuard(args, ckpt_path)
     while step < args.steps:
         with PROF.step(step):
             rec = {"stage": 1, "step": step + 1}
             with PROF.phase("prompts"):
                 idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
                 cond = bb.encode([bb.prompts[i] for i in idx])
-            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast)
+            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
             if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
                 rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
-                                             autocast)
+                                             autocast, guard)
             with PROF.phase("EMA"):
                 ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
             step += 1
-            log.record(rec, step, fake=f"{rec['fake_loss']:.4f}")
+            log.record(guard.note(rec), step, fake=f"{rec['fake_loss']:.4f}")
+            guard.stop_if_stuck(f"iteration {step}")
             if step % args.save_every == 0 or step == args.steps:
                 with PROF.phase("checkpoint"):
                     save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
@@ -379,7 +437,7 @@ def subinterval_start(sim, plain_dmd):
     return sim["x_next"].float(), sim["sigma_next"]
 
 
-def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast):
+def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard):
     """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
     random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
@@ -397,12 +455,11 @@ def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocas
                                                   generator=shared_rng)
         opt_f.zero_grad(set_to_none=True)
         loss_f.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(fake.parameters(), args.grad_clip).item()
-        opt_f.step()
+        grad_norm = guard.step("fake score", opt_f, trainable(fake), loss_f, args.grad_clip)
     return {"fake_grad_norm": grad_norm, "fake_loss": loss_f.item(), "fake_stop": stop} | stats
 
 
-def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast):
+def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast, guard):
     """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
     that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
@@ -419,8 +476,7 @@ def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, sha
                                                  args.guidance, args.eta, args.grad_norm)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), args.grad_clip).item()
-        opt_g.step()
+        grad_norm = guard.step("generator", opt_g, trainable(generator), loss_g, args.grad_clip)
     return {"gen_grad_norm": grad_norm, "gen_loss": loss_g.item(), "gen_stop": stop} | stats
 
 
@@ -431,7 +487,8 @@ def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, sha
 
 def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None):
     """The stage-2 loop (box at the top of this file): per epoch, rollouts -> advantages -> one
-    fake-score step -> one generator step accumulated over the whole epoch -> EMA every 8th."""
+    fake-score step -> one generator step accumulated over the whole epoch, with the parameter
+    EMA on the official schedule around it (subgrpo.stage2_ema_decays)."""
     if args.exact_decomposition:  # every term an exact multiple of a gradient (subgrpo.py, section 7)
         args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
     group, num_batches = args.group_size, args.num_batches_per_epoch
@@ -441,7 +498,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
                  f"of --group-size {group} and of the {world} ranks")
     B = args.batch_size // world  # this rank's images per sampling iteration
     # Built from stage1.pt, also on --resume (the stage-2 checkpoint holds only the new LoRA).
-    ck1 = torch.load(os.path.join(args.out, "stage1.pt"), map_location="cpu", weights_only=False)
+    ck1 = read_checkpoint(os.path.join(args.out, "stage1.pt"))
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 2)  # the same fresh LoRA init on every rank, side RNG
         generator, fake = init_stage2_models(bb, ck1)
@@ -489,7 +546,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
            f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
                                          if uses_lora(bb) else ""))
 
-    log = RunLog(args, master, "stage 2", epoch)
+    log, guard = RunLog(args, master, "stage 2", epoch), UpdateGuard(args, ckpt_path)
     while epoch < args.steps:
         with PROF.step(epoch):
             steps = list(range(final)) if args.all_steps else subgrpo.select_steps(epoch, args.seed, final)
@@ -499,14 +556,28 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
             with PROF.phase("advantages"):
                 rec |= stage2_advantages(args, rollouts, weights, rank, world)
             with PROF.phase("fake-score step"):
-                rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast)
-            rec |= stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, null_cond,
-                                         (w_pg, w_dm, w_bp), bp_fn, weights, accumulation, world, autocast)
+                rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard)
+            rec |= stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond, (w_pg, w_dm, w_bp),
+                                         bp_fn, weights, accumulation, epoch, rank, world, autocast)
+            # The official trainer calls its EMA after every sub-batch; the calls that fire apply
+            # ema <- d ema + (1 - d) theta, nb times in all every 8th step, so the stage-2 EMA trails
+            # the weights by ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays). The
+            # epoch's one optimiser step sits between its calls 1..nb-1 and its last one.
+            before, after = subgrpo.stage2_ema_decays(epoch, num_batches, max_decay=args.ema_decay)
+            if args.ema_schedule == "once":  # the nominal reading: one update per firing, after the step
+                before, after = [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
             with PROF.phase("EMA"):
-                if (epoch + 1) % 8 == 0:  # parameter EMA with warm-up, every 8 optimiser steps
-                    ema_update(ema, generator, min((1 + epoch) / (10 + epoch), args.ema_decay))
+                for d in before:
+                    ema_update(ema, generator, d)
+            with PROF.phase("optimiser step"):
+                loss = rec["loss_pg"] + rec["loss_dm"] + rec["loss_bp"]
+                rec["grad_norm"] = guard.step("generator", opt_g, trainable(generator), loss, args.grad_clip)
+            with PROF.phase("EMA"):
+                for d in after:
+                    ema_update(ema, generator, d)
             epoch += 1
-            log.record(rec, epoch, reward=f"{rec['reward_mean']:.3f}")
+            log.record(guard.note(rec), epoch, reward=f"{rec['reward_mean']:.3f}")
+            guard.stop_if_stuck(f"epoch {epoch}")
             if epoch % args.save_every == 0 or epoch == args.steps:
                 with PROF.phase("checkpoint"):
                     save_checkpoint(ckpt_path, {"epoch": epoch}, nets, opts, shared_rng, args, world, master,
@@ -528,23 +599,28 @@ def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, ra
     group, B = args.group_size, args.batch_size // world
     M = args.batch_size // group  # prompts per sampling iteration
     parts, per_iteration = [], []  # per_iteration: the global prompt list of each iteration
+    metadata = getattr(bb, "prompt_metadata", None)  # real backbones: a dict per prompt
     for _ in range(args.num_batches_per_epoch):
-        idx = torch.randint(0, len(bb.prompts), (M,), generator=shared_rng).repeat_interleave(group)
-        per_iteration.append([bb.prompts[i] for i in idx[torch.randperm(M * group, generator=shared_rng)]])
-        prompts = per_iteration[-1][rank * B:(rank + 1) * B]
+        # M distinct prompts (a permutation's first M) x K copies, shuffled over the ranks
+        idx = subgrpo.draw_prompts(len(bb.prompts), M, group, shared_rng)
+        per_iteration.append(idx.tolist())
+        mine = per_iteration[-1][rank * B:(rank + 1) * B]
+        prompts = [bb.prompts[i] for i in mine]
         with PROF.phase("rollouts"):
             cond = bb.encode(prompts)
             with torch.no_grad(), autocast:
                 out = subgrpo.rollout_with_logprob(bb, raw(generator), bb.noise(B), cond, prompts, steps,
                                                    epoch, args.eta, args.shared_noise, args.logprob)
         with PROF.phase("rewards"), torch.no_grad():
-            out["rewards"] = reward_fn(bb.decode(out["x0"]), prompts)
+            images = bb.decode(out["x0"])
+            out["rewards"] = reward_fn(images, prompts) if metadata is None else \
+                reward_fn(images, prompts, metadata=[metadata[i] for i in mine])
         parts.append(out | {"cond": cond})
     data = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "next_latents", "log_probs", "x0")}
     data["cond"] = {k: torch.cat([p["cond"][k] for p in parts]) for k in parts[0]["cond"]}
     data["rewards"] = {n: torch.cat([p["rewards"][n] for p in parts]) for n in parts[0]["rewards"]}
-    data["prompts"] = [p for ps in per_iteration for p in ps[rank * B:(rank + 1) * B]]
-    data["all_prompts"] = [p for r in range(world) for ps in per_iteration for p in ps[r * B:(r + 1) * B]]
+    data["prompts"] = [bb.prompts[i] for ps in per_iteration for i in ps[rank * B:(rank + 1) * B]]
+    data["all_prompts"] = [bb.prompts[i] for r in range(world) for ps in per_iteration for i in ps[r * B:(r + 1) * B]]
     return data
 
 
@@ -566,7 +642,7 @@ def stage2_advantages(args, rollouts, weights, rank, world):
     return rec
 
 
-def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast):
+def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard):
     """Fake-score phase: one step of the ambient fake-score loss on the epoch's clean samples
     (s = 0, so the ambient target is plain flow matching), renoise levels drawn per rank, in
     chunks of --fake-batch-size (memory), each chunk weighted by its share of the samples."""
@@ -588,27 +664,32 @@ def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast):
     params = trainable(fake)
     with PROF.phase("gradient all-reduce"):
         allreduce_grads(params, world)
-    rec["fake_grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-    opt_f.step()
+    rec["fake_grad_norm"] = guard.step("fake score", opt_f, params, rec["fake_loss"], args.grad_clip)
     return rec
 
 
-def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, null_cond, loss_weights, bp_fn,
-                          weights, accumulation, world, autocast):
-    """Generator phase: one optimiser step whose gradient is accumulated over the epoch's
-    sub-batches and, in each, over the trained steps j (the hybrid gradient, subgrpo.py, section 2):
+def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond, loss_weights, bp_fn,
+                          weights, accumulation, epoch, rank, world, autocast):
+    """Generator phase: the gradient of the epoch's one optimiser step (the caller takes the step),
+    accumulated over the epoch's sub-batches and, in each, over the trained steps j (the hybrid
+    gradient, subgrpo.py, section 2):
         j in steps (stochastic):   w_pg * clipped PPO surrogate of log pi(x_{j+1} | x_j)
         j = final (deterministic): w_dm * AC-DMD at s = 0 on x0_hat  +  w_bp * reward back-prop
-    Every backward is divided by `accumulation`. Returns the logged numbers."""
+    Samples whose advantage is exactly 0 are dropped first and the rest padded back to a multiple
+    of the sub-batch count (subgrpo.drop_zero_advantages, as the official trainer does). Every
+    backward is divided by `accumulation`; the gradient is averaged over the ranks. Returns the
+    logged numbers."""
     w_pg, w_dm, w_bp = loss_weights
     final, sigmas = len(bb.sigmas) - 2, [float(s) for s in bb.sigmas]
-    adv, B = rollouts["advantages"], args.batch_size // world
-    opt_g.zero_grad(set_to_none=True)
-    order = torch.randperm(len(adv))  # sub-batches of the epoch's samples, in a fresh order
-    rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0}, []
-    for b in range(args.num_batches_per_epoch):
+    adv, nb = rollouts["advantages"], args.num_batches_per_epoch
+    generator.zero_grad(set_to_none=True)
+    keep = subgrpo.drop_zero_advantages(adv, nb, epoch, rank)
+    order, B = keep[torch.randperm(len(keep))], len(keep) // nb  # sub-batches, in a fresh order
+    rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0, "kept": len(keep)}, []
+    for b in range(nb):
         i = order[b * B:(b + 1) * B]
         cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
+        null_b = models.cond_select(null_cond, torch.arange(B, device=adv.device))
         for j in sorted(set(steps) | {final}):
             x_j, x_next = rollouts["latents"][i, j], rollouts["next_latents"][i, j]
             loss = 0.0
@@ -627,7 +708,7 @@ def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, nul
                         x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
                         if w_dm:
                             t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
-                            l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_cond,
+                            l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
                                                            args.guidance, args.eta, args.grad_norm)
                             loss = loss + w_dm * l_dm
                             rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
@@ -640,12 +721,8 @@ def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, nul
             if torch.is_tensor(loss):  # the generator's backward of this step's terms
                 with PROF.phase("PPO terms" if j != final else "final-step backward"):
                     (loss / accumulation).backward()
-    params = trainable(generator)
     with PROF.phase("gradient all-reduce"):
-        allreduce_grads(params, world)
-    with PROF.phase("optimiser step"):
-        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-        opt_g.step()
+        allreduce_grads(trainable(generator), world)
     if ppo_stats:
         n = len(ppo_stats)
         rec |= {"ratio_mean": sum(s["ratio_mean"] for s in ppo_stats) / n,
@@ -655,19 +732,27 @@ def stage2_generator_step(args, bb, generator, fake, opt_g, rollouts, steps, nul
     return rec
 
 
-def make_reward(args, device=None):
-    """(reward, bp_reward, weights). reward(images, prompts) -> {name: Tensor[B]} scores the
-    rollouts (advantages); bp_reward is its differentiable part, back-propagated through the last
-    step; weights {name: w} says which names count and how much.
-    Real backbones: the paper's set (rewards.GRPO_WEIGHTS) from the --<slot>-path checkpoints,
-    every model loaded now; a missing one exits with one line."""
+def make_reward(args, device=None, metadata=None):
+    """(reward, bp_reward, weights). reward(images, prompts, metadata) -> {name: Tensor[B]} scores
+    the rollouts (advantages); bp_reward is its differentiable part, back-propagated through the
+    last step; weights {name: w} says which names count and how much.
+    Real backbones: the paper's set (rewards.GRPO_WEIGHTS: clipscore, hpsv2, pickscore, geneval,
+    weight 1 each; configs/rtdmd/*.yaml), or --rewards, from the --<slot>-path checkpoints, every
+    model loaded now; a missing one exits with one line. geneval scores each image against its
+    prompt's GenEval record ("include"), so it needs --prompts to be the GenEval .jsonl: any other
+    prompt file stops here with one line saying what to pass."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
+    weights = dict(rewards.GRPO_WEIGHTS)
+    if args.rewards:
+        weights = {name.strip(): 1.0 for name in args.rewards.split(",") if name.strip()}
+    if "geneval" in weights and not (metadata and all("include" in m for m in metadata)):
+        sys.exit(f"error: the stage-2 reward geneval scores each image against its prompt's GenEval record, "
+                 f"but --prompts {args.prompts} carries none; pass the GenEval training prompts (the official "
+                 f"code's dataset/geneval/train_metadata.jsonl) or leave geneval out with --rewards "
+                 f"{','.join(n for n in weights if n != 'geneval')}")
     try:
-        # geneval scores against each prompt's GenEval metadata (rewards.GenEval), which the
-        # plain-text prompts read here do not carry: it joins once the prompts come from a .jsonl
-        weights = {n: w for n, w in rewards.GRPO_WEIGHTS.items() if n != "geneval"}
         grpo, bp = rewards.training_rewards(rewards.sources_from_args(args), weights)
         rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
@@ -797,33 +882,59 @@ def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, 
     or all for the toy), the optimiser states, the counter ({"step": n} or {"epoch": n}), every
     rank's RNG state (each rank draws its own noise), the shared generator's state, the config,
     and one checksum per rank of the generator's weights (the replicas must stay bitwise
-    identical; the DDP tests compare them). Written to a temporary file and renamed, so a crash
-    never leaves a half-written checkpoint. Every rank calls it; rank 0 writes."""
+    identical; the DDP tests compare them). Only tensors and plain types, so that it loads with
+    torch.load(weights_only=True) (models.load_checkpoint). Every rank calls it; rank 0 writes.
+
+    A run is never lost: weights that are not finite are never written (the run stops instead);
+    the new file is written and synced under a temporary name first, and the previous checkpoint
+    stays beside it as stage{1,2}.prev.pt (a hard link made before the rename), so at every
+    moment `path` is one complete checkpoint, even if the process is killed mid-save."""
     states = gather_objects(rng_state(), world)
     weights = trainable(nets["generator"])
     mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
                for p in weights)
     sums = gather_objects(mine, world)
+    gen_names = [n for n, p in raw(nets["generator"]).named_parameters() if p.requires_grad]
+    # the tensors saved per net: its trainable ones (the EMA copy has requires_grad off: the
+    # generator's trainable names)
+    names = {key: gen_names if key == "ema" else [n for n, p in raw(net).named_parameters() if p.requires_grad]
+             for key, net in nets.items()}
+    bad = [key for key, net in nets.items()
+           if not all(torch.isfinite(raw(net).get_parameter(n)).all() for n in names[key])]
+    if bad:  # every rank holds the same weights, so every rank stops here
+        at = " ".join(f"{k} {v}" for k, v in counter.items())
+        sys.exit(f"error: the {', '.join(bad)} weights are not finite at {at}; nothing was saved, "
+                 f"{path} still holds the last good checkpoint: resume from it with a lower learning rate")
     if not master:
         return
     ck = {"replica_checksums": sums}
     for key, net in nets.items():
-        names = [n for n, p in raw(net).named_parameters() if p.requires_grad]
-        if key == "ema":  # the EMA copy has requires_grad off: save the generator's trainable names
-            names = [n for n, p in raw(nets["generator"]).named_parameters() if p.requires_grad]
         sd = raw(net).state_dict()
-        ck[key] = {k: sd[k].detach().cpu().clone() for k in names}
+        ck[key] = {k: sd[k].detach().cpu().clone() for k in names[key]}
     ck |= {k: opt.state_dict() for k, opt in opts.items()}
     ck |= counter | {"rng": states, "shared_rng": shared_rng.get_state(), "config": vars(args)}
-    tmp = path + ".tmp"
-    torch.save(ck | (extra or {}), tmp)
+    tmp, prev = path + ".tmp", path[:-len(".pt")] + ".prev.pt"
+    with open(tmp, "wb") as f:
+        torch.save(ck | (extra or {}), f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it can replace anything
+    if os.path.exists(path):
+        if os.path.exists(prev):
+            os.remove(prev)
+        try:
+            os.link(path, prev)  # a second name for the current file: the rename below keeps it
+        except OSError:  # a filesystem without hard links: a copy, renamed into place
+            shutil.copyfile(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path, nets, opts, shared_rng, rank):
     """Restore what save_checkpoint wrote, into the given nets and optimisers, this rank's RNG
-    state and the shared generator. Returns the checkpoint dict (for the counter)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    state and the shared generator. Read with models.load_checkpoint (weights_only: a checkpoint
+    holding anything but tensors and plain types is refused with one line, never executed).
+    Returns the checkpoint dict (for the counter)."""
+    ck = read_checkpoint(path)
     for key, net in nets.items():
         raw(net).load_state_dict(ck[key], strict=False)
     for key, opt in opts.items():
@@ -835,6 +946,64 @@ def load_checkpoint(path, nets, opts, shared_rng, rank):
     return ck
 
 
+def read_checkpoint(path):
+    """models.load_checkpoint, with its refusal (or an unreadable file) as one error line."""
+    try:
+        return models.load_checkpoint(path)
+    except (ValueError, RuntimeError, EOFError) as e:
+        prev = path[:-len(".pt")] + ".prev.pt"
+        hint = f"; the previous checkpoint is {prev}" if os.path.exists(prev) else ""
+        sys.exit(f"error: {' '.join(str(e).split())}{hint}")
+
+
+class UpdateGuard:
+    """Guarded optimiser updates. A loss or gradient that is not finite (on any rank) skips that
+    update: its gradient is dropped, the weights and the optimiser state stay as they were, and
+    the log records it ("skipped" this iteration, "skipped_total" so far). --max-bad-updates such
+    updates of one network in a row stop the run with one line, before anything is saved, so the
+    last checkpoint (written before the trouble) is untouched."""
+
+    def __init__(self, args, ckpt_path):
+        self.limit, self.ckpt_path = args.max_bad_updates, ckpt_path
+        self.total, self.in_a_row, self.now = 0, {}, []
+
+    def step(self, name, opt, params, loss, grad_clip):
+        """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
+        gradient norm is not finite. Returns the gradient norm (float, before clipping)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        ok = torch.isfinite(norm) & torch.isfinite(torch.tensor(loss, device=norm.device))
+        if dist.is_initialized():  # a rank-local inf loss with a finite gradient: all ranks skip
+            ok = ok.float()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            ok = ok.bool()
+        if ok:
+            opt.step()
+            self.in_a_row[name] = 0
+        else:
+            opt.zero_grad(set_to_none=True)
+            self.total += 1
+            self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
+            self.now.append(name)
+        return norm.item()
+
+    def note(self, rec):
+        """Add this iteration's skipped updates to its log record (and reset them)."""
+        rec["skipped_total"] = self.total
+        if self.now:
+            rec["skipped"], self.now = self.now, []
+        return rec
+
+    def stop_if_stuck(self, where):
+        """Exit (one line) once a network has had --max-bad-updates skipped updates in a row.
+        where: "iteration 57" / "epoch 3", for the message."""
+        for name, n in self.in_a_row.items():
+            if n >= self.limit:
+                sys.exit(f"error: {n} {name} updates in a row had a non-finite loss or gradient (the last at "
+                         f"{where}); each was skipped and nothing was saved since, so {self.ckpt_path} "
+                         "holds the last good state: resume from it with --resume and a lower learning rate")
+
+
 class RunLog:
     """Rank 0's progress bar and log.jsonl; on other ranks every call does nothing."""
 
@@ -842,8 +1011,29 @@ class RunLog:
         self.args, self.master, self.desc, self.t0 = args, master, desc, time.time()
         if master:
             from tqdm import tqdm
-            self.file = open(os.path.join(args.out, "log.jsonl"), "a")
+            path = os.path.join(args.out, "log.jsonl")
+            if start and os.path.exists(path):
+                self.drop_records_after(path, args.stage, start)
+            self.file = open(path, "a")
             self.bar = tqdm(total=args.steps, initial=start, desc=desc, dynamic_ncols=True)
+
+    @staticmethod
+    def drop_records_after(path, stage, start):
+        """A resumed run continues from its checkpoint at `start`: the records this stage wrote
+        after it (a killed run's last ones, maybe a half-written line) are dropped, so that the
+        log reads as one uninterrupted run. Rewritten under a temporary name, then renamed."""
+        key, kept = ("step" if stage == 1 else "epoch"), []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short
+                    continue
+                if rec.get("stage") != stage or rec.get(key, 0) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
     def record(self, rec, step, **postfix):
         """After every iteration / epoch: advance the bar; every log_every-th (and the last)
@@ -851,7 +1041,7 @@ class RunLog:
         if not self.master:
             return
         self.bar.update(1)
-        if step % self.args.log_every == 0 or step == self.args.steps:
+        if step % self.args.log_every == 0 or step == self.args.steps or rec.get("skipped"):
             rec["time"] = round(time.time() - self.t0, 2)
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()

@@ -14,7 +14,7 @@ def assert_states_equal(a, b, keys=("generator", "fake", "ema")):
 
 def assert_checkpoints_equal(path_a, path_b, keys=("generator", "fake", "ema")):
     """The checkpoint files at path_a and path_b agree bitwise on `keys`; returns both dicts."""
-    a = torch.load(path_a, map_location="cpu", weights_only=False)
-    b = torch.load(path_b, map_location="cpu", weights_only=False)
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
     assert_states_equal(a, b, keys)
     return a, b

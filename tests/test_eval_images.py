@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from reward_assets import build_reward_assets, cli_args
-from tiny import load_tiny, tiny_dir  # noqa: F401  (pytest fixtures)
+from tiny import PROMPT_FILE, load_tiny, tiny_dir  # noqa: F401  (pytest fixtures)
 import eval as E
 import models
 import rewards
@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory):
     """A tiny-sd3 stage-1 run folder written by train.py (2 iterations)."""
     d = str(tmp_path_factory.mktemp("runs") / "tiny")
     with contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--stage", "1", "--model", "tiny-sd3", "--out", d, "--steps", "2",
+        train.main(["--stage", "1", "--model", "tiny-sd3", "--out", d, "--steps", "2", "--prompts", PROMPT_FILE,
                     "--batch-size", "2", "--fake-update-ratio", "1"])
     return d
 
@@ -82,6 +82,7 @@ def test_main_images_eval_json_table_and_grid(smoke):
     with open(os.path.join(d, "eval.json")) as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(out))  # what main returns is what it wrote
+    assert saved["protocol"] == {"name": "official", "overrides": {"max_prompts": 5, "batch_size": 2}}
     assert {"model", "run", "stage", "resolution", "seed", "batch_size", "n_per_prompt", "rows",
             "prompts", "rewards", "per_image", "grids"} <= set(saved)
     knobs = (saved["model"], saved["resolution"], saved["seed"], saved["batch_size"])
@@ -206,21 +207,35 @@ def test_main_images_other_errors_are_one_line(assets, tmp_path, capsys):
 # --- prompt files -----------------------------------------------------------------------------
 
 
-def test_read_prompts(tmp_path):
+def test_read_prompt_records_builtin_truncation_and_sha(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_bytes(b"a cat\n\n  a dog on a log  \nthird\n")
-    prompts, n, sha = E.read_prompts(str(txt))
-    assert prompts == ["a cat", "a dog on a log", "third"] and n == 3
+    prompts, records, n, sha = E.read_prompt_records(str(txt))
+    assert prompts == ["a cat", "a dog on a log", "third"] and n == 3 and records is None
     assert sha == hashlib.sha256(txt.read_bytes()).hexdigest()
-    assert E.read_prompts(str(txt), max_prompts=2)[:2] == (["a cat", "a dog on a log"], 3)
+    assert E.read_prompt_records(str(txt), max_prompts=2)[::2] == (["a cat", "a dog on a log"], 3)
     jl = tmp_path / "m.jsonl"
     jl.write_text('{"tag": "counting", "prompt": "two cats"}\n{"prompt": "a \\"quoted\\" sign"}\n')
-    assert E.read_prompts(str(jl))[0] == ["two cats", 'a "quoted" sign']
+    prompts, records, _, _ = E.read_prompt_records(str(jl))
+    assert prompts == ["two cats", 'a "quoted" sign']
+    assert records == [{"prompt": "two cats", "tag": "counting"}, {"prompt": 'a "quoted" sign'}]
     jl.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
-    with pytest.raises(ValueError, match="record 2"):
-        E.read_prompts(str(jl))
-    prompts, n, _ = E.read_prompts("builtin")
+    with pytest.raises(ValueError, match="line 2"):
+        E.read_prompt_records(str(jl))
+    prompts, _, n, _ = E.read_prompt_records("builtin")
     assert n == len(set(prompts)) == 16
+
+
+def test_apply_protocol_official_and_full():
+    """official = the shipped inference YAMLs: first 64 prompts, seed 42, batch 4, one image per
+    prompt, 1024 px; full = every prompt. An explicit other value is recorded as an override."""
+    off = E.apply_protocol(E.get_args(["--model", "tiny-sd3"]))
+    assert (off.max_prompts, off.seed, off.batch_size, off.n_per_prompt, off.resolution) == (64, 42, 4, 1, 1024)
+    assert off.overrides == {}
+    full = E.apply_protocol(E.get_args(["--model", "tiny-sd3", "--protocol", "full", "--seed", "42"]))
+    assert full.max_prompts == 0 and full.overrides == {}, "full keeps every prompt; seed 42 is no override"
+    mine = E.apply_protocol(E.get_args(["--model", "tiny-sd3", "--max-prompts", "8", "--seed", "1"]))
+    assert mine.overrides == {"max_prompts": 8, "seed": 1}
 
 
 # --- the toy path is unchanged ----------------------------------------------------------------

@@ -215,27 +215,46 @@ def test_load_bf16_weights(load_tiny, name):
     assert (v16 - v32).abs().mean() < 0.05 * v32.abs().mean()
 
 
-def test_lora_targets():
-    """Target names on the module trees diffusers builds (the official configs' lists, models.py section 4)."""
+def test_lora_targets_pinned_per_backbone_and_stage():
+    """The exact target lists on the module trees diffusers builds, for both families and both
+    stages (official code: configs/cold_start/*.yaml, configs/rtdmd/*.yaml): SD3.x the 8 joint-
+    attention projections; FLUX.2 9 projection names plus single_transformer_blocks.{0..19}
+    .attn.to_out, in stage 2 too (the fresh stage-2 LoRA of generator and fake score)."""
     import diffusers as D
     sd3 = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
                                   num_layers=2, attention_head_dim=8, num_attention_heads=4,
                                   joint_attention_dim=64, caption_projection_dim=32,
                                   pooled_projection_dim=64, pos_embed_max_size=16,
                                   dual_attention_layers=(0,), qk_norm="rms_norm")
-    t = models.lora_targets(sd3, "sd3")
-    assert "transformer_blocks.0.attn.to_out.0" in t and "transformer_blocks.0.attn.to_add_out" in t
-    assert not any("attn2" in n for n in t)  # SD3.5's extra self-attention is not a target
-    assert len(t) == 8 + 7  # the last block is context_pre_only: no to_add_out
+    joint = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    want_sd3 = [f"transformer_blocks.{b}.attn.{n}" for b in range(2) for n in joint
+                if not (b == 1 and n == "to_add_out")]  # the last block is context_pre_only
     flux = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2,
                                      num_single_layers=22, attention_head_dim=16,
                                      num_attention_heads=2, joint_attention_dim=48,
                                      timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
                                      guidance_embeds=False)
-    s1, s2 = models.lora_targets(flux, "flux2", 1), models.lora_targets(flux, "flux2", 2)
-    single_out = [n for n in s1 if n.startswith("single_") and n.endswith("attn.to_out")]
-    assert single_out == [f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)]
-    assert len(s1) == 2 * 8 + 22 + 20 and sorted(set(s1) - set(s2)) == sorted(single_out)
+    want_flux = ([f"transformer_blocks.{b}.attn.{n}" for b in range(2) for n in joint]
+                 + [f"single_transformer_blocks.{b}.attn.to_qkv_mlp_proj" for b in range(22)]
+                 + [f"single_transformer_blocks.{b}.attn.to_out" for b in range(20)])  # not 20, 21
+    for stage in (1, 2):
+        assert sorted(models.lora_targets(sd3, "sd3", stage)) == sorted(want_sd3), \
+            f"SD3.x stage-{stage} LoRA targets are not the official list"
+        assert sorted(models.lora_targets(flux, "flux2", stage)) == sorted(want_flux), \
+            f"FLUX.2 stage-{stage} LoRA targets are not the official list"
+
+
+def test_make_student_flux2_stage2_targets_single_block_out(load_tiny, tmp_path):
+    """FLUX.2's fresh stage-2 LoRA of generator and fake score wraps the single blocks'
+    attn.to_out, as stage 1 does (official code: configs/rtdmd/flux2_4b.yaml)."""
+    bb = load_tiny("tiny-flux2")
+    for role in ("generator", "fake"):
+        s1 = bb.make_student(role)
+        path = str(tmp_path / f"{role}.safetensors")
+        models.save_lora(s1, path)
+        s2 = models.lora_layers(bb.make_student(role, stage=2, merge=path))
+        assert "single_transformer_blocks.0.attn.to_out" in s2, f"{role}: stage 2 lost single-block to_out"
+        assert set(s2) == set(models.lora_layers(s1)), f"{role}: stage-2 targets differ from stage 1's"
 
 
 @pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux2"])
@@ -271,9 +290,7 @@ def test_merge_lora_and_stage2_reinit(load_tiny, name, tmp_path):
     models.merge_lora(final)  # fold the (zero) fresh LoRA too: a plain transformer is left
     assert not models.lora_layers(final)
     assert torch.allclose(bb.velocity(final, x, sigma, cond), v_s2, atol=1e-5)
-    if bb.family == "flux2":  # stage 2 drops the single-block attn.to_out
-        dropped = set(models.lora_layers(g)) - set(layers)
-        assert dropped == {"single_transformer_blocks.0.attn.to_out"}
+    assert set(layers) == set(models.lora_layers(g)), "stage 2 must wrap the same modules as stage 1"
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])

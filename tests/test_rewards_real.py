@@ -254,3 +254,49 @@ def test_hpsv2_clip_config_imagereward_blip_config_match_the_checkpoints():
     assert shapes["text.embeddings.word_embeddings.weight"] == (30524, 768)  # bert + [DEC], [ENC]
     assert shapes["text.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
     assert shapes["head.layers.0.weight"] == (1024, 768)
+
+
+# --- centre crop of an odd margin: each original's rounding ----------------------------------------
+
+def test_crop_offset_round_half_even_and_floor():
+    """torchvision's CenterCrop offset is int(round(margin / 2)), Python's round-half-to-even;
+    transformers' processors floor. 1000x749 -> shortest side 224 -> 299 wide: margin 75."""
+    assert [R.crop_offset(m, "round") for m in (75, 7, 3, 5, 1, 74)] == [38, 4, 2, 2, 0, 37]
+    assert [R.crop_offset(m, "floor") for m in (75, 7, 3, 5, 1, 74)] == [37, 3, 1, 2, 0, 37]
+
+
+def test_preprocess_odd_margin_crop_matches_transformers_floor():
+    """A 22 x 29 column ramp at size 22 (no resize; margin 7): "floor" keeps columns 3..24 as
+    transformers' center_crop does, "round" columns 4..25 as torchvision's CenterCrop does."""
+    from transformers.image_transforms import center_crop
+    ramp = torch.arange(29.0).expand(1, 3, 22, 29) / 100
+    mean, std = torch.tensor(R.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(R.OPENAI_STD).view(1, 3, 1, 1)
+    cols = {c: (R.preprocess(ramp, 22, "crop", crop=c) * std + mean)[0, 0, 0] * 100 for c in ("floor", "round")}
+    ref = center_crop(ramp[0].numpy(), (22, 22), data_format="channels_first")[0, 0] * 100
+    assert torch.allclose(cols["floor"], torch.from_numpy(ref), atol=1e-4), "floor crop is not transformers'"
+    assert torch.allclose(cols["round"], torch.arange(4.0, 26.0), atol=1e-4), "round crop should start at column 4"
+
+
+@pytest.mark.parametrize("name,offset", [("imagereward", 38), ("aesthetic", 38), ("clipscore", 38),
+                                         ("pickscore", 37)])
+def test_scorer_crop_odd_margin_as_original(assets, name, offset):
+    """A 224 x 299 image (a 749 x 1000 one after the resize, margin 75): the pixels each scorer's
+    vision network receives are columns offset..offset+223, offset 38 where the original pipeline
+    uses torchvision's CenterCrop (rounds 37.5) and 37 where it uses transformers' (floors)."""
+    scorer = R.make_scorers([name], assets["sources"])[name]
+    seen = []
+
+    def look(images):
+        scorer(images, PROMPTS[:1])
+        return seen.pop()
+
+    with torch.no_grad():
+        scorer(torch.rand(1, 3, 224, 224), PROMPTS[:1])  # loads the networks
+        vision = scorer.net.vision if name == "imagereward" else scorer.backbone.model.vision_model
+        vision.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values", a[0] if a else None)),
+                                         with_kwargs=True)
+        wide = torch.rand(1, 3, 224, 299, generator=torch.Generator().manual_seed(3))
+        got = look(wide)
+        right, wrong = look(wide[..., offset:offset + 224]), look(wide[..., 75 - offset:75 - offset + 224])
+    assert torch.equal(got, right), f"{name} does not crop at column {offset} as its original does"
+    assert not torch.allclose(got, wrong), f"{name}: the two offsets should give different pixels"

@@ -443,3 +443,61 @@ def test_shared_noise_lowers_policy_gradient_variance_at_equal_mean(bb):
         used = (var_s + var_i) > 0  # the null condition's embedding never gets a gradient
         z = (g_s.mean(0) - g_i.mean(0))[used] / ((var_s + var_i)[used] / len(g_s)).sqrt()
         assert z.abs().max() < 4.0  # same mean: sharing adds no bias
+
+
+# --- epoch bookkeeping: prompt draw, zero-advantage dropping, the stage-2 EMA schedule ----------
+
+
+def test_draw_prompts_without_replacement_grouped_and_shared():
+    """m distinct prompts, each exactly k times; the same list from an identically seeded
+    generator (every rank); and over many draws every prompt equally often (a permutation)."""
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    idx = subgrpo.draw_prompts(10, 4, 3, g1)
+    assert torch.equal(idx, subgrpo.draw_prompts(10, 4, 3, g2)), "ranks with one seed must agree"
+    counts = torch.bincount(idx, minlength=10)
+    assert sorted(counts.tolist()) == [0] * 6 + [3] * 4, "4 distinct prompts, 3 copies each"
+    assert idx.tolist() != sorted(idx.tolist()), "the copies should be shuffled across positions"
+    total = sum(torch.bincount(subgrpo.draw_prompts(10, 4, 1, g1), minlength=10) for _ in range(2000))
+    assert (total.float() / 2000 - 0.4).abs().max() < 0.05, total  # each prompt in 4/10 of the draws
+    few = subgrpo.draw_prompts(2, 3, 2, g1)  # more groups than prompts: at most ceil(3/2) groups each
+    assert sorted(torch.bincount(few, minlength=2).tolist()) == [2, 4]
+
+
+def test_drop_zero_advantages_pads_to_a_multiple_of_the_sub_batches():
+    """Official rule: keep A != 0; pad with random dropped samples to a multiple of nb; all-zero
+    advantages keep nb random samples; the picks repeat for the same (epoch, rank)."""
+    A = torch.tensor([0.5, 0.0, -1.0, 0.0, 0.0, 2.0, 0.0, 0.0])  # 3 non-zero, nb 2 -> 4 kept
+    keep = subgrpo.drop_zero_advantages(A, 2, epoch=3, rank=1)
+    assert len(keep) == 4 and {0, 2, 5} <= set(keep.tolist()), keep
+    assert torch.equal(keep, subgrpo.drop_zero_advantages(A, 2, epoch=3, rank=1))
+    assert torch.equal(subgrpo.drop_zero_advantages(A, 1, 0), torch.tensor([0, 2, 5]))  # nb 1: no pad
+    assert len(subgrpo.drop_zero_advantages(A, 4, 0)) == 4
+    assert len(subgrpo.drop_zero_advantages(A, 8, 0)) == 8  # needs all five zeros back
+    zero = subgrpo.drop_zero_advantages(torch.zeros(8), 4, epoch=0)
+    assert len(zero) == 4, "all-zero advantages still give nb samples"
+    picks = {tuple(subgrpo.drop_zero_advantages(A, 2, epoch=e).tolist()) for e in range(20)}
+    assert len(picks) > 1, "the padding sample should be random across epochs"
+
+
+def test_stage2_ema_decays_official_schedule_by_hand():
+    """A one-parameter model, theta = number of optimiser steps taken, 4 sub-batches per epoch,
+    20 epochs, the EMA applied exactly as the official trainer calls it. By hand: it fires for
+    g = 7 and g = 15, each time nb = 4 times in a row toward theta_g = g:
+        d7 = 8/17:              ema = (1 - d7^4) * 7                      = 6.6567...
+        d15 = min(16/25, 0.9):  ema = d15^4 ema + (1 - d15^4) * 15        = 13.6002...
+    (once per firing, as a nominal "decay every 8 steps" reads, would give 7.77)."""
+    nb, theta, ema = 4, 0.0, 0.0
+    for step in range(20):  # `step` optimiser steps done when this epoch starts
+        before, after = subgrpo.stage2_ema_decays(step, nb)
+        for d in before:
+            ema = d * ema + (1 - d) * theta
+        theta += 1.0  # this epoch's optimiser step
+        for d in after:
+            ema = d * ema + (1 - d) * theta
+    d7, d15 = 8 / 17, 16 / 25
+    hand = d15 ** 4 * ((1 - d7 ** 4) * 7) + (1 - d15 ** 4) * 15
+    assert ema == pytest.approx(hand, rel=1e-12) and hand == pytest.approx(13.600228, abs=1e-6), (ema, hand)
+    assert abs(ema - (d15 * (1 - d7) * 7 + (1 - d15) * 15)) > 1, "must differ from one update per firing"
+    assert subgrpo.stage2_ema_decays(7, 16) == ([8 / 17] * 15, [])  # 15 before the step
+    assert subgrpo.stage2_ema_decays(6, 16) == ([], [8 / 17])  # the 16th application, after the step
+    assert subgrpo.stage2_ema_decays(100, 16) == ([], []) and subgrpo.ema_decay(1000) == 0.9

@@ -40,7 +40,7 @@ def flat(state):
 def test_train_stage1_runs_and_logs(tmp_path, toy_base):
     out = run_dir(tmp_path, "run", toy_base)
     nets = train.main(["--stage", "1", "--out", out, "--steps", "10"] + SMALL)
-    ck = torch.load(os.path.join(out, "stage1.pt"), weights_only=False)
+    ck = models.load_checkpoint(os.path.join(out, "stage1.pt"))
     assert ck["step"] == 10
     base = {k: v for k, v in torch.load(toy_base)["state_dict"].items() if k in ck["generator"]}
     # the generator and the fake score both moved away from the base model, the EMA lags behind

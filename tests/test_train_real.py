@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tiny import TINY, tiny_dir  # noqa: F401  (pytest fixture)
+from tiny import PROMPT_FILE, TINY, tiny_dir  # noqa: F401  (pytest fixture)
 from test_train import free_port
 import models
 import sample
@@ -20,7 +20,7 @@ from checks import assert_checkpoints_equal, assert_states_equal
 pytestmark = pytest.mark.slow
 # 32 px, 2 images, 4 iterations with a generator step every 2nd: both updates run twice. A large
 # lr and a short EMA make the trained LoRAs differ visibly from their initial values.
-ARGS = ["--steps", "4", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
+ARGS = ["--prompts", PROMPT_FILE, "--steps", "4", "--batch-size", "2", "--fake-update-ratio", "2", "--resolution", "32",
         "--grad-ckpt", "1", "--bf16", "1", "--log-every", "1", "--lr-gen", "1e-3",
         "--lr-fake", "1e-3", "--ema-decay", "0.5"]
 
@@ -79,7 +79,7 @@ def test_train_stage1_tiny_twin_trains_only_lora(runs, name):
         for k in ("fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm"):
             assert k not in r or torch.isfinite(torch.tensor(r[k])), (k, r)
     # checkpoint: LoRA tensors only, the EMA under the generator's names, and they trained
-    ck = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
+    ck = models.load_checkpoint(os.path.join(d, "stage1.pt"))
     for key in ("generator", "fake", "ema"):
         assert ck[key] and all(is_lora(k) for k in ck[key]), key
         assert all(v.dtype == torch.float32 for v in ck[key].values())
@@ -144,7 +144,7 @@ def _ddp_worker(rank, world, port, out, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
-    nets = train.main(["--stage", "1", "--model", "tiny-flux2", "--out", out, "--steps", "2",
+    nets = train.main(["--stage", "1", "--model", "tiny-flux2", "--out", out, "--steps", "2", "--prompts", PROMPT_FILE,
                        "--batch-size", "4", "--fake-update-ratio", "2", "--resolution", "32",
                        "--grad-ckpt", "1", "--bf16", "1", "--lr-gen", "1e-3", "--lr-fake", "1e-3"])
     # 2 per rank, one generator step

@@ -58,8 +58,8 @@ def test_train_stage2_runs_and_logs(stage1_dir, tmp_path):
         assert key in log[-1], key
     assert abs(log[-1]["adv_mean"]) < 1e-4 and abs(log[-1]["adv_std"] - 1) < 1e-2  # standardised (5.5)
     assert abs(log[-1]["ratio_mean"] - 1) < 1e-5  # on-policy: the ratio is 1 at the sampling weights
-    s1 = torch.load(os.path.join(d, "stage1.pt"), weights_only=False)
-    s2 = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    s1 = models.load_checkpoint(os.path.join(d, "stage1.pt"))
+    s2 = models.load_checkpoint(os.path.join(d, "stage2.pt"))
     assert s2["epoch"] == 3
     assert any(not torch.equal(s1["ema"][k], s2["generator"][k]) for k in s2["generator"])
     assert any(not torch.equal(s1["fake"][k], s2["fake"][k]) for k in s2["fake"])
@@ -95,7 +95,7 @@ def test_train_stage2_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_pat
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "world 2" in out.stdout
-    ck = torch.load(os.path.join(d, "stage2.pt"), weights_only=False)
+    ck = models.load_checkpoint(os.path.join(d, "stage2.pt"))
     assert len(ck["replica_checksums"]) == 2
     assert ck["replica_checksums"][0] == ck["replica_checksums"][1]
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
@@ -107,13 +107,17 @@ def test_train_stage2_exact_decomposition_lands_on_closed_form(tmp_path):
     # reward, PG + DM + BP all on): the learned output mean vs subgrpo.stationary_mean_gauss.
     # --no-shared-noise: with toy-gauss's single prompt the shared SubGRPO noise would be shared by
     # the whole epoch, making each epoch's gradient very noisy; the closed form holds either way.
+    # --ema-schedule once: the measured mean is that of the EMA, and the raw weights jitter by ~0.007
+    # at lr 3e-3; one EMA update per 8 epochs (decay 0.9, a window of ~80 epochs) averages that
+    # out, the official schedule (0.9^4 per 8 epochs here, ~24 epochs) does not: the raw weights
+    # and the official EMA land at 0.632-0.633, the longer average at 0.628.
     # Measured: 0.6284 learned vs 0.6251 closed form (lr 3e-3 jitter and fake-score lag remain).
     torch.set_num_threads(1)
     d = str(tmp_path / "gauss")
     train.main(["--model", "toy-gauss", "--stage", "1", "--out", d, "--steps", "100", "--reward", "linear"])
     w = dict(w_pg=0.1, w_dm=1.0, w_bp=0.02)
     train.main(["--model", "toy-gauss", "--stage", "2", "--out", d, "--reward", "linear", "--exact-decomposition",
-                "--weight-decay", "0", "--steps", "800", "--lr-gen", "3e-3", "--log-every", "100", "--no-shared-noise",
+                "--weight-decay", "0", "--steps", "800", "--lr-gen", "3e-3", "--log-every", "100", "--no-shared-noise", "--ema-schedule", "once",
                 "--w-pg", str(w["w_pg"]), "--w-dm", str(w["w_dm"]), "--w-bp", str(w["w_bp"])])
     bb, net, _ = models.load_run(d)
     m_star, parts = subgrpo.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)

@@ -17,6 +17,8 @@ import models  # noqa: E402
 torch.set_num_threads(1)
 
 TINY = ("tiny-sd3", "tiny-sd35", "tiny-flux2")
+# Training prompts for the twins (train.py requires --prompts for every non-toy backbone).
+PROMPT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "train.txt")
 
 
 @pytest.fixture(scope="session")
