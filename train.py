@@ -135,7 +135,12 @@ def get_args(argv=None):
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
-    # stage 2 (subgrpo.py); None = the backbone's default (DEFAULTS "toy2" / "real2")
+    add_stage2_args(p)
+    return p.parse_args(argv)
+
+
+def add_stage2_args(p):
+    """Stage-2 options (subgrpo.py); None = the backbone's default (DEFAULTS "toy2" / "real2")."""
     p.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group); "
                    "default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
     p.add_argument("--num-batches-per-epoch", type=int, default=None,
@@ -174,12 +179,11 @@ def get_args(argv=None):
     p.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
                    help="toy, stage 1: replace the teacher by the exact tilted teacher p exp(BETA r) "
                    "(reference mode: stage 1 alone must then land on the tilted target)")
-    # Stage 2 on a real backbone scores images with clipscore + hpsv2 + pickscore (GRPO, weight 1
-    # each, per-reward advantages) and back-propagates the same three (rewards.training_rewards).
-    # Only the slots those use matter: clip_l, pickscore(_tokenizer), hpsv2(_tokenizer, _config).
+    # Stage 2 on a real backbone scores images with clipscore + hpsv2 + pickscore + geneval (GRPO,
+    # weight 1 each, per-reward advantages) and back-propagates the first three
+    # (rewards.training_rewards); only the slots of the rewards in use are loaded.
     rewards.add_source_args(p.add_argument_group(
         "stage-2 reward checkpoints (real backbones; hub id or local path, rewards.DEFAULT_SOURCES)"))
-    return p.parse_args(argv)
 
 
 def resolve_defaults(args, cuda):
@@ -516,11 +520,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
     ckpt_path, epoch = os.path.join(args.out, "stage2.pt"), 0
     if args.resume:
         ck = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)
-        for key in stage1:  # the stage-2 LoRA is meaningless on another stage-1 merge
-            if ck[key].keys() != stage1[key].keys() or any(
-                    not torch.equal(ck[key][k], stage1[key][k]) for k in stage1[key]):
-                sys.exit(f"error: {os.path.join(args.out, 'stage1.pt')} is not the stage-1 checkpoint "
-                         f"this stage-2 run started from ({key} differs); restore it or start stage 2 anew")
+        check_same_stage1(args, ck, stage1)
         epoch = ck["epoch"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     null_cond = bb.encode([""] * B)  # the teacher's unconditional branch (CFG) in the DM term
@@ -531,20 +531,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
 
     PROF.attach(args, profiled_networks(bb, generator, fake), device, epoch)
 
-    print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
-           f"reward {', '.join(weights)} | world {world}\n"
-           f"  per sampling iter: {args.batch_size // group} prompts x K {group} = {args.batch_size} images "
-           f"({B}/rank) | {num_batches} iters/epoch -> {num_batches * args.batch_size} images/epoch, "
-           f"one generator + one fake step per epoch\n"
-           f"  trained steps: {'all of' if args.all_steps else '2 of'} 0..{final - 1} + {final} | accumulation "
-           f"{num_batches} x {trained_per_epoch} = {accumulation} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
-           f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
-           f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
-           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}\n"
-           f"  chunks: fake {args.fake_batch_size or 'all'}, BP {args.bp_batch_size or 'all'} | trainable: "
-           f"generator {count(generator):,} of {count(generator, False):,}, fake {count(fake):,} of "
-           f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
-                                         if uses_lora(bb) else ""))
+    print_stage2_banner(args, bb, generator, fake, weights, (w_pg, w_dm, w_bp), accumulation, world, epoch)
 
     log, guard = RunLog(args, master, "stage 2", epoch), UpdateGuard(args, ckpt_path)
     while epoch < args.steps:
@@ -559,13 +546,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
                 rec |= stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard)
             rec |= stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond, (w_pg, w_dm, w_bp),
                                          bp_fn, weights, accumulation, epoch, rank, world, autocast)
-            # The official trainer calls its EMA after every sub-batch; the calls that fire apply
-            # ema <- d ema + (1 - d) theta, nb times in all every 8th step, so the stage-2 EMA trails
-            # the weights by ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays). The
-            # epoch's one optimiser step sits between its calls 1..nb-1 and its last one.
-            before, after = subgrpo.stage2_ema_decays(epoch, num_batches, max_decay=args.ema_decay)
-            if args.ema_schedule == "once":  # the nominal reading: one update per firing, after the step
-                before, after = [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
+            before, after = stage2_ema_schedule(args, epoch)
             with PROF.phase("EMA"):
                 for d in before:
                     ema_update(ema, generator, d)
@@ -586,6 +567,49 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
     PROF.report(2, autocast, master)
     write_samples_and_exports(args, bb, ema, 2, master)
     return {"generator": generator, "fake": fake, "ema": ema}
+
+
+def check_same_stage1(args, ck, stage1):
+    """On --resume: the stage-2 LoRA is meaningless on another stage-1 merge, so the stage-1
+    weights stored in stage2.pt must equal those of stage1.pt now."""
+    for key in stage1:
+        if ck[key].keys() != stage1[key].keys() or any(not torch.equal(ck[key][k], stage1[key][k])
+                                                        for k in stage1[key]):
+            sys.exit(f"error: {os.path.join(args.out, 'stage1.pt')} is not the stage-1 checkpoint "
+                     f"this stage-2 run started from ({key} differs); restore it or start stage 2 anew")
+
+
+def stage2_ema_schedule(args, epoch):
+    """The EMA decays to apply before and after this epoch's optimiser step. The official trainer
+    calls its EMA after every sub-batch; the calls that fire apply ema <- d ema + (1 - d) theta, nb
+    times in all every 8th step, so the stage-2 EMA trails the weights by ~d^16 = 0.19 per firing,
+    not 0.9 (subgrpo.stage2_ema_decays). The epoch's one optimiser step sits between its calls
+    1..nb-1 and its last one. --ema-schedule once: the nominal reading, one update per firing."""
+    if args.ema_schedule == "once":
+        return [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
+    return subgrpo.stage2_ema_decays(epoch, args.num_batches_per_epoch, max_decay=args.ema_decay)
+
+
+def print_stage2_banner(args, bb, generator, fake, weights, loss_weights, accumulation, world, epoch):
+    """The derived quantities of a stage-2 run, printed once at the start (as nanoGPT prints its
+    tokens per iteration): images per sampling iteration and per epoch, the trained steps, the
+    gradient accumulation, the loss weights and what trains."""
+    (w_pg, w_dm, w_bp), group, num_batches = loss_weights, args.group_size, args.num_batches_per_epoch
+    final = len(bb.sigmas) - 2
+    print0(f"stage 2 (RTDMD{', exact decomposition' if args.exact_decomposition else ''}) | model {args.model} | "
+           f"reward {', '.join(weights)} | world {world}\n"
+           f"  per sampling iter: {args.batch_size // group} prompts x K {group} = {args.batch_size} images "
+           f"({args.batch_size // world}/rank) | {num_batches} iters/epoch -> {num_batches * args.batch_size} "
+           f"images/epoch, one generator + one fake step per epoch\n"
+           f"  trained steps: {'all of' if args.all_steps else '2 of'} 0..{final - 1} + {final} | accumulation "
+           f"{num_batches} x {accumulation // num_batches} = {accumulation} | weights PG {w_pg} DM {w_dm} BP {w_bp} | "
+           f"log-prob {args.logprob} | DM normalised {args.grad_norm} | shared noise {args.shared_noise}\n"
+           f"  lr G {args.lr_gen} (wd {args.weight_decay}) F {args.lr_fake} | clip {args.clip_range} | "
+           f"epochs {args.steps} | bf16 {bool(args.bf16)} | start at {epoch}\n"
+           f"  chunks: fake {args.fake_batch_size or 'all'}, BP {args.bp_batch_size or 'all'} | trainable: "
+           f"generator {count(generator):,} of {count(generator, False):,}, fake {count(fake):,} of "
+           f"{count(fake, False):,}" + (f" (fresh LoRA rank {args.lora_rank} on the merged stage-1 LoRA)"
+                                         if uses_lora(bb) else ""))
 
 
 def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, rank, world, autocast):
