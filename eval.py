@@ -10,18 +10,22 @@ eval.py -- measure a run.
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
-with exact samples of the teacher p(x|c) (models.py, section 2):
-  - energy distance (ED), next to the noise floor: the ED between two independent exact sample
-    sets of the same size (a perfect generator sits at the floor);
+with exact samples of the teacher p(x|c) (models.py, section 2), n = 4000 per prompt (--n):
+  - energy distance (ED) divided by the noise floor, the mean ED of 6 pairs of independent exact
+    sets of the same n (one definition for every toy number: "Metrics" below);
   - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
-    the exact weights pi_cj;
-  - the same ED at every intermediate sampler state x_{sigma_k} against the exact marginal
+    the exact weights pi_cj; and the fraction of samples 3 stds away from every mode;
+  - the same ED/floor at every intermediate sampler state x_{sigma_k} against the exact marginal
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
-Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise.
+Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise, and
+another exact set. --runs: more seeds, shown as mean +- spread. Writes a picture (Pillow):
+exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
 
 2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture
 (rewards.py, section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor,
-occupancy error against the tilted weights, and mean reward against its exact tilted value.
+occupancy error against the tilted weights, and mean reward against its exact tilted value; and
+the per-prompt reward gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`).
+The picture: exact tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
 
 3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
 the exact tilted teacher, evaluated against the same tilted target.
@@ -37,6 +41,7 @@ or full (every prompt) sets those knobs; the table's first line and eval.json na
 import argparse
 import json
 import hashlib
+import math
 import os
 import sys
 import time
@@ -69,25 +74,82 @@ def occupancy(x, means):
     return torch.bincount(j, minlength=len(means)).double() / len(x)
 
 
-def toy_metrics(states, mixture, sigmas, c, weights_row, gen):
-    """ED of every state vs the exact marginal at its sigma, occupancy error of the last one."""
-    n = len(c)
-    out = {"ed_steps": []}
+# One definition of "how close to the exact law" for every toy number (tables, pictures, tests):
+#   ED        energy distance between n generated and n exact samples (V-statistic, above);
+#   floor     the mean ED between FLOOR_PAIRS pairs of independent exact sets of the same n. The
+#             V-statistic has an O(1/n) positive bias, so ED and floor both shrink with n and
+#             only their ratio is comparable across n: every printed ED states its n;
+#   ED/floor  1 on average for a perfect sampler, but one exact set against another scatters
+#             widely (0.3-4.5 measured): the floor is a scale, not a threshold;
+#   occ err   max_j |fraction of samples nearest to mean j - pi_cj|;
+#   outliers  fraction of samples farther than 3 standard deviations from every mode; for an
+#             isolated 2-D Gaussian P(|z| > 3) = exp(-9/2) = 1.1%; neighbouring modes catch a few
+#             of those, so an exact set of the toy reads 0.4-0.8%.
+DEFAULT_N = 4000
+FLOOR_PAIRS = 6
+
+
+def noise_floor(mixture, c, gen, pairs=FLOOR_PAIRS, sigma=0.0):
+    """Mean ED between `pairs` pairs of independent exact sets of p_sigma(x|c), each of size len(c)."""
+    eds = [energy_distance(mixture.sample(c, sigma, generator=gen), mixture.sample(c, sigma, generator=gen))
+           for _ in range(pairs)]
+    return sum(eds) / len(eds)
+
+
+def outlier_fraction(x, mixture, sigma=0.0, k=3.0):
+    """Fraction of x farther than k standard deviations from every mode of p_sigma: component j
+    of p_sigma sits at (1 - sigma) mu_j with std sqrt(V_j(sigma)) (models.Mixture)."""
+    s = float(sigma)
+    centres = (1 - s) * mixture.means
+    std = ((1 - s) ** 2 * mixture.stds ** 2 + s ** 2).sqrt()
+    z = torch.cdist(x.double(), centres) / std[None]
+    return (z.min(1).values > k).double().mean().item()
+
+
+class ExactReference:
+    """The exact side of every comparison for one prompt, drawn once and shared by all rows (common
+    random numbers: rows differ only by their own samples, and a row's numbers do not depend on
+    which other rows are evaluated). For every sigma: one exact set of p_sigma(x|c) of size n and
+    the noise floor (FLOOR_PAIRS further pairs)."""
+
+    def __init__(self, mixture, c, seed):
+        self.mixture, self.c, self.seed = mixture, c, seed
+        self.sets, self.floors = {}, {}
+
+    def at(self, sigma):
+        s = round(float(sigma), 6)
+        if s not in self.sets:
+            gen = torch.Generator().manual_seed(self.seed + int(s * 1e6))
+            self.sets[s] = self.mixture.sample(self.c, s, generator=gen)
+            self.floors[s] = noise_floor(self.mixture, self.c, gen, sigma=s)
+        return self.sets[s], self.floors[s]
+
+
+def toy_metrics(states, sigmas, ref, weights_row):
+    """ED and ED/floor of every state vs the exact marginal at its sigma (ref: ExactReference);
+    occupancy error and outlier fraction of the last one."""
+    out = {"ed_steps": [], "floor_steps": [], "ratio_steps": []}
     for k in range(1, len(states)):
-        exact = mixture.sample(c, float(sigmas[k]), generator=gen)
-        out["ed_steps"].append(energy_distance(states[k], exact))
-    out["ed"] = out["ed_steps"][-1]
-    occ = occupancy(states[-1], mixture.means)
+        exact, floor = ref.at(sigmas[k])
+        ed = energy_distance(states[k], exact)
+        out["ed_steps"].append(ed)
+        out["floor_steps"].append(floor)
+        out["ratio_steps"].append(ed / floor)
+    out["ed"], out["floor"], out["ratio"] = out["ed_steps"][-1], out["floor_steps"][-1], out["ratio_steps"][-1]
+    occ = occupancy(states[-1], ref.mixture.means)
     out["occupancy"] = occ.tolist()
     out["occ_err"] = (occ - weights_row).abs().max().item()
+    out["outliers"] = outlier_fraction(states[-1], ref.mixture)
     return out
 
 
-def noise_floor(mixture, c, gen, repeats=4):
-    """Mean ED between two independent exact sample sets of size len(c)."""
-    eds = [energy_distance(mixture.sample(c, generator=gen), mixture.sample(c, generator=gen))
-           for _ in range(repeats)]
-    return sum(eds) / len(eds)
+def teacher_euler_states(bb, x, cond, sigmas=None):
+    """Every state of the teacher's Euler ODE on the sampler's sigmas (the "teacher 4-step" row)."""
+    sigmas = bb.sigmas if sigmas is None else sigmas
+    states = [x]
+    for k in range(len(sigmas) - 1):
+        states.append(sample.euler_sample(bb, bb.teacher, states[-1], sigmas[k:k + 2], cond))
+    return states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,42 +158,158 @@ def noise_floor(mixture, c, gen, repeats=4):
 
 
 @torch.no_grad()
-def eval_toy(bb, net, n=4000, seed=0):
-    """Rows: generator (4-step CPS), teacher 4-step Euler, teacher 50-step ODE; per prompt."""
-    gen = torch.Generator().manual_seed(seed)
+def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True, base_ode=False):
+    """Per prompt, every row against the exact teacher p(x|c) with n samples (toy_metrics):
+      generator       the 4-step CPS sampler of `net`, every intermediate state included;
+      <name>          each further generator in `others` ({name: net}, e.g. the plain-DMD run);
+    and, with references=True:
+      teacher_euler4  the teacher's Euler ODE on the same 4 sigmas;
+      teacher_ode50   the teacher's 50-step Euler ODE (the exact velocity: what a good many-step
+                      sampler reaches);
+      exact           another independent exact set: what ED/floor reads for a perfect sampler;
+    and, with base_ode=True, base_ode50: the pretrained base MLP (what generator and fake start
+    from) as a 50-step ODE sampler: how well the network class fits the teacher's velocity.
+    Every row starts from the same initial noise and is compared with the same exact sets
+    (ExactReference), so a row's numbers depend only on its own samples and `seed`.
+    keep: a dict that receives every row's states, keep[prompt][row] = [x_sigma_0, ...] (pictures)."""
     mix = bb.mixture
+    nets = {"generator": net} | (others or {})
+    fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
     results = {}
     for ci, prompt in enumerate(bb.prompts):
         c = torch.full((n,), ci, dtype=torch.long)
         cond = bb.encode([prompt] * n)
+        gen = torch.Generator().manual_seed(1000 * seed + ci)
         x = torch.randn(n, *bb.latent_shape, generator=gen)
-        w = mix.weights[ci]
-        torch.manual_seed(10_000 * (seed + 1) + ci)  # CPS noise: a stream distinct from `gen`
-        rows = {"generator": toy_metrics(sample.rollout(bb, net, x, cond), mix, bb.sigmas, c, w, gen)}
-        euler4 = [x]
-        for k in range(len(bb.sigmas) - 1):  # keep intermediate states of the 4-step Euler
-            euler4.append(sample.euler_sample(bb, bb.teacher, euler4[-1], bb.sigmas[k:k + 2], cond))
-        rows["teacher_euler4"] = toy_metrics(euler4, mix, bb.sigmas, c, w, gen)
-        fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
-        x50 = sample.euler_sample(bb, bb.teacher, x, fine, cond)
-        rows["teacher_ode50"] = toy_metrics([x, x50], mix, fine[[0, -1]], c, w, gen)
-        rows["noise_floor"] = noise_floor(mix, c, gen)
-        results[prompt] = rows
+        ref = ExactReference(mix, c, seed=10_000 * (seed + 1) + 100 * ci)
+        states = {}
+        for name, g_net in nets.items():
+            torch.manual_seed(10_000 * (seed + 1) + ci)  # CPS noise: a stream distinct from `gen`
+            states[name] = sample.rollout(bb, g_net, x, cond)
+        if references:
+            states["teacher_euler4"] = teacher_euler_states(bb, x, cond)
+            states["teacher_ode50"] = [x, sample.euler_sample(bb, bb.teacher, x, fine, cond)]
+            states["exact"] = [x, mix.sample(c, generator=gen)]
+        if base_ode:
+            states["base_ode50"] = [x, sample.euler_sample(bb, bb.base, x, fine, cond)]
+        results[prompt] = {name: toy_metrics(st, bb.sigmas if len(st) == len(bb.sigmas) else [1.0, 0.0],
+                                             ref, mix.weights[ci])
+                           for name, st in states.items()}
+        if keep is not None:
+            keep[prompt] = states
     return results
 
 
-def print_toy_table(results, sigmas):
-    head = f"{'prompt':8s} {'row':16s} {'ED':>8s} {'ED/floor':>9s} {'occ err':>8s}   ED at sigma " + \
-        " ".join(f"{float(s):.2f}" for s in sigmas[1:])
+def summarize_runs(per_run):
+    """Mean and spread (half the max - min range) over runs of every number of eval_toy's results.
+    per_run: list of eval_toy results. Returns the same nesting with (mean, spread) pairs."""
+    def agg(vals):
+        if isinstance(vals[0], dict):
+            return {k: agg([v[k] for v in vals]) for k in vals[0]}
+        if isinstance(vals[0], list):
+            return [agg([v[i] for v in vals]) for i in range(len(vals[0]))]
+        return (sum(vals) / len(vals), (max(vals) - min(vals)) / 2)
+    return agg(per_run)
+
+
+def print_toy_table(summary, sigmas, n, runs):
+    """One line per prompt and row: ED/floor of the final samples, occupancy error, outliers,
+    ED/floor at every intermediate sigma; mean +- spread over `runs` runs."""
+    def f(ms, fmt):
+        m, s = ms
+        return (fmt.format(m) + ("+-" + fmt.format(s) if runs > 1 else "")).rjust(12 if runs > 1 else 7)
+    print(f"ED/floor with n = {n} per prompt, floor = mean ED of {FLOOR_PAIRS} pairs of exact sets; "
+          f"{'mean +- spread (half range) over ' + str(runs) + ' runs' if runs > 1 else 'one run'}")
+    mids = " ".join(f"{float(s):.2f}" for s in sigmas[1:-1])
+    head = (f"{'prompt':7s} {'row':15s} {'ED/floor':>12s} {'occ err':>12s} {'outliers':>12s}   "
+            f"ED/floor at sigma {mids}")
     print(head)
     print("-" * len(head))
-    for prompt, rows in results.items():
-        floor = rows["noise_floor"]
-        for name in ("generator", "teacher_euler4", "teacher_ode50"):
-            r = rows[name]
-            steps = " ".join(f"{e:.4f}" for e in r["ed_steps"]) if len(r["ed_steps"]) > 1 else ""
-            print(f"{prompt:8s} {name:16s} {r['ed']:8.4f} {r['ed'] / floor:9.2f} {r['occ_err']:8.3f}   {steps}")
-        print(f"{prompt:8s} {'noise floor':16s} {floor:8.4f}")
+    for prompt, rows in summary.items():
+        for name, r in rows.items():
+            mid = " ".join(f(v, "{:.2f}").strip() for v in r["ratio_steps"][:-1])
+            print(f"{prompt:7s} {name:15s} {f(r['ratio'], '{:.2f}')} {f(r['occ_err'], '{:.3f}')} "
+                  f"{f(r['outliers'], '{:.3f}')}   {mid}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy pictures (Pillow only): scatter panels titled with their ED/floor
+# ---------------------------------------------------------------------------------------------
+
+GREY = (200, 200, 200)
+PROMPT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+
+
+def draw_panels(grid, path, size=200, lim=3.2, max_points=1500):
+    """A grid of scatter panels written as one PNG. grid: rows of panels, each a dict with
+    "title", "layers" [(points [N, 2], RGB)] drawn in order (at most max_points each), and
+    optionally "circles" [((cx, cy), radius)] (reward contours) and "cross" (cx, cy) (optimum)."""
+    from PIL import Image, ImageDraw
+    top = 16
+    cols = max(len(r) for r in grid)
+    img = Image.new("RGB", (size * cols, (size + top) * len(grid)), "white")
+    draw = ImageDraw.Draw(img)
+    scale = (size - 6) / (2 * lim)
+
+    def px(x, y, ox, oy):
+        return ox + 3 + (x + lim) * scale, oy + top + (size - 3) - (y + lim) * scale
+
+    for ri, row in enumerate(grid):
+        for ci, panel in enumerate(row):
+            ox, oy = ci * size, ri * (size + top)
+            draw.rectangle([ox + 1, oy + top, ox + size - 2, oy + top + size - 2], outline=GREY)
+            draw.text((ox + 4, oy + 2), panel["title"], fill="black")
+            for (cx, cy), rad in panel.get("circles", []):  # dotted, clipped to the panel
+                for a in torch.linspace(0, 2 * math.pi, 400).tolist():
+                    x, y = cx + rad * math.cos(a), cy + rad * math.sin(a)
+                    if abs(x) < lim and abs(y) < lim:
+                        draw.point([px(x, y, ox, oy)], fill=(255, 150, 40))
+            for pts, colour in panel["layers"]:
+                for x, y in pts[:max_points].clamp(-lim, lim).tolist():
+                    u, v = px(x, y, ox, oy)
+                    draw.rectangle([u, v, u + 1, v + 1], fill=colour)
+            if "cross" in panel:
+                u, v = px(*panel["cross"], ox, oy)
+                draw.line([u - 6, v, u + 6, v], fill="black", width=2)
+                draw.line([u, v - 6, u, v + 6], fill="black", width=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path, optimize=True)
+    return path
+
+
+STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step Euler"),
+                  ("plain_dmd", "plain DMD"), ("generator", "AC-DMD"))
+
+
+def toy_figure_stage1(bb, results, keep, path, n):
+    """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each
+    titled with its ED/floor (n samples, floor of FLOOR_PAIRS exact pairs); then, for AC-DMD and
+    plain DMD, the state after every sampler step (colour, all prompts) over exact samples of the
+    marginal at that sigma (grey), titled with the ED/floor averaged over the prompts."""
+    grid = []
+    for ci, prompt in enumerate(bb.prompts):
+        row = []
+        for key, label in STAGE1_COLUMNS:
+            if key not in keep[prompt]:
+                continue
+            r = results[prompt][key]["ratio"]
+            row.append({"title": f"{prompt}: {label} {r:.1f}x", "layers": [(keep[prompt][key][-1], PROMPT_COLOURS[ci])]})
+        grid.append(row)
+    gen = torch.Generator().manual_seed(1)
+    for key, label in (("generator", "AC-DMD"), ("plain_dmd", "plain DMD")):
+        if key not in keep[bb.prompts[0]]:
+            continue
+        row = []
+        for k in range(1, len(bb.sigmas)):
+            s = float(bb.sigmas[k])
+            exact = [bb.mixture.sample(torch.full((500,), ci, dtype=torch.long), s, generator=gen)
+                     for ci in range(len(bb.prompts))]
+            ratio = sum(results[p][key]["ratio_steps"][k - 1] for p in bb.prompts) / len(bb.prompts)
+            layers = [(torch.cat(exact), GREY)] + [(keep[p][key][k][:500], PROMPT_COLOURS[ci])
+                                                   for ci, p in enumerate(bb.prompts)]
+            row.append({"title": f"{label}, step {k} (sigma {s:.2f}): {ratio:.1f}x", "layers": layers})
+        grid.append(row)
+    return draw_panels(grid, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,8 +602,9 @@ def toy_samples(bb, net, n, seed, euler=False):
 
 @torch.no_grad()
 def tilted_metrics(samples, mixture, reward, beta, seed=1):
-    """Per prompt and averaged: ED/floor vs p~_beta, occupancy error vs pi~_beta (components
-    assigned by their *tilted* means), mean reward vs the exact tilted mean reward."""
+    """Per prompt: ED, floor and ED/floor vs p~_beta (the same definitions as stage 1, with
+    len(x) samples), occupancy error vs pi~_beta (components assigned by their *tilted* means),
+    outliers (3 tilted stds from every tilted mode), mean reward vs the exact tilted mean."""
     gen = torch.Generator().manual_seed(seed)
     tilt = reward.tilt(mixture, beta)
     exact_r = reward.exact_mean(tilt)
@@ -433,26 +612,51 @@ def tilted_metrics(samples, mixture, reward, beta, seed=1):
     for ci, (prompt, x) in enumerate(samples.items()):
         c = torch.full((len(x),), ci, dtype=torch.long)
         ed = energy_distance(x, tilt.sample(c, generator=gen))
-        floor = noise_floor(tilt, c, gen, repeats=2)
+        floor = noise_floor(tilt, c, gen)
         occ = occupancy(x, tilt.means)
         r = reward(x.double())[reward.name].mean().item()
-        rows[prompt] = {"ed": ed, "ed_floor": ed / floor, "occ_err": (occ - tilt.weights[ci]).abs().max().item(),
-                        "reward": r, "reward_exact": exact_r[ci].item()}
-    rows["mean"] = {k: sum(v[k] for v in rows.values()) / len(samples) for k in rows[next(iter(samples))]}
+        rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor,
+                        "occ_err": (occ - tilt.weights[ci]).abs().max().item(),
+                        "outliers": outlier_fraction(x, tilt), "reward": r, "reward_exact": exact_r[ci].item(),
+                        "reward_gap": r - exact_r[ci].item()}
     return rows
 
 
 @torch.no_grad()
-def fit_beta(samples, mixture, reward, grid=None, n=1000, seed=1):
-    """The effective tilt of a run: argmin over a log grid of the prompt-summed ED between (the
-    first n of) its samples and exact samples of p~_beta."""
+def fit_beta(samples, mixture, reward, grid=None, n=2000, seed=1):
+    """The effective tilt of a run: argmin of the prompt-summed ED between (the first n of) its
+    samples and exact samples of p~_beta, over a log grid (ratio 1.33), then refined 8x finer
+    around the best grid point."""
+    def best(grid):
+        eds = []
+        for b in grid:
+            g, tilt = torch.Generator().manual_seed(seed), reward.tilt(mixture, b)
+            eds.append(sum(energy_distance(x[:n], tilt.sample(torch.full((min(n, len(x)),), ci, dtype=torch.long),
+                                                              generator=g))
+                           for ci, x in enumerate(samples.values())))
+        return min(range(len(grid)), key=eds.__getitem__)
     grid = grid if grid is not None else [0.0] + torch.logspace(-2, 1, 25).tolist()
-    eds = []
-    for b in grid:
-        gen, tilt = torch.Generator().manual_seed(seed), reward.tilt(mixture, b)
-        eds.append(sum(energy_distance(x[:n], tilt.sample(torch.full((n,), ci, dtype=torch.long), generator=gen))
-                       for ci, x in enumerate(samples.values())))
-    return grid[min(range(len(grid)), key=eds.__getitem__)]
+    i = best(grid)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    fine = torch.linspace(lo, hi, 17).tolist()
+    return fine[best(fine)]
+
+
+def fit_beta_reward(samples, mixture, reward):
+    """The beta whose exact tilted target has the same prompt-averaged mean reward as the samples
+    (E_{p~_beta}[r] increases with beta: its derivative is Var_{p~_beta}[r]); bisection on log beta.
+    At this beta the per-prompt reward gaps sum to zero, so their spread says whether ONE tilt
+    fits every prompt, whatever the samples' shape errors (which dominate the ED fit)."""
+    P = len(samples)
+    target = sum(reward(x.double())[reward.name].mean().item() for x in samples.values()) / P
+    mean_at = lambda b: reward.exact_mean(reward.tilt(mixture, b))[:P].mean().item()
+    if target <= mean_at(0.0):
+        return 0.0
+    lo, hi = -6.0, 3.0  # log10 beta
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_at(10 ** mid) < target else (lo, mid)
+    return 10 ** ((lo + hi) / 2)
 
 
 def run_reward(cfg):
@@ -462,16 +666,95 @@ def run_reward(cfg):
         else rewards.LinearReward((1.0, 0.0))
 
 
-def eval_stage2(run, n=2000, seed=0, beta=None):
-    """Stage-2 (or tilted-teacher) run vs p~ at `beta` (default: the run's fitted beta)."""
+def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
+    """The stage-2 EMA generator of `run` (or a tilted-teacher stage-1 run) against p~_beta, at
+    `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
+    stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
+    the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
     bb, net, stage = models.load_run(run)
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
     reward = run_reward(cfg)
-    xs = toy_samples(bb, net, n, seed)
-    fitted = fit_beta(xs, bb.mixture, reward)
+    xs = {"RTDMD" if stage == 2 else "generator": toy_samples(bb, net, n, seed)}
+    fitted = fit_beta(next(iter(xs.values())), bb.mixture, reward)
     beta = fitted if beta is None else beta
-    return {"stage": stage, "beta_fit": fitted, "beta": beta, **tilted_metrics(xs, bb.mixture, reward, beta)}
+    if stage == 2:
+        xs["stage 1"] = toy_samples(bb, models.load_run(run, 1)[1], n, seed)
+    for name, other in (others or {}).items():
+        xs[name] = toy_samples(bb, models.load_run(other)[1], n, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    tilt = reward.tilt(bb.mixture, beta)
+    xs["exact"] = {p: tilt.sample(torch.full((n,), ci, dtype=torch.long), generator=gen)
+                   for ci, p in enumerate(bb.prompts)}
+    rows = {name: tilted_metrics(x, bb.mixture, reward, beta) for name, x in xs.items()}
+    beta_r = fit_beta_reward(xs[next(iter(xs))], bb.mixture, reward)
+    exact_r = reward.exact_mean(reward.tilt(bb.mixture, beta_r))
+    gaps_r = {p: rows[next(iter(rows))][p]["reward"] - exact_r[ci].item() for ci, p in enumerate(bb.prompts)}
+    if keep is not None:
+        keep.update(xs)
+    return {"stage": stage, "beta_fit": fitted, "beta": beta, "n": n, "floor_pairs": FLOOR_PAIRS,
+            "reward": reward.name, "rows": rows, "beta_reward": beta_r, "reward_gaps_at_beta_reward": gaps_r}
+
+
+def toy_figure_stage2(bb, res, keep, reward, path):
+    """(b) one row per prompt: exact tilted target | stage 1 | RTDMD | without DM, each titled
+    with its ED/floor against p~_beta at the fitted beta, with the reward's contours (quadratic:
+    circles of reward -1/2, -2, -9/2 around its optimum, drawn as a cross)."""
+    order = [("exact", "exact p~"), ("stage 1", "stage 1"), ("RTDMD", "RTDMD"), ("without DM", "without DM")]
+    circles, cross = [], None
+    if hasattr(reward, "m"):
+        cross = tuple(reward.m.tolist())
+        circles = [(cross, r / reward.gamma ** 0.5) for r in (1.0, 2.0, 3.0)]
+    grid = []
+    for ci, prompt in enumerate(bb.prompts):
+        row = []
+        for key, label in order:
+            if key in keep:
+                row.append({"title": f"{prompt}: {label} {res['rows'][key][prompt]['ratio']:.1f}x",
+                            "layers": [(keep[key][prompt], PROMPT_COLOURS[ci])], "circles": circles}
+                           | ({"cross": cross} if cross else {}))
+        grid.append(row)
+    return draw_panels(grid, path)
+
+
+def main_tilted(args, t0):
+    others = {"without DM": args.no_dm_run} if args.no_dm_run else None
+    runs = [args.run] + (args.runs or [])
+    keep, all_res = {}, []
+    for i, run in enumerate(runs):
+        res = eval_stage2(run, args.n, args.seed, args.beta, others if i == 0 else None, keep if i == 0 else None)
+        all_res.append(res)
+        print(f"run {run}: stage-{res['stage']} EMA generator vs the exact tilted target p~_beta at beta "
+              f"{res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per prompt, floor = mean ED of "
+              f"{FLOOR_PAIRS} pairs of exact sets of p~_beta")
+        print(f"  {'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'reward':>8s} "
+              f"{'exact E_p~[r]':>13s} {'gap':>7s}")
+        for name, rows in res["rows"].items():
+            for prompt, r in rows.items():
+                print(f"  {name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} "
+                      f"{r['reward']:8.3f} {r['reward_exact']:13.3f} {r['reward_gap']:+7.3f}")
+        print(f"  one beta for every prompt? at beta {res['beta_reward']:.3g} (the exact tilt with the generator's "
+              f"prompt-averaged mean reward) the per-prompt reward gaps are "
+              + ", ".join(f"{p} {g:+.3f}" for p, g in res["reward_gaps_at_beta_reward"].items()))
+        with open(os.path.join(run, "eval_tilted.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    if len(runs) > 1:  # the headline: mean +- spread (half range) over the runs, each at its own beta
+        key = next(iter(all_res[0]["rows"]))
+        s = summarize_runs([{"beta": r["beta"], "beta_reward": r["beta_reward"], "rows": r["rows"][key],
+                             "gaps": r["reward_gaps_at_beta_reward"]} for r in all_res])
+        print(f"{key} over {len(runs)} runs (mean +- spread), n = {args.n}: fitted beta {s['beta'][0]:.3g} +- "
+              f"{s['beta'][1]:.2g}")
+        for p, r in s["rows"].items():
+            print(f"  {p:7s} ED/floor {r['ratio'][0]:6.2f} +- {r['ratio'][1]:5.2f}   occ err {r['occ_err'][0]:.3f} +- "
+                  f"{r['occ_err'][1]:.3f}   outliers {r['outliers'][0]:.3f} +- {r['outliers'][1]:.3f}   reward gap "
+                  f"{r['reward_gap'][0]:+.3f} +- {r['reward_gap'][1]:.3f}   gap at the reward-fitted beta "
+                  f"{s['gaps'][p][0]:+.3f} +- {s['gaps'][p][1]:.3f}")
+    bb = models.load_run(args.run)[0]
+    with open(os.path.join(args.run, "config.json")) as f:
+        reward = run_reward(json.load(f))
+    png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
+    print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
+    return all_res[0] if len(runs) == 1 else all_res
 
 
 # The exact-decomposition mode's stationary point lives next to the loss it comes from
@@ -492,7 +775,7 @@ ABLATION_ROWS = [  # (row name, extra stage-2 flags)
 ]
 
 
-def ablation(root, seed=0, n=2000):
+def ablation(root, seed=0, n=DEFAULT_N):
     """Train stage 1 once, every stage-2 row from it (train.main with argv lists), and the
     reference-mode row (stage 1 against the exact tilted teacher at the RTDMD row's fitted beta*,
     whose fixed point is p~ exactly). Evaluate every row against p~_{beta*}; write ablation.md/json."""
@@ -509,8 +792,9 @@ def ablation(root, seed=0, n=2000):
         if not os.path.exists(os.path.join(d, "stage2.pt")):
             shutil.rmtree(d, ignore_errors=True)
             os.makedirs(d)
-            for f in ("stage1.pt", "config.json", "toy_base_w128.pt"):
-                shutil.copy(os.path.join(s1, f), d)
+            for f in os.listdir(s1):  # stage1.pt, config.json and the cached base toy_base_*.pt
+                if f in ("stage1.pt", "config.json") or f.startswith("toy_base_"):
+                    shutil.copy(os.path.join(s1, f), d)
             train.main(["--stage", "2", "--out", d, "--seed", str(seed)] + flags)
         runs[name] = d
     bb, _, _ = models.load_run(s1)
@@ -522,13 +806,16 @@ def ablation(root, seed=0, n=2000):
     if not os.path.exists(os.path.join(ref, "stage1.pt")):
         shutil.rmtree(ref, ignore_errors=True)
         os.makedirs(ref)
-        shutil.copy(os.path.join(s1, "toy_base_w128.pt"), ref)
+        for f in os.listdir(s1):
+            if f.startswith("toy_base_"):
+                shutil.copy(os.path.join(s1, f), ref)
         train.main(["--stage", "1", "--out", ref, "--seed", str(seed), "--tilt-teacher", str(beta)])
     samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(bb, models.load_run(ref)[1], n, seed)
     order = ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]
     rows = {}
     for name in order:
-        m = tilted_metrics(samples[name], bb.mixture, reward, beta)["mean"]
+        per = tilted_metrics(samples[name], bb.mixture, reward, beta)
+        m = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values()))}
         rows[name] = m | {"beta_fit": fit_beta(samples[name], bb.mixture, reward)}
     exact = rows["RTDMD"]["reward_exact"]
     lines = [f"Toy ablation (quadratic reward r = -|x - (2,0)|^2 / 2), every row against the exact tilted "
@@ -537,7 +824,7 @@ def ablation(root, seed=0, n=2000):
              "| row | fitted beta | ED / noise floor vs p~ | occupancy error vs p~ | mean reward | "
              "exact E_p~[r] | overshoot |", "|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | {m['beta_fit']:.3g} | {m['ed_floor']:.1f} | {m['occ_err']:.3f} | "
+        lines.append(f"| {name} | {m['beta_fit']:.3g} | {m['ratio']:.1f} | {m['occ_err']:.3f} | "
                      f"{m['reward']:.3f} | {exact:.3f} | {m['reward'] - exact:+.3f} |")
     lines += ["", f"(overshoot > 0: more reward than the tilted target has = reward hacking; "
               f"{time.time() - t0:.0f}s in total)"]
@@ -558,29 +845,27 @@ def ablation(root, seed=0, n=2000):
 def main_toy(args):
     t0 = time.time()
     if args.tilted:
-        res = eval_stage2(args.run, min(args.n, 2000), args.seed, args.beta)
-        print(f"run {args.run}, stage-{res['stage']} EMA generator vs p~_beta, beta {res['beta']:.3g} "
-              f"(fitted {res['beta_fit']:.3g})")
-        for k, r in res.items():
-            if isinstance(r, dict):
-                print(f"  {k:8s} ED/floor {r['ed_floor']:7.2f}  occ err {r['occ_err']:.3f}  "
-                      f"reward {r['reward']:.3f} (exact tilted {r['reward_exact']:.3f})")
-        with open(os.path.join(args.run, "eval_tilted.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"({time.time() - t0:.1f}s)")
-        return res
-    try:
-        bb, net, stage = models.load_run(args.run, args.stage)
-    except (FileNotFoundError, ValueError) as e:  # e.g. a checkpoint that is not plain tensors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    results = eval_toy(bb, net, n=args.n, seed=args.seed)
-    print(f"run {args.run}, stage-{stage} EMA generator, {args.n} samples per prompt")
-    print_toy_table(results, bb.sigmas)
-    out = {"run": args.run, "stage": stage, "n": args.n, "seed": args.seed, "toy": results}
+        return main_tilted(args, t0)
+    runs = [args.run] + (args.runs or [])
+    plain = args.plain_dmd_run or []
+    per_run, keep = [], {}
+    for i, run in enumerate(runs):
+        try:
+            bb, net, stage = models.load_run(run, args.stage)
+            others = {"plain_dmd": models.load_run(plain[min(i, len(plain) - 1)], 1)[1]} if plain else None
+        except (FileNotFoundError, ValueError) as e:  # e.g. a checkpoint that is not plain tensors
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None,
+                                base_ode=args.base_ode))
+    summary = summarize_runs(per_run)
+    print(f"stage-{stage} EMA generator of {', '.join(runs)}" + (f"; plain DMD: {', '.join(plain)}" if plain else ""))
+    print_toy_table(summary, bb.sigmas, args.n, len(runs))
+    out = {"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "floor_pairs": FLOOR_PAIRS,
+           "seed": args.seed, "per_run": per_run, "summary": summary}
     with open(os.path.join(args.run, f"eval_stage{stage}.json"), "w") as f:
         json.dump(out, f, indent=1)
-    png = sample.toy_scatter_png(bb, net, os.path.join(args.run, f"eval_stage{stage}.png"))
+    png = toy_figure_stage1(bb, per_run[0], keep, args.png or os.path.join(args.run, f"eval_stage{stage}.png"), args.n)
     print(f"wrote {os.path.join(args.run, f'eval_stage{stage}.json')} and {png} ({time.time() - t0:.1f}s)")
     return out
 
@@ -593,7 +878,16 @@ def get_args(argv=None):
                    help="evaluate this backbone's base model (as the generator) instead of a run")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
     p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
-    p.add_argument("--n", type=int, default=4000, help="toy: samples per prompt")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt (ED, floor, occupancy)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                   help="toy: more runs of the same setting (other --seed): rows show mean +- spread")
+    p.add_argument("--plain-dmd-run", nargs="+", default=None, metavar="RUN",
+                   help="toy stage 1: --plain-dmd run(s), one more row and picture column")
+    p.add_argument("--no-dm-run", default=None, metavar="RUN",
+                   help="toy, with --tilted: a --no-dm stage-2 run, one more row and picture column")
+    p.add_argument("--base-ode", action="store_true",
+                   help="toy stage 1: add the row of the pretrained base MLP as a 50-step ODE sampler")
+    p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
     p.add_argument("--tilted", action="store_true",
                    help="toy stage 2: compare with the exact tilted target at the fitted beta")
     p.add_argument("--beta", type=float, default=None, help="with --tilted: this beta instead of the fit")

@@ -247,5 +247,6 @@ def test_eval_toy_cli_writes_table_json_and_picture(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--stage", "1", "--out", str(d), "--steps", "3", "--batch-size", "32"])
     out, text = run_cli(["--run", str(d), "--n", "200"])
-    assert out["seed"] == 0 and set(out["toy"]) == set(models.TOY_PROMPTS)
-    assert "noise floor" in text and (d / "eval_stage1.json").exists() and (d / "eval_stage1.png").exists()
+    assert out["seed"] == 0 and out["n"] == 200 and set(out["summary"]) == set(models.TOY_PROMPTS)
+    assert "n = 200 per prompt" in text and "floor" in text, "the toy table must state n and the floor"
+    assert (d / "eval_stage1.json").exists() and (d / "eval_stage1.png").exists()
