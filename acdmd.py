@@ -134,15 +134,19 @@ def kl_split_check(log_p_gen, log_p_teacher, reward, beta, grid):
 def subinterval_coeffs(s, t):
     """a_ts = (1-t)/(1-s) and sigma_ts = sqrt(max(t^2 - a_ts^2 s^2, 1e-12)) (section 2).
     If x_s = (1-s) x0 + s eps0 then a_ts x_s + sigma_ts n = (1-t) x0 + (noise of std t)."""
+    # --- exercise renoise: begin ---
     a = (1 - t) / (1 - s)
     sigma_ts = torch.sqrt(torch.clamp(t ** 2 - a ** 2 * s ** 2, min=1e-12))
     return a, sigma_ts
+    # --- exercise renoise: end ---
 
 
 def renoise(x_s, s, t, n):
     """x_t = a_ts x_s + sigma_ts n: push a sample at level s forward to level t > s."""
+    # --- exercise renoise: begin ---
     a, sigma_ts = subinterval_coeffs(bcast(s, x_s), bcast(t, x_s))
     return a * x_s + sigma_ts * n
+    # --- exercise renoise: end ---
 
 
 def sample_renoise_timesteps(s, batch, generator=None, offset=10.0, end=1000.0, lo=20.0, hi=980.0):
@@ -173,18 +177,33 @@ def make_subinterval(x_s, s, tau, noise=None):
 def dmd_direction(x_s, x_s_real, x_s_fake, normalize=True):
     """g = (x_s^fake - x_s^real) / mean_{C,H,W}|x_s - x_s^real|, per sample, then nan_to_num
     (section 3). Descending along g moves x_s toward the teacher."""
+    # --- exercise dmd_direction: begin ---
     g = (x_s_fake - x_s_real).double()
     if normalize:
         dims = tuple(range(1, x_s.dim()))
         scale = (x_s.detach().double() - x_s_real.double()).abs().mean(dim=dims, keepdim=True)
         g = g / scale
     return torch.nan_to_num(g)
+    # --- exercise dmd_direction: end ---
 
 
 def dmd_surrogate(x_s, g):
     """L = 1/2 mean (x_s - sg(x_s - g))^2 in float64. dL/dx_s = g / (B D) (section 3)."""
     x = x_s.double()
     return 0.5 * ((x - (x - g).detach()) ** 2).mean()
+
+
+def shared_projection(x_t, v_real, v_fake, t, s, eta):
+    """Project the teacher's and the fake's velocity at x_t back from t to s with one CPS step
+    each, both with the SAME fresh noise z (section 3): then x_s^fake - x_s^real =
+    kappa(s, t) (v_fake - v_real) exactly, with no noise left in the difference.
+    Returns (x_s_real, x_s_fake)."""
+    # --- exercise dmd_direction: begin ---
+    z = torch.randn_like(x_t, dtype=torch.float32)  # shared: the noise cancels in g
+    x_s_real = cps_step(x_t, v_real, t, s, eta, z)
+    x_s_fake = cps_step(x_t, v_fake, t, s, eta, z)
+    return x_s_real, x_s_fake
+    # --- exercise dmd_direction: end ---
 
 
 def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9, normalize=True):
@@ -197,9 +216,7 @@ def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9,
     with torch.no_grad():
         v_real = cfg_velocity(bb, bb.teacher, x_t, t, cond, null_cond, guidance)
         v_fake = bb.velocity(fake, x_t, t, cond)
-        z = torch.randn_like(x_t, dtype=torch.float32)  # shared: the noise cancels in g
-        x_s_real = cps_step(x_t, v_real, t, s, eta, z)
-        x_s_fake = cps_step(x_t, v_fake, t, s, eta, z)
+        x_s_real, x_s_fake = shared_projection(x_t, v_real, v_fake, t, s, eta)
         g = dmd_direction(x_s, x_s_real, x_s_fake, normalize)
     loss = dmd_surrogate(x_s, g)
     stats = {"dmd_dir_norm": g.flatten(1).norm(dim=1).mean().item(),
@@ -215,9 +232,12 @@ def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9,
 def ambient_target(x_s, n, s, t):
     """T = -x_s/(1-s) + [t + (1-t) s^2/(1-s)^2] / sigma_ts * n   (section 4, derived there).
     Its conditional mean given x_t is the exact velocity of the noised law of x_s."""
+    # --- exercise ambient_target: begin ---
     s, t = bcast(s, x_s), bcast(t, x_s)
-    _, sigma_ts = subinterval_coeffs(s, t)
+    # sigma_ts as in subinterval_coeffs, written out so this exercise stands on its own
+    sigma_ts = torch.sqrt(torch.clamp(t ** 2 - ((1 - t) / (1 - s)) ** 2 * s ** 2, min=1e-12))
     return -x_s / (1 - s) + (t + (1 - t) * s ** 2 / (1 - s) ** 2) / sigma_ts * n
+    # --- exercise ambient_target: end ---
 
 
 def fake_loss_weight(s, t, x, move_scale_out=True, clamp_max=10.0):
@@ -238,7 +258,9 @@ def fake_loss_weight(s, t, x, move_scale_out=True, clamp_max=10.0):
 def consistency_two_sample(h0, h1, h2):
     """Two-sample estimator mean[(h_1 - h_0)(h_2 - h_0)] of ||E[h(x')|x_t] - h_0||^2 for two
     independent transitions x'_1, x'_2 (section 5). Unbiased; can be negative."""
+    # --- exercise consistency_two_sample: begin ---
     return torch.nan_to_num(((h1 - h0) * (h2 - h0)).mean())
+    # --- exercise consistency_two_sample: end ---
 
 
 def consistency_loss(bb, fake, x_t, t, v_hat, cond, eta=0.9, max_delta=200, generator=None,

@@ -62,8 +62,10 @@ def energy_distance(x, y):
     """ED = 2 E|X-Y| - E|X-X'| - E|Y-Y'| with V-statistics (pairs with themselves included).
     The V-statistic is positive with a small O(1/n) bias, so two exact sets give a stable
     positive noise floor to compare against."""
+    # --- exercise energy_distance: begin ---
     x, y = x.double(), y.double()
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
+    # --- exercise energy_distance: end ---
 
 
 def occupancy(x, means):

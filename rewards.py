@@ -80,11 +80,13 @@ def tilt_linear(mixture, a, beta):
         mu~_j = mu_j + beta s_j^2 a,   s~_j = s_j,
         log f_j = beta a^T mu_j + 1/2 beta^2 s_j^2 |a|^2.
     Returns a new models.Mixture (weights [C, J], one row per condition, null row included)."""
+    # --- exercise tilt_linear: begin ---
     a = torch.as_tensor(a, dtype=torch.float64)
     s2 = mixture.stds ** 2
     log_f = beta * mixture.means @ a + 0.5 * beta ** 2 * s2 * (a @ a)
     means = mixture.means + beta * s2[:, None] * a[None]
     return models.Mixture(means, mixture.stds.clone(), tilted_weights(mixture.weights, log_f))
+    # --- exercise tilt_linear: end ---
 
 
 def quadratic_log_f(mixture, gamma, m, beta):

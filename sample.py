@@ -73,6 +73,7 @@ def cps_mean_std(x, v, sigma, sigma_next, eta):
     preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
     All arithmetic in float32 (section 1). sigma, sigma_next: float or Tensor[B].
     Returns mu (float32, x's shape) and rho (broadcastable against x)."""
+    # --- exercise cps_step: begin ---
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
     s_next = bcast(sigma_next, x).float()
@@ -82,14 +83,17 @@ def cps_mean_std(x, v, sigma, sigma_next, eta):
     mu = (1 - s_next) * x0_hat + s_next * math.cos(theta) * eps_hat
     rho = s_next * math.sin(theta)
     return mu, rho
+    # --- exercise cps_step: end ---
 
 
 def cps_step(x, v, sigma, sigma_next, eta, noise=None):
     """x' = mu + rho z (z = `noise`, drawn fresh when None). Output in x's dtype."""
+    # --- exercise cps_step: begin ---
     mu, rho = cps_mean_std(x, v, sigma, sigma_next, eta)
     if noise is None:
         noise = torch.randn_like(mu)
     return (mu + rho * noise.float()).to(x.dtype)
+    # --- exercise cps_step: end ---
 
 
 def full(sigma, x):

@@ -188,6 +188,7 @@ def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
     x_next is detached (the action is data); gradient flows through v only. Float32.
     Deterministic steps (rho = 0: sigma_next = 0 or eta = 0) return 0.
     Returns Tensor[B]."""
+    # --- exercise cps_log_prob: begin ---
     assert form in ("official", "exact"), form
     assert x.dim() >= 2, "x must be [B, ...] with at least one non-batch dim"
     mu, rho = cps_mean_std(x, v, sigma, sigma_next, eta)  # float32
@@ -204,6 +205,7 @@ def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
         rho_safe = torch.where(stochastic, rho, torch.ones_like(rho))  # no inf/nan in grads
         lp = -sq / (2 * rho_safe ** 2) - D * torch.log(rho_safe) - 0.5 * D * math.log(2 * math.pi)
     return torch.where(stochastic, lp, torch.zeros_like(lp))
+    # --- exercise cps_log_prob: end ---
 
 
 def transition_log_prob(bb, net, x, x_next, sigma, sigma_next, cond, eta=0.9, form="official"):
@@ -223,8 +225,10 @@ def select_steps(epoch, seed, num_stochastic=3, num_train=2):
     """The PPO steps of this epoch: `num_train` distinct steps of {0 .. num_stochastic-1}, sorted.
     A local RNG seeded by  seed + 100000 epoch + 104729  makes every rank choose the same steps
     without communicating (section 3). Returns list[int]."""
+    # --- exercise select_steps: begin ---
     rng = random.Random(seed + 100000 * epoch + 104729)
     return sorted(rng.sample(range(num_stochastic), num_train))
+    # --- exercise select_steps: end ---
 
 
 def prompt_seed(prompt, step, epoch):
@@ -238,12 +242,14 @@ def shared_noise(prompts, step, epoch, shape, device="cpu"):
     Drawn on the CPU from a generator seeded by prompt_seed(prompt, step, epoch), so all copies of
     a prompt, on every rank and at any batch position, get the same tensor.
     prompts: list[str] of length B; shape: one sample's shape. Returns float32 [B, *shape]."""
+    # --- exercise select_steps: begin ---
     cache = {}
     for p in prompts:
         if p not in cache:
             g = torch.Generator().manual_seed(prompt_seed(p, step, epoch))
             cache[p] = torch.randn(*shape, generator=g)
     return torch.stack([cache[p] for p in prompts]).to(device)
+    # --- exercise select_steps: end ---
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +312,7 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
     A = sum_k w_k (r_k - per-prompt mean): plain REINFORCE with a group baseline, whose expected
     update is an exact multiple of grad E[r] (sections 6, 7: "exact decomposition mode").
     Returns float32 Tensor[N]."""
+    # --- exercise group_advantages: begin ---
     N = len(prompts)
     groups = {}
     for i, p in enumerate(prompts):
@@ -320,6 +327,7 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
     if normalize:
         A = (A - A.mean()) / (A.std(unbiased=False) + eps)
     return A.float()
+    # --- exercise group_advantages: end ---
 
 
 def clip_advantages(advantages, clip_max=5.0):
@@ -338,6 +346,7 @@ def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
     log_prob_new [B] (with grad), log_prob_old [B] and advantages [B] (constants).
     At the sampling parameters r = 1 and grad L = -mean_b A grad l_new (REINFORCE with a baseline).
     Returns (scalar loss, {ratio_mean, ratio_min, ratio_max, clip_frac, approx_kl} as floats)."""
+    # --- exercise ppo_loss: begin ---
     A = advantages.detach().float()
     log_ratio = log_prob_new.float() - log_prob_old.detach().float()
     ratio = torch.exp(log_ratio)
@@ -350,6 +359,7 @@ def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
                      clip_frac=((ratio - 1).abs() > clip_range).float().mean().item(),
                      approx_kl=(0.5 * log_ratio ** 2).mean().item())
     return loss, stats
+    # --- exercise ppo_loss: end ---
 
 
 def final_step_x0(bb, net, x3, sigma3, cond):
@@ -357,9 +367,11 @@ def final_step_x0(bb, net, x3, sigma3, cond):
     with grad through the network only; x_3 [B, ...] is a stored rollout state (a constant), so
     reward gradients reach the generator through this one call and never through steps 0-2.
     Returns float32 [B, ...]."""
+    # --- exercise final_step_x0: begin ---
     x3 = x3.detach()
     v = bb.velocity(net, x3, full(sigma3, x3), cond)
     return x0_from_velocity(x3.float(), v.float(), sigma3)
+    # --- exercise final_step_x0: end ---
 
 
 def bp_loss(rewards_weighted_sum, margin=3.0):
@@ -368,10 +380,12 @@ def bp_loss(rewards_weighted_sum, margin=3.0):
     practice) grad L_BP = -mean_b grad R_w: the path-wise part of the hybrid gradient. The caller
     applies the weight bp_grad_scale = 1e-4.
     Returns (scalar loss, {reward_mean, hinge_active} as floats)."""
+    # --- exercise final_step_x0: begin ---
     R = rewards_weighted_sum.float()
     loss = torch.relu(margin - R).mean()
     stats = dict(reward_mean=R.mean().item(), hinge_active=(R < margin).float().mean().item())
     return loss, stats
+    # --- exercise final_step_x0: end ---
 
 
 # ---------------------------------------------------------------------------------------------
