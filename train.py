@@ -314,6 +314,9 @@ def main(argv=None):
     else:
         nets = train_stage2(args, bb, rank, world, device, master, shared_rng, reward)
     if ddp:
+        # rank 0 still draws the samples and writes the exports: wait for it, so that no rank
+        # tears down its process group while another is still using its own
+        dist.barrier()
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
 
