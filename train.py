@@ -4,10 +4,13 @@ train.py -- both stages of RTDMD, one process or many.
     python train.py --stage 1                                  # toy, one process (CPU)
     torchrun --standalone --nproc_per_node 2 train.py --stage 1 --out runs/toy
     torchrun --standalone --nproc_per_node 2 train.py --stage 2 --out runs/toy
-    torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35
-    python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2  # CPU
+    torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35 \
+        --prompts dataset/pickscore/train.txt
+    python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2 \
+        --prompts tests/prompts/train.txt                                   # CPU, tiny twin
     torchrun --nproc_per_node 8 train.py --stage 2 --model sd3.5-medium --out runs/sd35 \
-        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 ...  # rewards
+        --prompts dataset/geneval/train_metadata.jsonl --clip-l-path ckpt/clip-vit-large-patch14 ...
+    python train.py --stage 1 --out runs/prof --profile 20       # where a step's time goes
 
 Defaults are the paper's for the real backbones (official code: configs/cold_start/*.yaml for
 stage 1, configs/rtdmd/*.yaml for stage 2) and CPU-sized for the toy. Each run folder holds
@@ -37,7 +40,7 @@ config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samp
 
 Reading order (the order of this file): arguments -> set-up (DDP, backbone) -> stage 1 (the
 loop, then its two phases) -> stage 2 (the loop, then its four phases and their helpers) ->
-shared helpers (EMA, checkpoints, logging, exported files).
+shared helpers (EMA, checkpoints, update guard, logging, exported files) -> profiling (--profile).
 """
 import argparse
 import contextlib
