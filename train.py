@@ -35,7 +35,7 @@ config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samp
 |   generator step, accumulated over sub-batches and steps j      stage2_generator_step     |
 |     j in S (2 of the 3 stochastic steps): w_pg * clipped PPO surrogate                    |
 |     j = 3 (deterministic): w_dm * AC-DMD at s = 0  +  w_bp * reward back-prop             |
-|   EMA of the generator: every 8th epoch, nb updates (official schedule)   ema_update      |
+|   EMA of the generator: every 8th epoch, one update per sub-batch (official)  ema_update  |
 +------------------------------------------------------------------------------------------+
 
 Reading order (the order of this file): arguments -> set-up (DDP, backbone) -> stage 1 (the
@@ -167,8 +167,8 @@ def add_stage2_args(p):
                    help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
                    "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
     p.add_argument("--ema-schedule", default="official", choices=("official", "once"),
-                   help="stage-2 EMA: official = the decay applied after every sub-batch when it fires (nb "
-                   "times per firing, subgrpo.stage2_ema_decays); once = once per firing (a longer average)")
+                   help="stage-2 EMA: official = the decay applied after every sub-batch when it fires ("
+                   "--num-batches-per-epoch times per firing, subgrpo.stage2_ema_decays); once = once per firing (a longer average)")
     p.add_argument("--logprob", default="official", choices=("official", "exact"), help="CPS log-probability form (subgrpo.cps_log_prob)")
     p.add_argument("--no-dm", action="store_true", help="ablation: drop the final-step DM term")
     p.add_argument("--no-bp", action="store_true", help="ablation: drop reward back-prop")
@@ -349,18 +349,18 @@ def read_training_prompts(args):
         prompts, metadata = models.read_prompt_file(args.prompts)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --prompts: {e}")
-    mine = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
+    this_file = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
     cfg_path, key = os.path.join(args.out, "config.json"), f"stage{args.stage}"
     files = {}
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             files = json.load(f).get("prompt_files") or {}
     old = files.get(key)
-    if args.resume and old and old["sha256"] != mine["sha256"]:
-        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {mine['sha256'][:12]}), but stage "
+    if args.resume and old and old["sha256"] != this_file["sha256"]:
+        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {this_file['sha256'][:12]}), but stage "
                  f"{args.stage} of {args.out} started with {old['file']} (sha256 {old['sha256'][:12]}); "
                  "pass that file to continue this run")
-    return prompts, metadata, files | {key: mine}
+    return prompts, metadata, files | {key: this_file}
 
 
 def tilt_toy_teacher(bb, args):
@@ -587,10 +587,10 @@ def check_same_stage1(args, ck, stage1):
 
 def stage2_ema_schedule(args, epoch):
     """The EMA decays to apply before and after this epoch's optimiser step. The official trainer
-    calls its EMA after every sub-batch; the calls that fire apply ema <- d ema + (1 - d) theta, nb
-    times in all every 8th step, so the stage-2 EMA trails the weights by ~d^16 = 0.19 per firing,
+    calls its EMA after every sub-batch; the calls that fire apply ema <- d ema + (1 - d) theta,
+    num_batches times in all every 8th step, so the stage-2 EMA trails the weights by ~d^16 = 0.19 per firing,
     not 0.9 (subgrpo.stage2_ema_decays). The epoch's one optimiser step sits between its calls
-    1..nb-1 and its last one. --ema-schedule once: the nominal reading, one update per firing."""
+    1..num_batches-1 and its last one. --ema-schedule once: the nominal reading, one update per firing."""
     if args.ema_schedule == "once":
         return [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
     return subgrpo.stage2_ema_decays(epoch, args.num_batches_per_epoch, max_decay=args.ema_decay)
@@ -634,8 +634,8 @@ def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, ra
         # M distinct prompts (a permutation's first M) x K copies, shuffled over the ranks
         idx = subgrpo.draw_prompts(len(bb.prompts), M, group, shared_rng)
         per_iteration.append(idx.tolist())
-        mine = per_iteration[-1][rank * B:(rank + 1) * B]
-        prompts = [bb.prompts[i] for i in mine]
+        rank_idx = per_iteration[-1][rank * B:(rank + 1) * B]
+        prompts = [bb.prompts[i] for i in rank_idx]
         with PROF.phase("rollouts"):
             cond = bb.encode(prompts)
             with torch.no_grad(), autocast:
@@ -644,7 +644,7 @@ def stage2_rollouts(args, bb, generator, reward_fn, steps, epoch, shared_rng, ra
         with PROF.phase("rewards"), torch.no_grad():
             images = bb.decode(out["x0"])
             out["rewards"] = reward_fn(images, prompts) if metadata is None else \
-                reward_fn(images, prompts, metadata=[metadata[i] for i in mine])
+                reward_fn(images, prompts, metadata=[metadata[i] for i in rank_idx])
         parts.append(out | {"cond": cond})
     data = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "next_latents", "log_probs", "x0")}
     data["cond"] = {k: torch.cat([p["cond"][k] for p in parts]) for k in parts[0]["cond"]}
@@ -711,12 +711,12 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
     logged numbers."""
     w_pg, w_dm, w_bp = loss_weights
     final, sigmas = len(bb.sigmas) - 2, [float(s) for s in bb.sigmas]
-    adv, nb = rollouts["advantages"], args.num_batches_per_epoch
+    adv, num_batches = rollouts["advantages"], args.num_batches_per_epoch
     generator.zero_grad(set_to_none=True)
-    keep = subgrpo.drop_zero_advantages(adv, nb, epoch, rank)
-    order, B = keep[torch.randperm(len(keep))], len(keep) // nb  # sub-batches, in a fresh order
+    keep = subgrpo.drop_zero_advantages(adv, num_batches, epoch, rank)
+    order, B = keep[torch.randperm(len(keep))], len(keep) // num_batches  # sub-batches, in a fresh order
     rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0, "kept": len(keep)}, []
-    for b in range(nb):
+    for b in range(num_batches):
         i = order[b * B:(b + 1) * B]
         cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
         null_b = models.cond_select(null_cond, torch.arange(B, device=adv.device))
@@ -732,7 +732,7 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
                                                        args.clip_range)
                         loss = w_pg * l_pg
                         ppo_stats.append(stats)
-                        rec["loss_pg"] += loss.item() / args.num_batches_per_epoch
+                        rec["loss_pg"] += loss.item() / num_batches
                 elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
                     with PROF.phase("final step + DM term"):
                         x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
@@ -741,13 +741,13 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
                             l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
                                                            args.guidance, args.eta, args.grad_norm)
                             loss = loss + w_dm * l_dm
-                            rec["loss_dm"] += w_dm * l_dm.item() / args.num_batches_per_epoch
+                            rec["loss_dm"] += w_dm * l_dm.item() / num_batches
                     if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
                         with PROF.phase("back-prop term"):
                             l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
                                                        args.bp_batch_size)
                             loss = loss + w_bp * l_bp
-                            rec["loss_bp"] += w_bp * value / args.num_batches_per_epoch
+                            rec["loss_bp"] += w_bp * value / num_batches
             if torch.is_tensor(loss):  # the generator's backward of this step's terms
                 with PROF.phase("PPO terms" if j != final else "final-step backward"):
                     (loss / accumulation).backward()
@@ -921,9 +921,9 @@ def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, 
     moment `path` is one complete checkpoint, even if the process is killed mid-save."""
     states = gather_objects(rng_state(), world)
     weights = trainable(nets["generator"])
-    mine = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
+    checksum = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
                for p in weights)
-    sums = gather_objects(mine, world)
+    sums = gather_objects(checksum, world)
     gen_names = [n for n, p in raw(nets["generator"]).named_parameters() if p.requires_grad]
     # the tensors saved per net: its trainable ones (the EMA copy has requires_grad off: the
     # generator's trainable names)
