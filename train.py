@@ -439,6 +439,24 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
 
 
+def simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, with_grad):
+    """The sample both stage-1 updates train on: run the generator's sampler from noise up to a
+    random step (sample.random_stop; with grad through that last step only when with_grad, for
+    the generator update), take its output x_s at level s (subinterval_start) and renoise it to a
+    level t > s (acdmd.make_subinterval). The stop and the renoise levels come from shared_rng, so
+    every rank trains the same step. Returns (stop, x_s, s, t, n, x_t)."""
+    B = len(next(iter(cond.values())))
+    stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
+    with PROF.phase("backward simulation"):
+        with torch.set_grad_enabled(with_grad), autocast:
+            net = generator if with_grad else raw(generator)  # DDP only where gradients flow
+            sim = sample.backward_simulation(bb, net, bb.noise(B), cond, stop, eta=args.eta)
+        x_s, s = subinterval_start(sim, args.plain_dmd)
+        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
+        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
+    return stop, x_s, s, t, n, x_t
+
+
 def subinterval_start(sim, plain_dmd):
     """(x_s, s) for the losses. AC-DMD: the CPS output of the last executed step, at its level
     s = sigma_{k+1}. Plain DMD (ablation): x0_hat of that step at s = 0, as in DMD2."""
@@ -451,14 +469,8 @@ def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocas
     """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
     random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
-    B = len(next(iter(cond.values())))
-    stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
-    with PROF.phase("backward simulation"), torch.no_grad(), autocast:
-        sim = sample.backward_simulation(bb, raw(generator), bb.noise(B), cond, stop, eta=args.eta)
+    stop, x_s, s, t, n, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, False)
     with PROF.phase("fake-score update"):
-        x_s, s = subinterval_start(sim, args.plain_dmd)
-        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
-        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
         with autocast:
             loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
                                                   args.move_scale_out, args.consistency_weight, args.eta,
@@ -473,14 +485,8 @@ def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, sha
     """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
     that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
-    B = len(next(iter(cond.values())))
-    stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
-    with PROF.phase("backward simulation"), autocast:
-        sim = sample.backward_simulation(bb, generator, bb.noise(B), cond, stop, eta=args.eta)
+    stop, x_s, s, t, _, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, True)
     with PROF.phase("generator update"):
-        x_s, s = subinterval_start(sim, args.plain_dmd)
-        tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
-        t, n, x_t = acdmd.make_subinterval(x_s, s, tau)
         with autocast:
             loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
                                                  args.guidance, args.eta, args.grad_norm)
@@ -715,11 +721,11 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
     generator.zero_grad(set_to_none=True)
     keep = subgrpo.drop_zero_advantages(adv, num_batches, epoch, rank)
     order, B = keep[torch.randperm(len(keep))], len(keep) // num_batches  # sub-batches, in a fresh order
+    null_b = models.cond_select(null_cond, torch.arange(B, device=adv.device))  # the sub-batch's size
     rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0, "kept": len(keep)}, []
     for b in range(num_batches):
         i = order[b * B:(b + 1) * B]
         cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
-        null_b = models.cond_select(null_cond, torch.arange(B, device=adv.device))
         for j in sorted(set(steps) | {final}):
             x_j, x_next = rollouts["latents"][i, j], rollouts["next_latents"][i, j]
             loss = 0.0
@@ -943,7 +949,7 @@ def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, 
         ck[key] = {k: sd[k].detach().cpu().clone() for k in names[key]}
     ck |= {k: opt.state_dict() for k, opt in opts.items()}
     ck |= counter | {"rng": states, "shared_rng": shared_rng.get_state(), "config": vars(args)}
-    tmp, prev = path + ".tmp", path[:-len(".pt")] + ".prev.pt"
+    tmp, prev = path + ".tmp", previous_checkpoint(path)
     with open(tmp, "wb") as f:
         torch.save(ck | (extra or {}), f)
         f.flush()
@@ -976,12 +982,17 @@ def load_checkpoint(path, nets, opts, shared_rng, rank):
     return ck
 
 
+def previous_checkpoint(path):
+    """Where save_checkpoint keeps the checkpoint that `path` replaced: stage1.pt -> stage1.prev.pt."""
+    return path[:-len(".pt")] + ".prev.pt"
+
+
 def read_checkpoint(path):
     """models.load_checkpoint, with its refusal (or an unreadable file) as one error line."""
     try:
         return models.load_checkpoint(path)
     except (ValueError, RuntimeError, EOFError) as e:
-        prev = path[:-len(".pt")] + ".prev.pt"
+        prev = previous_checkpoint(path)
         hint = f"; the previous checkpoint is {prev}" if os.path.exists(prev) else ""
         sys.exit(f"error: {' '.join(str(e).split())}{hint}")
 
