@@ -487,6 +487,8 @@ def load_generator(args, device, dtype):
     if args.run:
         return models.load_run(args.run, args.stage, **kw)
     bb = models.load(args.model, cache_dir=args.cache_dir, pretrained=args.pretrained, **kw)
+    if args.lora:
+        return bb, models.merged_generator(bb, args.lora), "lora"
     return bb, bb.generator_base, None
 
 
@@ -539,7 +541,8 @@ def main_images(args):
         print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
     print(f"{bb.resolution} px, seed {args.seed}")
     run_name = args.run and os.path.basename(os.path.abspath(args.run))
-    gen = f"{run_name} stage {stage}" if args.run else f"{args.model} base"
+    gen = f"{run_name} stage {stage}" if args.run else f"{args.model} + {len(args.lora)} LoRA(s)" \
+        if args.lora else f"{args.model} base"
     labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
                                          for n, r in rows.items() if n == "teacher"]
     print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
@@ -551,7 +554,7 @@ def main_images(args):
     grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
     out = {"protocol": {"name": args.protocol, "overrides": args.overrides},
-           "model": bb.name, "run": args.run, "stage": stage, "device": device, "dtype": str(dtype),
+           "model": bb.name, "run": args.run, "lora": args.lora, "stage": stage, "device": device, "dtype": str(dtype),
            "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
            "n_per_prompt": args.n_per_prompt, "rows": rows,
            "prompts": {"file": first, "sha256": sets[first][3], "n_in_file": sets[first][2],
@@ -917,12 +920,17 @@ def get_args(argv=None):
     g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
     g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
     g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
+    g.add_argument("--lora", nargs="+", default=None, metavar="PATH", help="--model: merge these LoRAs "
+                   "into its generator base, in order (a released RTDMD model: its stage-1, then stage-2 "
+                   "generator_ema.pt; .pt, .safetensors or peft folders)")
     g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
     g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
     rewards.add_source_args(g)  # --clip-l-path, --hpsv2-path, ...
     args = p.parse_args(argv)
     if args.ablation is None and (args.run is None) == (args.model is None):
         p.error("give exactly one of --run and --model (or --ablation DIR)")
+    if args.lora and args.model is None:
+        p.error("--lora merges into a base model: pass --model NAME --lora PATH [PATH ...]")
     return args
 
 

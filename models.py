@@ -119,6 +119,7 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 import copy
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -534,11 +535,12 @@ class DiffusersBackbone:
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
                  gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None,
-                 prompt_metadata=None, **unused):
+                 prompt_metadata=None, lora_dtype=torch.float32, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.lora_dtype = lora_dtype  # the trainable (master) weights: LoRA, or the full copy
         self.prompts = list(prompts or DEFAULT_PROMPTS)
         # one dict per training prompt (read_prompt_file: a .jsonl line's other fields), for the
         # rewards that score against it (GenEval)
@@ -563,15 +565,16 @@ class DiffusersBackbone:
         stage 1: base + LoRA (gaussian init, A std 1/r, B = 0): starts equal to the base.
         stage 2: base + `merge` (the previous stage's LoRA file / state dict, or a list merged in
         order) folded into the weights, then a fresh LoRA (A std 1, B = 0; rtdmd/utils/lora.py).
-        lora_rank=0: full fine-tuning, every weight of a real copy trains."""
+        lora_rank=0: full fine-tuning, every weight of a real copy trains, in self.lora_dtype."""
         base = self.generator_base if role == "generator" else self.teacher
-        net = copy.deepcopy(base).requires_grad_(True) if self.lora_rank == 0 else shared_copy(base)
+        net = copy.deepcopy(base).to(self.lora_dtype).requires_grad_(True) if self.lora_rank == 0 \
+            else shared_copy(base)
         merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
         for lora in merges:
             merge_lora(load_lora(net, lora))
         if self.lora_rank > 0:
             inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
-                        init="gaussian" if stage == 1 else "normal")
+                        init="gaussian" if stage == 1 else "normal", dtype=self.lora_dtype)
         if self.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         return net.train()
@@ -844,20 +847,23 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 class LoRALinear(nn.Linear):
     """A Linear with a LoRA branch. It *shares* the wrapped layer's weight and bias (no copy),
     keeps their state-dict names (`weight`, `bias`) and adds `lora_A.weight`, `lora_B.weight`,
-    the names peft gives them (minus its adapter name). LoRA weights are float32 even when the
-    base is bf16 (as peft does), the branch is cast back to the output dtype."""
+    the names peft gives them (minus its adapter name). LoRA weights are `dtype`: float32 by
+    default, bf16 with train.py --lora-dtype bf16, which is what the official code gets: diffusers'
+    add_adapter creates peft's A and B in the base layer's dtype, bf16 there. The branch is cast
+    back to the output dtype."""
 
-    def __init__(self, base, rank, alpha, init="gaussian"):
+    def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.scale = alpha / rank
-        f32 = dict(bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Linear(base.in_features, rank, **f32)
-        self.lora_B = nn.Linear(rank, base.out_features, **f32)
-        with torch.no_grad():
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        with torch.no_grad():  # drawn in float32, then rounded: the same draw for either dtype
             self.lora_A.weight.normal_(0.0, 1.0 / rank if init == "gaussian" else 1.0)
             self.lora_B.weight.zero_()
+        self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def forward(self, x):
         y = nn.functional.linear(x, self.weight, self.bias)
@@ -878,13 +884,13 @@ def lora_targets(net, family, stage=1):
             and any(n == s or n.endswith("." + s) for s in suffixes)]
 
 
-def inject_lora(net, names, rank=32, alpha=64, init="gaussian"):
+def inject_lora(net, names, rank=32, alpha=64, init="gaussian", dtype=torch.float32):
     """Wrap the named Linears with LoRALinear; freeze everything else. Returns net."""
     net.requires_grad_(False)
     for n in names:
         parent, _, child = n.rpartition(".")
         owner = net.get_submodule(parent)
-        setattr(owner, child, LoRALinear(owner.get_submodule(child), rank, alpha, init))
+        setattr(owner, child, LoRALinear(owner.get_submodule(child), rank, alpha, init, dtype))
     return net
 
 
@@ -929,27 +935,130 @@ def save_lora(lora, path, alpha=None, prefix="transformer"):
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
-def load_lora(net, lora, prefix="transformer"):
-    """Wrap the modules named in `lora` (a file from save_lora, or a lora_state_dict) with
-    LoRALinear and load its weights. alpha comes from the file (default 2 r, the paper's)."""
+# Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the
+# official loader strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
+LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.model.", "transformer.")
+LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
+
+
+def read_lora(src, rank=32, alpha=64):
+    """A LoRA in any of the layouts of the official loader (rtdmd/inference.py,
+    _merge_lora_into_base_transformer) or of save_lora -> ({module.lora_A.weight: A,
+    module.lora_B.weight: B}, alpha for that state dict's rank). src: a state dict, a peft folder
+    (adapter_config.json + adapter_model.safetensors / .bin, or such a folder in transformer/), a
+    save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
+    generator_ema.pt files). Files are read with weights_only=True. Without a config the scale
+    is the official fallback alpha / rank = 64 / 32, whatever the tensors' rank."""
     import json
-    alpha = None
-    if isinstance(lora, (str, os.PathLike)):
-        from safetensors import safe_open
-        with safe_open(str(lora), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-            lora = {k: f.get_tensor(k) for k in f.keys()}
-        alpha = meta.get(f"{prefix}.lora_alpha")
-    sd = {k.removeprefix(prefix + "."): v for k, v in lora.items()}
+    scale = alpha / rank
+    if isinstance(src, (str, os.PathLike)):
+        path = str(src)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")) \
+                and os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        if os.path.isdir(path):
+            cfg_file = os.path.join(path, "adapter_config.json")
+            if os.path.isfile(cfg_file):
+                with open(cfg_file) as f:
+                    cfg = json.load(f)
+                scale = float(cfg.get("lora_alpha", alpha)) / float(cfg.get("r", rank))
+            files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin",
+                                                     "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+            if not files:
+                raise FileNotFoundError(f"--lora {src}: a LoRA folder needs adapter_model.safetensors "
+                                        "(or .bin / .pt) next to adapter_config.json")
+            path = files[0]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--lora {src}: no such file or folder (a .pt / .safetensors LoRA "
+                                    "or a peft folder)")
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            r_key = next((k for k in meta if k.endswith(".r") or k == "r"), None)
+            if r_key is not None:
+                scale = float(meta[r_key[:-1] + "lora_alpha"]) / float(meta[r_key])
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"--lora {src}: not a tensor-only checkpoint ({type(e).__name__}); "
+                                 "only state dicts of tensors are read (weights_only=True)") from None
+    else:
+        sd = src
+    out = {}
+    for k, v in sd.items():
+        while (p := next((w for w in LORA_WRAPPERS if k.startswith(w)), None)):
+            k = k[len(p):]
+        m = LORA_KEY.match(k)
+        if m and torch.is_tensor(v):
+            out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = v
+    if not out:
+        raise ValueError(f"--lora {src if not isinstance(src, dict) else 'state dict'}: no "
+                         "'...lora_A[.adapter].weight' / '...lora_B...' keys found")
+    r = next(v for k, v in out.items() if k.endswith("lora_A.weight")).shape[0]
+    return out, scale * r
+
+
+def load_lora(net, lora, prefix="transformer"):
+    """Wrap the modules named in `lora` (any source read_lora reads) with LoRALinear and load
+    its weights. alpha comes from the file (default 2 r, the paper's)."""
+    sd, alpha = read_lora(lora)
     names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    unknown = [n for n in names if n not in dict(net.named_modules())]
+    if unknown:
+        raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: "
+                         "is it a LoRA of another model?")
     r = sd[names[0] + ".lora_A.weight"].shape[0]
     trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
-    inject_lora(net, names, r, alpha or 2 * r)
+    inject_lora(net, names, r, alpha)
     for p in trainable:
         p.requires_grad_(True)
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert not unexpected and not [k for k in missing if ".lora_" in k], (missing, unexpected)
     return net
+
+
+def merged_generator(bb, loras):
+    """The generator base with each LoRA of `loras` merged into its weights, in order (official
+    code: rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1
+    LoRA, then its stage-2 LoRA. The base's own tensors stay untouched (merge_lora)."""
+    net = shared_copy(bb.generator_base)
+    for lora in loras:
+        merge_lora(load_lora(net, lora))
+    return net.eval().requires_grad_(False)
+
+
+def stack_loras(loras):
+    """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the
+    rank axis, B = [B1 c1, B2 c2, ...] with c_i = s_i / s (s_i = alpha_i / r_i, s the stack's
+    scale, that of the first), so s B A = sum_i s_i B_i A_i exactly. A module missing from one
+    LoRA gets zero rows there, so every module has the summed rank. Two stacked rank-32 LoRAs
+    become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
+    read = [read_lora(x) for x in loras]
+    ranks = [next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0] for sd, _ in read]
+    scales = [a / r for (_, a), r in zip(read, ranks)]
+    names = sorted({k.rsplit(".lora_", 1)[0] for sd, _ in read for k in sd})
+    out = {}
+    for n in names:
+        ref = next(sd for sd, _ in read if n + ".lora_A.weight" in sd)
+        d_in, d_out = ref[n + ".lora_A.weight"].shape[1], ref[n + ".lora_B.weight"].shape[0]
+        A, B = [], []
+        for (sd, _), r, s in zip(read, ranks, scales):
+            a = sd.get(n + ".lora_A.weight", torch.zeros(r, d_in)).float()
+            b = sd.get(n + ".lora_B.weight", torch.zeros(d_out, r)).float()
+            A.append(a)
+            B.append(b * (s / scales[0]))
+        out[n + ".lora_A.weight"], out[n + ".lora_B.weight"] = torch.cat(A), torch.cat(B, 1)
+    return out, scales[0] * sum(ranks)
+
+
+def export_stacked_lora(loras, path):
+    """stack_loras written by save_lora: a diffusers/peft file for `pipe.load_lora_weights`."""
+    sd, alpha = stack_loras(loras)
+    save_lora(sd, path, alpha=int(alpha) if float(alpha).is_integer() else alpha)
+    return path
 
 
 def export_merged(net, folder):

@@ -342,8 +342,9 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw samples from a trained run, or from the teacher.")
+def get_parser():
+    p = argparse.ArgumentParser(description="Draw samples from a trained run, from --model with --lora "
+                                "files merged (the released RTDMD models), or from the teacher.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
     p.add_argument("--prompt", action="append", default=None,
@@ -362,9 +363,29 @@ def main(argv=None):
                    help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch "
                    "and print images/s and the speed-up; without --run, the generator's base network "
                    "stands in for the generator (same architecture, same cost)")
+    p.add_argument("--lora", nargs="+", default=None, metavar="PATH",
+                   help="with --model: the generator is its base with these LoRAs merged in order (a "
+                   "released model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
+    p.add_argument("--export-lora", default=None, metavar="FILE",
+                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed "
+                   "rank (.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
-    if args.run is None and not ((args.teacher or args.speed) and args.model):
-        p.error("pass --run RUN, or --teacher --model NAME (or --speed --model NAME) without a run")
+    if args.export_lora:
+        if not args.lora:
+            p.error("--export-lora needs --lora PATH [PATH ...]")
+        path = models.export_stacked_lora(args.lora, args.export_lora)
+        print(f"{len(args.lora)} LoRAs stacked into one -> {path}")
+        return path
+    if args.lora and (args.run is not None or args.model is None or args.teacher):
+        p.error("--lora merges into --model's generator base: pass --model NAME --lora PATH ..., without --run")
+    if args.run is None and not ((args.teacher or args.speed or args.lora) and args.model):
+        p.error("pass --run RUN, or --model NAME --lora PATH ..., or --teacher --model NAME "
+                "(or --speed --model NAME) without a run")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
@@ -374,12 +395,14 @@ def main(argv=None):
     else:
         bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
                          device=device, dtype=dtype)
+        if args.lora:
+            net, stage = models.merged_generator(bb, args.lora), "lora"
     t_load = time.time() - t0
 
     if args.speed:
         if bb.name.startswith("toy"):
             p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
-        net = net if args.run is not None else bb.generator_base
+        net = net if args.run is not None or args.lora else bb.generator_base
         r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
         print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
               f"mean of {r['repeats']} after a warm-up; images/s, samplers alone | end to end:\n"
@@ -416,8 +439,9 @@ def main(argv=None):
     else:
         images = generator_images(bb, net, prompts, n, args.seed, args.eta)
         nfe = len(bb.sigmas) - 1
-        what = f"stage-{stage} EMA generator, CPS eta {args.eta}, no CFG"
-        name = f"stage{stage}_ema"
+        what = (f"{args.model} + {len(args.lora)} merged LoRA(s)" if args.lora else
+                f"stage-{stage} EMA generator") + f", CPS eta {args.eta}, no CFG"
+        name = "lora" if args.lora else f"stage{stage}_ema"
     if cuda:
         torch.cuda.synchronize()
     wall = time.time() - t0

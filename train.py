@@ -138,6 +138,10 @@ def get_args(argv=None):
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
+    p.add_argument("--lora-dtype", default=None, choices=("bf16", "fp32"),
+                   help="dtype of the trainable master weights (LoRA A/B, or the full copy with --lora-rank "
+                   "0), hence of AdamW's updates and the EMA (default: bf16 on CUDA for real backbones, the "
+                   "official precision; fp32 on CPU and for the toy)")
     add_stage2_args(p)
     return p.parse_args(argv)
 
@@ -206,6 +210,12 @@ def resolve_defaults(args, cuda):
         args.bf16 = int(cuda)
     if args.grad_ckpt is None:
         args.grad_ckpt = int(cuda)
+    if args.lora_dtype is None:
+        # bf16 on CUDA: the official code's LoRA is created in the bf16 base's dtype (diffusers
+        # add_adapter), so its masters, AdamW steps and EMA are bf16, and the paper's learning rates
+        # were tuned so (an update below half a bf16 step is lost). fp32 on CPU, where bf16 matmuls
+        # are slow, and for the toy, whose learning rates were tuned in fp32.
+        args.lora_dtype = "bf16" if cuda and not args.model.startswith("toy") else "fp32"
     return args
 
 
@@ -284,8 +294,8 @@ def main(argv=None):
     shared_rng = torch.Generator().manual_seed(args.seed + 12345)
 
     # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder.
-    # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; LoRA
-    # parameters are always float32 (models.LoRALinear).
+    # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; the
+    # trainable masters (LoRA, or the full copy) are --lora-dtype (models.LoRALinear).
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     load_kw = dict(cache_dir=args.out, device=device, dtype=dtype, pretrained=args.pretrained,
                    generator_pretrained=args.generator_pretrained, resolution=args.resolution,
@@ -294,6 +304,8 @@ def main(argv=None):
                    width=args.toy_width)
     if prompts is not None:
         load_kw |= dict(prompts=prompts, prompt_metadata=metadata)
+    if not args.model.startswith("toy"):
+        load_kw["lora_dtype"] = torch.bfloat16 if args.lora_dtype == "bf16" else torch.float32
     if master:
         bb = models.load(args.model, progress=True, **load_kw)
     if ddp:
