@@ -129,3 +129,43 @@ def test_bad_lora_is_one_clear_error(files, tmp_path):
                tmp_path / "other.pt")
     with pytest.raises(ValueError, match="another model"):
         models.merged_generator(bb, [str(tmp_path / "other.pt")])
+
+
+# --- the master dtype (train.py --lora-dtype) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, moves", [(torch.float32, True), (torch.bfloat16, False)])
+def test_lora_dtype_bf16_master_loses_an_update_below_half_a_bf16_step(tiny_dir, dtype, moves):  # noqa: F811
+    """B = 1, one AdamW step of lr 1e-3 (Adam's first step is lr x sign(grad)): an fp32 master moves
+    by 1e-3, a bf16 master rounds 1 - 1e-3 back to 1 (its step at 1 is 2^-7 = 0.0078, so anything
+    below 0.0039 is lost), as in the official code's bf16 LoRA (models.LoRALinear)."""
+    bb = models.load("tiny-sd3", cache_dir=tiny_dir, lora_dtype=dtype)
+    g = bb.make_student("generator")
+    layers = models.lora_layers(g).values()
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.weight.fill_(1.0)
+    params = [p for p in g.parameters() if p.requires_grad]
+    assert {p.dtype for p in params} == {dtype}
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    x = bb.noise(1, torch.Generator().manual_seed(0))
+    bb.velocity(g, x, torch.tensor([0.7]), bb.encode(["a dog"])).square().mean().backward()
+    opt.step()
+    change = max((m.lora_B.weight.float() - 1.0).abs().max().item() for m in layers)
+    assert (abs(change - 1e-3) < 1e-5) if moves else change == 0.0, change
+
+
+def test_full_finetune_masters_follow_lora_dtype(tiny_dir):  # noqa: F811
+    """--lora-rank 0 with bf16 frozen weights: the trainable copy is float32 under --lora-dtype fp32."""
+    for want in (torch.float32, torch.bfloat16):
+        bb = models.load("tiny-sd3", cache_dir=tiny_dir, dtype=torch.bfloat16, lora_rank=0, lora_dtype=want)
+        assert {p.dtype for p in bb.make_student("generator").parameters()} == {want}
+        assert bb.teacher.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+
+
+def test_lora_dtype_defaults():
+    import train
+    for model, cuda, want in (("sd3.5-medium", True, "bf16"), ("sd3.5-medium", False, "fp32"), ("toy", True, "fp32")):
+        args = train.resolve_defaults(train.get_args(["--stage", "1", "--model", model]), cuda)
+        assert args.lora_dtype == want
+    assert train.get_args(["--stage", "1", "--lora-dtype", "fp32"]).lora_dtype == "fp32"
