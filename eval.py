@@ -449,11 +449,33 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
         images = bb.decode(x)
         meta = None if metas is None else metas[i:i + batch_size]
         for name, v in scorer(images, batch, meta).items():
-            if name in scorer.weights or name == "geneval_strict":  # not the "weighted" sum
+            if name in scorer.weights or name in GENEVAL_EXTRA:  # not the "weighted" sum
                 scores.setdefault(name, []).append(v.float().cpu())
         kept += list((images[:keep - len(kept)] * 255).round().to(torch.uint8).cpu())
     return {"prompts": items, "scores": {k: torch.cat(v) for k, v in scores.items()},
-            "images": torch.stack(kept)}
+            "images": torch.stack(kept), "tags": None if metas is None else [m.get("tag") for m in metas]}
+
+
+GENEVAL_EXTRA = ("geneval_strict", "geneval_accuracy")  # rewards.GenEval's verdicts besides its score
+
+
+def geneval_by_tag(scores, tags):
+    """Per-tag means of GenEval's verdicts, as the official inference reports them ({tag}_accuracy,
+    {tag}_strict_accuracy: the mean over that tag's images; official code: rtdmd/inference.py,
+    _score_details_to_mean_metrics), and "overall": the mean over tags of the per-tag accuracy,
+    which is the GenEval benchmark's "Overall score (avg. over tasks)" (GenEval's
+    evaluation/summary_scores.py) and differs from the mean over images when tags have unequal
+    counts. None without geneval_accuracy scores or tags."""
+    if "geneval_accuracy" not in scores or not tags:
+        return None
+    out = {"accuracy": {}, "strict_accuracy": {}, "n": {}}
+    for tag in dict.fromkeys(tags):  # GenEval's order of first appearance
+        keep = torch.tensor([t == tag for t in tags])
+        out["accuracy"][tag] = scores["geneval_accuracy"][keep].double().mean().item()
+        out["strict_accuracy"][tag] = scores["geneval_strict"][keep].double().mean().item()
+        out["n"][tag] = int(keep.sum())
+    out["overall"] = sum(out["accuracy"].values()) / len(out["accuracy"])
+    return out
 
 
 def summarize(scores):
@@ -536,6 +558,9 @@ def main_images(args):
                      for path, (ps, recs, _, _, sc) in sets.items()}
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
         r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+        by_tag = [t for out in res[name].values() if (t := geneval_by_tag(out["scores"], out["tags"]))]
+        if by_tag:
+            r["geneval_by_tag"] = by_tag[0]
     print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else ""))
     for path, (ps, *_, sc) in sets.items():
         print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
@@ -546,6 +571,11 @@ def main_images(args):
     labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
                                          for n, r in rows.items() if n == "teacher"]
     print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
+    for lab, r in zip(labels, rows.values()):
+        if "geneval_by_tag" in r:
+            t = r["geneval_by_tag"]
+            print(f"{lab}: GenEval overall (mean over tags, the benchmark figure) {t['overall']:.4f}; "
+                  + ", ".join(f"{k} {v:.4f} (n {t['n'][k]})" for k, v in t["accuracy"].items()))
     per_image = [{"prompt": p, **({} if path == args.prompts else {"prompt_file": path}),
                   **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
                  for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]

@@ -741,6 +741,30 @@ def geneval_verdict(objects, metadata, colors_of):
     return correct, (sum(terms) / len(terms) if terms else 0.0), reasons
 
 
+def geneval_correct(objects, metadata, colors_of):
+    """GenEval's own verdict (the benchmark's `correct`; official code: rtdmd/rewards/geneval_scorer.py,
+    `evaluate`, the value the official inference reports as `accuracy` with only_strict=False).
+    Arguments as geneval_verdict. Looser than the strict verdict on counts: an include entry
+    needs at least `count` objects, and its colour and relation are judged on the first `count`
+    detections only. Stricter on one point: each `exclude` entry {"class", "count"} fails the
+    image when `count` or more of that class are detected (counting prompts: "exactly n")."""
+    groups = []
+    correct = True
+    for req in metadata.get("include", []):
+        name, n = req["class"], req["count"]
+        found = objects.get(name, [])[:n]
+        ok = len(found) >= n
+        if ok and "color" in req:
+            ok = list(colors_of(found, name)).count(req["color"]) >= n
+        if ok and "position" in req:
+            rel, target = req["position"]
+            ok = groups[target] is not None and all(rel in relative_position(o[0], t[0])
+                                                    for o in found for t in groups[target])
+        correct = correct and ok
+        groups.append(found if ok else None)
+    return correct and all(len(objects.get(r["class"], [])) < r["count"] for r in metadata.get("exclude", []))
+
+
 def geneval_objects(labels, scores, boxes, masks, tag):
     """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9
     for counting prompts), highest first, at most 16 per class (no NMS)."""
@@ -838,7 +862,8 @@ class Mask2FormerDetector:
 class GenEval:
     """GenEval's partial-credit score per image, at most 1 (every check passed) and below 0 only
     when more than twice the expected objects are found (down to 1 - 15 with 16 found for 1
-    expected), and "geneval_strict" in {0, 1}, the strict verdict. Needs each prompt's GenEval
+    expected), "geneval_strict" in {0, 1}, the strict verdict, and "geneval_accuracy" in {0, 1},
+    GenEval's own verdict (geneval_correct, with `exclude`). Needs each prompt's GenEval
     metadata. No gradient: GRPO and evaluation only."""
     name, needs_metadata = "geneval", True
     TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
@@ -884,13 +909,23 @@ class GenEval:
                              "dataset/geneval/train_metadata.jsonl)")
         self.detector.load(images.device)
         self.clip.load(images.device)
-        score, strict = [], []
+        score, strict, acc = [], [], []
         for img, dets, meta in zip(images, self.detector(images), metadata):
             objects = geneval_objects(*dets, meta.get("tag"))
-            ok, s, _ = geneval_verdict(objects, meta, lambda found, name: self.colors(img, found, name))
+            memo = {}  # both verdicts ask for the same objects' colours: classify each crop once
+
+            def colors_of(found, name):
+                todo = [o for o in found if id(o) not in memo]
+                memo.update(zip(map(id, todo), self.colors(img, todo, name) if todo else []))
+                return [memo[id(o)] for o in found]
+            ok, s, _ = geneval_verdict(objects, meta, colors_of)
             score.append(s)
             strict.append(float(ok))
-        return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict)}
+            acc.append(float(geneval_correct(objects, meta, colors_of)))
+        # geneval: partial credit (GRPO); geneval_strict: the official `strict_accuracy`;
+        # geneval_accuracy: GenEval's rule, the official `accuracy` (per tag: eval.geneval_by_tag)
+        return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict),
+                "geneval_accuracy": images.new_tensor(acc)}
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
 #

@@ -47,7 +47,7 @@ def test_main_images_paper_metrics_on_their_prompt_sets(setup, tiny_dir, tmp_pat
                      "--batch-size", "2", "--rewards", "clipscore,geneval,ocr,hpsv3,geneval2", "--reward-prompts", routes]
                     + cli_args(paths))
     summ = out["rows"]["generator"]["summary_table_units"]
-    assert set(summ) == {"clipscore", "geneval", "geneval_strict", "ocr", "hpsv3", "geneval2"}
+    assert set(summ) == {"clipscore", "geneval", "geneval_strict", "geneval_accuracy", "ocr", "hpsv3", "geneval2"}
     assert all(math.isfinite(v["mean"]) for v in summ.values())
     assert 0 <= summ["ocr"]["mean"] <= 1 and summ["geneval"]["mean"] <= 1
     sets = out["prompt_sets"]
@@ -56,7 +56,11 @@ def test_main_images_paper_metrics_on_their_prompt_sets(setup, tiny_dir, tmp_pat
     # one record per image and prompt set; the GenEval ones carry its prompts and both columns
     ge = [r for r in out["per_image"] if r.get("prompt_file") == str(d / "geneval.jsonl")]
     assert [r["prompt"] for r in ge] == [g["prompt"] for g in GENEVAL]
-    assert set(ge[0]["generator"]) == {"geneval", "geneval_strict"}
+    assert set(ge[0]["generator"]) == {"geneval", "geneval_strict", "geneval_accuracy"}
+    tags = out["rows"]["generator"]["geneval_by_tag"]  # per tag, and the mean over tags
+    assert set(tags["n"]) == {g["tag"] for g in GENEVAL} and sum(tags["n"].values()) == 2
+    assert tags["overall"] == pytest.approx(sum(tags["accuracy"].values()) / len(tags["accuracy"]))
+    assert "GenEval overall" in text
     assert len(out["per_image"]) == 10
     head = next(line for line in text.splitlines() if line.startswith("model"))
     assert all(col in head for col in ("clipscore", "geneval", "geneval_strict", "ocr", "hpsv3", "geneval2")), head

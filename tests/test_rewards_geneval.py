@@ -108,6 +108,61 @@ def test_geneval_verdict_colour_failure_skips_position():
     assert verdict(found, inc, colours({"dog": "red"})) == (True, 1.0)
 
 
+# --- GenEval's own rule (geneval_correct: the benchmark's `correct`, with `exclude`) -----------
+
+def correct(objects, include, colors_of=no_colours, exclude=()):
+    return R.geneval_correct(objects, {"include": include, "exclude": list(exclude)}, colors_of)
+
+
+def test_geneval_correct_every_tag():
+    dog, cat = obj(0, 0, 9, 9), obj(80, 0, 99, 20)
+    # single_object / two_object: at least the count, where the strict verdict wants it exact
+    assert correct({"dog": [dog] * 3}, [{"class": "dog", "count": 1}])
+    assert not verdict({"dog": [dog] * 3}, [{"class": "dog", "count": 1}])[0]
+    assert not correct({"cat": [cat]}, [{"class": "dog", "count": 1}])
+    assert not correct({"dog": [dog]}, [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}])
+    # counting: 2 or more without an exclude entry; with GenEval's exclude {count: 3}, exactly 2
+    two = [{"class": "wine glass", "count": 2}]
+    assert correct({"wine glass": [dog] * 3}, two)
+    assert not correct({"wine glass": [dog] * 3}, two, exclude=[{"class": "wine glass", "count": 3}])
+    assert correct({"wine glass": [dog] * 2}, two, exclude=[{"class": "wine glass", "count": 3}])
+    assert not correct({"wine glass": [dog]}, two, exclude=[{"class": "wine glass", "count": 3}])
+    # colors / color_attr: judged on the first `count` detections only
+    red_first = lambda found, name: ["red", "blue"][:len(found)]  # noqa: E731
+    assert correct({"car": [dog, cat]}, [{"class": "car", "count": 1, "color": "red"}], red_first)
+    assert not correct({"car": [dog]}, [{"class": "car", "count": 1, "color": "red"}], colours({"car": "blue"}))
+    attr = [{"class": "handbag", "count": 1, "color": "pink"}, {"class": "scissors", "count": 1, "color": "black"}]
+    found = {"handbag": [dog], "scissors": [cat]}
+    assert correct(found, attr, colours({"handbag": "pink", "scissors": "black"}))
+    assert not correct(found, attr, colours({"handbag": "black", "scissors": "pink"}))
+    # position: the first `count` objects against the reference entry's first objects
+    pos = [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]
+    laptop, right, left = obj(0, 40, 20, 60), obj(80, 40, 100, 60), obj(-80, 40, -60, 60)
+    assert correct({"laptop": [laptop], "cow": [right, left]}, pos), "the second cow is not judged"
+    assert not correct({"laptop": [laptop], "cow": [left, right]}, pos)
+    assert not correct({"cow": [right]}, pos), "no reference object"
+
+
+def test_geneval_correct_exclude_fails_on_count_or_more_detections():
+    meta = {"include": [{"class": "dog", "count": 1}], "exclude": [{"class": "dog", "count": 2}]}
+    assert R.geneval_correct({"dog": [obj(0, 0, 9, 9)]}, meta, no_colours)
+    assert not R.geneval_correct({"dog": [obj(0, 0, 9, 9)] * 2}, meta, no_colours)
+    # an excluded class that is not in the include list: one detection fails a count-1 exclude
+    meta = {"include": [{"class": "cat", "count": 1}], "exclude": [{"class": "dog", "count": 1}]}
+    assert not R.geneval_correct({"cat": [obj(0, 0, 9, 9)], "dog": [obj(20, 0, 29, 9)]}, meta, no_colours)
+    assert R.geneval_correct({"cat": [obj(0, 0, 9, 9)]}, meta, no_colours)
+
+
+def test_geneval_by_tag_is_the_mean_per_tag_and_over_tags():
+    import eval as E
+    tags = ["counting", "counting", "counting", "position"]
+    scores = {"geneval_accuracy": torch.tensor([1.0, 1.0, 0.0, 0.0]), "geneval_strict": torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    t = E.geneval_by_tag(scores, tags)
+    assert t["accuracy"] == {"counting": pytest.approx(2 / 3), "position": 0.0}
+    assert t["strict_accuracy"]["counting"] == pytest.approx(1 / 3) and t["n"] == {"counting": 3, "position": 1}
+    assert t["overall"] == pytest.approx(1 / 3), "GenEval's overall: mean over tags (0.5 over images)"
+
+
 # --- geometry and the detection filter ---------------------------------------------------------
 
 def test_relative_position_directions():
@@ -191,6 +246,8 @@ def test_geneval_scorer_tiny_models(geneval_sources):
     assert 0.5 <= s[0] <= 1 and (s[0] * 2 - 1) * 3 == pytest.approx(round(((s[0] * 2 - 1) * 3).item()))
     assert s[1].item() == pytest.approx(-1.0), "three dogs for one expected: 1 - |1 - 3| / 1"
     assert strict[1] == 0 and set(strict.tolist()) <= {0.0, 1.0}
+    # GenEval's rule: three dogs pass "at least one dog"; image 0 as strict (3 found, all judged)
+    assert out["geneval_accuracy"][1] == 1 and out["geneval_accuracy"][0] == strict[0]
     assert torch.equal(out["weighted"], s)
 
 
