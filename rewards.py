@@ -895,7 +895,8 @@ class GenEval:
             x = image if mask is None else torch.where(mask.to(image.device), image, GENEVAL_GREY)
             x1, y1, x2, y2 = (round(v) for v in box[:4])  # PIL's crop rounds its box the same way
             crop = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)][None]
-            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic").to(m.dtype)
+            # open_clip's Resize + CenterCrop: torchvision rounds an odd margin (crop_offset)
+            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic", "round").to(m.dtype)
             img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
             out.append(GENEVAL_COLORS[int((img @ clf).argmax())])
         return out
@@ -1328,7 +1329,9 @@ class GenEval2:
 # the official stage-2 reward set of every backbone (official code: configs/rtdmd/*.yaml), with
 # weight_advantages: true, i.e. one advantage per reward (subgrpo.group_advantages)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
-BP_CAPABLE = ("clipscore", "pickscore", "hpsv2", "imagereward")  # what RTDMD's BP can score
+# what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
+# _supported_bp_training_rewards); other GRPO rewards are left out of the back-prop term
+BP_CAPABLE = ("clipscore", "pickscore", "hpsv2")
 EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward")}
 
 

@@ -390,6 +390,23 @@ def tilt_toy_teacher(bb, args):
 # ---------------------------------------------------------------------------------------------
 
 
+def stage1_prompts(n, B, world, rank, step, seed):
+    """This rank's B prompt indices at iteration `step`, as torch's DistributedSampler(shuffle,
+    seed) under a DataLoader with drop_last (official code: rtdmd/data/prompt_dataset.py,
+    create_prompt_dataloader): epoch e is torch.randperm(n) seeded with seed + e, padded with its
+    own head to a multiple of `world`; rank r reads every world-th index from r, in batches of B,
+    and drops its tail that fills no batch. Stateless in `step`, so a resume is exact. A prompt
+    set smaller than one global batch (the toy's 3) is drawn with replacement from the per-rank
+    stream instead."""
+    per_epoch = -(-n // world) // B
+    if per_epoch == 0:
+        return torch.randint(0, n, (B,))
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    perm = torch.cat([perm, perm[:-n % world]])
+    return perm[rank::world][k * B:(k + 1) * B]
+
+
 def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     """The stage-1 loop (box at the top of this file): a fake-score step every iteration, a
     generator step every fake_update_ratio-th, the EMA every iteration."""
@@ -431,7 +448,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
         with PROF.step(step):
             rec = {"stage": 1, "step": step + 1}
             with PROF.phase("prompts"):
-                idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
+                idx = stage1_prompts(len(bb.prompts), B, world, rank, step, args.seed)
                 cond = bb.encode([bb.prompts[i] for i in idx])
             rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
             if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead

@@ -144,3 +144,21 @@ def test_ema_update_moves_trainable_tensors_only():
     assert torch.allclose(ema.weight, 0.9 * w_ema0 + 0.1 * net.weight), "the EMA is not the lerp d*ema + (1-d)*theta"
     assert not torch.equal(ema.weight, net.weight), "the trainable tensor was copied, not averaged"
     assert ema.bias is net.bias, "frozen tensors should be shared with the network, not copied"
+
+
+def test_stage1_prompts_is_a_shuffled_epoch_per_rank_with_drop_last():
+    """torch's DistributedSampler(shuffle, seed) + DataLoader(drop_last), as the official loader:
+    10 prompts, 2 ranks, 2 per rank: 2 batches an epoch, each epoch's 8 draws are distinct, rank
+    r's batches are its sampler shard in order, and the next epoch is a new permutation."""
+    from torch.utils.data import DistributedSampler
+    n, world, B, seed = 10, 2, 2, 3
+    for rank in range(world):
+        s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        for epoch in range(2):
+            s.set_epoch(epoch)
+            shard = list(s)
+            got = [train.stage1_prompts(n, B, world, rank, epoch * 2 + k, seed).tolist() for k in range(2)]
+            assert got == [shard[0:2], shard[2:4]]
+    one_epoch = [i for k in range(2) for r in range(world) for i in train.stage1_prompts(n, B, world, r, k, seed).tolist()]
+    assert len(set(one_epoch)) == 8
+    assert train.stage1_prompts(3, 4, 1, 0, 0, 0).shape == (4,)  # toy: fewer prompts than a batch
