@@ -300,3 +300,37 @@ def test_scorer_crop_odd_margin_as_original(assets, name, offset):
         right, wrong = look(wide[..., offset:offset + 224]), look(wide[..., 75 - offset:75 - offset + 224])
     assert torch.equal(got, right), f"{name} does not crop at column {offset} as its original does"
     assert not torch.allclose(got, wrong), f"{name}: the two offsets should give different pixels"
+
+
+def torchvision_resize_centercrop(img, size, resample):
+    """What the original packages do to a PIL image, written with PIL: torchvision Resize(size)
+    (shortest side -> size, long side int(size * long / short), PIL's own antialiased kernel),
+    then CenterCrop(size) at offset int(round(margin / 2.0)). Returns float [3, size, size]."""
+    w, h = img.size
+    nw, nh = (int(size * w / h), size) if h <= w else (size, int(size * h / w))
+    img = img.resize((nw, nh), resample)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return torch.from_numpy(np.array(img.crop((left, top, left + size, top + size)))).permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize("cls,resample", [(R.ImageReward, Image.BICUBIC), (R.Aesthetic, Image.BICUBIC),
+                                          (R.CLIPScore, Image.BILINEAR)])
+def test_scorer_preprocessing_equals_torchvision_on_an_odd_margin(cls, resample):
+    """A 1000 x 749 image (resized to 299 x 224: a 75-pixel margin), smooth and noise: each
+    scorer's preprocessing equals its original pipeline's (torchvision Resize + CenterCrop; the
+    CLIPScore tensor path resizes bilinear) to within PIL's uint8 rounding, 1/255; a floored crop
+    would be off by one column (over 0.02 smooth, 0.2 noise)."""
+    yy, xx = torch.meshgrid(torch.arange(749.0), torch.arange(1000.0), indexing="ij")
+    smooth = torch.stack([128 + 100 * torch.sin(xx / 37 + c) * torch.cos(yy / 53) for c in range(3)])
+    noise = torch.randint(0, 256, (3, 749, 1000), generator=torch.Generator().manual_seed(0)).float()
+    mean, std = torch.tensor(R.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(R.OPENAI_STD).view(1, 3, 1, 1)
+    for img, floor_err in ((smooth, 0.02), (noise, 0.2)):
+        u8 = img.round().clamp(0, 255).to(torch.uint8)
+        ref = torchvision_resize_centercrop(Image.fromarray(u8.permute(1, 2, 0).numpy()), 224, resample)
+        x = u8[None].float() / 255
+        ours = R.preprocess(x, 224, cls.fit, cls.mode, cls.crop) * std + mean
+        floored = R.preprocess(x, 224, cls.fit, cls.mode, "floor") * std + mean
+        err = (ours[0] - ref).abs().max().item()
+        print(f"{cls.name}: max |ours - torchvision| {err:.4f}, floored crop {(floored[0] - ref).abs().max():.4f}")
+        assert err < 1.5 / 255, err
+        assert (floored[0] - ref).abs().max() > floor_err
