@@ -72,7 +72,9 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        stage 2: fake lr / chunk      3e-5 / 2           3e-5 / 8           1e-6 / 2
        stage 2: back-prop chunk      whole sub-batch    whole sub-batch    2
        common: LoRA r 32, alpha 64; CPS eta 0.9; stage 2: generator lr 3e-6, weight decay 1e-4,
-       16 sampling iterations per epoch, 1000 epochs, loss weights PG 1 : DM 1e-3 : BP 1e-4.
+       16 sampling iterations per epoch, loss weights PG 1 : DM 1e-3 : BP 1e-4; 1000 epochs
+       (the configs say num_epochs 100000, i.e. until stopped; the inference configs load the
+       stage-2 checkpoint-1000 and the stage-1 checkpoint-15000).
 
    Evaluation runs every backbone at 1024 px (configs/inference/*.yaml), so FLUX.2 is tested on
    other sigmas than it trained on (section 1). The SD3 text condition is CLIP-L + CLIP-G + T5
@@ -87,7 +89,10 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
    ---------------------------------------------------------
    W x + b -> W x + b + (alpha / r) B A x, B = 0 at init. Stage 1: A ~ N(0, 1/r^2) (peft's
    "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a fresh LoRA with
-   A ~ N(0, 1). Files use the diffusers/PEFT layout, so a stock pipeline loads them.
+   A ~ N(0, 1). Files use the diffusers/PEFT layout, so a stock pipeline loads them. The
+   trainable A, B are float32, or bf16 as in the official code (train.py --lora-dtype). read_lora
+   also reads the official files (flat .pt, peft folders), and stack_loras writes a released
+   model's two LoRAs as one exact LoRA of rank 64 (rtdmd/inference.py merges them in order).
 
 5. The backbone interface, and `load(name)`
    ----------------------------------------

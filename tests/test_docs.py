@@ -133,3 +133,84 @@ def test_concept_table_functions_and_tests_exist(row):
         assert os.path.isfile(full), f"row {concept!r}: {path} does not exist"
         with open(full, encoding="utf-8") as f:
             assert re.search(r"^def %s\(" % name, f.read(), re.M), f"row {concept!r}: no test {node}"
+
+
+def test_every_concept_function_selects_a_test_with_k():
+    """`python -m pytest -k NAME` (a case-insensitive substring of the test id) selects at least
+    one test for each function of the concept table."""
+    ids = []
+    for f in repo_files((".py",)):
+        if f.startswith("tests/test_"):
+            with open(os.path.join(ROOT, f), encoding="utf-8") as fh:
+                ids += [f"{f}::{m}".lower() for m in re.findall(r"^def (test_\w+)\(", fh.read(), re.M)]
+    for concept, code, _ in concept_rows():
+        for ref in code:
+            name = ref.split(":")[1].split(".")[-1]
+            assert any(name.lower() in i for i in ids), f"row {concept!r}: -k {name} selects no test"
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's deviations table: every flag it names exists, with the stated default
+# ---------------------------------------------------------------------------------------------
+
+# `[script.py ]--flag[ VALUE]` in backticks; no script means train.py
+FLAG = re.compile(r"`(?:(train|eval|sample)\.py )?(--[\w-]+)(?: ([^`\s]+))?`")
+
+
+def script_defaults(script):
+    """(option names, raw argparse defaults, [resolved defaults]) of one script. Resolved: what a
+    None default becomes on the paper recipe (SD3.5-M on CUDA; train.py: stage 1 and stage 2)."""
+    import eval as E
+    import sample
+    import train
+    if script == "train":
+        parse = lambda st: train.get_args(["--stage", st, "--model", "sd3.5-medium"])  # noqa: E731
+        raw = vars(train.get_args(["--stage", "1"]))  # as parsed: only --stage given
+        resolved = [vars(train.resolve_defaults(parse(st), True)) for st in ("1", "2")]
+    elif script == "eval":
+        raw = {k: v for k, v in vars(E.get_args(["--model", "sd3.5-medium"])).items() if k != "model"}
+        resolved = [vars(E.apply_protocol(E.get_args(["--model", "sd3.5-medium"])))]
+    else:
+        raw, resolved = vars(sample.get_parser().parse_args([])), []
+    with open(os.path.join(ROOT, f"{script}.py"), encoding="utf-8") as f:
+        names = set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)[\"']", f.read()))
+    return names, raw, resolved
+
+
+def flag_problems(text):
+    """Problems with the flags of the deviations table in README text `text`: unknown flags and
+    stated defaults that differ from the code's."""
+    section = text.split("## Deviations and choices", 1)[1].split("\n## ", 1)[0]
+    cells = [re.split(r"(?<!\\)\|", line.strip().strip("|"))[-1] for line in section.splitlines()
+             if line.startswith("|") and not set(line) <= set("|- ")]
+    found, cache = [], {}
+    for cell in cells[1:]:  # the first row is the header
+        for script, flag, value in FLAG.findall(cell):
+            script = script or "train"
+            names, raw, resolved = cache.setdefault(script, script_defaults(script))
+            if flag not in names:
+                found.append(f"{script}.py has no {flag}")
+                continue
+            if not value:
+                continue
+            dest = flag[2:].replace("-", "_")
+            options = [raw.get(dest)] if raw.get(dest) is not None else [r.get(dest) for r in resolved]
+            if not any(str(o) == value or (isinstance(o, float) and o == float(value)) for o in options):
+                found.append(f"{script}.py {flag}: the README says {value}, the code {options}")
+    return found
+
+
+def test_deviations_table_flags_exist_with_their_defaults():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert FLAG.search(text.split("## Deviations and choices", 1)[1]), "the deviations table names no flag"
+    assert not flag_problems(text), "\n".join(flag_problems(text))
+
+
+def test_flag_problems_catches_a_planted_wrong_default():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    for good, bad in (("`--logprob official`", "`--logprob exact`"), ("`--lora-dtype bf16`", "`--lora-dtype fp32`"),
+                      ("`eval.py --max-prompts 64`", "`eval.py --max-prompts 0`"), ("`--lora-rank 32`", "`--lora-rnak 32`")):
+        assert good in text, good
+        assert flag_problems(text.replace(good, bad)), f"a planted {bad} passes the check"

@@ -78,7 +78,7 @@ def test_merged_generator_equals_the_hand_merge(files):
     assert (bb.generator_base.get_submodule(names[0]).weight - net.get_submodule(names[0]).weight).abs().max() > 0.1
 
 
-def test_stacked_lora_reproduces_the_two_step_merge(files, tmp_path):
+def test_stack_loras_rank_64_file_reproduces_the_two_step_merge(files, tmp_path):
     bb, names, first, second, pt, folder = files
     path = models.export_stacked_lora([pt, folder], str(tmp_path / "stacked.safetensors"))
     sd, alpha = models.read_lora(path)

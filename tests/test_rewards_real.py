@@ -112,6 +112,26 @@ def test_pickscore_scale(assets):
     torch.testing.assert_close(scorer(x, PROMPTS)["pickscore"] * R.PICKSCORE_TABLE_SCALE, raw)
 
 
+def test_clipscore_and_aesthetic_values_by_hand(assets):
+    """CLIPScore = the plain cosine of CLIP's projected embeddings (no 2.5 x max(cos, 0), no x100);
+    Aesthetic = its MLP head on the L2-normalised image embedding; each on its own resize."""
+    sc = R.make_scorers(["clipscore", "aesthetic"], assets["sources"])
+    x = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    clip, aes = sc["clipscore"], sc["aesthetic"]
+    m = clip.backbone.load()
+    assert aes.backbone is clip.backbone  # one CLIP-L instance
+    norm = torch.nn.functional.normalize
+    feats = lambda mode: norm(R._pooled(m.get_image_features(  # noqa: E731
+        pixel_values=R.preprocess(x, m.config.vision_config.image_size, "crop", mode, "round"))), dim=-1)
+    tok = clip.backbone.tokenizer(PROMPTS[:1], padding="max_length", truncation=True, return_tensors="pt",
+                                  max_length=m.config.text_config.max_position_embeddings)
+    txt = norm(R._pooled(m.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(clip(x, PROMPTS[:1])["clipscore"], (feats("bilinear") * txt).sum(-1))
+        got = aes(x)["aesthetic"]
+        torch.testing.assert_close(got, aes.head(feats("bicubic")))
+
+
 def test_make_scorers_missing_checkpoint_message(assets, tmp_path):
     srcs = dict(assets["sources"], hpsv2=str(tmp_path / "nowhere"))
     scorer = R.make_scorers(["hpsv2"], srcs)["hpsv2"]  # building is free ...

@@ -102,7 +102,7 @@ def test_train_stage2_two_gloo_ranks_keep_identical_replicas(stage1_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_train_stage2_exact_decomposition_lands_on_closed_form(tmp_path):
+def test_train_stage2_exact_decomposition_lands_on_stationary_mean_gauss(tmp_path):
     # subgrpo.py, section 7, on toy-gauss (single Gaussian teacher, shift-only generator, linear
     # reward, PG + DM + BP all on): the learned output mean vs subgrpo.stationary_mean_gauss.
     # --no-shared-noise: with toy-gauss's single prompt the shared SubGRPO noise would be shared by
