@@ -2,6 +2,8 @@
 state dicts in the official key layout, merged in order (official code: rtdmd/inference.py,
 _merge_lora_into_base_transformer), and models.stack_loras writes them as one exact LoRA of the
 summed rank. Checked on the tiny SD3 twin against a merge written out by hand."""
+import contextlib
+import io
 import json
 import os
 
@@ -116,6 +118,12 @@ def test_sample_and_eval_cli_take_lora(files, tiny_dir, tmp_path):  # noqa: F811
     _, net, stage = E.load_generator(args, "cpu", torch.float32)
     ref = models.merged_generator(bb, [pt, folder])
     assert stage == "lora" and torch.equal(net.get_submodule(names[1]).weight, ref.get_submodule(names[1]).weight)
+    from reward_assets import build_reward_assets, cli_args
+    assets = build_reward_assets(tmp_path / "rewards")
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = E.main(["--model", "tiny-sd3", "--cache-dir", tiny_dir, "--lora", pt, folder, "--rewards", "clipscore",
+                      "--max-prompts", "2", "--batch-size", "2", "--out", str(tmp_path / "e")] + cli_args(assets["paths"]))
+    assert out["lora"] == [pt, folder] and out["stage"] == "lora" and len(out["per_image"]) == 2
 
 
 def test_bad_lora_is_one_clear_error(files, tmp_path):
