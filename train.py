@@ -1415,7 +1415,8 @@ def meta_backbone(name, arch, resolution, dtype, lora_rank):
     bb.lora_rank, bb.lora_alpha, bb.gradient_checkpointing = lora_rank, 2 * lora_rank, False
     bb.teacher = build_meta(arch[name], dtype)
     bb.generator_base = build_meta(arch[name], dtype) if family == "flux2" else bb.teacher
-    side = resolution // (8 if family == "sd3" else 16)
+    bb.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the real VAEs
+    side = resolution // (bb.vae_scale * (1 if family == "sd3" else 2))
     bb.latent_shape = (bb.teacher.config.in_channels, side, side)
     text = ("clip-l-text", "clip-g-text", "t5-xxl") if family == "sd3" else ("qwen3-4b",)
     bb.text_encoders = [build_meta(arch[t], dtype) for t in text if t in arch]
