@@ -82,15 +82,16 @@ DEFAULTS = {
     # real2 = SD3.5-M; the other backbones differ only as in STAGE2_PER_BACKBONE.
     "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
                   ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
-                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=1),
+                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
 }
 # Stage-2 differences between the real backbones (configs/rtdmd/*.yaml). batch_size is the global
 # number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
 # SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
 # whole sub-batch at once, whose VAE decode alone saves ~4 GiB per 512-px image (train.py
-# --memory-plan), so the default decodes one image at a time (the same gradient). The tiny twins take their family's values.
+# --memory-plan), so the real SD3 backbones decode one image at a time (the same gradient). The tiny twins take their family's values.
 STAGE2_PER_BACKBONE = {
-    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2),
+    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
+    "sd3.5-medium": dict(bp_batch_size=1),
     "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
     "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
 }
@@ -174,7 +175,8 @@ def add_stage2_args(p):
     p.add_argument("--bp-margin", type=float, default=3.0)
     p.add_argument("--bp-batch-size", type=int, default=None,
                    help="reward back-prop: decode + score this many images at a time (memory); "
-                   "0 = the whole sub-batch (default: 1, FLUX.2 2; the gradient is the same)")
+                   "0 = the whole sub-batch (default: SD3-M, SD3.5-M 1, FLUX.2 2, toy and tiny SD3 twins 0; "
+                   "the gradient is the same)")
     p.add_argument("--fake-batch-size", type=int, default=None,
                    help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
                    "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
