@@ -1335,13 +1335,14 @@ GiB = 2 ** 30
 ARCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "architectures.json")
 
 
-def build_meta(cfg, dtype):
-    """A diffusers / transformers module from a config dict {"class": ..., **kwargs}, on meta."""
+def build_meta(cfg, dtype, device="meta"):
+    """A diffusers / transformers module from a config dict {"class": ..., **kwargs}, on meta (or,
+    random-init, on `device`: tests/test_cuda.py)."""
     import diffusers
     import transformers
     cfg = dict(cfg)
     cls = cfg.pop("class")
-    with torch.device("meta"):
+    with torch.device(device):
         if hasattr(diffusers, cls):
             net = getattr(diffusers, cls)(**cfg)
         else:
@@ -1407,31 +1408,35 @@ def plan_sdpa(*a, **kw):
     return FlashAttention.apply(q, k, v)
 
 
-def meta_backbone(name, arch, resolution, dtype, lora_rank):
-    """A backbone object with meta networks, enough for make_student, velocity and decode."""
+def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True):
+    """A backbone without pipeline or text encoders' use: enough for make_student, velocity,
+    decode, noise and the sampler (the conditioning comes from meta_cond)."""
     family = models.SPECS[name][0]
     bb = object.__new__(models.SD3Backbone if family == "sd3" else models.Flux2Backbone)
-    vae = build_meta(arch["vae-" + family], dtype)
+    vae = build_meta(arch["vae-" + family], dtype, device)
     bb.pipe = argparse.Namespace(vae=vae)
-    bb.name, bb.device, bb.dtype, bb.resolution = name, torch.device("meta"), dtype, resolution
+    bb.name, bb.device, bb.dtype, bb.resolution = name, torch.device(device), dtype, resolution
     bb.lora_rank, bb.lora_alpha, bb.gradient_checkpointing = lora_rank, 2 * lora_rank, False
-    bb.teacher = build_meta(arch[name], dtype)
-    bb.generator_base = build_meta(arch[name], dtype) if family == "flux2" else bb.teacher
+    bb.guidance, bb.prompts = models.SPECS[name][3], list(models.DEFAULT_PROMPTS)
+    bb.teacher = build_meta(arch[name], dtype, device)
+    bb.generator_base = build_meta(arch[name], dtype, device) if family == "flux2" else bb.teacher
     bb.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the real VAEs
     side = resolution // (bb.vae_scale * (1 if family == "sd3" else 2))
     bb.latent_shape = (bb.teacher.config.in_channels, side, side)
-    text = ("clip-l-text", "clip-g-text", "t5-xxl") if family == "sd3" else ("qwen3-4b",)
-    bb.text_encoders = [build_meta(arch[t], dtype) for t in text if t in arch]
+    bb.sigmas = models.sd3_sigmas(shift=3.0) if family == "sd3" else models.flux2_sigmas(resolution=16 * side)
+    names = ("clip-l-text", "clip-g-text", "t5-xxl") if family == "sd3" else ("qwen3-4b",)
+    bb.text_encoders = [build_meta(arch[t], dtype, device) for t in names if t in arch and text]
     return bb
 
 
-def meta_cond(bb, n):
+def meta_cond(bb, n, length=None):
+    """Text conditioning of n prompts with the real shapes (random values off meta)."""
+    c, d = bb.teacher.config, dict(device=bb.device, dtype=bb.dtype)
     if bb.family == "sd3":  # CLIP 77 + T5 128 tokens, pooled CLIP-L + CLIP-G
-        c = bb.teacher.config
-        return {"prompt_embeds": torch.empty(n, 205, c.joint_attention_dim, device="meta", dtype=bb.dtype),
-                "pooled_projections": torch.empty(n, c.pooled_projection_dim, device="meta", dtype=bb.dtype)}
-    return {"prompt_embeds": torch.empty(n, 512, bb.teacher.config.joint_attention_dim, device="meta", dtype=bb.dtype),
-            "txt_ids": torch.zeros(n, 512, 4, dtype=torch.long, device="meta")}
+        return {"prompt_embeds": torch.randn(n, length or 205, c.joint_attention_dim, **d),
+                "pooled_projections": torch.randn(n, c.pooled_projection_dim, **d)}
+    return {"prompt_embeds": torch.randn(n, length or 512, c.joint_attention_dim, **d),
+            "txt_ids": torch.zeros(n, length or 512, 4, dtype=torch.long, device=bb.device)}
 
 
 def velocity_bytes(bb, net, n, ckpt, cond=None, x=None):
@@ -1467,7 +1472,7 @@ def memory_plan(args, arch=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     F_sdpa, torch.nn.functional.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention, plan_sdpa
     try:
-        bb = meta_backbone(args.model, arch, res, dtype, args.lora_rank)
+        bb = meta_backbone(args.model, arch, res, dtype, args.lora_rank, text=not args.cache_text_embeddings)
         gen, fake = bb.make_student("generator", stage=args.stage), bb.make_student("fake", stage=args.stage)
         names = [n for n, w in (dict(rewards.GRPO_WEIGHTS) if not args.rewards else
                                 {k: 1 for k in args.rewards.split(",")}).items()]
@@ -1495,7 +1500,7 @@ def memory_plan(args, arch=None):
         merged = 2 * sum(m.weight.numel() * m.weight.element_size() for m in models.lora_layers(gen).values())
     rows = {"weights: transformer(s) + VAE": size(bb.teacher, bb.generator_base, bb.pipe.vae) + merged,
             "weights: text encoders" + (" (cached: off GPU)" if args.cache_text_embeddings else ""):
-                0 if args.cache_text_embeddings else size(*bb.text_encoders),
+                size(*bb.text_encoders),
             "weights: reward towers (float32)": size(*towers) if towers else 0,
             "LoRA (2 nets) + grads + AdamW + EMA, float32": lora * 4 * (2 * 4 + 1)}
     static = sum(rows.values())
