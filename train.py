@@ -1517,10 +1517,11 @@ def memory_plan(args, arch=None):
     args.planned_gib = total
     if total <= args.gpu_memory:
         return 0
-    fix = {"fake-score step": "--fake-batch-size 1" if args.stage == 2 else "--batch-size (or --grad-accum)",
-           "generator step (DM + back-prop)": "--bp-batch-size 1, then --batch-size (or --grad-accum)"}
+    batch = "raise --grad-accum (or lower --batch-size)"
+    fix = {"fake-score step": "lower --fake-batch-size to 1" if args.stage == 2 else batch,
+           "generator step (DM + back-prop)": "lower --bp-batch-size to 1, then " + batch}
     return (f"error: the plan's peak ({total:.1f} GiB, {peak}) exceeds --gpu-memory {args.gpu_memory:g}; "
-            f"lower {fix.get(peak, '--batch-size (or raise --grad-accum)')}"
+            f"{fix.get(peak, batch)}"
             + ("" if ck else ", or turn on --grad-ckpt 1") + ("" if args.cache_text_embeddings else
                                                            ", or pass --cache-text-embeddings"))
 
