@@ -70,7 +70,9 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        stage 2: GPUs x prompts/GPU   16 x 2             8 x 9              16 x 6
        stage 2: group size K         16                 24                 24
        stage 2: fake lr / chunk      3e-5 / 2           3e-5 / 8           1e-6 / 2
-       stage 2: back-prop chunk      whole sub-batch    whole sub-batch    2
+       stage 2: back-prop chunk      1                  1                  2
+                                     (official SD3: the whole sub-batch; the same gradient, and
+                                     train.py --memory-plan plans ~4 GiB less per 512-px image)
        common: LoRA r 32, alpha 64; CPS eta 0.9; stage 2: generator lr 3e-6, weight decay 1e-4,
        16 sampling iterations per epoch, loss weights PG 1 : DM 1e-3 : BP 1e-4; 1000 epochs
        (the configs say num_epochs 100000, i.e. until stopped; the inference configs load the

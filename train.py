@@ -87,9 +87,11 @@ DEFAULTS = {
 # Stage-2 differences between the real backbones (configs/rtdmd/*.yaml). batch_size is the global
 # number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
 # SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
-# whole sub-batch at once. The tiny twins take their family's values.
+# whole sub-batch at once, whose VAE decode alone saves ~4 GiB per 512-px image (train.py
+# --memory-plan), so the real SD3 backbones decode one image at a time (the same gradient). The tiny twins take their family's values.
 STAGE2_PER_BACKBONE = {
-    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2),
+    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
+    "sd3.5-medium": dict(bp_batch_size=1),
     "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
     "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
 }
@@ -143,6 +145,17 @@ def get_args(argv=None):
                    "0), hence of AdamW's updates and the EMA (default: bf16 on CUDA for real backbones, the "
                    "official precision; fp32 on CPU and for the toy)")
     add_stage2_args(p)
+    m = p.add_argument_group("memory plan (train.py --memory-plan: offline, meta device, nothing trained)")
+    m.add_argument("--memory-plan", action="store_true", help="print the planned memory per GPU and exit; "
+                   "non-zero if the peak exceeds --gpu-memory")
+    m.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the paper's count, "
+                   "SD3-M 16, SD3.5-M 8, FLUX.2 16)")
+    m.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit in")
+    if not any(a.dest == "grad_accum" for a in p._actions):
+        m.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (plan only)")
+    if not any(a.dest == "cache_text_embeddings" for a in p._actions):
+        m.add_argument("--cache-text-embeddings", action="store_true",
+                       help="plan without the text encoders on the GPU")
     return p.parse_args(argv)
 
 
@@ -166,7 +179,8 @@ def add_stage2_args(p):
     p.add_argument("--bp-margin", type=float, default=3.0)
     p.add_argument("--bp-batch-size", type=int, default=None,
                    help="reward back-prop: decode + score this many images at a time (memory); "
-                   "0 = the whole sub-batch (default: 0, FLUX.2 2)")
+                   "0 = the whole sub-batch (default: SD3-M, SD3.5-M 1, FLUX.2 2, toy and tiny SD3 twins 0; "
+                   "the gradient is the same)")
     p.add_argument("--fake-batch-size", type=int, default=None,
                    help="stage-2 fake-score step: chunk size of the epoch's rollouts (memory); "
                    "0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
@@ -280,7 +294,17 @@ def check_run_folder(args, master):
                  f"`torchrun train.py --stage 1 --out {args.out}` first")
 
 
+# GPUs of the paper's stage-2 recipes (STAGE2_PER_BACKBONE); stage 1 plans its 72 samples on 8 x 9
+PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}
+
+
 def main(argv=None):
+    plan = get_args(argv)
+    if plan.memory_plan:
+        if plan.model not in PAPER_GPUS:
+            sys.exit(f"error: --memory-plan needs a real backbone, one of {', '.join(PAPER_GPUS)}")
+        plan.gpus = plan.gpus or (PAPER_GPUS[plan.model] if plan.stage == 2 else 8)
+        sys.exit(memory_plan(plan))
     args, ddp, rank, world, device, master = setup(argv)
     prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
     # Stage 2 loads its reward models first: a missing checkpoint fails here, in one line, before
@@ -1328,6 +1352,207 @@ def profiled_networks(bb, generator, fake):
 
 PROFILE_WARMUP = 2  # steps run before timing starts (allocator, caches, lazy initialisation)
 PROF = Profiler()   # module-level so that the phase functions can mark their parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory plan (--memory-plan): every network built on the meta device from configs/architectures.json
+# (shapes, no weights, offline); activations counted as the bytes autograd saves, by running the
+# same bb.velocity / bb.decode / reward-tower calls as training under saved_tensors_hooks.
+# ---------------------------------------------------------------------------------------------
+
+GiB = 2 ** 30
+ARCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "architectures.json")
+
+
+def build_meta(cfg, dtype, device="meta"):
+    """A diffusers / transformers module from a config dict {"class": ..., **kwargs}, on meta (or,
+    random-init, on `device`: tests/test_cuda.py)."""
+    import diffusers
+    import transformers
+    cfg = dict(cfg)
+    cls = cfg.pop("class")
+    with torch.device(device):
+        if hasattr(diffusers, cls):
+            net = getattr(diffusers, cls)(**cfg)
+        else:
+            conf = getattr(transformers, {"CLIPModel": "CLIPConfig", "T5EncoderModel": "T5Config",
+                                          "Qwen3ForCausalLM": "Qwen3Config"}.get(cls, "CLIPTextConfig"))
+            net = getattr(transformers, cls)(conf(**cfg))
+    return net.to(dtype).eval().requires_grad_(False)
+
+
+class SavedBytes:
+    """Sums numel * element_size of the unique storages autograd saves (parameters excluded).
+    Installed as the students' gradient-checkpointing function, it runs each block plainly but
+    books it apart, so one forward gives both figures: without checkpointing, outside + all blocks;
+    with it, outside + the kept block inputs + the largest block (recomputed during backward)."""
+
+    def __init__(self, *nets):
+        self.skip = {t.untyped_storage()._cdata for n in nets for t in list(n.parameters()) + list(n.buffers())}
+        self.outside = self.inputs = self.blocks = self.largest = 0
+        self.seen, self.block = set(), None
+
+    def pack(self, t):
+        key = t.untyped_storage()._cdata
+        if key not in self.skip and key not in self.seen:
+            self.seen.add(key)
+            n = t.untyped_storage().nbytes()
+            if self.block is None:
+                self.outside += n
+            else:
+                self.block += n
+        return t
+
+    def checkpoint(self, module, *a):
+        self.inputs += sum(x.untyped_storage().nbytes() for x in a if torch.is_tensor(x) and x.requires_grad)
+        self.block = 0
+        out = module(*a)
+        self.blocks, self.largest, self.block = self.blocks + self.block, max(self.largest, self.block), None
+        return out
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *e):
+        return self.ctx.__exit__(*e)
+
+    def total(self, ckpt):
+        return self.outside + (self.inputs + self.largest if ckpt else self.blocks)
+
+
+class FlashAttention(torch.autograd.Function):
+    """On meta, F.scaled_dot_product_attention takes the math path and would count the L x L
+    scores; the CUDA (and CPU) fused kernels save q, k, v, the output and a float32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+def plan_sdpa(*a, **kw):
+    q, k, v = (list(a) + [kw.get(n) for n in ("query", "key", "value")[len(a):]])[:3]
+    return FlashAttention.apply(q, k, v)
+
+
+def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True):
+    """A backbone without pipeline or text encoders' use: enough for make_student, velocity,
+    decode, noise and the sampler (the conditioning comes from meta_cond)."""
+    family = models.SPECS[name][0]
+    bb = object.__new__(models.SD3Backbone if family == "sd3" else models.Flux2Backbone)
+    vae = build_meta(arch["vae-" + family], dtype, device)
+    bb.pipe = argparse.Namespace(vae=vae)
+    bb.name, bb.device, bb.dtype, bb.resolution = name, torch.device(device), dtype, resolution
+    bb.lora_rank, bb.lora_alpha, bb.gradient_checkpointing = lora_rank, 2 * lora_rank, False
+    bb.guidance, bb.prompts = models.SPECS[name][3], list(models.DEFAULT_PROMPTS)
+    bb.teacher = build_meta(arch[name], dtype, device)
+    bb.generator_base = build_meta(arch[name], dtype, device) if family == "flux2" else bb.teacher
+    bb.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the real VAEs
+    side = resolution // (bb.vae_scale * (1 if family == "sd3" else 2))
+    bb.latent_shape = (bb.teacher.config.in_channels, side, side)
+    bb.sigmas = models.sd3_sigmas(shift=3.0) if family == "sd3" else models.flux2_sigmas(resolution=16 * side)
+    names = ("clip-l-text", "clip-g-text", "t5-xxl") if family == "sd3" else ("qwen3-4b",)
+    bb.text_encoders = [build_meta(arch[t], dtype, device) for t in names if t in arch and text]
+    return bb
+
+
+def meta_cond(bb, n, length=None):
+    """Text conditioning of n prompts with the real shapes (random values off meta)."""
+    c, d = bb.teacher.config, dict(device=bb.device, dtype=bb.dtype)
+    if bb.family == "sd3":  # CLIP 77 + T5 128 tokens, pooled CLIP-L + CLIP-G
+        return {"prompt_embeds": torch.randn(n, length or 205, c.joint_attention_dim, **d),
+                "pooled_projections": torch.randn(n, c.pooled_projection_dim, **d)}
+    return {"prompt_embeds": torch.randn(n, length or 512, c.joint_attention_dim, **d),
+            "txt_ids": torch.zeros(n, length or 512, 4, dtype=torch.long, device=bb.device)}
+
+
+def velocity_bytes(bb, net, n, ckpt, cond=None, x=None):
+    """Bytes saved by one bb.velocity(net, x, sigma, cond) with grad, n samples (meta or real)."""
+    count = SavedBytes(net)
+    net.enable_gradient_checkpointing(count.checkpoint)
+    x = torch.empty(n, *bb.latent_shape, device=bb.device) if x is None else x
+    with count, torch.autocast("cuda", torch.bfloat16, enabled=bb.dtype == torch.bfloat16):
+        bb.velocity(net, x, torch.full((n,), 0.5, device=bb.device), cond or meta_cond(bb, n))
+    net.disable_gradient_checkpointing()
+    return count.total(ckpt)
+
+
+def bp_bytes(bb, towers, n):
+    """Bytes saved by the reward back-prop of n images: VAE decode + each BP tower's image side."""
+    x = torch.empty(n, *bb.latent_shape, device=bb.device, requires_grad=True)
+    count = SavedBytes(bb.pipe.vae, *towers)
+    with count:
+        img = bb.decode(x)
+        for m in towers:
+            m.get_image_features(pixel_values=rewards.preprocess(img, 224).to(m.dtype))
+    return count.outside
+
+
+def memory_plan(args, arch=None):
+    """Print the per-GPU plan; return 0 if the peak fits in --gpu-memory GiB, else a message."""
+    resolve_defaults(args, cuda=True)
+    arch = arch or json.load(open(ARCH))
+    res, world = args.resolution or models.SPECS[args.model][4], args.gpus
+    if args.batch_size % (world * args.grad_accum):
+        return f"error: --batch-size {args.batch_size} does not split over --gpus {world} x --grad-accum {args.grad_accum}"
+    b = args.batch_size // (world * args.grad_accum)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    F_sdpa, torch.nn.functional.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention, plan_sdpa
+    try:
+        bb = meta_backbone(args.model, arch, res, dtype, args.lora_rank, text=not args.cache_text_embeddings)
+        gen, fake = bb.make_student("generator", stage=args.stage), bb.make_student("fake", stage=args.stage)
+        names = [n for n, w in (dict(rewards.GRPO_WEIGHTS) if not args.rewards else
+                                {k: 1 for k in args.rewards.split(",")}).items()]
+        tower_cfg = {"clipscore": "clip-vit-l-14", "hpsv2": "clip-vit-h-14", "pickscore": "clip-vit-h-14"}
+        towers = [build_meta(arch[tower_cfg[n]], torch.float32) for n in names if n in tower_cfg] \
+            if args.stage == 2 else []
+        size = lambda *nets: sum(t.numel() * t.element_size() for t in {
+            id(t): t for n in nets for t in list(n.parameters()) + list(n.buffers())}.values())
+        lora = sum(p.numel() for p in trainable(gen))
+        ck = bool(args.grad_ckpt)
+        fwd = lambda net, n: velocity_bytes(bb, net, n, ck)
+        if args.stage == 1:  # fake: v at b + the consistency pair at 2b; generator: its last step
+            phases = {"fake-score step": fwd(fake, b) + (fwd(fake, 2 * b) if args.consistency_weight else 0),
+                      "generator step": fwd(gen, b)}
+        else:
+            fb, chunk = args.fake_batch_size or b * args.num_batches_per_epoch, args.bp_batch_size or b
+            phases = {"rollouts (no grad)": 0,
+                      "fake-score step": fwd(fake, fb) + (fwd(fake, 2 * fb) if args.consistency_weight else 0),
+                      "generator step (PPO)": fwd(gen, b),
+                      "generator step (DM + back-prop)": fwd(gen, b) + (0 if args.no_bp else bp_bytes(bb, towers, chunk))}
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = F_sdpa
+    merged = 0
+    if args.stage == 2:  # stage-1 LoRA merged: new weight tensors for the targeted Linears, per student
+        merged = 2 * sum(m.weight.numel() * m.weight.element_size() for m in models.lora_layers(gen).values())
+    rows = {"weights: transformer(s) + VAE": size(bb.teacher, bb.generator_base, bb.pipe.vae) + merged,
+            "weights: text encoders" + (" (cached: off GPU)" if args.cache_text_embeddings else ""):
+                size(*bb.text_encoders),
+            "weights: reward towers (float32)": size(*towers) if towers else 0,
+            "LoRA (2 nets) + grads + AdamW + EMA, float32": lora * 4 * (2 * 4 + 1)}
+    static = sum(rows.values())
+    print(f"memory plan per GPU | {args.model} stage {args.stage} | {world} GPU(s) x {b} samples"
+          f" x grad-accum {args.grad_accum} = batch {args.batch_size} | {res} px | LoRA r {args.lora_rank}"
+          f" ({lora / 1e6:.2f} M per net) | grad ckpt {ck} | {str(dtype)[6:]}")
+    for k, v in rows.items():
+        print(f"  {k:<48} {v / GiB:7.2f} GiB")
+    for k, v in phases.items():
+        print(f"  activations: {k:<35} {v / GiB:7.2f} GiB  -> {(static + v) / GiB:6.2f} GiB")
+    peak = max(phases, key=phases.get)
+    total = (static + phases[peak]) / GiB
+    print(f"  peak: {peak}, {total:.2f} GiB of --gpu-memory {args.gpu_memory:g} GiB")
+    args.planned_gib = total
+    if total <= args.gpu_memory:
+        return 0
+    batch = "raise --grad-accum (or lower --batch-size)"
+    fix = {"fake-score step": "lower --fake-batch-size to 1" if args.stage == 2 else batch,
+           "generator step (DM + back-prop)": "lower --bp-batch-size to 1, then " + batch}
+    return (f"error: the plan's peak ({total:.1f} GiB, {peak}) exceeds --gpu-memory {args.gpu_memory:g}; "
+            f"{fix.get(peak, batch)}"
+            + ("" if ck else ", or turn on --grad-ckpt 1") + ("" if args.cache_text_embeddings else
+                                                           ", or pass --cache-text-embeddings"))
 
 
 if __name__ == "__main__":
