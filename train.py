@@ -1437,7 +1437,7 @@ def plan_sdpa(*a, **kw):
     return FlashAttention.apply(q, k, v)
 
 
-def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True):
+def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True, lora_dtype=torch.float32):
     """A backbone without pipeline or text encoders' use: enough for make_student, velocity,
     decode, noise and the sampler (the conditioning comes from meta_cond)."""
     family = models.SPECS[name][0]
@@ -1446,6 +1446,7 @@ def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=
     bb.pipe = argparse.Namespace(vae=vae)
     bb.name, bb.device, bb.dtype, bb.resolution = name, torch.device(device), dtype, resolution
     bb.lora_rank, bb.lora_alpha, bb.gradient_checkpointing = lora_rank, 2 * lora_rank, False
+    bb.lora_dtype = lora_dtype
     bb.guidance, bb.prompts = models.SPECS[name][3], list(models.DEFAULT_PROMPTS)
     bb.teacher = build_meta(arch[name], dtype, device)
     bb.generator_base = build_meta(arch[name], dtype, device) if family == "flux2" else bb.teacher
@@ -1501,7 +1502,9 @@ def memory_plan(args, arch=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     F_sdpa, torch.nn.functional.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention, plan_sdpa
     try:
-        bb = meta_backbone(args.model, arch, res, dtype, args.lora_rank, text=not args.cache_text_embeddings)
+        lora_dtype = torch.bfloat16 if args.lora_dtype == "bf16" else torch.float32
+        bb = meta_backbone(args.model, arch, res, dtype, args.lora_rank, text=not args.cache_text_embeddings,
+                           lora_dtype=lora_dtype)
         gen, fake = bb.make_student("generator", stage=args.stage), bb.make_student("fake", stage=args.stage)
         names = [n for n, w in (dict(rewards.GRPO_WEIGHTS) if not args.rewards else
                                 {k: 1 for k in args.rewards.split(",")}).items()]
@@ -1531,7 +1534,8 @@ def memory_plan(args, arch=None):
             "weights: text encoders" + (" (cached: off GPU)" if args.cache_text_embeddings else ""):
                 size(*bb.text_encoders),
             "weights: reward towers (float32)": size(*towers) if towers else 0,
-            "LoRA (2 nets) + grads + AdamW + EMA, float32": lora * 4 * (2 * 4 + 1)}
+            # per net: master, grad and AdamW's two moments, all in the master dtype; one EMA
+            f"LoRA (2 nets) + grads + AdamW + EMA, {args.lora_dtype}": lora * (2 if args.lora_dtype == "bf16" else 4) * (2 * 4 + 1)}
     static = sum(rows.values())
     print(f"memory plan per GPU | {args.model} stage {args.stage} | {world} GPU(s) x {b} samples"
           f" x grad-accum {args.grad_accum} = batch {args.batch_size} | {res} px | LoRA r {args.lora_rank}"

@@ -44,7 +44,8 @@ def run_steps(model, arch, device, dtype, stage, extra=()):
     b = args.batch_size // (args.gpus * args.grad_accum)
     torch.manual_seed(0)
     bb = train.meta_backbone(model, arch, args.resolution or models.SPECS[model][4], dtype, args.lora_rank,
-                             device=device, text=False)
+                             device=device, text=False,
+                             lora_dtype=torch.bfloat16 if args.lora_dtype == "bf16" else torch.float32)
     bb.gradient_checkpointing, args.guidance = True, bb.guidance
     merge = models.lora_state_dict(bb.make_student("generator")) if stage == 2 else None
     generator, fake = bb.make_student("generator", stage, merge), bb.make_student("fake", stage, merge)
