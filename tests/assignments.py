@@ -191,7 +191,7 @@ def tracked_files(root):
     out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
                           "--exclude-standard"], capture_output=True, text=True)
     if out.returncode != 0:
-        if not os.path.exists(os.path.join(root, "EXERCISES.md")):
+        if not os.path.exists(os.path.join(root, "acdmd.py")):
             sys.exit(f"assignments: {root} is neither a git checkout nor a copy made by `make`")
         found = []
         for d, dirs, files in os.walk(root):

@@ -204,3 +204,13 @@ def test_check_fails_exactly_when_grade_loses_points(tmp_path):
         checked = check_verdicts(out)
         assert {e for e, ok in checked.items() if not ok} == lost, \
             f"with the wrong answers {names}, check fails {sorted(e for e, ok in checked.items() if not ok)}, grade {sorted(lost)}"
+
+
+@pytest.mark.slow
+def test_an_unfinished_exercise_costs_no_points_in_those_that_use_it(tmp_path):
+    out = str(tmp_path / "carol")
+    assignments.make(out, exercises=["cps_step"])  # cps_step blank, everything else solved
+    result, tests = assignments.grade(out, ["cps_step", "dmd_direction", "cps_log_prob"])
+    assert result["cps_step"][2] == 0, result
+    for e in ("dmd_direction", "cps_log_prob"):
+        assert result[e][0] == result[e][1], f"a blank cps_step costs points in {e}: {tests}"
