@@ -9,22 +9,29 @@ comments
 
 `make` copies the repository (the files git tracks, no history) and replaces each marked body by
 `raise NotImplementedError("NAME: ...")`, so the copy still imports and runs up to the first
-missing piece. It writes EXERCISES.md next to it: per exercise, what to implement, the equation,
-which module-docstring section to read first, difficulty and an estimated time. `grade` runs each
-exercise's tests (tests/test_exercises.py, its GRADING table) on a copy and prints a score table.
+missing piece. It writes EXERCISES.md (per exercise: what to implement, arguments and helpers,
+the equation, which module-docstring section to read first, difficulty, estimated time) and
+WORKSHEET.md (derivation questions, tests/worksheet.py) next to it, cuts the instructors' section
+from the README and packs the grading tests into tests/grading.zip. `check` runs exactly one
+exercise's grading tests (tests/test_exercises.py, its GRADING table) on the code it sits in;
+`grade` runs them on temporary copies of returned folders, with the reference body of every
+other exercise, and prints a score table and writes feedback files.
 
     python tests/assignments.py list
-    python tests/assignments.py make OUT [--exercises NAME ...]      # a student copy
+    python tests/assignments.py make OUT [--exercises NAME ...] [--derive]  # a student copy
     python tests/assignments.py make OUT --solution [--replace FILE]  # the key, or the key with
                                                                       # one wrong answer swapped in
-    python tests/assignments.py grade OUT [--exercises NAME ...]      # exit code 1 if any test fails
+    python tests/assignments.py check NAME [NAME ...]                 # in the student's copy
+    python tests/assignments.py grade OUT [OUT ...] [--exercises NAME ...] [--feedback DIR]
+                                                                      # exit code 1 if any fails
 
 A wrong answer (tests/wrong_answers/NAME_N.py) redefines one or more of exercise NAME's functions
 with a plausible mistake; `make --solution --replace FILE` swaps its bodies into the key.
 tests/test_assignments.py grades the key (full marks) and every wrong answer (exactly its exercise
-fails).
+fails, in `grade` and in `check`).
 
-Standard library only, so that it runs before anything is installed.
+Standard library only, so that it runs before anything is installed; the tests run with
+`--python` (default: this interpreter), which must have torch and pytest.
 """
 import argparse
 import ast
