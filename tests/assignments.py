@@ -395,14 +395,16 @@ def make(out, exercises=None, solution=False, replace_files=(), derive=False):
         shutil.copy2(os.path.join(ROOT, rel), dst)
     for rel, bl in blocks.items():
         rewrite(os.path.join(out, rel), bl, blank, replace)
-    write = lambda rel, text: open(os.path.join(out, rel), "w", encoding="utf-8").write(text)
-    write("WORKSHEET.md", worksheet(chosen))
+    def write(path, text):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    write(os.path.join(out, "WORKSHEET.md"), worksheet(chosen))
     if solution:
-        write("WORKSHEET_KEY.md", worksheet(chosen, key=True))
+        write(os.path.join(out, "WORKSHEET_KEY.md"), worksheet(chosen, key=True))
     else:
-        write("EXERCISES.md", task_statement(blocks, chosen, derive))
-        write("README.md", student_readme(open(os.path.join(ROOT, "README.md"),
-                                                encoding="utf-8").read()))
+        write(os.path.join(out, "EXERCISES.md"), task_statement(blocks, chosen, derive))
+        write(os.path.join(out, "README.md"),
+              student_readme(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()))
         # the grading tests hold every reference formula (the by-hand helpers): they travel
         # packed, for `check` to run, not for reading
         with zipfile.ZipFile(os.path.join(out, GRADING_ZIP), "w", zipfile.ZIP_DEFLATED) as z:
@@ -623,7 +625,7 @@ def main(argv=None):
     g.add_argument("--exercises", nargs="+", default=None,
                    help="grade these (default: those in each copy's EXERCISES.md, else all)")
     g.add_argument("--feedback", default=None, metavar="DIR",
-                   help="where to write NAME.feedback.md (default: next to each copy)")
+                   help="where to write NAME.feedback.txt (default: next to each copy)")
     for q in (c, g):
         q.add_argument("--python", default=sys.executable,
                        help="the interpreter that runs the tests (default: this one)")
@@ -668,7 +670,7 @@ def main(argv=None):
         ok = ok and all(r[0] == r[1] for r in result.values())
         where = args.feedback or os.path.dirname(os.path.abspath(path))
         os.makedirs(where, exist_ok=True)
-        fb = os.path.join(where, f"{label}.feedback.md")
+        fb = os.path.join(where, f"{label}.feedback.txt")
         open(fb, "w", encoding="utf-8").write(feedback(path, result, tests))
         print(f"feedback: {fb}")
     if len(results) == 1:

@@ -14,6 +14,7 @@ import glob
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -120,8 +121,8 @@ def test_grade_refuses_a_python_without_torch(tmp_path):
     fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
     fake.chmod(0o755)
     pythons = [str(fake), str(tmp_path / "missing")]
-    system = "/usr/bin/python3"
-    if os.path.exists(system) and subprocess.run([system, "-c", "import torch"], capture_output=True).returncode:
+    system = shutil.which("python3")  # the system Python, where it lacks torch
+    if system and subprocess.run([system, "-c", "import torch"], capture_output=True).returncode:
         pythons.append(system)
     for py in pythons:
         res = subprocess.run([sys.executable, TOOL, "grade", ROOT, "--python", py], capture_output=True, text=True)
@@ -163,7 +164,7 @@ def test_batch_grade_blank_handout_scores_0_on_its_exercises_only(tmp_path):
     assert cells["total"] == "0/50" and all(cells[e] == "0/" + str(assignments.EXERCISES[e]["points"]) for e in four)
     assert all(cells[e] == "-" for e in assignments.EXERCISES if e not in four), f"the blank handout lists other exercises: {cells}"
     assert rows["bob"][-1] == "150/150", f"the key does not get full marks: {res.stdout}"
-    text = open(os.path.join(fb, "alice.feedback.md"), encoding="utf-8").read()
+    text = open(os.path.join(fb, "alice.feedback.txt"), encoding="utf-8").read()
     assert [ln for ln in text.splitlines() if ln.startswith("## ")] == [f"## {e}: 0/{len(assignments.grading_table()[e])} tests, 0/{assignments.EXERCISES[e]['points']} points" for e in four]
     assert "`test_shared_projection_noise_cancels_in_the_difference`: NotImplementedError: dmd_direction: write the body of shared_projection" in text
 
