@@ -22,6 +22,7 @@ other exercise, and prints a score table and writes feedback files.
     python tests/assignments.py make OUT --solution [--replace FILE]  # the key, or the key with
                                                                       # one wrong answer swapped in
     python tests/assignments.py check NAME [NAME ...]                 # in the student's copy
+    python tests/assignments.py picture cps_step|renoise|tilt_linear  # ... next to the exact law
     python tests/assignments.py grade OUT [OUT ...] [--exercises NAME ...] [--feedback DIR]
                                                                       # exit code 1 if any fails
 
@@ -51,6 +52,7 @@ GRADING_ZIP = os.path.join("tests", "grading.zip")  # the grading tests in a stu
 # what a student copy leaves out: the wrong answers are near-solutions, and the test of this tool
 # needs them
 HIDDEN = ("tests/wrong_answers/", "tests/test_assignments.py", "tests/worksheet.py")  # as git lists
+PICTURES = ("cps_step", "renoise", "tilt_linear")  # tests/pictures.py draws these
 MARK = re.compile(r"^(\s*)# --- exercise (\w+): (begin|end) ---\s*$")
 
 # The exercises in the suggested order (README, "For instructors"). `uses`: the other exercises
@@ -626,7 +628,11 @@ def main(argv=None):
                    help="grade these (default: those in each copy's EXERCISES.md, else all)")
     g.add_argument("--feedback", default=None, metavar="DIR",
                    help="where to write NAME.feedback.txt (default: next to each copy)")
-    for q in (c, g):
+    pic = sub.add_parser("picture", help="draw this checkout's cps_step, renoise or tilt_linear "
+                                          "next to the exact answer (tests/pictures.py)")
+    pic.add_argument("names", nargs=1, metavar="NAME", choices=PICTURES)
+    pic.add_argument("--png", default=None, help="the picture's path (default picture_NAME.png)")
+    for q in (c, g, pic):
         q.add_argument("--python", default=sys.executable,
                        help="the interpreter that runs the tests (default: this one)")
     args = p.parse_args(argv)
@@ -645,13 +651,17 @@ def main(argv=None):
         print(f"wrote {args.out}" + (" (the key, WORKSHEET_KEY.md)" if args.solution
                                      else " with EXERCISES.md and WORKSHEET.md"))
         return 0
-    names = args.names if args.cmd == "check" else (args.exercises or [])
+    names = args.names if args.cmd in ("check", "picture") else (args.exercises or [])
     unknown = [e for e in names if e not in EXERCISES]
     if unknown:
         sys.exit(f"assignments: unknown exercise(s) {unknown}; `list` shows the names")
     preflight(args.python)
     if args.cmd == "check":
         return 0 if check(args.names, args.python) else 1
+    if args.cmd == "picture":
+        png = os.path.abspath(args.png or f"picture_{args.names[0]}.png")
+        return subprocess.run([args.python, os.path.join("tests", "pictures.py"), args.names[0],
+                               png], cwd=ROOT).returncode
     copies = []
     for path in args.out:
         if not os.path.isdir(path):

@@ -215,3 +215,19 @@ def test_an_unfinished_exercise_costs_no_points_in_those_that_use_it(tmp_path):
     assert result["cps_step"][2] == 0, result
     for e in ("dmd_direction", "cps_log_prob"):
         assert result[e][0] == result[e][1], f"a blank cps_step costs points in {e}: {tests}"
+
+
+@pytest.mark.slow
+def test_pictures_draw_once_the_exercise_is_done(tmp_path):
+    key, blank = str(tmp_path / "key"), str(tmp_path / "blank")
+    assignments.make(key, solution=True)
+    assignments.make(blank, exercises=["renoise"])
+    for name in assignments.PICTURES:
+        png = str(tmp_path / f"{name}.png")
+        res = subprocess.run([sys.executable, os.path.join("tests", "assignments.py"), "picture", name, "--png", png],
+                             cwd=key, capture_output=True, text=True)
+        assert res.returncode == 0 and os.path.getsize(png) > 1000, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, os.path.join("tests", "assignments.py"), "picture", "renoise", "--png",
+                          str(tmp_path / "x.png")], cwd=blank, capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == \
+        ["pictures: renoise: write the body of renoise (EXERCISES.md); the picture needs that exercise done"], res.stderr
