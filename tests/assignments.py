@@ -339,6 +339,9 @@ def task_statement(blocks, chosen, derive=False):
         else:
             out += ["The equation:", ""] + ["    " + ln for ln in ex["equation"].splitlines()]
         out += ["", f"Read first: {ex['read']}."]
+        if name in PICTURES:
+            out += ["", f"See it work: `python tests/assignments.py picture {name}` draws your code "
+                    "next to the exact answer."]
         if ex["uses"]:
             out += ["", "May call the exercise(s) " + ", ".join(ex["uses"]) + " (do them first; "
                     "grading swaps in their reference solution, so a mistake there costs no "
@@ -364,7 +367,9 @@ def student_readme(text):
         text = text[:start + 1] + ("" if end < 0 else text[end + 1:])
     return text.rstrip("\n") + ("\n\n## Course exercises\n\nThe tasks are in `EXERCISES.md`, the "
                                 "derivations in `WORKSHEET.md`; check one exercise with `python "
-                                "tests/assignments.py check NAME`.\n")
+                                "tests/assignments.py check NAME`; `python tests/assignments.py "
+                                "picture NAME` draws cps_step, renoise or tilt_linear next to the "
+                                "exact answer.\n")
 
 
 def make(out, exercises=None, solution=False, replace_files=(), derive=False):
