@@ -56,7 +56,8 @@ PICTURES = ("cps_step", "renoise", "tilt_linear")  # tests/pictures.py draws the
 MARK = re.compile(r"^(\s*)# --- exercise (\w+): (begin|end) ---\s*$")
 
 # The exercises in the suggested order (README, "For instructors"). `uses`: the other exercises
-# whose functions the solution calls, so a missing one blocks this one in a blanked copy.
+# whose functions a solution may call; grading swaps in their reference (`rounds`), and
+# tests/test_assignments.py checks that it covers every call in the reference bodies.
 EXERCISES = {
     "cps_step": dict(
         difficulty="easy", minutes=30, points=10, uses=[],
@@ -369,7 +370,8 @@ def student_readme(text):
                                 "derivations in `WORKSHEET.md`; check one exercise with `python "
                                 "tests/assignments.py check NAME`; `python tests/assignments.py "
                                 "picture NAME` draws cps_step, renoise or tilt_linear next to the "
-                                "exact answer.\n")
+                                "exact answer. This copy holds none of the project's test files "
+                                "(they state the answers): `check` is the test to run.\n")
 
 
 def make(out, exercises=None, solution=False, replace_files=(), derive=False):
@@ -395,7 +397,9 @@ def make(out, exercises=None, solution=False, replace_files=(), derive=False):
     if os.path.exists(out) and os.listdir(out):
         sys.exit(f"assignments: {out} exists and is not empty; pass a new folder")
     for rel in tracked_files(ROOT):
-        if rel.startswith(HIDDEN) or (rel == GRADING_FILE and not solution):
+        # a student copy keeps no test file: they state the answers (the grading tests travel
+        # packed, below), and on blank bodies they would fail anyway
+        if rel.startswith(HIDDEN) or (not solution and re.match(r"tests/test_\w+\.py$", rel)):
             continue
         dst = os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -100,6 +100,7 @@ def test_handout_keeps_the_instructors_material_out(tmp_path):
             if not f.endswith(".zip"):
                 plain[os.path.relpath(os.path.join(d, f), out)] = open(os.path.join(d, f), "rb").read()
     assert not [p for p, b in plain.items() if b"ambient_by_hand" in b], "a reference formula of the grading tests is in plain sight"
+    assert not [p for p in plain if os.path.basename(p).startswith("test_")], "the project's tests state the answers"
     assert os.path.exists(os.path.join(out, assignments.GRADING_ZIP)), "the handout needs its grading tests (packed) for `check`"
     assert b"For instructors" not in plain["README.md"] and b"assignments.py check NAME" in plain["README.md"]
     ex = plain["EXERCISES.md"].decode()
