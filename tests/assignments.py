@@ -518,7 +518,7 @@ def run_tests(copy, exercises, python, reference=True):
             try:
                 rewrite(path, find_blocks(path), (), ref) if os.path.exists(path) else None
             except SystemExit as e:  # a student broke a marker: grade that file as it is
-                why = str(e.code).split(": ", 1)[-1].replace(tmp, copy.rstrip("/"))
+                why = rel_error(str(e.code).split(": ", 1)[-1], tmp, copy)
                 print(f"assignments: {why}; {rel} is graded without the other exercises' "
                       "reference bodies", file=sys.stderr)
         shutil.copy2(os.path.join(ROOT, "tests", "conftest.py"), os.path.join(tmp, "tests"))
@@ -536,8 +536,19 @@ def run_tests(copy, exercises, python, reference=True):
             base = case.get("name").split("[")[0]
             bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
             msg = (bad[0].get("message") or bad[0].tag).strip().splitlines()[0] if bad else None
+            if msg == "collection failure":  # the reason is in the report's text, last E line
+                why = re.findall(r"^E\s+(\w*Error\b.*)$", bad[0].text or "", re.M)
+                msg = f"{rel_error(why[-1], tmp, copy)}, importing the modules" if why else msg
             failures[base] = failures.get(base) or msg
-    return {t: failures.get(t, "the test did not run") for e in exercises for t in table[e]}
+    # a test missing from the report did not run: the file failed to import (a student's
+    # SyntaxError, say), and pytest reported that under the file's name
+    other = [m for t, m in failures.items() if m and t not in {x for e in exercises for x in table[e]}]
+    missing = "the test did not run" + (f" ({other[0]})" if other else "")
+    return {t: failures.get(t, missing) for e in exercises for t in table[e]}
+
+
+def rel_error(text, tmp, copy):
+    return text.replace(tmp, copy.rstrip("/"))
 
 
 def score(tests, exercises):
