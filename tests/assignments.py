@@ -84,8 +84,7 @@ EXERCISES = {
     "ambient_target": dict(
         difficulty="medium", minutes=40, points=15, uses=["renoise"],
         args='x_s, n: Tensor[B, ...]; s, t: float or Tensor[B] (use `bcast(s, x_s)`, `bcast(t, '
-             'x_s)`). Helpers: `bcast`, and `subinterval_coeffs` from the renoise exercise (grading '
-             'uses the reference renoise, so a renoise mistake costs no points here).',
+             'x_s)`). Helpers: `bcast`, and `subinterval_coeffs` of the renoise exercise.',
         read="acdmd.py, section 4",
         what="`acdmd.ambient_target`: the regression target of the fake score when it only ever "
              "sees x_s, never clean data.",
@@ -95,7 +94,7 @@ EXERCISES = {
         difficulty="medium", minutes=45, points=15, uses=["cps_step"],
         args='x_t, v_real, v_fake: Tensor[B, ...]; t, s: float or Tensor[B]; eta: float. '
              'dmd_direction: x_s, x_s_real, x_s_fake: Tensor[B, ...], returns float64. Helpers: '
-             '`cps_step` from the cps_step exercise (grading uses the reference one), '
+             '`cps_step` of the cps_step exercise, '
              '`torch.randn_like`, `torch.nan_to_num`.',
         read="acdmd.py, section 3",
         what="`acdmd.shared_projection` (project the teacher's and the fake's velocity from t back "
@@ -125,9 +124,9 @@ EXERCISES = {
     "cps_log_prob": dict(
         difficulty="medium", minutes=40, points=15, uses=["cps_step"],
         args='x_next, x, v: Tensor[B, ...]; sigma, sigma_next: float or Tensor[B]; eta: float; form:'
-             ' "official" or "exact"; returns float32 Tensor[B]. Helpers: `cps_mean_std` from the '
-             'cps_step exercise (grading uses the reference one; its rho is a float or a tensor that '
-             'broadcasts against x, `torch.as_tensor(rho)` covers both).',
+             ' "official" or "exact"; returns float32 Tensor[B]. Helpers: `cps_mean_std` of the '
+             'cps_step exercise (its rho is a float or a tensor that broadcasts against x: '
+             '`torch.as_tensor(rho)` covers both).',
         read="subgrpo.py, section 4",
         what="`subgrpo.cps_log_prob`: the log-probability of a stored CPS transition, in the "
              "official and the exact form.",
