@@ -19,7 +19,7 @@ ABS_PATH = re.compile(_START + r"/(?:[A-Za-z_~][\w.+-]*(?:/[\w.*+-]+)+/?|(?:home
                       r"mnt|data|scratch|Users|usr|opt|var|etc|srv)\b)", re.M)
 # Files the code writes at run time (not documents a reader should find in the repository):
 # eval.py's ablation table, and the task file of a student copy (tests/assignments.py make).
-GENERATED_MD = {"ablation.md", "EXERCISES.md"}
+GENERATED_MD = {"ablation.md", "EXERCISES.md", "WORKSHEET.md", "WORKSHEET_KEY.md"}
 # The temporary directory is the same on every machine: "/tmp/..." in a help string or a test is
 # portable, not a location on the authors' disk.
 PORTABLE = ("/tmp",)
