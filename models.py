@@ -511,9 +511,12 @@ def shared_copy(net):
 
 
 def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
-    """cls.from_pretrained, but a missing / wrong id or folder gives one actionable line."""
+    """cls.from_pretrained, but a missing / wrong id or folder exits with one actionable line
+    (SystemExit, as train.py's other errors: no traceback). low_cpu_mem_usage (with accelerate,
+    requirements.txt) builds the modules empty and loads the weights straight in `dtype`: no
+    float32 host copy of a multi-GB transformer per rank before the bf16 cast."""
     try:
-        return cls.from_pretrained(pretrained, **kw)
+        return cls.from_pretrained(pretrained, low_cpu_mem_usage=True, **kw)
     except (OSError, ValueError) as e:
         p, why = str(pretrained), type(e).__name__
         fix = (f"pass {flag} with a diffusers folder (written by save_pretrained or "
@@ -526,7 +529,7 @@ def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
             msg = (f"hub id {p!r} is not in the local Hugging Face cache and could not be fetched "
                    f"({why}): log in with `huggingface-cli login`, accept the model's licence, and "
                    f"run `huggingface-cli download {p}`; or {fix}")
-        raise RuntimeError(msg) from None
+        raise SystemExit(f"error: {msg}") from None
 
 
 class DiffusersBackbone:
@@ -544,8 +547,9 @@ class DiffusersBackbone:
         # rewards that score against it (GenEval)
         self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
         assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
-        # cast the transformer by hand: without accelerate, diffusers 0.42.1's
-        # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
+        # with accelerate (load_pipeline: low_cpu_mem_usage) the weights already come in `dtype`;
+        # without it diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16) silently
+        # stays float32, so cast by hand (a no-op in the first case)
         pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables

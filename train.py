@@ -45,6 +45,7 @@ shared helpers (EMA, checkpoints, update guard, logging, exported files) -> prof
 import argparse
 import contextlib
 import copy
+import datetime
 import json
 import os
 import resource
@@ -137,6 +138,9 @@ def get_args(argv=None):
                    "prints a table and writes profile_stage{1,2}.json (use a fresh --out)")
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
+    p.add_argument("--timeout-hours", type=float, default=3.0,
+                   help="process-group timeout (the official code's NCCL_TIMEOUT_SEC, 3 h): covers a "
+                        "rank loading or building alone while the others wait")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
     add_stage2_args(p)
     return p.parse_args(argv)
@@ -227,7 +231,8 @@ def setup(argv=None):
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(hours=args.timeout_hours))
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -283,7 +288,8 @@ def main(argv=None):
     # broadcast from rank 0, without the communication (README, "Deviations and choices").
     shared_rng = torch.Generator().manual_seed(args.seed + 12345)
 
-    # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder.
+    # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder;
+    # the other ranks load after it, at a barrier under the --timeout-hours process-group timeout.
     # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; LoRA
     # parameters are always float32 (models.LoRALinear).
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
@@ -397,8 +403,10 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     ckpt_path = os.path.join(args.out, "stage1.pt")
     step = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)["step"] if args.resume else 0
     if ddp:
-        generator = DDP(generator, device_ids=[device.index] if device.type == "cuda" else None)
-        fake = DDP(fake, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the buffers (SD3.5's 432 MiB pos_embed) are frozen and equal on
+        # every rank; DDP would re-send them on every forward (the official stage 2 turns it off too)
+        kw = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        generator, fake = DDP(generator, **kw), DDP(fake, **kw)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     null_cond = bb.encode([""] * B)
 
