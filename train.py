@@ -113,6 +113,9 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks); stage 2: "
                    "images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="stage 1: N micro-batches per update, so that per-rank batch x ranks x N = "
+                        "--batch-size (the paper's global batch on fewer GPUs)")
     p.add_argument("--lr-gen", type=float, default=None)
     p.add_argument("--lr-fake", type=float, default=None)
     p.add_argument("--fake-update-ratio", type=int, default=None, help="TTUR: fake steps per generator step")
@@ -247,9 +250,9 @@ def setup(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     args = resolve_defaults(args, cuda)
     master = rank == 0
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} does not divide across {world} ranks; "
-                 f"use a multiple of {world}")
+    if args.grad_accum < 1 or args.batch_size % (world * args.grad_accum):
+        sys.exit(f"error: --batch-size {args.batch_size} does not divide across {world} ranks x --grad-accum "
+                 f"{args.grad_accum}; use a multiple of {world * args.grad_accum}")
     check_run_folder(args, master)
     return args, ddp, rank, world, device, master
 
@@ -282,7 +285,6 @@ def main(argv=None):
     # the backbone loads and before anything in the run folder is written.
     reward = make_reward(args, device, metadata) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed + rank)  # per-rank noise
     # Draws that every rank must agree on (random stop, renoise levels, consistency deltas, stage-2
     # prompts) come from this generator, seeded identically everywhere: the same numbers as a
     # broadcast from rank 0, without the communication (README, "Deviations and choices").
@@ -318,6 +320,9 @@ def main(argv=None):
             print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(bb, args)
+    # Per-rank noise, seeded after loading (which may draw), so the stream of rank r is exactly
+    # "seeded seed + r" when the loop starts: what --grad-accum's micro-batch streams reproduce.
+    torch.manual_seed(args.seed + rank)
     if args.stage == 1:
         nets = train_stage1(args, bb, ddp, rank, world, device, master, shared_rng)
     else:
@@ -387,7 +392,9 @@ def tilt_toy_teacher(bb, args):
 def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     """The stage-1 loop (box at the top of this file): a fake-score step every iteration, a
     generator step every fake_update_ratio-th, the EMA every iteration."""
-    B = args.batch_size // world
+    A = args.grad_accum  # micro-batches per update: B x world x A = the global batch
+    B = args.batch_size // (world * A)
+    streams = micro_batch_streams(args.seed, rank, A, device)
     # Every rank must start from the same LoRA init (random A): draw it from the same seed
     # everywhere, in a side RNG, so the per-rank streams below stay as they were.
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
@@ -401,7 +408,11 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
                               weight_decay=0.0)
     nets, opts = dict(generator=generator, fake=fake, ema=ema), dict(opt_g=opt_g, opt_f=opt_f)
     ckpt_path = os.path.join(args.out, "stage1.pt")
-    step = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)["step"] if args.resume else 0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)
+        step, streams = ck["step"], ck["rng"][rank].get("streams", streams)
+    else:
+        step = 0
     if ddp:
         # broadcast_buffers=False: the buffers (SD3.5's 432 MiB pos_embed) are frozen and equal on
         # every rank; DDP would re-send them on every forward (the official stage 2 turns it off too)
@@ -413,7 +424,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     PROF.attach(args, profiled_networks(bb, generator, fake), device, step)
 
     print0(f"stage 1 (AC-DMD{', plain-DMD ablation' if args.plain_dmd else ''}) | model {args.model} | "
-           f"world {world} x {B} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
+           f"world {world} x {B}{f' x grad-accum {A}' if A > 1 else ''} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
            f"  fake step every iter, generator step every {args.fake_update_ratio} "
            f"-> {args.steps // args.fake_update_ratio} generator updates in {args.steps} iters | "
            f"lr G {args.lr_gen} F {args.lr_fake} | CFG {args.guidance} | eta {args.eta} | "
@@ -427,11 +438,15 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
         with PROF.step(step):
             rec = {"stage": 1, "step": step + 1}
             with PROF.phase("prompts"):
-                idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts (per-rank stream)
-                cond = bb.encode([bb.prompts[i] for i in idx])
-            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
+                conds = []  # one per micro-batch, each drawn from its own stream (micro_batch_streams)
+                for a in range(A):
+                    with on_stream(streams, a, device):
+                        idx = torch.randint(0, len(bb.prompts), (B,))  # this rank's prompts
+                        conds.append(bb.encode([bb.prompts[i] for i in idx]))
+            micro = (conds, streams, device)
+            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, micro, shared_rng, autocast, guard)
             if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
-                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
+                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, micro, null_cond, shared_rng,
                                              autocast, guard)
             with PROF.phase("EMA"):
                 ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
@@ -440,7 +455,8 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
             guard.stop_if_stuck(f"iteration {step}")
             if step % args.save_every == 0 or step == args.steps:
                 with PROF.phase("checkpoint"):
-                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
+                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master,
+                                    streams=streams)
     log.close()
     PROF.report(1, autocast, master)
     write_samples_and_exports(args, bb, ema, 1, master)
@@ -473,35 +489,84 @@ def subinterval_start(sim, plain_dmd):
     return sim["x_next"].float(), sim["sigma_next"]
 
 
-def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard):
+def stage1_fake_step(args, bb, generator, fake, opt_f, micro, shared_rng, autocast, guard):
     """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
     random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
-    stop, x_s, s, t, n, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, False)
-    with PROF.phase("fake-score update"):
-        with autocast:
-            loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
-                                                  args.move_scale_out, args.consistency_weight, args.eta,
-                                                  generator=shared_rng)
-        opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
-        grad_norm = guard.step("fake score", opt_f, trainable(fake), loss_f, args.grad_clip)
-    return {"fake_grad_norm": grad_norm, "fake_loss": loss_f.item(), "fake_stop": stop} | stats
+    def loss_fn(cond):
+        stop, x_s, s, t, n, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, False)
+        with PROF.phase("fake-score update"), autocast:
+            return stop, *acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond, args.move_scale_out,
+                                                args.consistency_weight, args.eta, generator=shared_rng)
+    return accumulated_step("fake", fake, opt_f, micro, shared_rng, guard, args.grad_clip, loss_fn)
 
 
-def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast, guard):
+def stage1_generator_step(args, bb, generator, fake, opt_g, micro, null_cond, shared_rng, autocast, guard):
     """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
     that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
-    stop, x_s, s, t, _, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, True)
-    with PROF.phase("generator update"):
-        with autocast:
-            loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
-                                                 args.guidance, args.eta, args.grad_norm)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        grad_norm = guard.step("generator", opt_g, trainable(generator), loss_g, args.grad_clip)
-    return {"gen_grad_norm": grad_norm, "gen_loss": loss_g.item(), "gen_stop": stop} | stats
+    def loss_fn(cond):
+        stop, x_s, s, t, _, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, True)
+        with PROF.phase("generator update"), autocast:
+            return stop, *acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond, args.guidance,
+                                               args.eta, args.grad_norm)
+    return accumulated_step("gen", generator, opt_g, micro, shared_rng, guard, args.grad_clip, loss_fn)
+
+
+def accumulated_step(key, net, opt, micro, shared_rng, guard, grad_clip, loss_fn):
+    """One optimiser step of `net` on --grad-accum micro-batches: loss_fn(cond) -> (stop, loss,
+    stats) per micro-batch, each backward divided by their count, so the gradient is the mean
+    over ranks x micro-batches, as one rank-mean of a batch that many times larger. Each
+    micro-batch re-reads shared_rng from the same state (the same stop and renoise levels, as
+    every rank draws them) and its own per-rank stream (on_stream); DDP all-reduces on the last
+    backward only (no_sync). With one micro-batch this is the plain step."""
+    conds, streams, device = micro
+    opt.zero_grad(set_to_none=True)
+    start, losses, stats = shared_rng.get_state(), [], {}
+    for a, cond in enumerate(conds):
+        shared_rng.set_state(start)
+        quiet = isinstance(net, DDP) and a < len(conds) - 1
+        with on_stream(streams, a, device), net.no_sync() if quiet else contextlib.nullcontext():
+            stop, loss, st = loss_fn(cond)
+            (loss / len(conds)).backward()
+        losses.append(loss.detach())
+        stats = {k: stats.get(k, 0.0) + v / len(conds) for k, v in st.items()}
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+    name = "fake score" if key == "fake" else "generator"
+    grad_norm = guard.step(name, opt, trainable(net), loss, grad_clip)
+    return {f"{key}_grad_norm": grad_norm, f"{key}_loss": loss.item(), f"{key}_stop": stop} | stats
+
+
+def micro_batch_streams(seed, rank, accum, device):
+    """The per-rank random streams of --grad-accum micro-batches. Ranks draw their noise and
+    prompts from the global RNG seeded seed + rank (main); with accum micro-batches, micro-batch
+    a of rank r gets its own state seeded seed + r accum + a, the stream that rank r accum + a of
+    a run with accum x the ranks and no accumulation has. So 1 rank x 2 micro-batches sees the
+    same samples as 2 ranks x 1 (the grad-accum test). None for accum 1: the global RNG as is.
+    Each entry: [CPU state, CUDA state or None], updated in place by on_stream."""
+    if accum == 1:
+        return None
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        out = []
+        for a in range(accum):
+            torch.manual_seed(seed + rank * accum + a)
+            out.append([torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None])
+    return out
+
+
+@contextlib.contextmanager
+def on_stream(streams, a, device):
+    """Run the block on micro-batch a's random stream (micro_batch_streams); no-op for None."""
+    if streams is None:
+        yield
+        return
+    torch.set_rng_state(streams[a][0])
+    if streams[a][1] is not None:
+        torch.cuda.set_rng_state(streams[a][1], device)
+    try:
+        yield
+    finally:
+        streams[a] = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,6 +581,10 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
     if args.exact_decomposition:  # every term an exact multiple of a gradient (subgrpo.py, section 7)
         args.grad_norm, args.logprob, args.clip_range, args.adv_clip = False, "exact", float("inf"), float("inf")
     group, num_batches = args.group_size, args.num_batches_per_epoch
+    if args.grad_accum > 1:
+        sys.exit("error: --grad-accum is a stage-1 option; stage 2 already accumulates its whole epoch "
+                 "(--num-batches-per-epoch sub-batches per rank) into one update: on fewer GPUs keep "
+                 "--batch-size and raise --num-batches-per-epoch or lower --bp-batch-size / --fake-batch-size")
     final = len(bb.sigmas) - 2  # index of the deterministic last step (3 for the 4-step sampler)
     if args.batch_size % group or args.batch_size % world:
         sys.exit(f"error: --batch-size {args.batch_size} (images per sampling iteration) must be a multiple "
@@ -921,7 +990,7 @@ def gather_objects(obj, world):
     return out
 
 
-def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, extra=None):
+def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, extra=None, streams=None):
     """Everything an exact --resume needs, in one dict: the trainable tensors of each net (LoRA,
     or all for the toy), the optimiser states, the counter ({"step": n} or {"epoch": n}), every
     rank's RNG state (each rank draws its own noise), the shared generator's state, the config,
@@ -933,7 +1002,7 @@ def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, 
     the new file is written and synced under a temporary name first, and the previous checkpoint
     stays beside it as stage{1,2}.prev.pt (a hard link made before the rename), so at every
     moment `path` is one complete checkpoint, even if the process is killed mid-save."""
-    states = gather_objects(rng_state(), world)
+    states = gather_objects(rng_state() | ({"streams": streams} if streams else {}), world)
     weights = trainable(nets["generator"])
     checksum = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
                for p in weights)
