@@ -141,6 +141,9 @@ def get_args(argv=None):
                    "prints a table and writes profile_stage{1,2}.json (use a fresh --out)")
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
+    p.add_argument("--cache-text-embeddings", action="store_true",
+                   help="real backbones: encode the --prompts once, then move the text encoders to the CPU "
+                        "(models.DiffusersBackbone.cache_text_embeddings; host memory: MiBs per prompt)")
     p.add_argument("--timeout-hours", type=float, default=3.0,
                    help="process-group timeout (the official code's NCCL_TIMEOUT_SEC, 3 h): covers a "
                         "rank loading or building alone while the others wait")
@@ -231,6 +234,8 @@ def setup(argv=None):
     args = get_args(argv)
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
+    if args.cache_text_embeddings and args.model.startswith("toy"):
+        sys.exit(f"error: --model {args.model} has no text encoders; drop --cache-text-embeddings")
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
@@ -320,6 +325,10 @@ def main(argv=None):
             print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(bb, args)
+    if args.cache_text_embeddings:
+        size = bb.cache_text_embeddings()
+        print0(f"text embeddings cached: {len(bb.text_rows):,} prompts, {size / 2**30:.2f} GiB in host memory; "
+               "text encoders moved to the CPU")
     # Per-rank noise, seeded after loading (which may draw), so the stream of rank r is exactly
     # "seeded seed + r" when the loop starts: what --grad-accum's micro-batch streams reproduce.
     torch.manual_seed(args.seed + rank)

@@ -1,4 +1,4 @@
-"""train.py --grad-accum: 1 rank with 2 micro-batches takes the same stage-1 updates as 2 gloo
+"""train.py --grad-accum and --cache-text-embeddings. --grad-accum: 1 rank with 2 micro-batches takes the same stage-1 updates as 2 gloo
 ranks with 1 each (the same global batch, the same samples: train.micro_batch_streams), on the
 toy and on a tiny twin. Only the order of the float sums differs (DDP's all-reduce mean against
 the accumulated halves), so the trained tensors agree to float tolerance."""
@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from tiny import PROMPT_FILE, tiny_dir  # noqa: F401  (pytest fixture)
 from test_train import free_port, run_dir, toy_base  # noqa: F401  (pytest fixture)
 from test_train_real import new_run
+import models
 import train
 
 TOY = ["--steps", "4", "--batch-size", "64", "--fake-update-ratio", "2", "--lr-gen", "1e-3", "--lr-fake", "1e-3"]
@@ -62,3 +63,25 @@ def test_grad_accum_matches_two_ranks_tiny_twin(tmp_path, tiny_dir):
     diff, moved = compare(tmp_path, lambda n: new_run(tiny_dir, str(tmp_path), n, "tiny-sd3"), ["--stage", "1"] + TWIN)
     print(f"tiny-sd3: max |2 ranks - 1 rank x grad-accum 2| = {diff:.2e}")
     assert moved > 1e-4 and diff < 1e-6
+
+
+@pytest.mark.slow
+def test_cache_text_embeddings_equal_live_and_same_run(tmp_path, tiny_dir):
+    # the cached rows are the live encoding (padded to a fixed length; only the float rounding of
+    # another batch composition differs)
+    bb = models.load("tiny-sd3", cache_dir=tiny_dir, prompts=["a cat", "two dogs", "a red apple"])
+    live = bb.encode(["two dogs", "", "a cat"])
+    bb.cache_text_embeddings(batch=2)
+    assert all(next(m.parameters()).device.type == "cpu" for n, m in bb.pipe.components.items()
+               if n.startswith("text_encoder"))
+    cached = bb.encode(["two dogs", "", "a cat"])
+    assert all(torch.allclose(live[k], cached[k], rtol=0, atol=1e-5) for k in live)
+    assert bb.encode(["not cached"])["prompt_embeds"].shape == live["prompt_embeds"][:1].shape  # live, on the CPU
+    # a training run with the cache writes the same checkpoint as one without
+    argv = ["--stage", "1"] + TWIN + ["--steps", "2"]
+    a = new_run(tiny_dir, str(tmp_path), "live", "tiny-sd3")
+    b = new_run(tiny_dir, str(tmp_path), "cached", "tiny-sd3")
+    one, two = states(train.main(["--out", a] + argv)), states(train.main(["--out", b, "--cache-text-embeddings"] + argv))
+    diff = max_difference(one, two)
+    print(f"tiny-sd3: max |live - cached text embeddings| after 2 iterations = {diff:.2e}")
+    assert diff < 1e-5
