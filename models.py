@@ -571,8 +571,14 @@ class DiffusersBackbone:
         base = self.generator_base if role == "generator" else self.teacher
         net = copy.deepcopy(base).requires_grad_(True) if self.lora_rank == 0 else shared_copy(base)
         merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
+        # FLUX.2's generator base (the distilled klein-4B) is read by nothing but this student:
+        # merge into its own tensors, so the unmerged 5.3 GiB of Linear weights are not kept
+        in_place = bool(merges) and base is not self.teacher and self.lora_rank > 0
+        assert not (in_place and getattr(self, "generator_base_merged", False)), \
+            "the generator base already holds a merged LoRA; load the backbone again"
+        self.generator_base_merged = getattr(self, "generator_base_merged", False) or in_place
         for lora in merges:
-            merge_lora(load_lora(net, lora))
+            merge_lora(load_lora(net, lora), in_place)
         if self.lora_rank > 0:
             inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
                         init="gaussian" if stage == 1 else "normal")
@@ -928,14 +934,19 @@ def lora_state_dict(net):
     return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def merge_lora(net):
+def merge_lora(net, in_place=False):
     """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
-    back. The merged weight is a *new* tensor: a teacher sharing W stays untouched."""
+    back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
+    writes the same numbers into W itself (for a base nothing else reads: no second copy)."""
     for n, m in lora_layers(net).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight = nn.Parameter((m.weight.float() + m.delta()).to(m.weight.dtype),
-                                  requires_grad=m.weight.requires_grad)
+                        device="meta", dtype=m.weight.dtype)
+        merged = (m.weight.float() + m.delta()).to(m.weight.dtype)
+        if in_place:
+            with torch.no_grad():
+                lin.weight = m.weight.copy_(merged)
+        else:
+            lin.weight = nn.Parameter(merged, requires_grad=m.weight.requires_grad)
         lin.bias = m.bias
         parent, _, child = n.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, lin)
