@@ -111,7 +111,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks); stage 2: "
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks x --grad-accum); stage 2: "
                    "images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="stage 1: N micro-batches per update, so that per-rank batch x ranks x N = "
@@ -460,7 +460,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
             with PROF.phase("EMA"):
                 ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
             step += 1
-            log.record(guard.note(rec), step, fake=f"{rec['fake_loss']:.4f}")
+            log.record(guard.note(rec), step, fake="fake_loss")
             guard.stop_if_stuck(f"iteration {step}")
             if step % args.save_every == 0 or step == args.steps:
                 with PROF.phase("checkpoint"):
@@ -543,7 +543,7 @@ def accumulated_step(key, net, opt, micro, shared_rng, guard, grad_clip, loss_fn
     loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
     name = "fake score" if key == "fake" else "generator"
     grad_norm = guard.step(name, opt, trainable(net), loss, grad_clip)
-    return {f"{key}_grad_norm": grad_norm, f"{key}_loss": loss.item(), f"{key}_stop": stop} | stats
+    return {f"{key}_grad_norm": grad_norm, f"{key}_loss": loss, f"{key}_stop": stop} | stats
 
 
 def micro_batch_streams(seed, rank, accum, device):
@@ -655,7 +655,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
                 for d in after:
                     ema_update(ema, generator, d)
             epoch += 1
-            log.record(guard.note(rec), epoch, reward=f"{rec['reward_mean']:.3f}")
+            log.record(guard.note(rec), epoch, reward="reward_mean")
             guard.stop_if_stuck(f"epoch {epoch}")
             if epoch % args.save_every == 0 or epoch == args.steps:
                 with PROF.phase("checkpoint"):
@@ -780,7 +780,7 @@ def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard):
                                                   models.cond_select(cond, i), args.move_scale_out,
                                                   args.consistency_weight, args.eta)
         (loss_f * share).backward()
-        rec["fake_loss"] += loss_f.item() * share
+        rec["fake_loss"] += loss_f.detach() * share
         for k, v in stats.items():
             rec[k] = rec.get(k, 0.0) + v * share
     params = trainable(fake)
@@ -824,7 +824,7 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
                                                        args.clip_range)
                         loss = w_pg * l_pg
                         ppo_stats.append(stats)
-                        rec["loss_pg"] += loss.item() / num_batches
+                        rec["loss_pg"] += loss.detach() / num_batches
                 elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
                     with PROF.phase("final step + DM term"):
                         x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
@@ -833,7 +833,7 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
                             l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
                                                            args.guidance, args.eta, args.grad_norm)
                             loss = loss + w_dm * l_dm
-                            rec["loss_dm"] += w_dm * l_dm.item() / num_batches
+                            rec["loss_dm"] += w_dm * l_dm.detach() / num_batches
                     if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
                         with PROF.phase("back-prop term"):
                             l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
@@ -919,7 +919,7 @@ def bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, margin, chunk):
         out = bp_fn(bb.decode(x[i]), [prompts[k] for k in i])
         l_bp, _ = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out), margin)
         (l_bp * len(i) / B).backward()  # mean over the sub-batch = size-weighted chunk means
-        value += l_bp.item() * len(i) / B
+        value += l_bp.detach() * len(i) / B
     return (x.grad * x0_hat).sum(), value
 
 
@@ -1096,10 +1096,11 @@ class UpdateGuard:
 
     def step(self, name, opt, params, loss, grad_clip):
         """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
-        gradient norm is not finite. Returns the gradient norm (float, before clipping)."""
+        gradient norm is not finite. Returns the gradient norm (a tensor, before clipping). The
+        one host sync of an update is `if ok` (a skip must be decided before the step)."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        ok = torch.isfinite(norm) & torch.isfinite(torch.tensor(loss, device=norm.device))
+        loss = torch.as_tensor(loss.detach() if torch.is_tensor(loss) else loss, device=norm.device)
+        ok = torch.isfinite(norm) & torch.isfinite(loss)
         if dist.is_initialized():  # a rank-local inf loss with a finite gradient: all ranks skip
             ok = ok.float()
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -1112,7 +1113,7 @@ class UpdateGuard:
             self.total += 1
             self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
             self.now.append(name)
-        return norm.item()
+        return norm.detach()
 
     def note(self, rec):
         """Add this iteration's skipped updates to its log record (and reset them)."""
@@ -1164,15 +1165,20 @@ class RunLog:
 
     def record(self, rec, step, **postfix):
         """After every iteration / epoch: advance the bar; every log_every-th (and the last)
-        appends the record to log.jsonl and shows `postfix` on the bar."""
+        appends the record to log.jsonl and shows `postfix` ({label: key of rec}) on the bar.
+        The loops leave their numbers as device tensors; they reach the host here, on log steps
+        only, in one transfer."""
         if not self.master:
             return
         self.bar.update(1)
         if step % self.args.log_every == 0 or step == self.args.steps or rec.get("skipped"):
+            keys = [k for k, v in rec.items() if torch.is_tensor(v)]
+            if keys:
+                rec |= dict(zip(keys, torch.stack([rec[k].float().reshape(()) for k in keys]).tolist()))
             rec["time"] = round(time.time() - self.t0, 2)
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
-            self.bar.set_postfix(**postfix)
+            self.bar.set_postfix({label: f"{rec[key]:.4f}" for label, key in postfix.items()})
 
     def close(self):
         if self.master:
