@@ -219,8 +219,9 @@ def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9,
         x_s_real, x_s_fake = shared_projection(x_t, v_real, v_fake, t, s, eta)
         g = dmd_direction(x_s, x_s_real, x_s_fake, normalize)
     loss = dmd_surrogate(x_s, g)
-    stats = {"dmd_dir_norm": g.flatten(1).norm(dim=1).mean().item(),
-             "velocity_gap": (v_fake - v_real).float().pow(2).mean().sqrt().item()}
+    # tensors, not floats: the training loop reads them on the host once per log step
+    stats = {"dmd_dir_norm": g.flatten(1).norm(dim=1).mean(),
+             "velocity_gap": (v_fake - v_real).float().pow(2).mean().sqrt()}
     return loss, stats
 
 
@@ -304,10 +305,10 @@ def fake_score_loss(bb, fake, x_s, s, t, n, x_t, cond, move_scale_out=True,
     w = fake_loss_weight(s, t, x_t, move_scale_out)
     loss_ac = (w * (v_hat - target) ** 2).mean()
     loss = loss_ac
-    stats = {"fake_ac": loss_ac.item()}
+    stats = {"fake_ac": loss_ac.detach()}  # a tensor: read on the host once per log step
     if consistency_weight > 0:
         loss_cons = consistency_loss(bb, fake, x_t, t, v_hat, cond, eta, generator=generator,
                                      transition=transition)
         loss = loss + consistency_weight * loss_cons
-        stats["fake_cons"] = loss_cons.item()
+        stats["fake_cons"] = loss_cons.detach()
     return loss, stats

@@ -519,9 +519,12 @@ def shared_copy(net):
 
 
 def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
-    """cls.from_pretrained, but a missing / wrong id or folder gives one actionable line."""
+    """cls.from_pretrained, but a missing / wrong id or folder exits with one actionable line
+    (SystemExit, as train.py's other errors: no traceback). low_cpu_mem_usage (with accelerate,
+    requirements.txt) builds the modules empty and loads the weights straight in `dtype`: no
+    float32 host copy of a multi-GB transformer per rank before the bf16 cast."""
     try:
-        return cls.from_pretrained(pretrained, **kw)
+        return cls.from_pretrained(pretrained, low_cpu_mem_usage=True, **kw)
     except (OSError, ValueError) as e:
         p, why = str(pretrained), type(e).__name__
         fix = (f"pass {flag} with a diffusers folder (written by save_pretrained or "
@@ -534,7 +537,7 @@ def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
             msg = (f"hub id {p!r} is not in the local Hugging Face cache and could not be fetched "
                    f"({why}): log in with `huggingface-cli login`, accept the model's licence, and "
                    f"run `huggingface-cli download {p}`; or {fix}")
-        raise RuntimeError(msg) from None
+        raise SystemExit(f"error: {msg}") from None
 
 
 class DiffusersBackbone:
@@ -553,8 +556,9 @@ class DiffusersBackbone:
         # rewards that score against it (GenEval)
         self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
         assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
-        # cast the transformer by hand: without accelerate, diffusers 0.42.1's
-        # SD3Transformer2DModel.from_pretrained(dtype=bf16) silently stays float32
+        # with accelerate (load_pipeline: low_cpu_mem_usage) the weights already come in `dtype`;
+        # without it diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16) silently
+        # stays float32, so cast by hand (a no-op in the first case)
         pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables
@@ -577,8 +581,14 @@ class DiffusersBackbone:
         net = copy.deepcopy(base).to(self.lora_dtype).requires_grad_(True) if self.lora_rank == 0 \
             else shared_copy(base)
         merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
+        # FLUX.2's generator base (the distilled klein-4B) is read by nothing but this student:
+        # merge into its own tensors, so the unmerged 5.3 GiB of Linear weights are not kept
+        in_place = bool(merges) and base is not self.teacher and self.lora_rank > 0
+        assert not (in_place and getattr(self, "generator_base_merged", False)), \
+            "the generator base already holds a merged LoRA; load the backbone again"
+        self.generator_base_merged = getattr(self, "generator_base_merged", False) or in_place
         for lora in merges:
-            merge_lora(load_lora(net, lora))
+            merge_lora(load_lora(net, lora), in_place)
         if self.lora_rank > 0:
             inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
                         init="gaussian" if stage == 1 else "normal", dtype=self.lora_dtype)
@@ -588,6 +598,33 @@ class DiffusersBackbone:
 
     def noise(self, n, generator=None):
         return torch.randn(n, *self.latent_shape, generator=generator).to(self.device)
+
+    text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
+    text_device = None  # where the text encoders run: the backbone's device until the cache moves them
+
+    def encode(self, prompts):
+        """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host
+        tensors moved to the device; a prompt outside it is encoded live where the encoders are."""
+        if self.text_cache is not None and all(p in self.text_rows for p in prompts):
+            rows = torch.tensor([self.text_rows[p] for p in prompts], dtype=torch.long)
+            return {k: v[rows].to(self.device) for k, v in self.text_cache.items()}
+        return {k: v.to(self.device) for k, v in self.encode_text(prompts, self.text_device or self.device).items()}
+
+    def cache_text_embeddings(self, batch=16):
+        """Encode the training prompts and "" once, keep the embeddings in host memory, and move
+        the text encoders (T5-XXL 8.9 GiB, Qwen3-4B 7.5 GiB in bf16) to the CPU: the training
+        loops then read rows of the cache instead of re-encoding every step. Host memory per
+        prompt: tokens x width x 2 bytes in bf16 (SD3 205 x 4096: 1.6 MiB; FLUX.2 512 x 7680:
+        7.5 MiB), so it suits prompt sets of thousands, not the 25k of stage 1. Returns bytes."""
+        prompts = list(dict.fromkeys([""] + self.prompts))
+        parts = [self.encode_text(prompts[i:i + batch], self.device) for i in range(0, len(prompts), batch)]
+        self.text_cache = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
+        self.text_rows = {p: i for i, p in enumerate(prompts)}
+        for name, m in self.pipe.components.items():
+            if name.startswith("text_encoder") and isinstance(m, nn.Module):
+                m.to("cpu")
+        self.text_device = torch.device("cpu")
+        return sum(v.numel() * v.element_size() for v in self.text_cache.values())
 
 
 class SD3Backbone(DiffusersBackbone):
@@ -617,10 +654,10 @@ class SD3Backbone(DiffusersBackbone):
         return sd3_sigmas(steps_list, sched.config["shift"])
 
     @torch.no_grad()
-    def encode(self, prompts):
+    def encode_text(self, prompts, device):
         """pipe.encode_prompt with CFG off: "" gives exactly the pipeline's negative branch."""
         pe, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": pe, "pooled_projections": pooled}
 
@@ -671,10 +708,10 @@ class Flux2Backbone(DiffusersBackbone):
         return flux2_sigmas(u, resolution=16 * self.latent_shape[1])
 
     @torch.no_grad()
-    def encode(self, prompts):
+    def encode_text(self, prompts, device):
         """Qwen3 hidden states of `text_layers` [B, L, 3 * hidden] and text ids [B, L, 4]."""
         pe, ids = self.pipe.encode_prompt(
-            prompt=list(prompts), device=self.device, max_sequence_length=self.max_sequence_length,
+            prompt=list(prompts), device=device, max_sequence_length=self.max_sequence_length,
             text_encoder_out_layers=self.text_layers)
         return {"prompt_embeds": pe, "txt_ids": ids}
 
@@ -910,14 +947,19 @@ def lora_state_dict(net):
     return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def merge_lora(net):
+def merge_lora(net, in_place=False):
     """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
-    back. The merged weight is a *new* tensor: a teacher sharing W stays untouched."""
+    back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
+    writes the same numbers into W itself (for a base nothing else reads: no second copy)."""
     for n, m in lora_layers(net).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight = nn.Parameter((m.weight.float() + m.delta()).to(m.weight.dtype),
-                                  requires_grad=m.weight.requires_grad)
+                        device="meta", dtype=m.weight.dtype)
+        merged = (m.weight.float() + m.delta()).to(m.weight.dtype)
+        if in_place:
+            with torch.no_grad():
+                lin.weight = m.weight.copy_(merged)
+        else:
+            lin.weight = nn.Parameter(merged, requires_grad=m.weight.requires_grad)
         lin.bias = m.bias
         parent, _, child = n.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, lin)

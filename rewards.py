@@ -782,12 +782,12 @@ def geneval_objects(labels, scores, boxes, masks, tag):
 def masks_to_boxes(masks):
     """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty
     mask: how mmdet's Mask2Former derives its boxes from its masks."""
-    boxes = torch.zeros(len(masks), 4)
-    for i, m in enumerate(masks):
-        ys, xs = torch.where(m)
-        if len(xs):
-            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
-    return boxes
+    def span(hit):  # hit [N, L]: first and one past the last set index, on the masks' device
+        at = torch.arange(hit.shape[1], device=hit.device)
+        return torch.where(hit, at, hit.shape[1]).amin(1), torch.where(hit, at, -1).amax(1) + 1
+    (x1, x2), (y1, y2) = span(masks.any(1)), span(masks.any(2))
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return boxes * masks.flatten(1).any(1, keepdim=True)  # an empty mask: zeros
 
 
 def check_coco_order(id2label, src):
@@ -814,6 +814,9 @@ class Mask2FormerDetector:
     full image size), its box the mask's bounding box."""
     MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     SHORT, LONG, DIVISOR = 800, 1333, 32
+    # candidates at or below the lowest GenEval threshold can never count (geneval_objects): they
+    # are dropped on the device, so only the survivors' masks move to the host
+    KEEP_ABOVE = min(GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD)
 
     def __init__(self, src):
         self.src, self.model = src, None
@@ -855,7 +858,10 @@ class Mask2FormerDetector:
             m = F.interpolate(m[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]
             binary = m > 0
             mask_score = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            results.append((labels.cpu(), (top * mask_score).cpu(), masks_to_boxes(binary.cpu()), binary.cpu()))
+            score = top * mask_score
+            keep = score > self.KEEP_ABOVE  # order kept: geneval_objects sorts stably
+            binary = binary[keep]
+            results.append((labels[keep].cpu(), score[keep].cpu(), masks_to_boxes(binary).cpu(), binary.cpu()))
         return results
 
 

@@ -45,6 +45,7 @@ shared helpers (EMA, checkpoints, update guard, logging, exported files) -> prof
 import argparse
 import contextlib
 import copy
+import datetime
 import json
 import os
 import resource
@@ -112,8 +113,11 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/toy", help="run folder (config, log, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks); stage 2: "
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks x --grad-accum); stage 2: "
                    "images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="stage 1: N micro-batches per update, so that per-rank batch x ranks x N = "
+                        "--batch-size (the paper's global batch on fewer GPUs)")
     p.add_argument("--lr-gen", type=float, default=None)
     p.add_argument("--lr-fake", type=float, default=None)
     p.add_argument("--fake-update-ratio", type=int, default=None, help="TTUR: fake steps per generator step")
@@ -139,6 +143,12 @@ def get_args(argv=None):
                    "prints a table and writes profile_stage{1,2}.json (use a fresh --out)")
     p.add_argument("--bf16", type=int, default=None,
                    help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
+    p.add_argument("--cache-text-embeddings", action="store_true",
+                   help="real backbones: encode the --prompts once, then move the text encoders to the CPU "
+                        "(models.DiffusersBackbone.cache_text_embeddings; host memory: MiBs per prompt)")
+    p.add_argument("--timeout-hours", type=float, default=3.0,
+                   help="process-group timeout (the official code's NCCL_TIMEOUT_SEC, 3 h): covers a "
+                        "rank loading or building alone while the others wait")
     p.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
     p.add_argument("--lora-dtype", default=None, choices=("bf16", "fp32"),
                    help="dtype of the trainable master weights (LoRA A/B, or the full copy with --lora-rank "
@@ -151,11 +161,6 @@ def get_args(argv=None):
     m.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the paper's count, "
                    "SD3-M 16, SD3.5-M 8, FLUX.2 16)")
     m.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit in")
-    if not any(a.dest == "grad_accum" for a in p._actions):
-        m.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (plan only)")
-    if not any(a.dest == "cache_text_embeddings" for a in p._actions):
-        m.add_argument("--cache-text-embeddings", action="store_true",
-                       help="plan without the text encoders on the GPU")
     return p.parse_args(argv)
 
 
@@ -248,10 +253,13 @@ def setup(argv=None):
     args = get_args(argv)
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
+    if args.cache_text_embeddings and args.model.startswith("toy"):
+        sys.exit(f"error: --model {args.model} has no text encoders; drop --cache-text-embeddings")
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(hours=args.timeout_hours))
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -266,9 +274,9 @@ def setup(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     args = resolve_defaults(args, cuda)
     master = rank == 0
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} does not divide across {world} ranks; "
-                 f"use a multiple of {world}")
+    if args.grad_accum < 1 or args.batch_size % (world * args.grad_accum):
+        sys.exit(f"error: --batch-size {args.batch_size} does not divide across {world} ranks x --grad-accum "
+                 f"{args.grad_accum}; use a multiple of {world * args.grad_accum}")
     check_run_folder(args, master)
     return args, ddp, rank, world, device, master
 
@@ -311,13 +319,13 @@ def main(argv=None):
     # the backbone loads and before anything in the run folder is written.
     reward = make_reward(args, device, metadata) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed + rank)  # per-rank noise
     # Draws that every rank must agree on (random stop, renoise levels, consistency deltas, stage-2
     # prompts) come from this generator, seeded identically everywhere: the same numbers as a
     # broadcast from rank 0, without the communication (README, "Deviations and choices").
     shared_rng = torch.Generator().manual_seed(args.seed + 12345)
 
-    # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder.
+    # The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder;
+    # the other ranks load after it, at a barrier under the --timeout-hours process-group timeout.
     # Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; the
     # trainable masters (LoRA, or the full copy) are --lora-dtype (models.LoRALinear).
     dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
@@ -348,6 +356,13 @@ def main(argv=None):
             print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(bb, args)
+    if args.cache_text_embeddings:
+        size = bb.cache_text_embeddings()
+        print0(f"text embeddings cached: {len(bb.text_rows):,} prompts, {size / 2**30:.2f} GiB in host memory; "
+               "text encoders moved to the CPU")
+    # Per-rank noise, seeded after loading (which may draw), so the stream of rank r is exactly
+    # "seeded seed + r" when the loop starts: what --grad-accum's micro-batch streams reproduce.
+    torch.manual_seed(args.seed + rank)
     if args.stage == 1:
         nets = train_stage1(args, bb, ddp, rank, world, device, master, shared_rng)
     else:
@@ -434,7 +449,9 @@ def stage1_prompts(n, B, world, rank, step, seed):
 def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
     """The stage-1 loop (box at the top of this file): a fake-score step every iteration, a
     generator step every fake_update_ratio-th, the EMA every iteration."""
-    B = args.batch_size // world
+    A = args.grad_accum  # micro-batches per update: B x world x A = the global batch
+    B = args.batch_size // (world * A)
+    streams = micro_batch_streams(args.seed, rank, A, device)
     # Every rank must start from the same LoRA init (random A): draw it from the same seed
     # everywhere, in a side RNG, so the per-rank streams below stay as they were.
     with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
@@ -448,17 +465,23 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
                               weight_decay=0.0)
     nets, opts = dict(generator=generator, fake=fake, ema=ema), dict(opt_g=opt_g, opt_f=opt_f)
     ckpt_path = os.path.join(args.out, "stage1.pt")
-    step = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)["step"] if args.resume else 0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, nets, opts, shared_rng, rank)
+        step, streams = ck["step"], ck["rng"][rank].get("streams", streams)
+    else:
+        step = 0
     if ddp:
-        generator = DDP(generator, device_ids=[device.index] if device.type == "cuda" else None)
-        fake = DDP(fake, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the buffers (SD3.5's 432 MiB pos_embed) are frozen and equal on
+        # every rank; DDP would re-send them on every forward (the official stage 2 turns it off too)
+        kw = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        generator, fake = DDP(generator, **kw), DDP(fake, **kw)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16))
     null_cond = bb.encode([""] * B)
 
     PROF.attach(args, profiled_networks(bb, generator, fake), device, step)
 
     print0(f"stage 1 (AC-DMD{', plain-DMD ablation' if args.plain_dmd else ''}) | model {args.model} | "
-           f"world {world} x {B} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
+           f"world {world} x {B}{f' x grad-accum {A}' if A > 1 else ''} = {args.batch_size} samples/iter | sigmas {[round(float(s), 5) for s in bb.sigmas]}\n"
            f"  fake step every iter, generator step every {args.fake_update_ratio} "
            f"-> {args.steps // args.fake_update_ratio} generator updates in {args.steps} iters | "
            f"lr G {args.lr_gen} F {args.lr_fake} | CFG {args.guidance} | eta {args.eta} | "
@@ -472,20 +495,25 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
         with PROF.step(step):
             rec = {"stage": 1, "step": step + 1}
             with PROF.phase("prompts"):
-                idx = stage1_prompts(len(bb.prompts), B, world, rank, step, args.seed)
-                cond = bb.encode([bb.prompts[i] for i in idx])
-            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard)
+                conds = []  # one per micro-batch: micro-batch a of rank r reads as rank r A + a
+                for a in range(A):
+                    with on_stream(streams, a, device):
+                        idx = stage1_prompts(len(bb.prompts), B, world * A, rank * A + a, step, args.seed)
+                        conds.append(bb.encode([bb.prompts[i] for i in idx]))
+            micro = (conds, streams, device)
+            rec |= stage1_fake_step(args, bb, generator, fake, opt_f, micro, shared_rng, autocast, guard)
             if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
-                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng,
+                rec |= stage1_generator_step(args, bb, generator, fake, opt_g, micro, null_cond, shared_rng,
                                              autocast, guard)
             with PROF.phase("EMA"):
                 ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
             step += 1
-            log.record(guard.note(rec), step, fake=f"{rec['fake_loss']:.4f}")
+            log.record(guard.note(rec), step, fake="fake_loss")
             guard.stop_if_stuck(f"iteration {step}")
             if step % args.save_every == 0 or step == args.steps:
                 with PROF.phase("checkpoint"):
-                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master)
+                    save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master,
+                                    streams=streams)
     log.close()
     PROF.report(1, autocast, master)
     write_samples_and_exports(args, bb, ema, 1, master)
@@ -518,35 +546,84 @@ def subinterval_start(sim, plain_dmd):
     return sim["x_next"].float(), sim["sigma_next"]
 
 
-def stage1_fake_step(args, bb, generator, fake, opt_f, cond, shared_rng, autocast, guard):
+def stage1_fake_step(args, bb, generator, fake, opt_f, micro, shared_rng, autocast, guard):
     """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
     random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
     target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
-    stop, x_s, s, t, n, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, False)
-    with PROF.phase("fake-score update"):
-        with autocast:
-            loss_f, stats = acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond,
-                                                  args.move_scale_out, args.consistency_weight, args.eta,
-                                                  generator=shared_rng)
-        opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
-        grad_norm = guard.step("fake score", opt_f, trainable(fake), loss_f, args.grad_clip)
-    return {"fake_grad_norm": grad_norm, "fake_loss": loss_f.item(), "fake_stop": stop} | stats
+    def loss_fn(cond):
+        stop, x_s, s, t, n, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, False)
+        with PROF.phase("fake-score update"), autocast:
+            return stop, *acdmd.fake_score_loss(bb, fake, x_s.detach(), s, t, n, x_t, cond, args.move_scale_out,
+                                                args.consistency_weight, args.eta, generator=shared_rng)
+    return accumulated_step("fake", fake, opt_f, micro, shared_rng, guard, args.grad_clip, loss_fn)
 
 
-def stage1_generator_step(args, bb, generator, fake, opt_g, cond, null_cond, shared_rng, autocast, guard):
+def stage1_generator_step(args, bb, generator, fake, opt_g, micro, null_cond, shared_rng, autocast, guard):
     """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
     that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
     projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
-    stop, x_s, s, t, _, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, True)
-    with PROF.phase("generator update"):
-        with autocast:
-            loss_g, stats = acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond,
-                                                 args.guidance, args.eta, args.grad_norm)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        grad_norm = guard.step("generator", opt_g, trainable(generator), loss_g, args.grad_clip)
-    return {"gen_grad_norm": grad_norm, "gen_loss": loss_g.item(), "gen_stop": stop} | stats
+    def loss_fn(cond):
+        stop, x_s, s, t, _, x_t = simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, True)
+        with PROF.phase("generator update"), autocast:
+            return stop, *acdmd.generator_loss(bb, raw(fake), x_s, s, t, x_t, cond, null_cond, args.guidance,
+                                               args.eta, args.grad_norm)
+    return accumulated_step("gen", generator, opt_g, micro, shared_rng, guard, args.grad_clip, loss_fn)
+
+
+def accumulated_step(key, net, opt, micro, shared_rng, guard, grad_clip, loss_fn):
+    """One optimiser step of `net` on --grad-accum micro-batches: loss_fn(cond) -> (stop, loss,
+    stats) per micro-batch, each backward divided by their count, so the gradient is the mean
+    over ranks x micro-batches, as one rank-mean of a batch that many times larger. Each
+    micro-batch re-reads shared_rng from the same state (the same stop and renoise levels, as
+    every rank draws them) and its own per-rank stream (on_stream); DDP all-reduces on the last
+    backward only (no_sync). With one micro-batch this is the plain step."""
+    conds, streams, device = micro
+    opt.zero_grad(set_to_none=True)
+    start, losses, stats = shared_rng.get_state(), [], {}
+    for a, cond in enumerate(conds):
+        shared_rng.set_state(start)
+        quiet = isinstance(net, DDP) and a < len(conds) - 1
+        with on_stream(streams, a, device), net.no_sync() if quiet else contextlib.nullcontext():
+            stop, loss, st = loss_fn(cond)
+            (loss / len(conds)).backward()
+        losses.append(loss.detach())
+        stats = {k: stats.get(k, 0.0) + v / len(conds) for k, v in st.items()}
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+    name = "fake score" if key == "fake" else "generator"
+    grad_norm = guard.step(name, opt, trainable(net), loss, grad_clip)
+    return {f"{key}_grad_norm": grad_norm, f"{key}_loss": loss, f"{key}_stop": stop} | stats
+
+
+def micro_batch_streams(seed, rank, accum, device):
+    """The per-rank random streams of --grad-accum micro-batches. Ranks draw their noise and
+    prompts from the global RNG seeded seed + rank (main); with accum micro-batches, micro-batch
+    a of rank r gets its own state seeded seed + r accum + a, the stream that rank r accum + a of
+    a run with accum x the ranks and no accumulation has. So 1 rank x 2 micro-batches sees the
+    same samples as 2 ranks x 1 (the grad-accum test). None for accum 1: the global RNG as is.
+    Each entry: [CPU state, CUDA state or None], updated in place by on_stream."""
+    if accum == 1:
+        return None
+    with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
+        out = []
+        for a in range(accum):
+            torch.manual_seed(seed + rank * accum + a)
+            out.append([torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None])
+    return out
+
+
+@contextlib.contextmanager
+def on_stream(streams, a, device):
+    """Run the block on micro-batch a's random stream (micro_batch_streams); no-op for None."""
+    if streams is None:
+        yield
+        return
+    torch.set_rng_state(streams[a][0])
+    if streams[a][1] is not None:
+        torch.cuda.set_rng_state(streams[a][1], device)
+    try:
+        yield
+    finally:
+        streams[a] = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +699,7 @@ def train_stage2(args, bb, rank, world, device, master, shared_rng, reward=None)
                 for d in after:
                     ema_update(ema, generator, d)
             epoch += 1
-            log.record(guard.note(rec), epoch, reward=f"{rec['reward_mean']:.3f}")
+            log.record(guard.note(rec), epoch, reward="reward_mean")
             guard.stop_if_stuck(f"epoch {epoch}")
             if epoch % args.save_every == 0 or epoch == args.steps:
                 with PROF.phase("checkpoint"):
@@ -747,7 +824,7 @@ def stage2_fake_step(args, bb, fake, opt_f, rollouts, world, autocast, guard):
                                                   models.cond_select(cond, i), args.move_scale_out,
                                                   args.consistency_weight, args.eta)
         (loss_f * share).backward()
-        rec["fake_loss"] += loss_f.item() * share
+        rec["fake_loss"] += loss_f.detach() * share
         for k, v in stats.items():
             rec[k] = rec.get(k, 0.0) + v * share
     params = trainable(fake)
@@ -774,42 +851,45 @@ def stage2_generator_step(args, bb, generator, fake, rollouts, steps, null_cond,
     generator.zero_grad(set_to_none=True)
     keep = subgrpo.drop_zero_advantages(adv, num_batches, epoch, rank)
     order, B = keep[torch.randperm(len(keep))], len(keep) // num_batches  # sub-batches, in a fresh order
-    null_b = models.cond_select(null_cond, torch.arange(B, device=adv.device))  # the sub-batch's size
     rec, ppo_stats = {"loss_pg": 0.0, "loss_dm": 0.0, "loss_bp": 0.0, "kept": len(keep)}, []
     for b in range(num_batches):
-        i = order[b * B:(b + 1) * B]
-        cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
-        for j in sorted(set(steps) | {final}):
-            x_j, x_next = rollouts["latents"][i, j], rollouts["next_latents"][i, j]
-            loss = 0.0
-            with autocast:
-                if j != final and w_pg:  # score-function part: PPO on a stochastic step
-                    with PROF.phase("PPO terms"):
-                        log_prob = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sigmas[j],
-                                                               sigmas[j + 1], cond, args.eta, args.logprob)
-                        l_pg, stats = subgrpo.ppo_loss(log_prob, rollouts["log_probs"][i, j], adv[i],
-                                                       args.clip_range)
-                        loss = w_pg * l_pg
-                        ppo_stats.append(stats)
-                        rec["loss_pg"] += loss.item() / num_batches
-                elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
-                    with PROF.phase("final step + DM term"):
-                        x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
-                        if w_dm:
-                            t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, B))
-                            l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
-                                                           args.guidance, args.eta, args.grad_norm)
-                            loss = loss + w_dm * l_dm
-                            rec["loss_dm"] += w_dm * l_dm.item() / num_batches
-                    if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
-                        with PROF.phase("back-prop term"):
-                            l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
-                                                       args.bp_batch_size)
-                            loss = loss + w_bp * l_bp
-                            rec["loss_bp"] += w_bp * value / num_batches
-            if torch.is_tensor(loss):  # the generator's backward of this step's terms
-                with PROF.phase("PPO terms" if j != final else "final-step backward"):
-                    (loss / accumulation).backward()
+        # --grad-accum A: each sub-batch in A micro-batches, each weighted by its share (the same
+        # gradient up to float rounding, a 1/A of the activations)
+        for i in order[b * B:(b + 1) * B].tensor_split(args.grad_accum):
+            share, n = len(i) / B, len(i)
+            null_b = models.cond_select(null_cond, torch.arange(n, device=adv.device))
+            cond, prompts = models.cond_select(rollouts["cond"], i.to(adv.device)), [rollouts["prompts"][k] for k in i]
+            for j in sorted(set(steps) | {final}):
+                x_j, x_next = rollouts["latents"][i, j], rollouts["next_latents"][i, j]
+                loss = 0.0
+                with autocast:
+                    if j != final and w_pg:  # score-function part: PPO on a stochastic step
+                        with PROF.phase("PPO terms"):
+                            log_prob = subgrpo.transition_log_prob(bb, generator, x_j, x_next, sigmas[j],
+                                                                   sigmas[j + 1], cond, args.eta, args.logprob)
+                            l_pg, stats = subgrpo.ppo_loss(log_prob, rollouts["log_probs"][i, j], adv[i],
+                                                           args.clip_range)
+                            loss = w_pg * l_pg
+                            ppo_stats.append(stats)
+                            rec["loss_pg"] += loss.detach() * share / num_batches
+                    elif j == final and (w_dm or w_bp):  # deterministic last step: DM + path-wise BP
+                        with PROF.phase("final step + DM term"):
+                            x0_hat = subgrpo.final_step_x0(bb, generator, x_j, sigmas[j], cond)
+                            if w_dm:
+                                t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, n))
+                                l_dm, _ = acdmd.generator_loss(bb, raw(fake), x0_hat, 0.0, t, x_t, cond, null_b,
+                                                               args.guidance, args.eta, args.grad_norm)
+                                loss = loss + w_dm * l_dm
+                                rec["loss_dm"] += w_dm * l_dm.detach() * share / num_batches
+                        if w_bp:  # path-wise part: decode x0_hat, score, hinge, in chunks (memory)
+                            with PROF.phase("back-prop term"):
+                                l_bp, value = bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, args.bp_margin,
+                                                           args.bp_batch_size)
+                                loss = loss + w_bp * l_bp
+                                rec["loss_bp"] += w_bp * value * share / num_batches
+                if torch.is_tensor(loss):  # the generator's backward of this step's terms
+                    with PROF.phase("PPO terms" if j != final else "final-step backward"):
+                        (loss * share / accumulation).backward()
     with PROF.phase("gradient all-reduce"):
         allreduce_grads(trainable(generator), world)
     if ppo_stats:
@@ -886,7 +966,7 @@ def bp_surrogate(bb, bp_fn, weights, x0_hat, prompts, margin, chunk):
         out = bp_fn(bb.decode(x[i]), [prompts[k] for k in i])
         l_bp, _ = subgrpo.bp_loss(sum(w * out[k] for k, w in weights.items() if k in out), margin)
         (l_bp * len(i) / B).backward()  # mean over the sub-batch = size-weighted chunk means
-        value += l_bp.item() * len(i) / B
+        value += l_bp.detach() * len(i) / B
     return (x.grad * x0_hat).sum(), value
 
 
@@ -966,7 +1046,7 @@ def gather_objects(obj, world):
     return out
 
 
-def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, extra=None):
+def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, extra=None, streams=None):
     """Everything an exact --resume needs, in one dict: the trainable tensors of each net (LoRA,
     or all for the toy), the optimiser states, the counter ({"step": n} or {"epoch": n}), every
     rank's RNG state (each rank draws its own noise), the shared generator's state, the config,
@@ -978,7 +1058,7 @@ def save_checkpoint(path, counter, nets, opts, shared_rng, args, world, master, 
     the new file is written and synced under a temporary name first, and the previous checkpoint
     stays beside it as stage{1,2}.prev.pt (a hard link made before the rename), so at every
     moment `path` is one complete checkpoint, even if the process is killed mid-save."""
-    states = gather_objects(rng_state(), world)
+    states = gather_objects(rng_state() | ({"streams": streams} if streams else {}), world)
     weights = trainable(nets["generator"])
     checksum = sum(float((p.detach().double().flatten() * torch.arange(1, p.numel() + 1, device=p.device)).sum())
                for p in weights)
@@ -1063,10 +1143,11 @@ class UpdateGuard:
 
     def step(self, name, opt, params, loss, grad_clip):
         """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
-        gradient norm is not finite. Returns the gradient norm (float, before clipping)."""
+        gradient norm is not finite. Returns the gradient norm (a tensor, before clipping). The
+        one host sync of an update is `if ok` (a skip must be decided before the step)."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        loss = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        ok = torch.isfinite(norm) & torch.isfinite(torch.tensor(loss, device=norm.device))
+        loss = torch.as_tensor(loss.detach() if torch.is_tensor(loss) else loss, device=norm.device)
+        ok = torch.isfinite(norm) & torch.isfinite(loss)
         if dist.is_initialized():  # a rank-local inf loss with a finite gradient: all ranks skip
             ok = ok.float()
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -1079,7 +1160,7 @@ class UpdateGuard:
             self.total += 1
             self.in_a_row[name] = self.in_a_row.get(name, 0) + 1
             self.now.append(name)
-        return norm.item()
+        return norm.detach()
 
     def note(self, rec):
         """Add this iteration's skipped updates to its log record (and reset them)."""
@@ -1131,15 +1212,20 @@ class RunLog:
 
     def record(self, rec, step, **postfix):
         """After every iteration / epoch: advance the bar; every log_every-th (and the last)
-        appends the record to log.jsonl and shows `postfix` on the bar."""
+        appends the record to log.jsonl and shows `postfix` ({label: key of rec}) on the bar.
+        The loops leave their numbers as device tensors; they reach the host here, on log steps
+        only, in one transfer."""
         if not self.master:
             return
         self.bar.update(1)
         if step % self.args.log_every == 0 or step == self.args.steps or rec.get("skipped"):
+            keys = [k for k, v in rec.items() if torch.is_tensor(v)]
+            if keys:
+                rec |= dict(zip(keys, torch.stack([rec[k].float().reshape(()) for k in keys]).tolist()))
             rec["time"] = round(time.time() - self.t0, 2)
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
-            self.bar.set_postfix(**postfix)
+            self.bar.set_postfix({label: f"{rec[key]:.4f}" for label, key in postfix.items()})
 
     def close(self):
         if self.master:

@@ -5,6 +5,9 @@ import json
 import math
 import os
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,6 +15,8 @@ from safetensors import safe_open
 from tiny import TINY, load_tiny, tiny_dir  # noqa: F401  (pytest fixtures)
 import models
 import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROMPTS = ["a red cat", "two dogs"]
 
@@ -371,11 +376,19 @@ def test_load_pipeline_bad_pretrained_is_one_clear_line(tmp_path):
     for name, where in (("sd3-medium", str(tmp_path / "no_such_folder")),
                         ("sd3.5-medium", str(tmp_path)),  # exists but is not a pipeline
                         ("flux2-klein-4b", None)):        # hub id, offline, not downloaded
-        with pytest.raises(RuntimeError) as e:
+        with pytest.raises(SystemExit) as e:
             models.load(name, pretrained=where)
         msg = str(e.value)
         assert "\n" not in msg and "--pretrained" in msg and "huggingface-cli download" in msg
         assert (where or "black-forest-labs/FLUX.2-klein-base-4B") in msg
+    # from the command line: the one line on stderr, no traceback above it
+    (prompts := tmp_path / "p.txt").write_text("a cat\n")
+    r = subprocess.run([sys.executable, "train.py", "--stage", "1", "--model", "sd3-medium", "--prompts",
+                        str(prompts), "--pretrained", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                       env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: folder"), r.stderr  # (a library warning may precede it)
 
 
 def test_save_images_and_grid(load_tiny, tmp_path):

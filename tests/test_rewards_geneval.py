@@ -233,7 +233,7 @@ def test_geneval_scorer_tiny_models(geneval_sources):
     torch.manual_seed(1)
     images = torch.rand(2, 3, 64, 48)
     dets = scorer.detector(R.quantize_uint8(images))
-    assert all(d[3].shape == (R.GENEVAL_TOPK, 64, 48) for d in dets), "masks at the image's size"
+    assert all(d[3].shape[1:] == (64, 48) and (d[1] > 0.3).all() for d in dets), "survivors' masks, at the image's size"
     found = [R.geneval_objects(*d, "colors") for d in dets]
     assert all(list(f) == ["dog"] and len(f["dog"]) == 3 for f in found), \
         "the planted class head must give three dogs per image (score = 1 x mean mask prob > 0.3)"
@@ -249,6 +249,18 @@ def test_geneval_scorer_tiny_models(geneval_sources):
     # GenEval's rule: three dogs pass "at least one dog"; image 0 as strict (3 found, all judged)
     assert out["geneval_accuracy"][1] == 1 and out["geneval_accuracy"][0] == strict[0]
     assert torch.equal(out["weighted"], s)
+    # the candidates dropped on the device change nothing: the same numbers with all 100 kept
+    scorer.detector.KEEP_ABOVE = -1.0
+    assert all(len(d[0]) == R.GENEVAL_TOPK for d in scorer.detector(R.quantize_uint8(images)))
+    again = mr(images, ["a photo of three red dogs", "a photo of a dog"], meta)
+    assert all(torch.equal(again[k], out[k]) for k in out)
+
+
+def test_masks_to_boxes():
+    m = torch.zeros(3, 5, 6, dtype=torch.bool)
+    m[0, 1:3, 2:5] = True
+    m[1, 4, 0] = True
+    assert R.masks_to_boxes(m).tolist() == [[2, 1, 5, 3], [0, 4, 1, 5], [0, 0, 0, 0]]
 
 
 def test_geneval_scorer_needs_metadata(geneval_sources):
