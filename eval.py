@@ -10,11 +10,12 @@ eval.py -- measure a run.
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
-with exact samples of the teacher p(x|c) (models.py, section 2), n = 4000 per prompt (--n):
-  - energy distance (ED) divided by the noise floor, the mean ED of 6 pairs of independent exact
-    sets of the same n (one definition for every toy number: "Metrics" below);
+with exact samples of the teacher p(x|c) (models.py, section 2), 8 sets of n = 4000 per prompt (--n):
+  - energy distance (ED), averaged over the 8 pairs of sets, divided by the noise floor, its
+    exact expectation for a perfect sampler (one definition for every toy number: "Metrics");
   - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
-    the exact weights pi_cj; and the fraction of samples 3 stds away from every mode;
+    the exact weights pi_cj; the fraction of samples 3 stds away from every mode; and the
+    angular gap, the fraction more than 3 pi/32 in angle from every mode of the prompt;
   - the same ED/floor at every intermediate sampler state x_{sigma_k} against the exact marginal
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
 Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise, and

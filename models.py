@@ -395,14 +395,11 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
 class ToyBackbone:
     """The toy world behind the backbone interface. The teacher is the *exact* mixture
     velocity; generator and fake score start from a small MLP pretrained by flow matching,
-    cached as `toy_base_w<width>.pt` in `cache_dir` so a second run skips the pretraining (a
-    cached file wins over pretrain_steps / pretrain_batch / depth).
-
-    The default base (width 128, 2000 steps at batch 512, a few seconds) is a mediocre ODE
-    sampler: 50 Euler steps land at 2.5-14x the energy-distance floor, against 0.8-4.1x for a
-    width-256 base pretrained 6000 steps at batch 1024 (~90 s). The distilled 4-step generator
-    does not follow the better base (README, "what limits the 4-step generator"), so the cheap
-    one stays the default."""
+    cached as `toy_base_w<width>.pt` (`toy_base_w<width>_a<K>.pt` with K angle features) in
+    `cache_dir` so a second run skips the pretraining (a cached file wins over pretrain_steps /
+    pretrain_batch / depth). The default base (width 128, 2000 steps at batch 512) takes a few
+    seconds; what limits the distilled 4-step generator is elsewhere (README, "what limits the
+    4-step generator")."""
 
     name = "toy"
     latent_shape = (2,)
