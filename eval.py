@@ -10,11 +10,12 @@ eval.py -- measure a run.
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
-with exact samples of the teacher p(x|c) (models.py, section 2), n = 4000 per prompt (--n):
-  - energy distance (ED) divided by the noise floor, the mean ED of 6 pairs of independent exact
-    sets of the same n (one definition for every toy number: "Metrics" below);
+with exact samples of the teacher p(x|c) (models.py, section 2), 8 sets of n = 4000 per prompt (--n):
+  - energy distance (ED), averaged over the 8 pairs of sets, divided by the noise floor, its
+    exact expectation for a perfect sampler (one definition for every toy number: "Metrics");
   - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
-    the exact weights pi_cj; and the fraction of samples 3 stds away from every mode;
+    the exact weights pi_cj; the fraction of samples 3 stds away from every mode; and the
+    angular gap, the fraction more than 3 pi/32 in angle from every mode of the prompt;
   - the same ED/floor at every intermediate sampler state x_{sigma_k} against the exact marginal
     p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
 Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise, and
@@ -75,25 +76,34 @@ def occupancy(x, means):
 
 
 # One definition of "how close to the exact law" for every toy number (tables, pictures, tests):
-#   ED        energy distance between n generated and n exact samples (V-statistic, above);
-#   floor     the mean ED between FLOOR_PAIRS pairs of independent exact sets of the same n. The
-#             V-statistic has an O(1/n) positive bias, so ED and floor both shrink with n and
-#             only their ratio is comparable across n: every printed ED states its n;
-#   ED/floor  1 on average for a perfect sampler, but one exact set against another scatters
-#             widely (0.3-4.5 measured): the floor is a scale, not a threshold;
+#   ED        the mean, over REF_SETS independent pairs, of the energy distance between n samples
+#             and n exact samples (V-statistic, above): a row draws REF_SETS * n samples;
+#   floor     what ED is in expectation for an exact sampler. For independent sets of sizes n and
+#             m from one law the V-statistic has E[ED] = E|X-X'| (1/n + 1/m) (each self term
+#             includes its n zero diagonal pairs), so the floor is 2 E|X-X'| / n, with E|X-X'|
+#             from 200k exact pairs: it does not depend on one lucky reference draw;
+#   ED/floor  1 in expectation for a perfect sampler. One pair alone scatters as a weighted sum
+#             of chi-square(1) variables (0.2-3.5 measured at n 2000); the mean of 8 reads
+#             0.5-2 (tests/test_eval_toy.py). ED and floor shrink with n; only the ratio compares
+#             across n, and every printed ED states its n;
 #   occ err   max_j |fraction of samples nearest to mean j - pi_cj|;
 #   outliers  fraction of samples farther than 3 standard deviations from every mode; for an
 #             isolated 2-D Gaussian P(|z| > 3) = exp(-9/2) = 1.1%; neighbouring modes catch a few
-#             of those, so an exact set of the toy reads 0.4-0.8%.
+#             of those, so an exact set of the toy reads 0.4-0.8%;
+#   gap       fraction of samples more than 3 pi/32 in angle from every mode of the prompt: the
+#             outlier test cannot see mass smeared along the circle (the point halfway between two
+#             modes is 0.77 from both, within 3 stds), the gap can: exact 0.05, uniform 0.25.
+# occ err, outliers and gap use all REF_SETS * n samples.
 DEFAULT_N = 4000
-FLOOR_PAIRS = 6
+REF_SETS = 8
+GAP_ANGLE = 3 * math.pi / 32
 
 
-def noise_floor(mixture, c, gen, pairs=FLOOR_PAIRS, sigma=0.0):
-    """Mean ED between `pairs` pairs of independent exact sets of p_sigma(x|c), each of size len(c)."""
-    eds = [energy_distance(mixture.sample(c, sigma, generator=gen), mixture.sample(c, sigma, generator=gen))
-           for _ in range(pairs)]
-    return sum(eds) / len(eds)
+def noise_floor(mixture, ci, n, gen, sigma=0.0, pairs=200_000):
+    """2 E|X-X'| / n for exact X, X' ~ p_sigma(x|c = ci): the expected ED of two exact sets of n."""
+    c = torch.full((pairs,), ci, dtype=torch.long)
+    d = (mixture.sample(c, sigma, generator=gen) - mixture.sample(c, sigma, generator=gen)).norm(dim=1)
+    return 2 * d.mean().item() / n
 
 
 def outlier_fraction(x, mixture, sigma=0.0, k=3.0):
@@ -106,32 +116,50 @@ def outlier_fraction(x, mixture, sigma=0.0, k=3.0):
     return (z.min(1).values > k).double().mean().item()
 
 
+def angular_gap(x, mixture, weights_row, width=GAP_ANGLE):
+    """Fraction of x whose angle is more than `width` from the angle of every mode with pi_cj > 0."""
+    modes = mixture.means[weights_row > 0]
+    mode_ang = torch.atan2(modes[:, 1], modes[:, 0])
+    ang = torch.atan2(x[:, 1].double(), x[:, 0].double())
+    d = (ang[:, None] - mode_ang[None]).remainder(2 * math.pi)
+    return (torch.minimum(d, 2 * math.pi - d).min(1).values > width).double().mean().item()
+
+
 class ExactReference:
     """The exact side of every comparison for one prompt, drawn once and shared by all rows (common
     random numbers: rows differ only by their own samples, and a row's numbers do not depend on
-    which other rows are evaluated). For every sigma: one exact set of p_sigma(x|c) of size n and
-    the noise floor (FLOOR_PAIRS further pairs)."""
+    which other rows are evaluated). For every sigma: REF_SETS exact sets of p_sigma(x|c) of size n,
+    their self terms, and the noise floor."""
 
-    def __init__(self, mixture, c, seed):
-        self.mixture, self.c, self.seed = mixture, c, seed
+    def __init__(self, mixture, ci, n, seed):
+        self.mixture, self.ci, self.n, self.seed = mixture, ci, n, seed
         self.sets, self.floors = {}, {}
 
     def at(self, sigma):
         s = round(float(sigma), 6)
         if s not in self.sets:
             gen = torch.Generator().manual_seed(self.seed + int(s * 1e6))
-            self.sets[s] = self.mixture.sample(self.c, s, generator=gen)
-            self.floors[s] = noise_floor(self.mixture, self.c, gen, sigma=s)
+            c = torch.full((self.n,), self.ci, dtype=torch.long)
+            sets = [self.mixture.sample(c, s, generator=gen).double() for _ in range(REF_SETS)]
+            self.sets[s] = [(y, torch.cdist(y, y).mean().item()) for y in sets]
+            self.floors[s] = noise_floor(self.mixture, self.ci, self.n, gen, sigma=s)
         return self.sets[s], self.floors[s]
+
+    def ed(self, x, sigma):
+        """The metric's ED of x (REF_SETS * n samples) against p_sigma, and the floor."""
+        sets, floor = self.at(sigma)
+        x = x.double()
+        eds = [2 * torch.cdist(xr, y).mean().item() - torch.cdist(xr, xr).mean().item() - yy
+               for xr, (y, yy) in zip(x.split(self.n), sets)]
+        return sum(eds) / len(eds), floor
 
 
 def toy_metrics(states, sigmas, ref, weights_row):
-    """ED and ED/floor of every state vs the exact marginal at its sigma (ref: ExactReference);
-    occupancy error and outlier fraction of the last one."""
+    """ED and ED/floor of every state vs the exact marginal at its sigma (ref: ExactReference;
+    every state holds REF_SETS * ref.n samples); occupancy error, outliers and gap of the last one."""
     out = {"ed_steps": [], "floor_steps": [], "ratio_steps": []}
     for k in range(1, len(states)):
-        exact, floor = ref.at(sigmas[k])
-        ed = energy_distance(states[k], exact)
+        ed, floor = ref.ed(states[k], sigmas[k])
         out["ed_steps"].append(ed)
         out["floor_steps"].append(floor)
         out["ratio_steps"].append(ed / floor)
@@ -140,6 +168,7 @@ def toy_metrics(states, sigmas, ref, weights_row):
     out["occupancy"] = occ.tolist()
     out["occ_err"] = (occ - weights_row).abs().max().item()
     out["outliers"] = outlier_fraction(states[-1], ref.mixture)
+    out["gap"] = angular_gap(states[-1], ref.mixture, weights_row)
     return out
 
 
@@ -159,7 +188,8 @@ def teacher_euler_states(bb, x, cond, sigmas=None):
 
 @torch.no_grad()
 def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True, base_ode=False):
-    """Per prompt, every row against the exact teacher p(x|c) with n samples (toy_metrics):
+    """Per prompt, every row against the exact teacher p(x|c), REF_SETS sets of n samples each
+    (toy_metrics):
       generator       the 4-step CPS sampler of `net`, every intermediate state included;
       <name>          each further generator in `others` ({name: net}, e.g. the plain-DMD run);
     and, with references=True:
@@ -177,11 +207,11 @@ def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=Tr
     fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
     results = {}
     for ci, prompt in enumerate(bb.prompts):
-        c = torch.full((n,), ci, dtype=torch.long)
-        cond = bb.encode([prompt] * n)
+        c = torch.full((REF_SETS * n,), ci, dtype=torch.long)
+        cond = bb.encode([prompt] * len(c))
         gen = torch.Generator().manual_seed(1000 * seed + ci)
-        x = torch.randn(n, *bb.latent_shape, generator=gen)
-        ref = ExactReference(mix, c, seed=10_000 * (seed + 1) + 100 * ci)
+        x = torch.randn(len(c), *bb.latent_shape, generator=gen)
+        ref = ExactReference(mix, ci, n, seed=10_000 * (seed + 1) + 100 * ci)
         states = {}
         for name, g_net in nets.items():
             torch.manual_seed(10_000 * (seed + 1) + ci)  # CPS noise: a stream distinct from `gen`
@@ -213,15 +243,16 @@ def summarize_runs(per_run):
 
 
 def print_toy_table(summary, sigmas, n, runs):
-    """One line per prompt and row: ED/floor of the final samples, occupancy error, outliers,
+    """One line per prompt and row: ED/floor of the final samples, occupancy error, outliers, gap,
     ED/floor at every intermediate sigma; mean +- spread over `runs` runs."""
     def f(ms, fmt):
         m, s = ms
         return (fmt.format(m) + ("+-" + fmt.format(s) if runs > 1 else "")).rjust(12 if runs > 1 else 7)
-    print(f"ED/floor with n = {n} per prompt, floor = mean ED of {FLOOR_PAIRS} pairs of exact sets; "
+    print(f"ED/floor: mean ED of {REF_SETS} pairs of n = {n} samples and n exact ones per prompt, "
+          f"floor = 2 E|X-X'| / n; "
           f"{'mean +- spread (half range) over ' + str(runs) + ' runs' if runs > 1 else 'one run'}")
     mids = " ".join(f"{float(s):.2f}" for s in sigmas[1:-1])
-    head = (f"{'prompt':7s} {'row':15s} {'ED/floor':>12s} {'occ err':>12s} {'outliers':>12s}   "
+    head = (f"{'prompt':7s} {'row':15s} {'ED/floor':>12s} {'occ err':>12s} {'outliers':>12s} {'gap':>12s}   "
             f"ED/floor at sigma {mids}")
     print(head)
     print("-" * len(head))
@@ -229,7 +260,7 @@ def print_toy_table(summary, sigmas, n, runs):
         for name, r in rows.items():
             mid = " ".join(f(v, "{:.2f}").strip() for v in r["ratio_steps"][:-1])
             print(f"{prompt:7s} {name:15s} {f(r['ratio'], '{:.2f}')} {f(r['occ_err'], '{:.3f}')} "
-                  f"{f(r['outliers'], '{:.3f}')}   {mid}")
+                  f"{f(r['outliers'], '{:.3f}')} {f(r['gap'], '{:.3f}')}   {mid}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +314,7 @@ STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step
 
 def toy_figure_stage1(bb, results, keep, path, n):
     """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each
-    titled with its ED/floor (n samples, floor of FLOOR_PAIRS exact pairs); then, for AC-DMD and
+    titled with its ED/floor (toy_metrics); then, for AC-DMD and
     plain DMD, the state after every sampler step (colour, all prompts) over exact samples of the
     marginal at that sigma (grey), titled with the ED/floor averaged over the prompts."""
     grid = []
@@ -618,13 +649,13 @@ def main_images(args):
 
 @torch.no_grad()
 def toy_samples(bb, net, n, seed, euler=False):
-    """{prompt: final samples [n, 2]} of the 4-step generator (CPS), or of the teacher's 4-step
-    Euler ODE when euler=True, from the same initial noise for every row."""
+    """{prompt: final samples [REF_SETS * n, 2]} of the 4-step generator (CPS), or of the teacher's
+    4-step Euler ODE when euler=True, from the same initial noise for every row."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for ci, prompt in enumerate(bb.prompts):
-        cond = bb.encode([prompt] * n)
-        x = torch.randn(n, *bb.latent_shape, generator=gen)
+        cond = bb.encode([prompt] * (REF_SETS * n))
+        x = torch.randn(REF_SETS * n, *bb.latent_shape, generator=gen)
         torch.manual_seed(seed + ci)
         if euler:
             out[prompt] = sample.euler_sample(bb, bb.teacher, x, bb.sigmas, cond)
@@ -635,22 +666,21 @@ def toy_samples(bb, net, n, seed, euler=False):
 
 @torch.no_grad()
 def tilted_metrics(samples, mixture, reward, beta, seed=1):
-    """Per prompt: ED, floor and ED/floor vs p~_beta (the same definitions as stage 1, with
-    len(x) samples), occupancy error vs pi~_beta (components assigned by their *tilted* means),
-    outliers (3 tilted stds from every tilted mode), mean reward vs the exact tilted mean."""
-    gen = torch.Generator().manual_seed(seed)
+    """Per prompt: ED, floor and ED/floor vs p~_beta (the same definitions as stage 1: REF_SETS
+    sets of len(x) / REF_SETS samples), occupancy error vs pi~_beta (components assigned by their
+    *tilted* means), outliers (3 tilted stds from every tilted mode), angular gap (tilted mode
+    angles), mean reward (all samples) vs the exact tilted mean."""
     tilt = reward.tilt(mixture, beta)
     exact_r = reward.exact_mean(tilt)
     rows = {}
     for ci, (prompt, x) in enumerate(samples.items()):
-        c = torch.full((len(x),), ci, dtype=torch.long)
-        ed = energy_distance(x, tilt.sample(c, generator=gen))
-        floor = noise_floor(tilt, c, gen)
+        ed, floor = ExactReference(tilt, ci, len(x) // REF_SETS, seed=1000 * seed + ci).ed(x, 0.0)
         occ = occupancy(x, tilt.means)
         r = reward(x.double())[reward.name].mean().item()
         rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor,
                         "occ_err": (occ - tilt.weights[ci]).abs().max().item(),
-                        "outliers": outlier_fraction(x, tilt), "reward": r, "reward_exact": exact_r[ci].item(),
+                        "outliers": outlier_fraction(x, tilt), "gap": angular_gap(x, tilt, tilt.weights[ci]),
+                        "reward": r, "reward_exact": exact_r[ci].item(),
                         "reward_gap": r - exact_r[ci].item()}
     return rows
 
@@ -717,7 +747,7 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
         xs[name] = toy_samples(bb, models.load_run(other)[1], n, seed)
     gen = torch.Generator().manual_seed(seed + 7)
     tilt = reward.tilt(bb.mixture, beta)
-    xs["exact"] = {p: tilt.sample(torch.full((n,), ci, dtype=torch.long), generator=gen)
+    xs["exact"] = {p: tilt.sample(torch.full((REF_SETS * n,), ci, dtype=torch.long), generator=gen)
                    for ci, p in enumerate(bb.prompts)}
     rows = {name: tilted_metrics(x, bb.mixture, reward, beta) for name, x in xs.items()}
     beta_r = fit_beta_reward(xs[next(iter(xs))], bb.mixture, reward)
@@ -725,7 +755,7 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     gaps_r = {p: rows[next(iter(rows))][p]["reward"] - exact_r[ci].item() for ci, p in enumerate(bb.prompts)}
     if keep is not None:
         keep.update(xs)
-    return {"stage": stage, "beta_fit": fitted, "beta": beta, "n": n, "floor_pairs": FLOOR_PAIRS,
+    return {"stage": stage, "beta_fit": fitted, "beta": beta, "n": n, "ref_sets": REF_SETS,
             "reward": reward.name, "rows": rows, "beta_reward": beta_r, "reward_gaps_at_beta_reward": gaps_r}
 
 
@@ -758,13 +788,13 @@ def main_tilted(args, t0):
         res = eval_stage2(run, args.n, args.seed, args.beta, others if i == 0 else None, keep if i == 0 else None)
         all_res.append(res)
         print(f"run {run}: stage-{res['stage']} EMA generator vs the exact tilted target p~_beta at beta "
-              f"{res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per prompt, floor = mean ED of "
-              f"{FLOOR_PAIRS} pairs of exact sets of p~_beta")
-        print(f"  {'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'reward':>8s} "
-              f"{'exact E_p~[r]':>13s} {'gap':>7s}")
+              f"{res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per set, {REF_SETS} sets "
+              f"per prompt, floor = 2 E|X-X'| / n of p~_beta")
+        print(f"  {'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'ang gap':>8s} "
+              f"{'reward':>8s} {'exact E_p~[r]':>13s} {'gap':>7s}")
         for name, rows in res["rows"].items():
             for prompt, r in rows.items():
-                print(f"  {name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} "
+                print(f"  {name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} {r['gap']:8.3f} "
                       f"{r['reward']:8.3f} {r['reward_exact']:13.3f} {r['reward_gap']:+7.3f}")
         print(f"  one beta for every prompt? at beta {res['beta_reward']:.3g} (the exact tilt with the generator's "
               f"prompt-averaged mean reward) the per-prompt reward gaps are "
@@ -894,7 +924,7 @@ def main_toy(args):
     summary = summarize_runs(per_run)
     print(f"stage-{stage} EMA generator of {', '.join(runs)}" + (f"; plain DMD: {', '.join(plain)}" if plain else ""))
     print_toy_table(summary, bb.sigmas, args.n, len(runs))
-    out = {"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "floor_pairs": FLOOR_PAIRS,
+    out = {"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "ref_sets": REF_SETS,
            "seed": args.seed, "per_run": per_run, "summary": summary}
     with open(os.path.join(args.run, f"eval_stage{stage}.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -329,13 +329,16 @@ class ExactVelocity(nn.Module):
 
 
 class ToyMLP(nn.Module):
-    """Velocity MLP f(x, sigma, c): input [x, Fourier(sigma), one-hot(c)] -> 3 x width SiLU -> d."""
+    """Velocity MLP f(x, sigma, c): input [x, Fourier(sigma), one-hot(c)] -> 3 x width SiLU -> d.
+    angles=K adds polar features of x, [r, cos k phi, sin k phi] for k = 1..K: the toy's modes
+    differ by angle only, and a plain MLP on (x, y) resolves 8 of them on a circle slowly
+    (README, "what limits the 4-step generator")."""
 
-    def __init__(self, dim=2, num_cond=4, width=128, depth=3):
+    def __init__(self, dim=2, num_cond=4, width=128, depth=3, angles=0):
         super().__init__()
-        self.num_cond = num_cond
+        self.num_cond, self.angles = num_cond, angles
         self.register_buffer("freqs", torch.tensor([1.0, 2.0, 4.0, 8.0]) * math.pi)
-        layers, w_in = [], dim + 8 + 1 + num_cond
+        layers, w_in = [], dim + 8 + 1 + num_cond + (1 + 2 * angles if angles else 0)
         for _ in range(depth):
             layers += [nn.Linear(w_in, width), nn.SiLU()]
             w_in = width
@@ -346,15 +349,36 @@ class ToyMLP(nn.Module):
         s = sigma.reshape(-1, 1).to(x.dtype)
         feats = [x, s, torch.sin(s * self.freqs), torch.cos(s * self.freqs),
                  nn.functional.one_hot(c, self.num_cond).to(x.dtype)]
+        if self.angles:
+            k = torch.arange(1, self.angles + 1, dtype=x.dtype, device=x.device)
+            phi = torch.atan2(x[:, 1:2], x[:, 0:1]) * k
+            feats += [x.norm(dim=1, keepdim=True), phi.cos(), phi.sin()]
         return self.net(torch.cat(feats, 1))
 
 
-def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3):
+class ToySteps(nn.Module):
+    """A generator of one ToyMLP per sampler step (train.py --toy-per-step): step k's velocity
+    comes from nets[k] alone, so the steps share no weights (a diagnostic of interference between
+    steps; every copy starts from the same base). A call picks the net by its sigma, which all
+    samples of a sampler call share; other sigmas (the fake score's) never reach the generator."""
+
+    def __init__(self, base, sigmas):
+        super().__init__()
+        self.register_buffer("sigmas", torch.as_tensor(sigmas[:-1], dtype=torch.float32).clone())
+        self.nets = nn.ModuleList(copy.deepcopy(base) for _ in range(len(sigmas) - 1))
+
+    def forward(self, x, sigma, c):
+        k = int((self.sigmas - sigma.reshape(-1)[0].float()).abs().argmin())
+        return self.nets[k](x, sigma, c)
+
+
+def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3,
+                      angles=0):
     """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
     It initialises the generator and the fake score, exactly as the real generator and fake
     score start from the teacher's weights (section 3)."""
     g = torch.Generator().manual_seed(seed)
-    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth)
+    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth, angles=angles)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     C = mixture.weights.shape[0]
@@ -379,44 +403,48 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
 class ToyBackbone:
     """The toy world behind the backbone interface. The teacher is the *exact* mixture
     velocity; generator and fake score start from a small MLP pretrained by flow matching,
-    cached as `toy_base_w<width>.pt` in `cache_dir` so a second run skips the pretraining (a
-    cached file wins over pretrain_steps / pretrain_batch / depth).
-
-    The default base (width 128, 2000 steps at batch 512, a few seconds) is a mediocre ODE
-    sampler: 50 Euler steps land at 2.5-14x the energy-distance floor, against 0.8-4.1x for a
-    width-256 base pretrained 6000 steps at batch 1024 (~90 s). The distilled 4-step generator
-    does not follow the better base (README, "what limits the 4-step generator"), so the cheap
-    one stays the default."""
+    cached as `toy_base_w<width>.pt` (`toy_base_w<width>_a<K>.pt` with K angle features) in
+    `cache_dir` so a second run skips the pretraining (a cached file wins over pretrain_steps /
+    pretrain_batch / depth). The default base (width 128, 2000 steps at batch 512) takes a few
+    seconds; what limits the distilled 4-step generator is elsewhere (README, "what limits the
+    4-step generator")."""
 
     name = "toy"
     latent_shape = (2,)
 
     def __init__(self, cache_dir=None, guidance=1.0, shift=3.0, width=128, pretrain_steps=2000,
-                 mixture=None, device="cpu", progress=False, pretrain_batch=512, depth=3, **unused):
+                 mixture=None, device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0,
+                 exact_prefix=False, per_step=False, **unused):
         self.mixture = mixture if mixture is not None else toy_mixture()
         self.prompts = list(TOY_PROMPTS)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
         self.sigmas = sd3_sigmas(shift=shift)
         self.device = torch.device(device)
+        # diagnostic (train.py --toy-exact-prefix): the last step's input is an exact sample of
+        # p_{sigma_{K-1}}(x|c) instead of the generator's own steps 1..K-1 (prefix_state)
+        self.exact_prefix, self.per_step = exact_prefix, per_step
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
-        path = None if cache_dir is None else os.path.join(cache_dir, f"toy_base_w{width}.pt")
+        path = None if cache_dir is None else os.path.join(
+            cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
         if path is not None and os.path.exists(path):
             ck = load_checkpoint(path)
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"],
-                               depth=ck.get("depth", 3))
+                               depth=ck.get("depth", 3), angles=ck.get("angles", 0))
             self.base.load_state_dict(ck["state_dict"])
         else:
             self.base = pretrain_toy_base(self.mixture, steps=pretrain_steps, batch=pretrain_batch,
-                                          width=width, depth=depth, progress=progress)
+                                          width=width, depth=depth, progress=progress, angles=angles)
             if path is not None:
                 os.makedirs(cache_dir, exist_ok=True)
-                torch.save({"width": width, "depth": depth, "state_dict": self.base.state_dict()}, path + ".tmp")
+                torch.save({"width": width, "depth": depth, "angles": angles, "state_dict": self.base.state_dict()}, path + ".tmp")
                 os.replace(path + ".tmp", path)
         self.base.eval().requires_grad_(False)
 
     def make_student(self, role):
-        net = copy.deepcopy(self.base).to(self.device).train()
-        return net.requires_grad_(True)
+        net = copy.deepcopy(self.base)
+        if self.per_step and role == "generator":
+            net = ToySteps(net, self.sigmas)
+        return net.to(self.device).train().requires_grad_(True)
 
     def encode(self, prompts):
         """Prompt strings -> condition index; "" is the unconditional (CFG null) branch."""
@@ -433,6 +461,10 @@ class ToyBackbone:
 
     def noise(self, n, generator=None):
         return torch.randn(n, *self.latent_shape, generator=generator).to(self.device)
+
+    def prefix_state(self, cond, generator=None):
+        """An exact sample of p_{sigma_{K-1}}(x|c), the last step's input (--toy-exact-prefix)."""
+        return self.mixture.sample(cond["c"].cpu(), float(self.sigmas[-2]), generator=generator).float().to(self.device)
 
     def decode(self, x):
         """The toy has no VAE: a 'sample' is the 2-D point itself (rewards score the point)."""
@@ -1167,7 +1199,8 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
                 generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
                 lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
-                width=cfg.get("toy_width", 128))
+                width=cfg.get("toy_width", 128), angles=cfg.get("toy_angles", 0),
+                exact_prefix=cfg.get("toy_exact_prefix", False), per_step=cfg.get("toy_per_step", False))
     bb = load(cfg["model"], **(args | kw))
     if stage == 2 and "stage1_ema" in ck:
         net = bb.make_student("generator", stage=2, merge=ck["stage1_ema"])

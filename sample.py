@@ -131,8 +131,11 @@ def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
     `noises[k]` optionally fixes the CPS noise of step k. Returns the list of states
     [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
     sigmas = bb.sigmas if sigmas is None else sigmas
-    states = [x]
-    for k in range(len(sigmas) - 1):
+    states, first = [x], 0
+    if getattr(bb, "exact_prefix", False):  # toy diagnostic: exact states up to the last step
+        states += [bb.mixture.sample(cond["c"].cpu(), float(s)).float() for s in sigmas[1:-1]]
+        x, first = states[-1], len(sigmas) - 2
+    for k in range(first, len(sigmas) - 1):
         v = bb.velocity(net, x, full(sigmas[k], x), cond)
         z = None if noises is None else noises[k]
         x = cps_step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta, z)

@@ -47,6 +47,7 @@ import contextlib
 import copy
 import datetime
 import json
+import math
 import os
 import resource
 import shutil
@@ -70,8 +71,8 @@ import subgrpo
 # Paper values per backbone (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
 # configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml for stage 2) and CPU-sized values for the toy.
 DEFAULTS = {
-    "toy": dict(steps=3000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5,
-                ema_decay=0.99, log_every=50),
+    "toy": dict(steps=9000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5,
+                ema_decay=0.999, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10,
                  ema_decay=0.99, log_every=10),
     # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
@@ -122,6 +123,8 @@ def get_args(argv=None):
     p.add_argument("--lr-fake", type=float, default=None)
     p.add_argument("--fake-update-ratio", type=int, default=None, help="TTUR: fake steps per generator step")
     p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--lr-cosine", action="store_true",
+                   help="stage 1: both learning rates follow a cosine from their value to 0 over --steps")
     p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: backbone's)")
     p.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity")
     p.add_argument("--consistency-weight", type=float, default=1e-2)
@@ -135,6 +138,14 @@ def get_args(argv=None):
     p.add_argument("--max-bad-updates", type=int, default=3,
                    help="stop the run after this many non-finite (skipped) updates of one network in a row")
     p.add_argument("--toy-width", type=int, default=128, help="toy: hidden width of the velocity MLPs")
+    p.add_argument("--toy-angles", type=int, default=None, metavar="K",
+                   help="toy: add polar features of x (r, cos k phi, sin k phi, k = 1..K) to the MLPs' input "
+                   "(default: toy 8, toy-gauss 0; 0 = none)")
+    p.add_argument("--toy-exact-prefix", action="store_true",
+                   help="toy diagnostic: only the last step learns, its input drawn from the exact marginal "
+                   "p_sigma(x|c) (eval.py samples the same way)")
+    p.add_argument("--toy-per-step", action="store_true",
+                   help="toy diagnostic: the generator is one MLP per sampler step (models.ToySteps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=1000)
@@ -225,6 +236,8 @@ def resolve_defaults(args, cuda):
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.toy_angles is None:  # polar input features for the mixture on a circle (models.ToyMLP)
+        args.toy_angles = 8 if args.model == "toy" else 0
     if args.bf16 is None:
         args.bf16 = int(cuda)
     if args.grad_ckpt is None:
@@ -333,7 +346,8 @@ def main(argv=None):
                    generator_pretrained=args.generator_pretrained, resolution=args.resolution,
                    lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,  # scale 2, as the paper
                    gradient_checkpointing=bool(args.grad_ckpt),
-                   width=args.toy_width)
+                   width=args.toy_width, angles=args.toy_angles, exact_prefix=args.toy_exact_prefix,
+                   per_step=args.toy_per_step)
     if prompts is not None:
         load_kw |= dict(prompts=prompts, prompt_metadata=metadata)
     if not args.model.startswith("toy"):
@@ -491,9 +505,14 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
            + (f" (LoRA rank {args.lora_rank})" if uses_lora(bb) else ""))
 
     log, guard = RunLog(args, master, "stage 1", step), UpdateGuard(args, ckpt_path)
+    per_step = [0] * (len(bb.sigmas) - 1)  # generator updates of each sampler step, this session
     while step < args.steps:
         with PROF.step(step):
             rec = {"stage": 1, "step": step + 1}
+            if args.lr_cosine:  # a function of the step alone, so --resume continues it exactly
+                for opt, lr in ((opt_g, args.lr_gen), (opt_f, args.lr_fake)):
+                    for group in opt.param_groups:
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
             with PROF.phase("prompts"):
                 conds = []  # one per micro-batch: micro-batch a of rank r reads as rank r A + a
                 for a in range(A):
@@ -505,6 +524,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
             if (step + 1) % args.fake_update_ratio == 0:  # TTUR: the fake score runs ahead
                 rec |= stage1_generator_step(args, bb, generator, fake, opt_g, micro, null_cond, shared_rng,
                                              autocast, guard)
+                per_step[rec["gen_stop"] - 1] += 1
             with PROF.phase("EMA"):
                 ema_update(ema, generator, args.ema_decay)  # every iteration, not every generator step
             step += 1
@@ -515,6 +535,7 @@ def train_stage1(args, bb, ddp, rank, world, device, master, shared_rng):
                     save_checkpoint(ckpt_path, {"step": step}, nets, opts, shared_rng, args, world, master,
                                     streams=streams)
     log.close()
+    print0(f"generator updates per sampler step (this session): {per_step}")
     PROF.report(1, autocast, master)
     write_samples_and_exports(args, bb, ema, 1, master)
     return {"generator": raw(generator), "fake": raw(fake), "ema": ema}
@@ -528,10 +549,14 @@ def simulate_subinterval(args, bb, generator, cond, shared_rng, autocast, with_g
     every rank trains the same step. Returns (stop, x_s, s, t, n, x_t)."""
     B = len(next(iter(cond.values())))
     stop = sample.random_stop(len(bb.sigmas) - 1, shared_rng)
+    x, sigmas = bb.noise(B), bb.sigmas
+    if getattr(bb, "exact_prefix", False):  # diagnostic: train the last step alone, on exact inputs
+        stop, x, sigmas = len(bb.sigmas) - 1, bb.prefix_state(cond), bb.sigmas[-2:]
     with PROF.phase("backward simulation"):
         with torch.set_grad_enabled(with_grad), autocast:
             net = generator if with_grad else raw(generator)  # DDP only where gradients flow
-            sim = sample.backward_simulation(bb, net, bb.noise(B), cond, stop, eta=args.eta)
+            sim = sample.backward_simulation(bb, net, x, cond, stop - (len(bb.sigmas) - len(sigmas)),
+                                             sigmas=sigmas, eta=args.eta)
         x_s, s = subinterval_start(sim, args.plain_dmd)
         tau = acdmd.sample_renoise_timesteps(s, B, generator=shared_rng)
         t, n, x_t = acdmd.make_subinterval(x_s, s, tau)

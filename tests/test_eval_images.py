@@ -243,10 +243,10 @@ def test_apply_protocol_official_and_full():
 
 def test_eval_toy_cli_writes_table_json_and_picture(tmp_path):
     d = tmp_path / "toy"
-    models.ToyBackbone(cache_dir=str(d), pretrain_steps=50)
+    models.ToyBackbone(cache_dir=str(d), pretrain_steps=50, angles=8)  # the toy's default features
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--stage", "1", "--out", str(d), "--steps", "3", "--batch-size", "32"])
     out, text = run_cli(["--run", str(d), "--n", "200"])
     assert out["seed"] == 0 and out["n"] == 200 and set(out["summary"]) == set(models.TOY_PROMPTS)
-    assert "n = 200 per prompt" in text and "floor" in text, "the toy table must state n and the floor"
+    assert "n = 200 samples" in text and "floor" in text, "the toy table must state n and the floor"
     assert (d / "eval_stage1.json").exists() and (d / "eval_stage1.png").exists()

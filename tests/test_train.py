@@ -22,8 +22,8 @@ SMALL = ["--batch-size", "64", "--log-every", "5"]
 def toy_base(tmp_path_factory):
     """A quickly pretrained toy base model, copied into each run folder (the cache train.py uses)."""
     d = tmp_path_factory.mktemp("base")
-    models.ToyBackbone(cache_dir=str(d), pretrain_steps=100)
-    return os.path.join(d, "toy_base_w128.pt")
+    models.ToyBackbone(cache_dir=str(d), pretrain_steps=100, angles=8)  # the toy's default input features
+    return os.path.join(d, "toy_base_w128_a8.pt")
 
 
 def run_dir(tmp_path, name, toy_base):

@@ -121,7 +121,7 @@ def test_train_stage2_exact_decomposition_lands_on_stationary_mean_gauss(tmp_pat
                 "--w-pg", str(w["w_pg"]), "--w-dm", str(w["w_dm"]), "--w-bp", str(w["w_bp"])])
     bb, net, _ = models.load_run(d)
     m_star, parts = subgrpo.stationary_mean_gauss(bb, N=48 * 4, f=2 / 3, **w)
-    m = evaluation.toy_samples(bb, net, 400_000, 0)["gauss"].double().mean(0)
+    m = evaluation.toy_samples(bb, net, 400_000 // evaluation.REF_SETS, 0)["gauss"].double().mean(0)
     print(f"exact decomposition: learned mean {m.tolist()}, closed form {m_star.tolist()}, "
           f"beta_eff {parts['beta_eff']:.3f}")
     assert float(m[0]) == pytest.approx(float(m_star[0]), abs=0.005)  # 2 significant digits of 0.6x
