@@ -67,17 +67,19 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    -----------------------------------------------------------------
    The fake score never sees clean data of intermediate steps, only x_s. It regresses f(x_t, t) on
 
-       T = -x_s/(1-s) + k n,     k = [t + (1-t) s^2/(1-s)^2] / sigma_ts.
+       T = -x_s/(1-s) + omega n,     omega = [t + (1-t) s^2/(1-s)^2] / sigma_ts,
+
+   omega being the ambient coefficient.
 
    Derivation (Tweedie on the sub-interval kernel). x_t = a_ts x_s + sigma_ts n with n independent
    of x_s is a Gaussian channel, so for ANY law of x_s, with q_t = law(x_t) and S = grad log q_t:
 
        E[n | x_t] = -sigma_ts S(x_t),      E[x_s | x_t] = (x_t + sigma_ts^2 S(x_t)) / a_ts.
 
-   With a_ts (1-s) = 1-t:  E[T | x_t] = -(x_t + sigma_ts^2 S)/(1-t) - k sigma_ts S. The flow
+   With a_ts (1-s) = 1-t:  E[T | x_t] = -(x_t + sigma_ts^2 S)/(1-t) - omega sigma_ts S. The flow
    velocity of q_t is v = -(x_t + t S)/(1-t) (models.py, section 1), so E[T | x_t] = v exactly
-   when k sigma_ts = (t - sigma_ts^2)/(1-t). With sigma_ts^2 = t^2 - a_ts^2 s^2,
-   t - sigma_ts^2 = t(1-t) + (1-t)^2 s^2/(1-s)^2, which gives k above. The L2 minimiser of
+   when omega sigma_ts = (t - sigma_ts^2)/(1-t). With sigma_ts^2 = t^2 - a_ts^2 s^2,
+   t - sigma_ts^2 = t(1-t) + (1-t)^2 s^2/(1-s)^2, which gives omega above. The L2 minimiser of
    E||f - T||^2 is E[T | x_t]: the velocity of the generator's noised marginal, what section 2
    needs. With s = 0, T = n - x0: ordinary flow matching.
    Weighting: the official configs (configs/cold_start/*.yaml: target_formula_move_scale_out
@@ -88,8 +90,16 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
 
 5. The consistency regulariser (paper App. E, F)                               `consistency_loss`
    ---------------------------------------------
-   For the optimal fake score, its denoiser h(x, t) = x - t f(x, t) = E[x0 | x_t] is a
-   martingale along the reverse process: E[h(x_t', t') | x_t] = h(x_t, t) for t' < t (tower rule).
+   For the optimal fake score f = v of q_t (the noised law of x_s, section 4), the denoiser
+   h(x, t) = x - t f(x, t) = (x + t^2 S_t(x))/(1-t) is a martingale along the reverse process:
+   E[h(x_t', t') | x_t] = h(x_t, t) for s < t' < t. At s = 0, h = E[x0 | x_t] and this is the
+   tower rule; for any law of x_s it follows from two Gaussian-channel identities. The kernel
+   from s to t factors through t' (a_ts = a_tt' a_t's), so x_t = a_tt' x_t' + sigma_tt' n' with n'
+   independent of x_t', and with S_t = grad log q_t:
+       E[x_t' | x_t] = (x_t + sigma_tt'^2 S_t)/a_tt'        (Tweedie, section 4),
+       E[S_t'(x_t') | x_t] = a_tt' S_t(x_t)                  (the score of a Gaussian channel).
+   Then E[h(x_t', t') | x_t] = (x_t + (sigma_tt'^2 + a_tt'^2 t'^2) S_t)/(a_tt' (1-t')), and
+   sigma_tt'^2 + a_tt'^2 t'^2 = t^2, a_tt' (1-t') = 1-t give h(x_t, t).
    We step from x_t to t' = t - delta/1000 (delta ~ U{1..200}) twice with independent noise,
    using the fake's own (detached) velocity in a CPS step, and use the two-sample estimator
    mean (h_1 - h_0)(h_2 - h_0). Over the two independent moves its mean is the squared defect

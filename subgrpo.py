@@ -10,7 +10,7 @@ SubGRPO's step subsets with shared noise, and reward back-propagation through th
     group_advantages      per-prompt mean, global std, weighted over rewards          (section 5)
     clip_advantages       A clipped to [-5, 5]                                        (section 5)
     ppo_loss              clipped surrogate on the selected steps                      (section 5)
-    final_step_x0         x0_hat = x_3 - sigma_3 v, the deterministic last step, with grad (2)
+    final_step_x0         x0_hat = x^(3) - sigma_3 v, the deterministic last step, with grad (2)
     bp_loss               reward back-prop hinge through the final step                (section 2)
     stationary_mean_gauss where stage 2 settles on toy-gauss, in closed form           (section 7)
     draw_prompts          M distinct prompts x K copies per sampling iteration   (official sampler)
@@ -35,32 +35,33 @@ Its settings are in configs/rtdmd/*.yaml.
    tests/test_rewards_toy.py checks the split numerically.
 
 2. The hybrid policy gradient (paper App. G)
-   The 4-step sampler draws x_0 ~ N(0, I) (no theta), takes three stochastic CPS steps
-       pi_theta(x_{k+1} | x_k) = N(x_{k+1}; mu_theta(x_k), rho_k^2 I),     k = 0, 1, 2,
-   (x_k is the state at sigma_k) and ends with the deterministic step
-       x0 = F_theta(x_3) = x_3 - sigma_3 G_theta(x_3, sigma_3, c)           (rho_3 = 0).
-   With the path density q_theta(x_0..x_3) = N(x_0) prod_k pi_theta(x_{k+1}|x_k),
-       E[r] = integral q_theta(x_0..x_3) r(F_theta(x_3)),
+   The 4-step sampler draws x^(0) ~ N(0, I) (no theta), takes three stochastic CPS steps
+       pi_theta(x^(k+1) | x^(k)) = N(x^(k+1); mu_theta(x^(k)), rho_k^2 I),     k = 0, 1, 2,
+   (x^(k) is the state at sigma_k; x0, without brackets, is the clean sample) and ends with the
+   deterministic step
+       x0 = F_theta(x^(3)) = x^(3) - sigma_3 G_theta(x^(3), sigma_3, c)           (rho_3 = 0).
+   With the path density q_theta(x^(0..3)) = N(x^(0)) prod_k pi_theta(x^(k+1)|x^(k)),
+       E[r] = integral q_theta(x^(0..3)) r(F_theta(x^(3))),
    and the product rule gives two terms:
-       grad E[r] = E[ r(x0) sum_{k=0..2} grad log pi_theta(x_{k+1} | x_k) ]    score-function part
-                 + E[ grad_theta r(F_theta(x_3)), x_3 held fixed ]             path-wise part
+       grad E[r] = E[ r(x0) sum_{k=0..2} grad log pi_theta(x^(k+1) | x^(k)) ]    score-function part
+                 + E[ grad_theta r(F_theta(x^(3))), x^(3) held fixed ]             path-wise part
    - The score-function identity needs a density, which steps 0-2 have and step 3 (a delta) has
      not: there the log-prob is constant, the PPO ratio is 1 and PPO gives no gradient.
-   - Step 3 is a differentiable map of a fixed x_3, so the path-wise term is plain back-prop of a
-     differentiable reward through x0_hat = x_3 - sigma_3 v with x_3 a stored constant
-     (final_step_x0, bp_loss). Gradients never flow back into steps 0-2 through x_3.
+   - Step 3 is a differentiable map of a fixed x^(3), so the path-wise term is plain back-prop of a
+     differentiable reward through x0_hat = x^(3) - sigma_3 v with x^(3) a stored constant
+     (final_step_x0, bp_loss). Gradients never flow back into steps 0-2 through x^(3).
      The hinge relu(3 - R_w) of the official code (rtdmd/trainers/bp_mixin.py, margin 3.0) is
      always active for its rewards (R_w ~ 1.5), so it is plain reward maximisation.
    - A baseline does not move the mean (E[grad log pi] = 0), so r is replaced by the group
      advantage A (group_advantages), and the on-policy PPO surrogate (ppo_loss; ratio = 1 at the
      sampling parameters) has gradient  -mean_b A grad log pi: GRPO (App. H).
-   The two parts are disjoint pieces of one gradient: PG credits how steps 0-2 move x_3, BP how
-   step 3 maps a fixed x_3. Dropping either biases the estimate (tests/test_subgrpo.py checks the
+   The two parts are disjoint pieces of one gradient: PG credits how steps 0-2 move x^(3), BP how
+   step 3 maps a fixed x^(3). Dropping either biases the estimate (tests/test_subgrpo.py checks the
    sum against a finite difference of E[r]).
 
 3. SubGRPO: two of the three stochastic steps per epoch, shared noise on the third
    Each epoch trains only S = select_steps(epoch) (2 of {0, 1, 2}):
-       g = mean_i A_i sum_{k in S} grad log pi(x^i_{k+1} | x^i_k).
+       g = mean_i A_i sum_{k in S} grad log pi(x^(k+1)_i | x^(k)_i).
    Each step is in S with probability 2/3, so over epochs g estimates 2/3 of the PG part (a
    constant factor). On the steps not in S, all K copies of a prompt use the same noise z_k.
    (Official code: rtdmd/trainers/grpo_trainer.py, `_sample_selected_steps` and
@@ -89,8 +90,8 @@ Its settings are in configs/rtdmd/*.yaml.
    in v is amplified D/(2 rho^2) times: use "exact" for the toy and for derivations.
 
 5. Advantages and the clipped surrogate (paper App. H)
-   Per reward k, A_k(i) = (r_k(i) - mean of i's prompt group) / (std over the whole epoch + 1e-4);
-   then A = sum_k w_k A_k is standardised once more over the epoch and clipped to [-5, 5]. The
+   Per reward R, A_R(i) = (r_R(i) - mean of i's prompt group) / (std over the whole epoch + 1e-4);
+   then A = sum_R w_R A_R is standardised once more over the epoch and clipped to [-5, 5]. The
    surrogate L = mean_b max(-A r, -A clip(r, 1 - eps, 1 + eps)) with eps = 1e-5 and one optimiser
    step per epoch is evaluated at the sampling parameters, where r = 1: on-policy REINFORCE with
    a group baseline. (Official code: rtdmd/trainers/grpo_trainer.py, `_grpo_compute_advantages`;
@@ -102,10 +103,10 @@ Its settings are in configs/rtdmd/*.yaml.
    Divide it by w_dm: the DM term then stands for grad KL(p_theta || p) and the two reward terms
    for -beta grad E[r]. Each term's expected gradient is a known multiple of the exact one:
    - DM: the surrogate's gradient is g / (B D) (acdmd.py, section 3), and E[g] is a positive
-     multiple of the data-space KL gradient. For the final step of a Gaussian generator N(m, s^2 I)
-     against a teacher N(mu, s^2 I): E[g] = C (m - mu) = C s^2 grad_m KL, with
-     C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ] over the law of t. So the DM term is
-     (w_dm C s^2 / D) grad KL.
+     multiple of the data-space KL gradient. For the final step of a Gaussian generator N(m, sd^2 I)
+     against a teacher N(m_T, sd^2 I): E[g] = C (m - m_T) = C sd^2 grad_m KL, with
+     C = E_t[ t^2 / ((1-t)^2 sd^2 + t^2) ] over the law of t. So the DM term is
+     (w_dm C sd^2 / D) grad KL.
    - BP: with the hinge active, exactly -w_bp times the path-wise part of grad E[r].
    - PG: with the exact log-prob and un-normalised advantages r - (group mean), -w_pg (1 - 1/N) f
      times the score-function part (N = group size: the group mean includes the sample itself;
@@ -115,10 +116,10 @@ Its settings are in configs/rtdmd/*.yaml.
    When the two reward parts get the same multiple w_r, the update is proportional to
    grad KL - beta_eff grad E[r] with
 
-       beta_eff = D w_r / (w_dm C s^2).
+       beta_eff = D w_r / (w_dm C sd^2).
 
    So beta_eff is not a property of the weights alone: it scales with D (16 x 64 x 64 for SD3.5-M
-   latents at 512 px, 2 in the toy) and with the teacher's spread through C s^2, and the official
+   latents at 512 px, 2 in the toy) and with the teacher's spread through C sd^2, and the official
    log-prob and standardised advantages add the factors 2 rho_k^2 / D and 1 / std(r). Weights
    tuned for SD3 latents therefore do not carry over to the 2-D toy, which has its own (train.py).
    With gradient normalisation (official) g is further divided by the per-sample
@@ -126,40 +127,40 @@ Its settings are in configs/rtdmd/*.yaml.
    scale, and a run's beta is read off by fitting (eval.py, fit_beta).
 
 7. The stage-2 stationary point on toy-gauss, in closed form                `stationary_mean_gauss`
-   Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(mu, s^2 I) in D = 2 dims,
+   Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(m_T, sd^2 I) in D = 2 dims,
    linear reward r = a^T x, generator G = v_T + b (models.ShiftVelocity: it can only move its
    output mean), un-normalised DM direction, exact Gaussian log-prob, advantages A = r - (group
    mean), no clipping. Weights w_pg, w_dm, w_bp; N = samples per prompt per epoch (one prompt:
    the whole epoch); f = probability that a stochastic step is trained in an epoch (2/3 for
    SubGRPO's 2 of 3, 1 with --all-steps).
    a. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
-          v_T(x, sigma) = (x - E[x0|x]) / sigma,  slope lambda = (1 - (1-sigma) s^2 / V) / sigma,
-      V = (1-sigma)^2 s^2 + sigma^2. The CPS mean
+          v_T(x, sigma) = (x - E[x0|x]) / sigma,  slope lambda = (1 - (1-sigma) sd^2 / V) / sigma,
+      V = (1-sigma)^2 sd^2 + sigma^2. The CPS mean
       (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)  (sample.cps_mean_std; s' = next sigma)
       moves by  c_k b  for a velocity shift b and by
-      A_k delta for an input shift delta:
+      J_k delta for an input shift delta:
           c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
-          A_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
-      So the output mean is  m = mu + sum_k kappa_k b,  kappa_k = c_k prod_{j>k} A_j  (the exact
-      velocity keeps the mean exact, so b = 0 gives m = mu). The last step has kappa_3 = -sigma_3.
+          J_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
+      So the output mean is  m = m_T + sum_k gamma_k b,  gamma_k = c_k prod_{j>k} J_j  (the exact
+      velocity keeps the mean exact, so b = 0 gives m = m_T). The last step has gamma_3 = -sigma_3.
    b. The expected gradient in b of each term (the accumulation divisor is common and drops out):
-      - BP, w_bp mean relu(M - a^T x0_hat), hinge active:        -w_bp kappa_3 a
-      - DM, surrogate 1/2 mean_{b,d}(x0_hat - sg(x0_hat - g))^2:   w_dm kappa_3 E[g] / D.  With the
-        fake equal to the velocity of the generator's output law N(m, s_g^2), the tower rule gives
-        E[x0_hat_fake] = m while E[x0_hat_real] = mu + (1-t)^2 s^2 / V(t) (m - mu), so
-            E[g] = C (m - mu),   C = E_t[ t^2 / ((1-t)^2 s^2 + t^2) ]
+      - BP, w_bp mean relu(M - a^T x0_hat), hinge active:        -w_bp gamma_3 a
+      - DM, surrogate 1/2 mean_{b,d}(x0_hat - sg(x0_hat - g))^2:   w_dm gamma_3 E[g] / D.  With the
+        fake equal to the velocity of the generator's output law N(m, sd_g^2), the tower rule gives
+        E[x0_hat_fake] = m while E[x0_hat_real] = m_T + (1-t)^2 sd^2 / V(t) (m - m_T), so
+            E[g] = C (m - m_T),   C = E_t[ t^2 / ((1-t)^2 sd^2 + t^2) ]
         over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], with its point masses);
-        s_g does not enter.
+        sd_g does not enter.
       - PG, -w_pg mean_i A_i sum_{k in S} grad_b log pi_k(i): the score identity gives
-        E[r grad log pi_k] = d E[r] / d b_k = kappa_k a (b_k: the copy of b used at step k), and a
+        E[r grad log pi_k] = d E[r] / d b_k = gamma_k a (b_k: the copy of b used at step k), and a
         group mean that includes sample i itself scales it by (1 - 1/N):
-            -w_pg (1 - 1/N) f sum_{k<3} kappa_k a    (averaged over the epochs' step subsets).
+            -w_pg (1 - 1/N) f sum_{k<3} gamma_k a    (averaged over the epochs' step subsets).
    c. Setting the sum to zero:
-          m* = mu + (D / (w_dm C)) [ w_bp + w_pg (1 - 1/N) f sum_{k<3} kappa_k / kappa_3 ] a,
-      i.e. the exact tilt mu + beta_eff s^2 a of a Gaussian by exp(beta a^T x) (rewards.py,
-      section 1) with beta_eff = |m* - mu| / s^2 (|a| = 1). With PG off this is section 6's
-      beta_eff = D w_bp / (w_dm C s^2). The kappa_k of the earlier steps have the sign of
-      kappa_3, so the policy gradient strengthens the tilt: it moves x_3, and the final step,
+          m* = m_T + (D / (w_dm C)) [ w_bp + w_pg (1 - 1/N) f sum_{k<3} gamma_k / gamma_3 ] a,
+      i.e. the exact tilt m_T + beta_eff sd^2 a of a Gaussian by exp(beta a^T x) (rewards.py,
+      section 1) with beta_eff = |m* - m_T| / sd^2 (|a| = 1). With PG off this is section 6's
+      beta_eff = D w_bp / (w_dm C sd^2). The gamma_k of the earlier steps have the sign of
+      gamma_3, so the policy gradient strengthens the tilt: it moves x^(3), and the final step,
       which alone feels the DM pull, has to hold the balance. tests/test_train_stage2.py trains
       this set-up and lands on m*.
 """
@@ -306,10 +307,10 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
 
     rewards: {name: Tensor[N]} for the whole epoch (gathered over ranks); prompts: list[str], N;
     weights: {name: w}, the rewards that count (other keys of `rewards` are ignored).
-        A_k(i) = (r_k(i) - mean_{j: prompt j = prompt i} r_k(j)) / (std_{all j} r_k(j) + eps)
-        A      = sum_k w_k A_k,      then   A <- (A - mean A) / (std A + eps)
+        A_R(i) = (r_R(i) - mean_{j: prompt j = prompt i} r_R(j)) / (std_{all j} r_R(j) + eps)
+        A      = sum_R w_R A_R,      then   A <- (A - mean A) / (std A + eps)
     std is the population std (divide by N). normalize=False skips both std divisions, giving
-    A = sum_k w_k (r_k - per-prompt mean): plain REINFORCE with a group baseline, whose expected
+    A = sum_R w_R (r_R - per-prompt mean): plain REINFORCE with a group baseline, whose expected
     update is an exact multiple of grad E[r] (sections 6, 7: "exact decomposition mode").
     Returns float32 Tensor[N]."""
     # --- exercise group_advantages: begin ---
@@ -363,8 +364,8 @@ def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
 
 
 def final_step_x0(bb, net, x3, sigma3, cond):
-    """The deterministic last step (section 2): x0_hat = x_3 - sigma_3 G_theta(x_3, sigma_3, c),
-    with grad through the network only; x_3 [B, ...] is a stored rollout state (a constant), so
+    """The deterministic last step (section 2): x0_hat = x^(3) - sigma_3 G_theta(x^(3), sigma_3, c),
+    with grad through the network only; x^(3) [B, ...] is a stored rollout state (a constant), so
     reward gradients reach the generator through this one call and never through steps 0-2.
     Returns float32 [B, ...]."""
     # --- exercise final_step_x0: begin ---
@@ -467,23 +468,23 @@ def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.
     """m* of the exact-decomposition mode on toy-gauss (derivation: section 7). bb: the toy-gauss
     backbone (its single-Gaussian mixture and sampler sigmas); w_pg, w_dm, w_bp: loss weights;
     N: samples per group; f: fraction of epochs a stochastic step is trained; a: the linear
-    reward's direction. Returns (m* float64 [D], parts) with parts = {C, kappa, beta_eff}."""
-    mu, s2 = bb.mixture.means[0], float(bb.mixture.stds[0]) ** 2
-    D, cos = mu.numel(), math.cos(eta * math.pi / 2)
+    reward's direction. Returns (m* float64 [D], parts) with parts = {C, gamma, beta_eff}."""
+    m_T, sd2 = bb.mixture.means[0], float(bb.mixture.stds[0]) ** 2
+    D, cos = m_T.numel(), math.cos(eta * math.pi / 2)
     sig = [float(x) for x in bb.sigmas]
-    c, A = [], []
+    c, J = [], []
     for sg, sn in zip(sig[:-1], sig[1:]):
-        V = (1 - sg) ** 2 * s2 + sg ** 2
-        lam = (1 - (1 - sg) * s2 / V) / sg
+        V = (1 - sg) ** 2 * sd2 + sg ** 2
+        lam = (1 - (1 - sg) * sd2 / V) / sg
         c.append(-(1 - sn) * sg + sn * cos * (1 - sg))
-        A.append((1 - sn) * (1 - sg * lam) + sn * cos * (1 + (1 - sg) * lam))
-    kappa = [c[k] * math.prod(A[k + 1:]) for k in range(len(c))]
-    # C = E_t[t^2 / ((1-t)^2 s^2 + t^2)] on a fine midpoint grid of u: the law of t of
+        J.append((1 - sn) * (1 - sg * lam) + sn * cos * (1 + (1 - sg) * lam))
+    gamma = [c[k] * math.prod(J[k + 1:]) for k in range(len(c))]
+    # C = E_t[t^2 / ((1-t)^2 sd^2 + t^2)] on a fine midpoint grid of u: the law of t of
     # acdmd.sample_renoise_timesteps(0.0), point masses at the clamps included
     u = (torch.arange(1_000_000, dtype=torch.float64) + 0.5) / 1_000_000
     t = timestep_to_sigma((10 + 990 * u).clamp(20, 980))
-    C = (t ** 2 / ((1 - t) ** 2 * s2 + t ** 2)).mean().item()
-    push = w_bp + w_pg * (1 - 1 / N) * f * sum(kappa[:-1]) / kappa[-1]
+    C = (t ** 2 / ((1 - t) ** 2 * sd2 + t ** 2)).mean().item()
+    push = w_bp + w_pg * (1 - 1 / N) * f * sum(gamma[:-1]) / gamma[-1]
     shift = D / (w_dm * C) * push
-    m = mu + shift * torch.tensor(a, dtype=torch.float64)
-    return m, {"C": C, "kappa": kappa, "beta_eff": shift / s2}
+    m = m_T + shift * torch.tensor(a, dtype=torch.float64)
+    return m, {"C": C, "gamma": gamma, "beta_eff": shift / sd2}

@@ -140,9 +140,9 @@ EXERCISES = {
         read="subgrpo.py, section 5",
         what="`subgrpo.group_advantages`: GRPO advantages, per-prompt mean, global std, "
              "weighted over several rewards.",
-        equation="A_k(i) = (r_k(i) - mean_{prompt of i} r_k) / (std_all r_k + eps),  "
-                 "A = sum_k w_k A_k,  A <- (A - mean A) / (std A + eps);\n"
-                 "population std; normalize=False: A = sum_k w_k (r_k - per-prompt mean)."),
+        equation="A_R(i) = (r_R(i) - mean_{prompt of i} r_R) / (std_all r_R + eps) per reward R,  "
+                 "A = sum_R w_R A_R,  A <- (A - mean A) / (std A + eps);\n"
+                 "population std; normalize=False: A = sum_R w_R (r_R - per-prompt mean)."),
     "select_steps": dict(
         difficulty="medium", minutes=40, points=15, uses=[],
         args='select_steps: ints, returns list[int]; shared_noise: prompts list[str] of length B, '

@@ -27,7 +27,7 @@ def test_noise_floor_is_the_expected_energy_distance_of_two_exact_sets():
     assert shifted / floor > 5, f"a set shifted by 0.3 is only {shifted / floor:.1f}x the noise floor"
 
 
-def test_another_exact_set_reads_between_half_and_twice_the_floor():
+def test_exactreference_another_exact_set_reads_between_half_and_twice_the_floor():
     # The metric's ED/floor (REF_SETS pairs, toy_metrics) of an exact set, 5 evaluation seeds x 3
     # prompts: it must not depend on one lucky reference draw (a single pair reads 0.2-3.5).
     # n = 1000: the ratio's spread does not depend on n (n ED tends to a fixed weighted chi-square).

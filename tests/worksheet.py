@@ -25,16 +25,16 @@ WORKSHEET = {
          "the square root's gradient there is infinite; the floor keeps it finite."),
     ],
     "ambient_target": [
-        ("Derive T (where k, the coefficient of n, comes from). Use v_t(x) = (E[eps | x_t = x] - x) "
+        ("Derive T (where omega, the coefficient of n, comes from). Use v_t(x) = (E[eps | x_t = x] - x) "
          "/ (1 - t) for the flow path x_t = (1 - t) x0 + t eps, and Tweedie's formula for the "
          "Gaussian channel x_t = a_ts x_s + sigma_ts n, which holds for any law of x_s: grad log "
          "p_t = -E[n | x_t] / sigma_ts = -E[eps | x_t] / t.",
          "E[eps | x_t] = (t / sigma_ts) E[n | x_t], so v_t(x_t) = E[t n / sigma_ts - x_t | x_t] / "
          "(1 - t). Put x_t = a_ts x_s + sigma_ts n inside: T = -a_ts x_s / (1 - t) + (t - "
          "sigma_ts^2) / ((1 - t) sigma_ts) n. a_ts / (1 - t) = 1 / (1 - s), and t - sigma_ts^2 = "
-         "t (1 - t) + (1 - t)^2 s^2 / (1 - s)^2, so k = [t + (1 - t) s^2 / (1 - s)^2] / sigma_ts."),
+         "t (1 - t) + (1 - t)^2 s^2 / (1 - s)^2, so omega = [t + (1 - t) s^2 / (1 - s)^2] / sigma_ts."),
         ("Check that s = 0 gives ordinary flow matching.",
-         "a_ts = 1 - t, sigma_ts = t and k = t / t = 1: T = n - x_0."),
+         "a_ts = 1 - t, sigma_ts = t and omega = t / t = 1: T = n - x0."),
     ],
     "dmd_direction": [
         ("Show that the two noises cancel in x_s^fake - x_s^real, and write the factor kappa in "
