@@ -202,6 +202,8 @@ import re
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sample import to_pil  # the 8-bit PIL images the no-gradient scorers' processors take
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables report PickScore raw
@@ -236,6 +238,24 @@ def quantize_uint8(images):
     """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
     Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+# reward -> (field its prompt records must hold, the official prompt file that has it)
+METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"),
+                   "geneval2": ("vqa_list", "dataset/geneval2/test.jsonl")}
+
+
+def check_metadata(names, records, n=None, where="the prompts"):
+    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
+    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS)."""
+    for name in names:
+        if name in METADATA_FIELDS:
+            field, official = METADATA_FIELDS[name]
+            if not records or (n is not None and len(records) != n) or not all(
+                    isinstance(r, dict) and field in r for r in records):
+                raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
+                                 f"metadata record with '{field}' per prompt, which {where} lack: read "
+                                 f"them from its .jsonl (the official {official})")
 
 
 def crop_offset(margin, rounding):
@@ -288,7 +308,7 @@ def _frozen(module):
 def _not_found(what, src, slot, hub):
     return FileNotFoundError(
         f"{what} not found at {src!r}; download it from the hub repo {hub} and pass its path "
-        f"as sources['{slot}'] (--{slot.replace('_', '-')}-path)")
+        f"as sources['{slot}'] (--reward-paths {slot}=PATH)")
 
 
 def _pretrained(cls, src, slot, what):
@@ -909,11 +929,7 @@ class GenEval:
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
-        if metadata is None or len(metadata) != len(images) or not all(
-                isinstance(m, dict) and "include" in m for m in metadata):
-            raise ValueError("geneval needs one GenEval metadata record (with 'include') per image: "
-                             "read the prompts from a GenEval .jsonl file (e.g. the official "
-                             "dataset/geneval/train_metadata.jsonl)")
+        check_metadata([self.name], metadata, len(images))
         self.detector.load(images.device)
         self.clip.load(images.device)
         score, strict, acc = [], [], []
@@ -975,27 +991,19 @@ def ocr_score(read, target):
 
 class OCR:
     """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
-    gradient: an evaluation metric (GRPO-usable)."""
+    gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
+    Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
     name = "ocr"
-    TASK = "What is the text in the image?"  # the prompt Florence-2's processor uses for <OCR>
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
         self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
-        self.model = self.tokenizer = None
+        self.model = self.processor = None
 
     def load(self, device=None):
         if self.model is None:
-            from transformers import AutoTokenizer, Florence2ForConditionalGeneration, ImageProcessingMixin
+            from transformers import AutoProcessor, Florence2ForConditionalGeneration
             self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
-            self.tokenizer = _pretrained(AutoTokenizer, self.src, "ocr", "Florence-2 tokenizer")
-            try:  # size and normalisation of the checkpoint's image processor (768 px, ImageNet)
-                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
-            except OSError:
-                cfg = {}
-            size = cfg.get("size", {})
-            self.size = (size.get("height", 768), size.get("width", 768))
-            self.mean = cfg.get("image_mean", (0.485, 0.456, 0.406))
-            self.std = cfg.get("image_std", (0.229, 0.224, 0.225))
+            self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
         if device is not None:
             self.model.to(device)
         return self.model
@@ -1004,18 +1012,10 @@ class OCR:
     def read(self, images):
         """images [B, 3, H, W] in [0, 1] -> the text Florence-2 reads in each."""
         m = self.load(images.device)
-        # the image is squashed to the processor's square size (resized, never cropped)
-        x = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        x = ((x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)).to(m.dtype)
-        # the processor's input: one image token per image feature, then <s> task </s>
-        n_img = _pooled(m.get_image_features(pixel_values=x)).shape[1]
-        task = self.tokenizer(self.TASK, return_tensors="pt").input_ids[0]
-        ids = torch.cat([torch.full((n_img,), m.config.image_token_id), task])
-        ids = ids.expand(len(images), -1).to(images.device)
-        out = m.generate(input_ids=ids, pixel_values=x, max_new_tokens=self.max_new_tokens,
-                         num_beams=self.num_beams, do_sample=False)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        x = self.processor(text=["<OCR>"] * len(images), images=to_pil(images), return_tensors="pt").to(images.device)
+        out = m.generate(input_ids=x.input_ids, pixel_values=x.pixel_values.to(m.dtype),
+                         max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
     def __call__(self, images, prompts):
         targets = [ocr_target(p) for p in prompts]  # fails before any model work
@@ -1071,7 +1071,7 @@ def hpsv3_template(src=None):
     if len(found) != 2:
         raise FileNotFoundError(
             f"HPSv3 prompt template not found at {src!r}: `pip download hpsv3 --no-deps` (or install "
-            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--hpsv3-template-path)")
+            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--reward-paths hpsv3_template=PATH)")
     return found["INSTRUCTION"], found["prompt_with_special_token"]
 
 
@@ -1123,16 +1123,21 @@ def hpsv3_to_hf(sd):
     return out
 
 
-def qwen2vl_patches(images, patch=14, merge=2, temporal=2):
-    """[B, 3, H, W] normalised, H and W multiples of patch * merge -> (pixel_values
-    [B * t * h * w, 3 * temporal * patch^2], grid_thw [B, 3]): Qwen2-VL's patch order, each image
-    repeated `temporal` times (one video frame pair), patches grouped by merge x merge blocks."""
-    b, c, hh, ww = images.shape
-    gh, gw = hh // patch, ww // patch
-    x = images[:, None].expand(b, temporal, c, hh, ww)
-    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * gh * gw, c * temporal * patch * patch)
-    return x, torch.tensor([[1, gh, gw]] * b, device=images.device)
+def qwen_chat(tokenizer, n_img, texts, device):
+    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template
+    (Qwen2-VL's adds its default system message), tokenised and right-padded."""
+    image = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": image + t}], tokenize=False,
+                                           add_generation_prompt=True) for t in texts]
+    tokenizer.padding_side = "right"
+    return tokenizer(chats, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+
+
+def qwen_image(processor, images):
+    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
+    image processor (its smart_resize, normalisation and patch order)."""
+    x = processor(images=to_pil(images), return_tensors="pt")
+    return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
 class HPSv3:
@@ -1141,7 +1146,6 @@ class HPSv3:
     CPU; the head always in float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
-    SYSTEM = "You are a helpful assistant."  # Qwen2-VL's chat template default
 
     def __init__(self, src, base_src, config=None, template_src=None):
         self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
@@ -1150,7 +1154,7 @@ class HPSv3:
     def load(self, device=None):
         if self.net is None:
             from safetensors.torch import load_file
-            from transformers import AutoTokenizer, Qwen2VLConfig
+            from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
             self.template = hpsv3_template(self.template_src)
             path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
             sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
@@ -1159,14 +1163,18 @@ class HPSv3:
             else:
                 config = _config(Qwen2VLConfig, self.config, None)
             tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+            tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
             tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
             self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
-            # the package resized the embedding table to the tokenizer plus <|Reward|>: take the
-            # size from the checkpoint itself
+            # the package resized the embedding table to the tokenizer plus <|Reward|>
             config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
             net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
             self.net = _frozen(_load_strict(net, sd, path))
             self.tokenizer = tok
+            vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
+            self.processor = Qwen2VLImageProcessorPil(
+                min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
+                merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
         if device is not None and next(self.net.parameters()).device != torch.device(device):
             self.net.to(device)
             self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
@@ -1174,21 +1182,11 @@ class HPSv3:
 
     def inputs(self, images, prompts):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        vc = self.net.backbone.config.vision_config
-        patch, merge = vc.patch_size, vc.spatial_merge_size
-        h, w = smart_resize(*images.shape[-2:], factor=patch * merge, min_pixels=self.PIXELS, max_pixels=self.PIXELS)
-        x = F.interpolate(images.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-        x = (x.clamp(0, 1) - x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
-        n_img = (h // patch) * (w // patch) // merge ** 2
+        px, grid, n_img = qwen_image(self.processor, images)
         instruction, closing = self.template
-        texts = [f"<|im_start|>system\n{self.SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                 + "<|image_pad|>" * n_img + "<|vision_end|>" + instruction.format(text_prompt=p) + closing
-                 + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
-        self.tokenizer.padding_side = "right"
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(images.device)
-        return tok.input_ids, tok.attention_mask, px, grid
+        tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
+                        images.device)
+        return tok.input_ids, tok.attention_mask, px.to(images.device), grid.to(images.device)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1233,7 +1231,7 @@ def geometric_mean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _chat_template(src):
+def _chat_template(src, slot="geneval2"):
     """A checkpoint's chat template from its processor files (chat_template.jinja or .json)."""
     import json
     from transformers.utils import cached_file
@@ -1243,7 +1241,7 @@ def _chat_template(src):
             text = open(path, encoding="utf-8").read()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     raise FileNotFoundError(f"no chat template in {src!r} (tokenizer_config.json, chat_template.jinja or "
-                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES['geneval2']}")
+                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES[slot]}")
 
 
 class GenEval2:
@@ -1258,49 +1256,27 @@ class GenEval2:
 
     def load(self, device=None):
         if self.model is None:
-            from transformers import AutoTokenizer, ImageProcessingMixin, Qwen3VLForConditionalGeneration
+            from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
             self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
             self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
-            if getattr(self.tokenizer, "chat_template", None) is None:  # kept with the processor
-                self.tokenizer.chat_template = _chat_template(self.src)
-            try:  # the checkpoint's image-processor config: pixel budget and normalisation
-                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
-            except OSError:
-                cfg = {}
-            size = cfg.get("size", {})
-            self.pixels = (size.get("shortest_edge", 65536), size.get("longest_edge", 16777216))
-            self.mean, self.std = cfg.get("image_mean", (0.5, 0.5, 0.5)), cfg.get("image_std", (0.5, 0.5, 0.5))
+            self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
+            self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
         if device is not None:
             self.model.to(device)
         return self.model
 
     def image_inputs(self, image):
         """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        vc = self.model.config.vision_config
-        patch, merge = vc.patch_size, vc.spatial_merge_size
-        h, w = smart_resize(*image.shape[-2:], factor=patch * merge, min_pixels=self.pixels[0],
-                            max_pixels=self.pixels[1])
-        x = image[None].float()
-        if (h, w) != tuple(image.shape[-2:]):
-            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
-        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
-        return px, grid, (h // patch) * (w // patch) // merge ** 2
+        px, grid, n = qwen_image(self.processor, image[None])
+        return px.to(image.device), grid.to(image.device), n
 
     @torch.no_grad()
     def atom_probabilities(self, image, vqa_list):
         """P(expected answer) for every (question, answer) of one image, in one batch."""
         m = self.load(image.device)
         px, grid, n_img = self.image_inputs(image)
-        image_tokens = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
-        texts = [self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": image_tokens + str(q) + self.SUFFIX}], tokenize=False,
-            add_generation_prompt=True) for q, _ in vqa_list]
-        self.tokenizer.padding_side = "right"
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(image.device)
-        k = len(texts)
-        ids = tok.input_ids
+        tok = qwen_chat(self.tokenizer, n_img, [str(q) + self.SUFFIX for q, _ in vqa_list], image.device)
+        k, ids = len(vqa_list), tok.input_ids
         logits = m(input_ids=ids, attention_mask=tok.attention_mask, pixel_values=px.repeat(k, 1).to(m.dtype),
                    image_grid_thw=grid.repeat(k, 1), mm_token_type_ids=(ids == m.config.image_token_id).long()).logits
         last = tok.attention_mask.sum(1) - 1  # the generation prompt's last token
@@ -1312,10 +1288,7 @@ class GenEval2:
         return out
 
     def __call__(self, images, prompts, metadata=None):
-        if metadata is None or len(metadata) != len(images) or not all(
-                isinstance(m, dict) and "vqa_list" in m for m in metadata):
-            raise ValueError("geneval2 needs one GenEval2 record (with 'vqa_list') per image: read the "
-                             "prompts from a GenEval2 .jsonl file (e.g. the official dataset/geneval2/test.jsonl)")
+        check_metadata([self.name], metadata, len(images))
         scores = [geometric_mean(self.atom_probabilities(img, meta["vqa_list"])) if meta["vqa_list"] else -10.0
                   for img, meta in zip(images, metadata)]
         return {self.name: images.new_tensor(scores)}
@@ -1409,18 +1382,38 @@ class MultiReward:
         return out
 
 
+def parse_reward_paths(text):
+    """"slot=path,slot=path" -> {slot: path}; a slot may be spelt with "-" (clip-l=...)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        slot, eq, path = item.partition("=")
+        slot = slot.strip().replace("-", "_")
+        if not eq or slot not in DEFAULT_SOURCES or not path.strip():
+            raise ValueError(f"--reward-paths: {item!r} is not SLOT=PATH with SLOT one of {', '.join(DEFAULT_SOURCES)}")
+        out[slot] = path.strip()
+    return out
+
+
+def _checked_reward_paths(text):
+    import argparse
+    try:
+        parse_reward_paths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_source_args(parser):
-    """--<slot>-path for every slot of DEFAULT_SOURCES (--clip-l-path, --hpsv2-path, ...), on an
-    argparse parser or argument group. train.py and eval.py share this one definition."""
-    for slot, default in DEFAULT_SOURCES.items():
-        parser.add_argument(f"--{slot.replace('_', '-')}-path", default=None,
-                            help=f"local path or hub id (default {default or 'real-size config'})")
+    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
+    train.py and eval.py share this one definition."""
+    parser.add_argument("--reward-paths", default=None, type=_checked_reward_paths, metavar="SLOT=PATH,...",
+                        help="reward checkpoints as hub ids or local paths, e.g. clip_l=ckpt/clip,"
+                        f"hpsv2=ckpt/HPS_v2.1_compressed.pt; slots: {', '.join(DEFAULT_SOURCES)}")
 
 
 def sources_from_args(args):
-    """{slot: path} for the --<slot>-path options that were given (the rest keep their default)."""
-    return {slot: getattr(args, slot + "_path") for slot in DEFAULT_SOURCES
-            if getattr(args, slot + "_path") is not None}
+    """{slot: path} of --reward-paths (the other slots keep their DEFAULT_SOURCES)."""
+    return parse_reward_paths(args.reward_paths)
 
 
 def preflight(reward_set, device):

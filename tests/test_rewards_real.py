@@ -135,7 +135,7 @@ def test_clipscore_and_aesthetic_values_by_hand(assets):
 def test_make_scorers_missing_checkpoint_message(assets, tmp_path):
     srcs = dict(assets["sources"], hpsv2=str(tmp_path / "nowhere"))
     scorer = R.make_scorers(["hpsv2"], srcs)["hpsv2"]  # building is free ...
-    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--hpsv2-path"):
+    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--reward-paths hpsv2=PATH"):
         scorer(torch.rand(1, 3, 32, 32), ["x"])  # ... the error comes at first use
     srcs = dict(assets["sources"], clip_l=str(tmp_path / "no_clip"))
     with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-large-patch14"):
