@@ -1,9 +1,9 @@
 """
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
-Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}  and is differentiable
-in `samples` where the method back-propagates through it (subgrpo.py, section 2). "Official
-code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
+Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in
+`samples` where the method back-propagates through it (subgrpo.py, section 2). "Official code" is
+github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
 
 1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
    A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
@@ -12,38 +12,34 @@ code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.p
 
 2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
    Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
-   Evaluation and GRPO score the 8-bit image round(255 x)/255 (official code:
-   rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with its gradient
-   (rtdmd/trainers/bp_mixin.py). Preprocessing is written in torch (F.interpolate with
-   antialias, crop by slicing, normalise with the OpenAI CLIP mean/std that all five use), so
-   every score is differentiable; PIL's processors differ from it by well under 1%.
+   Evaluation and GRPO score the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py);
+   reward back-prop scores the float image with its gradient (rtdmd/trainers/bp_mixin.py). The
+   first five preprocess in torch (F.interpolate with antialias, crop by slicing, the OpenAI CLIP
+   mean/std they all use), so every score is differentiable; PIL's processors differ by < 1%.
 
-       scorer       network (hub id)                    preprocessing               score
-       clipscore    CLIP ViT-L/14                       shortest side 224           cosine of the
-                    (openai/clip-vit-large-patch14)     (bilinear), centre crop     projections,
-                                                                                    ~0.3
-       pickscore    PickScore_v1, a CLIP ViT-H/14       shortest side 224           logit_scale cos,
-                    (yuvalkirstain/PickScore_v1)        (bicubic), centre crop      / 26 (~0.9)
-       aesthetic    LAION MLP head on the normalised    as clipscore (bicubic)      ~5-6 (AVA scale)
+       scorer       network (hub id)                         preprocessing                  score
+       clipscore    CLIP ViT-L/14 (openai/clip-vit-large-    shortest side 224 (bilinear),  cosine, ~0.3
+                    patch14)                                 centre crop
+       pickscore    PickScore_v1, a CLIP ViT-H/14            shortest side 224 (bicubic),   logit_scale cos
+                    (yuvalkirstain/PickScore_v1)             centre crop                    / 26 (~0.9)
+       aesthetic    LAION MLP head on the normalised         as clipscore (bicubic)         ~5-6 (AVA)
                     CLIP-L/14 image embedding
-       hpsv2        HPSv2.1, an open_clip ViT-H/14      longest side 224 (bicubic), cosine, no
-                    (xswu/HPSv2)                        zero-pad to a square        scale (~0.3)
-       imagereward  ImageReward v1.0, BLIP ViT-L/16 +   shortest side 224           z-score:
-                    BERT with cross-attention           (bicubic), centre crop;     (raw - 0.16717)
-                    (THUDM/ImageReward)                 text max 35 tokens          / 1.03334
+       hpsv2        HPSv2.1, open_clip ViT-H/14 (xswu/HPSv2) longest side 224 (bicubic),    cosine (~0.3)
+                                                             zero-pad to a square
+       imagereward  ImageReward v1.0, BLIP ViT-L/16 + BERT   shortest side 224 (bicubic),   (raw - 0.16717)
+                    with cross-attention (THUDM/ImageReward) centre crop; text <= 35 tokens / 1.03334
 
-   PickScore's logit scale is exp(4.6) ~ 100, so its raw score is ~22-24, the number the paper's
-   tables report; the official code trains and logs PickScore / 26 so that the three training
-   rewards have similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in
-   their original open_clip / BLIP layouts: their checkpoints are converted key by key here
-   (`openclip_to_hf`, `blip_to_hf`). Only transformers + torch are used.
-   The paper's other metrics have no gradient (GRPO and evaluation only): GenEval (objects,
-   counts, colours and positions of each prompt's GenEval metadata, from a Mask2Former detector
-   and CLIP colours; official code: rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit
-   distance to the prompt's quoted text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL
-   preference model; rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
-   rtdmd/rewards/geneval2_scorer.py). The comment at each scorer says how it differs from the
-   official one.
+   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables
+   report; the official code trains and logs PickScore / 26 so the three training rewards have
+   similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
+   BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
+   The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
+   from the transformers processors: GenEval (objects, counts, colours and positions of the
+   prompt's GenEval metadata, from a Mask2Former detector and CLIP colours;
+   rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit distance to the prompt's quoted
+   text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL preference model;
+   rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
+   rtdmd/rewards/geneval2_scorer.py). Each scorer's comment says how it differs from the official.
 
 3. The weighted multi-reward
    GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
@@ -174,27 +170,13 @@ class QuadraticReward:
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# Every scorer is a callable   scorer(images, prompts) -> {scorer.name: Tensor[B]}
-#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (section 2)
-#   prompts  list of B strings; image i is scored against prompts[i] only (pairs, never the
-#            all-images-x-all-prompts matrix that ImageReward's `inference_rank` builds).
-# Gradients flow from the scores back to `images`, because every preprocessing step is a torch
-# op (section 2). No scorer parameter ever gets a gradient: each network is frozen and in
-# eval mode (dropout off), so the generator is the only thing reward back-prop can move.
-# Networks load lazily on the first call: building a reward set costs nothing, and a run that
-# never asks for ImageReward never needs its 1.8 GB checkpoint.
-#
-# Where weights come from: `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES).
-# Only transformers + torch are used. The two checkpoints that exist only in
-# their original open_clip / BLIP layouts (HPSv2.1, ImageReward) are converted key by key, and
-# a key the converter does not know is an error, never silently dropped.
-#
-# The scorers after ImageReward (GenEval, OCR, HPSv3, GenEval2) are the paper's other metrics:
-# no gradient (GRPO and evaluation only), and GenEval / GenEval2 also take each prompt's record
-# of its .jsonl prompt file: scorer(images, prompts, metadata).
-#
-# Image-reward imports live here, not at the top of the file, so that the toy section stays
-# import-light; transformers itself is imported inside the loaders (it costs ~4-7 s).
+# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only
+# (pairs, never ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in
+# eval mode, and load on first use, so the generator is all reward back-prop can move and a run
+# never loads a checkpoint it does not score with. `sources` maps a slot to a hub id or a local
+# path (DEFAULT_SOURCES); a key a checkpoint converter does not know is an error, never dropped.
+# GenEval and GenEval2 also take each prompt's .jsonl record: scorer(images, prompts, metadata).
+# Imports live here so the toy section stays light; transformers is imported inside the loaders.
 import math
 import os
 import re
@@ -225,7 +207,7 @@ DEFAULT_SOURCES = {
     "imagereward_tokenizer": "google-bert/bert-base-uncased",
     "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
-    "ocr": "florence-community/Florence-2-base",  # model, tokenizer and image-processor config
+    "ocr": "florence-community/Florence-2-base",  # model and its Florence2Processor
     "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
     "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
     "hpsv3_config": None,
