@@ -630,40 +630,29 @@ class ImageReward:
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
 #
-# The official scorer (official code: rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former
-# Swin-S (COCO instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here:
-#   detector  transformers Mask2FormerForUniversalSegmentation, by default the Mask2Former
-#             authors' own Swin-S COCO-instance model (facebook/mask2former-swin-small-coco-instance).
-#             Same architecture, backbone and training data as mmdet's checkpoint, but trained
-#             separately (Detectron2, not mmdet), so individual detections and scores differ and
-#             a borderline object can fall on the other side of the 0.3 / 0.9 thresholds.
-#   colours   CLIP ViT-L/14 with OpenAI's weights = openai/clip-vit-large-patch14, the very
-#             model CLIPScore uses (one shared instance).
-# What follows the detector is the official rule set, rewritten: thresholds, top-16 per class,
-# no NMS, box-centre relations, and the partial-credit reward that GRPO trains on.
-# A prompt's metadata (one JSON line of the GenEval prompt file) says what must be in the image:
+# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
+# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here the detector is
+# transformers' Mask2FormerForUniversalSegmentation with the Mask2Former authors' own Swin-S COCO
+# model (facebook/mask2former-swin-small-coco-instance): same architecture, backbone and data, but
+# trained separately (Detectron2, not mmdet), so a borderline object can fall on the other side
+# of the 0.3 / 0.9 thresholds. Colours: openai/clip-vit-large-patch14, CLIPScore's own instance.
+# Then the official rules, rewritten: thresholds, top-16 per class, no NMS, box-centre relations,
+# and the partial-credit reward GRPO trains on. A prompt's metadata (one line of the .jsonl):
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
-#    "include": [{"class": "laptop", "count": 1},
-#                {"class": "cow", "count": 1, "position": ["right of", 0]}]}
-# "color" may accompany an include entry; "position" = [relation, index of the include entry
-# that is the reference]; the strict verdict also needs exact counts.
+#    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+# "color" may accompany an include entry; "position" = [relation, index of the reference entry].
 
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
-                  "white")
-# the 80 COCO instance classes in their usual contiguous order, with GenEval's names for three of
-# them (Detectron2's id2label says "mouse", "remote", "keyboard"); label id i -> GENEVAL_OBJECTS[i]
-GENEVAL_OBJECTS = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with
+# GenEval's names for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
+GENEVAL_OBJECTS = tuple(
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
+    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
+    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,"
+    "tv remote,computer keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,"
+    "scissors,teddy bear,hair drier,toothbrush".split(","))
 # official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
 # counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
 GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
@@ -934,16 +923,13 @@ class GenEval:
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
 #
-# The official scorer (official code: rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text
-# detector + a line recogniser) and rewards 1 - normalised edit distance to the text between
-# the prompt's first pair of double quotes. Here the reader is Florence-2 (transformers'
-# Florence2ForConditionalGeneration, florence-community/Florence-2-base, 0.23 B parameters) with
-# its "<OCR>" task: one generate call reads all the text of a natural image, with no separate
-# detector, and it was trained on scene text as well as documents. The alternatives in
-# transformers were worse fits: TrOCR reads one pre-cropped text line (it would need a detector),
-# GOT-OCR2 is 0.58 B and aimed at documents, and the PP-OCR ports (closest to PaddleOCR) need
-# torchvision and OpenCV for their pre- and post-processing. A different reader means different
-# misreadings, so per-image OCR scores can differ from PaddleOCR's in both directions.
+# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
+# recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
+# pair of double quotes. Here the reader is Florence-2 (florence-community/Florence-2-base, 0.23 B)
+# with its "<OCR>" task: one generate call reads a natural image's text, no separate detector,
+# trained on scene text and documents. (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and
+# for documents, the PP-OCR ports need torchvision and OpenCV.) Another reader misreads
+# differently, so per-image scores can differ from PaddleOCR's either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -1005,25 +991,20 @@ class OCR:
 
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
 #
-# The official scorer (official code: rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference
-# score; the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
-# Qwen2VLRewardModelBT with rm_head_type "ranknet", output_dim 2, reward_token "special"):
-#   Qwen2-VL-7B-Instruct with one added token <|Reward|>, its embedding table resized to match;
-#   the last hidden state (after the final norm) at the <|Reward|> position ->
-#   rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)  (keys 0, 3, 5).
-# Its forward builds the input embeddings itself and calls the language model without position
-# ids, so every token, image tokens included, gets plain sequential rotary positions (never
-# Qwen2-VL's 2-D image positions); we do the same.
-# Input (hpsv3 package: hpsv3/inference.py and hpsv3/dataset/data_collator_qwen.py): the image
-# resized to exactly 256 * 28 * 28 pixels in Qwen2-VL's way (448 x 448 for a square), one user
-# message "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END", in
-# Qwen2-VL's chat format with its default system message.
-# The released file HPSv3.safetensors (hub MizzenAI/HPSv3) was saved with the older transformers
-# Qwen2-VL layout ("visual.*", "model.*" for the language model, "lm_head.*"); hpsv3_to_hf maps
-# it, or the newer "model.visual.*" / "model.language_model.*" layout, onto HPSv3Net. The
-# instruction text is long prose written by the HPSv3 authors; it is read from the hpsv3 package's
-# source (installed, its wheel, or the file) rather than copied here.
+# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
+# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference score;
+# the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
+# Qwen2VLRewardModelBT, rm_head_type "ranknet", output_dim 2, reward_token "special"):
+# Qwen2-VL-7B-Instruct plus one token <|Reward|> (embedding table resized), the last hidden state
+# at <|Reward|> -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)
+# (keys 0, 3, 5). Its forward calls the language model on input embeddings without position ids,
+# so every token, image tokens included, gets plain sequential rotary positions; we do the same.
+# Input (hpsv3/inference.py, hpsv3/dataset/data_collator_qwen.py): the image at exactly
+# 256 * 28 * 28 pixels through Qwen2-VL's image processor, one user message "<image>" + the
+# package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template.
+# HPSv3.safetensors (hub MizzenAI/HPSv3) has the older transformers layout ("visual.*", "model.*",
+# "lm_head.*"); hpsv3_to_hf maps it, or the newer "model.visual.*" / "model.language_model.*" one.
+# The instruction is the HPSv3 authors' prose: read from the package's source, never copied here.
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
@@ -1279,16 +1260,10 @@ class GenEval2:
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# RTDMD scores every sample with several rewards and combines them in two places (section 3):
-#   * GRPO (score-function part): no gradient, images quantised to uint8 first. Advantages are
-#     computed PER REWARD and then weighted (subgrpo.py), so the per-reward tensors are returned
-#     alongside their weighted sum.
-#   * Reward back-prop (path-wise part, last deterministic step): float images WITH gradient,
-#     the weighted sum of the differentiable subset of the GRPO rewards.
-# Evaluation scores every metric with weight 1 on uint8 images.
-
-# the official stage-2 reward set of every backbone (official code: configs/rtdmd/*.yaml), with
-# weight_advantages: true, i.e. one advantage per reward (subgrpo.group_advantages)
+# Two combinations (section 3): GRPO scores uint8 images without gradient and takes advantages PER
+# REWARD before weighting (subgrpo.py), so the per-reward tensors come with their weighted sum;
+# reward back-prop scores float images WITH gradient, the weighted differentiable subset.
+# The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 # what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
 # _supported_bp_training_rewards); other GRPO rewards are left out of the back-prop term
@@ -1323,9 +1298,7 @@ def make_scorers(names, sources=None, cache=None):
     }
     for n in names:
         if n not in builders:
-            raise NotImplementedError(
-                f"reward {n!r} is not implemented"
-                f"; available: {sorted(builders)}")
+            raise NotImplementedError(f"reward {n!r} is not implemented; available: {sorted(builders)}")
         if n not in cache:
             cache[n] = builders[n]()
     return {n: cache[n] for n in names}
