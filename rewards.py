@@ -1344,7 +1344,7 @@ def parse_reward_paths(text):
         slot, eq, path = item.partition("=")
         slot = slot.strip().replace("-", "_")
         if not eq or slot not in DEFAULT_SOURCES or not path.strip():
-            raise ValueError(f"--reward-paths: {item!r} is not SLOT=PATH with SLOT one of {', '.join(DEFAULT_SOURCES)}")
+            raise ValueError(f"reward path {item!r} is not SLOT=PATH with SLOT one of {', '.join(DEFAULT_SOURCES)}")
         out[slot] = path.strip()
     return out
 

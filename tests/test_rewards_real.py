@@ -142,6 +142,20 @@ def test_make_scorers_missing_checkpoint_message(assets, tmp_path):
         R.make_scorers(["clipscore"], srcs)["clipscore"](torch.rand(1, 3, 32, 32), ["x"])
 
 
+def test_reward_paths_option_one_flag_for_every_slot(capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    R.add_source_args(p)
+    args = p.parse_args(["--reward-paths", "clip_l=ckpt/clip, hpsv2-tokenizer=laion/x,hpsv2=a=b.pt"])
+    assert R.sources_from_args(args) == {"clip_l": "ckpt/clip", "hpsv2_tokenizer": "laion/x", "hpsv2": "a=b.pt"}
+    assert R.sources_from_args(p.parse_args([])) == {}
+    for bad in ("clipl=x", "clip_l", "clip_l="):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--reward-paths", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "not SLOT=PATH" in err and "geneval_detector" in err, err
+
+
 def test_openclip_to_hf_hpsv2_round_trip(assets):
     n = len(assets["tok"])
     ref = assets["hps"]
