@@ -287,10 +287,9 @@ def _frozen(module):
     return module.eval().requires_grad_(False)
 
 
-def _not_found(what, src, slot, hub):
-    return FileNotFoundError(
-        f"{what} not found at {src!r}; download it from the hub repo {hub} and pass its path "
-        f"as sources['{slot}'] (--reward-paths {slot}=PATH)")
+def _not_found(what, src, slot):
+    return FileNotFoundError(f"{what} not found at {src!r}; download it from the hub repo {DEFAULT_SOURCES[slot]} "
+                             f"and pass its path as sources['{slot}'] (--reward-paths {slot}=PATH)")
 
 
 def _pretrained(cls, src, slot, what):
@@ -298,7 +297,7 @@ def _pretrained(cls, src, slot, what):
     try:
         return cls.from_pretrained(src)
     except (OSError, ValueError) as e:
-        raise _not_found(what, src, slot, DEFAULT_SOURCES[slot]) from e
+        raise _not_found(what, src, slot) from e
 
 
 def _resolve_file(src, filenames, slot, what):
@@ -315,7 +314,7 @@ def _resolve_file(src, filenames, slot, what):
                 return hf_hub_download(src, name)
             except Exception:
                 pass
-    raise _not_found(f"{what} '{filenames[0]}'", src, slot, DEFAULT_SOURCES[slot])
+    raise _not_found(f"{what} '{filenames[0]}'", src, slot)
 
 
 def _state_dict(path):
@@ -389,14 +388,17 @@ class CLIPBackbone:
         m = self.load(images.device)
         px = preprocess(images, m.config.vision_config.image_size, fit, mode, crop).to(m.dtype)
         img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
-        if prompts is None:
-            return img, None
-        # CLIP text attention is causal and pooled at the EOS token, so pad tokens after it never
-        # matter: "max_length" (RTDMD CLIPScore, open_clip) == padding=True (PickScore eval).
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=m.config.text_config.max_position_embeddings).to(images.device)
+        return img, None if prompts is None else self.embed_text(prompts, images.device)
+
+    def embed_text(self, texts, device):
+        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled
+        at the EOS token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip)
+        == padding=True (PickScore eval)."""
+        m = self.load(device)
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=m.config.text_config.max_position_embeddings).to(device)
         txt = m.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
-        return img, F.normalize(_pooled(txt).float(), dim=-1)
+        return F.normalize(_pooled(txt).float(), dim=-1)
 
 
 class CLIPScore:
@@ -872,12 +874,8 @@ class GenEval:
         """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
         templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
         if name not in self.classifiers:
-            m, tok = self.clip.model, self.clip.tokenizer
-            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
-            ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt",
-                      max_length=m.config.text_config.max_position_embeddings).to(device)
-            emb = F.normalize(_pooled(m.get_text_features(input_ids=ids.input_ids,
-                                                          attention_mask=ids.attention_mask)).float(), dim=-1)
+            emb = self.clip.embed_text([t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES],
+                                       device)
             self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
                                                  .mean(1), dim=-1).t()
         return self.classifiers[name]
@@ -885,7 +883,6 @@ class GenEval:
     def colors(self, image, found, name):
         """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
         best-matching colour (official: ImageCrops + zero-shot classification)."""
-        m = self.clip.load(image.device)
         clf = self.color_classifier(name, image.device)
         out = []
         for box, mask in found:
@@ -893,8 +890,7 @@ class GenEval:
             x1, y1, x2, y2 = (round(v) for v in box[:4])  # PIL's crop rounds its box the same way
             crop = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)][None]
             # open_clip's Resize + CenterCrop: torchvision rounds an odd margin (crop_offset)
-            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic", "round").to(m.dtype)
-            img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
+            img, _ = self.clip.embed(crop, None, "crop", "bicubic", "round")
             out.append(GENEVAL_COLORS[int((img @ clf).argmax())])
         return out
 
@@ -1121,10 +1117,8 @@ class HPSv3:
             self.template = hpsv3_template(self.template_src)
             path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
             sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
-            if self.config is None:
-                config = _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config")
-            else:
-                config = _config(Qwen2VLConfig, self.config, None)
+            config = _config(Qwen2VLConfig, self.config,
+                             lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
             tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
             tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
             tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
