@@ -626,8 +626,7 @@ class ImageReward:
         net = self.load(images.device)
         px = preprocess(images, net.vision.config.image_size, self.fit, self.mode, self.crop)
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=min(35, net.text.config.max_position_embeddings))
-        tok = tok.to(images.device)
+                             max_length=min(35, net.text.config.max_position_embeddings)).to(images.device)
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
@@ -1021,12 +1020,9 @@ def hpsv3_template(src=None):
         text = open(src, encoding="utf-8").read()
     elif os.path.isfile(os.path.join(src, rel)):
         text = open(os.path.join(src, rel), encoding="utf-8").read()
-    found = {}
-    for node in ast.parse(text).body if text else ():
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-            for t in node.targets:
-                if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token"):
-                    found[t.id] = node.value.value
+    found = {t.id: n.value.value for n in (ast.parse(text).body if text else ())
+             if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) for t in n.targets
+             if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token")}
     if len(found) != 2:
         raise FileNotFoundError(
             f"HPSv3 prompt template not found at {src!r}: `pip download hpsv3 --no-deps` (or install "
@@ -1323,10 +1319,8 @@ class MultiReward:
             images = quantize_uint8(images)
         out = {}
         for scorer in self.scorers.values():
-            if getattr(scorer, "needs_metadata", False):
-                out.update(scorer(images, prompts, metadata))
-            else:
-                out.update(scorer(images, prompts))
+            out.update(scorer(images, prompts, metadata) if getattr(scorer, "needs_metadata", False)
+                       else scorer(images, prompts))
         out["weighted"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
