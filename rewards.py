@@ -227,7 +227,7 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
                    "geneval2": ("vqa_list", "dataset/geneval2/test.jsonl")}
 
 
-def check_metadata(names, records, n=None, where="the prompts"):
+def check_metadata(names, records, n=None, where="the records given"):
     """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
     holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS)."""
     for name in names:
@@ -236,7 +236,7 @@ def check_metadata(names, records, n=None, where="the prompts"):
             if not records or (n is not None and len(records) != n) or not all(
                     isinstance(r, dict) and field in r for r in records):
                 raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
-                                 f"metadata record with '{field}' per prompt, which {where} lack: read "
+                                 f"metadata record with '{field}' per prompt, not found in {where}: read "
                                  f"them from its .jsonl (the official {official})")
 
 
