@@ -1,9 +1,9 @@
 """
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
-Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}  and is differentiable
-in `samples` where the method back-propagates through it (subgrpo.py, section 2). "Official
-code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
+Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in
+`samples` where the method back-propagates through it (subgrpo.py, section 2). "Official code" is
+github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
 
 1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
    A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
@@ -12,38 +12,34 @@ code" is github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.p
 
 2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
    Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
-   Evaluation and GRPO score the 8-bit image round(255 x)/255 (official code:
-   rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with its gradient
-   (rtdmd/trainers/bp_mixin.py). Preprocessing is written in torch (F.interpolate with
-   antialias, crop by slicing, normalise with the OpenAI CLIP mean/std that all five use), so
-   every score is differentiable; PIL's processors differ from it by well under 1%.
+   Evaluation and GRPO score the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py);
+   reward back-prop scores the float image with its gradient (rtdmd/trainers/bp_mixin.py). The
+   first five preprocess in torch (F.interpolate with antialias, crop by slicing, the OpenAI CLIP
+   mean/std they all use), so every score is differentiable; PIL's processors differ by < 1%.
 
-       scorer       network (hub id)                    preprocessing               score
-       clipscore    CLIP ViT-L/14                       shortest side 224           cosine of the
-                    (openai/clip-vit-large-patch14)     (bilinear), centre crop     projections,
-                                                                                    ~0.3
-       pickscore    PickScore_v1, a CLIP ViT-H/14       shortest side 224           logit_scale cos,
-                    (yuvalkirstain/PickScore_v1)        (bicubic), centre crop      / 26 (~0.9)
-       aesthetic    LAION MLP head on the normalised    as clipscore (bicubic)      ~5-6 (AVA scale)
+       scorer       network (hub id)                         preprocessing                  score
+       clipscore    CLIP ViT-L/14 (openai/clip-vit-large-    shortest side 224 (bilinear),  cosine, ~0.3
+                    patch14)                                 centre crop
+       pickscore    PickScore_v1, a CLIP ViT-H/14            shortest side 224 (bicubic),   logit_scale cos
+                    (yuvalkirstain/PickScore_v1)             centre crop                    / 26 (~0.9)
+       aesthetic    LAION MLP head on the normalised         as clipscore (bicubic)         ~5-6 (AVA)
                     CLIP-L/14 image embedding
-       hpsv2        HPSv2.1, an open_clip ViT-H/14      longest side 224 (bicubic), cosine, no
-                    (xswu/HPSv2)                        zero-pad to a square        scale (~0.3)
-       imagereward  ImageReward v1.0, BLIP ViT-L/16 +   shortest side 224           z-score:
-                    BERT with cross-attention           (bicubic), centre crop;     (raw - 0.16717)
-                    (THUDM/ImageReward)                 text max 35 tokens          / 1.03334
+       hpsv2        HPSv2.1, open_clip ViT-H/14 (xswu/HPSv2) longest side 224 (bicubic),    cosine (~0.3)
+                                                             zero-pad to a square
+       imagereward  ImageReward v1.0, BLIP ViT-L/16 + BERT   shortest side 224 (bicubic),   (raw - 0.16717)
+                    with cross-attention (THUDM/ImageReward) centre crop; text <= 35 tokens / 1.03334
 
-   PickScore's logit scale is exp(4.6) ~ 100, so its raw score is ~22-24, the number the paper's
-   tables report; the official code trains and logs PickScore / 26 so that the three training
-   rewards have similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in
-   their original open_clip / BLIP layouts: their checkpoints are converted key by key here
-   (`openclip_to_hf`, `blip_to_hf`). Only transformers + torch are used.
-   The paper's other metrics have no gradient (GRPO and evaluation only): GenEval (objects,
-   counts, colours and positions of each prompt's GenEval metadata, from a Mask2Former detector
-   and CLIP colours; official code: rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit
-   distance to the prompt's quoted text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL
-   preference model; rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
-   rtdmd/rewards/geneval2_scorer.py). The comment at each scorer says how it differs from the
-   official one.
+   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables
+   report; the official code trains and logs PickScore / 26 so the three training rewards have
+   similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
+   BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
+   The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
+   from the transformers processors: GenEval (objects, counts, colours and positions of the
+   prompt's GenEval metadata, from a Mask2Former detector and CLIP colours;
+   rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit distance to the prompt's quoted
+   text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL preference model;
+   rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
+   rtdmd/rewards/geneval2_scorer.py). Each scorer's comment says how it differs from the official.
 
 3. The weighted multi-reward
    GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
@@ -174,33 +170,21 @@ class QuadraticReward:
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# Every scorer is a callable   scorer(images, prompts) -> {scorer.name: Tensor[B]}
-#   images   float [B, 3, H, W] in [0, 1]: the VAE decode (x/2 + 0.5).clamp(0, 1) (section 2)
-#   prompts  list of B strings; image i is scored against prompts[i] only (pairs, never the
-#            all-images-x-all-prompts matrix that ImageReward's `inference_rank` builds).
-# Gradients flow from the scores back to `images`, because every preprocessing step is a torch
-# op (section 2). No scorer parameter ever gets a gradient: each network is frozen and in
-# eval mode (dropout off), so the generator is the only thing reward back-prop can move.
-# Networks load lazily on the first call: building a reward set costs nothing, and a run that
-# never asks for ImageReward never needs its 1.8 GB checkpoint.
-#
-# Where weights come from: `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES).
-# Only transformers + torch are used. The two checkpoints that exist only in
-# their original open_clip / BLIP layouts (HPSv2.1, ImageReward) are converted key by key, and
-# a key the converter does not know is an error, never silently dropped.
-#
-# The scorers after ImageReward (GenEval, OCR, HPSv3, GenEval2) are the paper's other metrics:
-# no gradient (GRPO and evaluation only), and GenEval / GenEval2 also take each prompt's record
-# of its .jsonl prompt file: scorer(images, prompts, metadata).
-#
-# Image-reward imports live here, not at the top of the file, so that the toy section stays
-# import-light; transformers itself is imported inside the loaders (it costs ~4-7 s).
+# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only
+# (pairs, never ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in
+# eval mode, and load on first use, so the generator is all reward back-prop can move and a run
+# never loads a checkpoint it does not score with. `sources` maps a slot to a hub id or a local
+# path (DEFAULT_SOURCES); a key a checkpoint converter does not know is an error, never dropped.
+# GenEval and GenEval2 also take each prompt's .jsonl record: scorer(images, prompts, metadata).
+# Imports live here so the toy section stays light; transformers is imported inside the loaders.
 import math
 import os
 import re
 
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sample import to_pil  # the 8-bit PIL images the no-gradient scorers' processors take
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -223,7 +207,7 @@ DEFAULT_SOURCES = {
     "imagereward_tokenizer": "google-bert/bert-base-uncased",
     "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
-    "ocr": "florence-community/Florence-2-base",  # model, tokenizer and image-processor config
+    "ocr": "florence-community/Florence-2-base",  # model and its Florence2Processor
     "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
     "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
     "hpsv3_config": None,
@@ -236,6 +220,24 @@ def quantize_uint8(images):
     """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
     Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+# reward -> (field its prompt records must hold, the official prompt file that has it)
+METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"),
+                   "geneval2": ("vqa_list", "dataset/geneval2/test.jsonl")}
+
+
+def check_metadata(names, records, n=None, where="the records given"):
+    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
+    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS)."""
+    for name in names:
+        if name in METADATA_FIELDS:
+            field, official = METADATA_FIELDS[name]
+            if not records or (n is not None and len(records) != n) or not all(
+                    isinstance(r, dict) and field in r for r in records):
+                raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
+                                 f"metadata record with '{field}' per prompt, not found in {where}: read "
+                                 f"them from its .jsonl (the official {official})")
 
 
 def crop_offset(margin, rounding):
@@ -285,10 +287,9 @@ def _frozen(module):
     return module.eval().requires_grad_(False)
 
 
-def _not_found(what, src, slot, hub):
-    return FileNotFoundError(
-        f"{what} not found at {src!r}; download it from the hub repo {hub} and pass its path "
-        f"as sources['{slot}'] (--{slot.replace('_', '-')}-path)")
+def _not_found(what, src, slot):
+    return FileNotFoundError(f"{what} not found at {src!r}; download it from the hub repo {DEFAULT_SOURCES[slot]} "
+                             f"and pass its path as sources['{slot}'] (--reward-paths {slot}=PATH)")
 
 
 def _pretrained(cls, src, slot, what):
@@ -296,7 +297,7 @@ def _pretrained(cls, src, slot, what):
     try:
         return cls.from_pretrained(src)
     except (OSError, ValueError) as e:
-        raise _not_found(what, src, slot, DEFAULT_SOURCES[slot]) from e
+        raise _not_found(what, src, slot) from e
 
 
 def _resolve_file(src, filenames, slot, what):
@@ -313,7 +314,7 @@ def _resolve_file(src, filenames, slot, what):
                 return hf_hub_download(src, name)
             except Exception:
                 pass
-    raise _not_found(f"{what} '{filenames[0]}'", src, slot, DEFAULT_SOURCES[slot])
+    raise _not_found(f"{what} '{filenames[0]}'", src, slot)
 
 
 def _state_dict(path):
@@ -387,14 +388,17 @@ class CLIPBackbone:
         m = self.load(images.device)
         px = preprocess(images, m.config.vision_config.image_size, fit, mode, crop).to(m.dtype)
         img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
-        if prompts is None:
-            return img, None
-        # CLIP text attention is causal and pooled at the EOS token, so pad tokens after it never
-        # matter: "max_length" (RTDMD CLIPScore, open_clip) == padding=True (PickScore eval).
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=m.config.text_config.max_position_embeddings).to(images.device)
+        return img, None if prompts is None else self.embed_text(prompts, images.device)
+
+    def embed_text(self, texts, device):
+        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled
+        at the EOS token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip)
+        == padding=True (PickScore eval)."""
+        m = self.load(device)
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=m.config.text_config.max_position_embeddings).to(device)
         txt = m.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
-        return img, F.normalize(_pooled(txt).float(), dim=-1)
+        return F.normalize(_pooled(txt).float(), dim=-1)
 
 
 class CLIPScore:
@@ -622,46 +626,34 @@ class ImageReward:
         net = self.load(images.device)
         px = preprocess(images, net.vision.config.image_size, self.fit, self.mode, self.crop)
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=min(35, net.text.config.max_position_embeddings))
-        tok = tok.to(images.device)
+                             max_length=min(35, net.text.config.max_position_embeddings)).to(images.device)
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
 #
-# The official scorer (official code: rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former
-# Swin-S (COCO instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here:
-#   detector  transformers Mask2FormerForUniversalSegmentation, by default the Mask2Former
-#             authors' own Swin-S COCO-instance model (facebook/mask2former-swin-small-coco-instance).
-#             Same architecture, backbone and training data as mmdet's checkpoint, but trained
-#             separately (Detectron2, not mmdet), so individual detections and scores differ and
-#             a borderline object can fall on the other side of the 0.3 / 0.9 thresholds.
-#   colours   CLIP ViT-L/14 with OpenAI's weights = openai/clip-vit-large-patch14, the very
-#             model CLIPScore uses (one shared instance).
-# What follows the detector is the official rule set, rewritten: thresholds, top-16 per class,
-# no NMS, box-centre relations, and the partial-credit reward that GRPO trains on.
-# A prompt's metadata (one JSON line of the GenEval prompt file) says what must be in the image:
+# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
+# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here the detector is
+# transformers' Mask2FormerForUniversalSegmentation with the Mask2Former authors' own Swin-S COCO
+# model (facebook/mask2former-swin-small-coco-instance): same architecture, backbone and data, but
+# trained separately (Detectron2, not mmdet), so a borderline object can fall on the other side
+# of the 0.3 / 0.9 thresholds. Colours: openai/clip-vit-large-patch14, CLIPScore's own instance.
+# Then the official rules, rewritten: thresholds, top-16 per class, no NMS, box-centre relations,
+# and the partial-credit reward GRPO trains on. A prompt's metadata (one line of the .jsonl):
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
-#    "include": [{"class": "laptop", "count": 1},
-#                {"class": "cow", "count": 1, "position": ["right of", 0]}]}
-# "color" may accompany an include entry; "position" = [relation, index of the include entry
-# that is the reference]; the strict verdict also needs exact counts.
+#    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+# "color" may accompany an include entry; "position" = [relation, index of the reference entry].
 
-GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black",
-                  "white")
-# the 80 COCO instance classes in their usual contiguous order, with GenEval's names for three of
-# them (Detectron2's id2label says "mouse", "remote", "keyboard"); label id i -> GENEVAL_OBJECTS[i]
-GENEVAL_OBJECTS = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with
+# GenEval's names for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
+GENEVAL_OBJECTS = tuple(
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
+    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
+    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
+    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,"
+    "tv remote,computer keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,"
+    "scissors,teddy bear,hair drier,toothbrush".split(","))
 # official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
 # counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
 GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
@@ -881,12 +873,8 @@ class GenEval:
         """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
         templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
         if name not in self.classifiers:
-            m, tok = self.clip.model, self.clip.tokenizer
-            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
-            ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt",
-                      max_length=m.config.text_config.max_position_embeddings).to(device)
-            emb = F.normalize(_pooled(m.get_text_features(input_ids=ids.input_ids,
-                                                          attention_mask=ids.attention_mask)).float(), dim=-1)
+            emb = self.clip.embed_text([t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES],
+                                       device)
             self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
                                                  .mean(1), dim=-1).t()
         return self.classifiers[name]
@@ -894,7 +882,6 @@ class GenEval:
     def colors(self, image, found, name):
         """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
         best-matching colour (official: ImageCrops + zero-shot classification)."""
-        m = self.clip.load(image.device)
         clf = self.color_classifier(name, image.device)
         out = []
         for box, mask in found:
@@ -902,18 +889,13 @@ class GenEval:
             x1, y1, x2, y2 = (round(v) for v in box[:4])  # PIL's crop rounds its box the same way
             crop = x[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)][None]
             # open_clip's Resize + CenterCrop: torchvision rounds an odd margin (crop_offset)
-            px = preprocess(crop, m.config.vision_config.image_size, "crop", "bicubic", "round").to(m.dtype)
-            img = F.normalize(_pooled(m.get_image_features(pixel_values=px)).float(), dim=-1)
+            img, _ = self.clip.embed(crop, None, "crop", "bicubic", "round")
             out.append(GENEVAL_COLORS[int((img @ clf).argmax())])
         return out
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata=None):
-        if metadata is None or len(metadata) != len(images) or not all(
-                isinstance(m, dict) and "include" in m for m in metadata):
-            raise ValueError("geneval needs one GenEval metadata record (with 'include') per image: "
-                             "read the prompts from a GenEval .jsonl file (e.g. the official "
-                             "dataset/geneval/train_metadata.jsonl)")
+        check_metadata([self.name], metadata, len(images))
         self.detector.load(images.device)
         self.clip.load(images.device)
         score, strict, acc = [], [], []
@@ -936,16 +918,13 @@ class GenEval:
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
 #
-# The official scorer (official code: rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text
-# detector + a line recogniser) and rewards 1 - normalised edit distance to the text between
-# the prompt's first pair of double quotes. Here the reader is Florence-2 (transformers'
-# Florence2ForConditionalGeneration, florence-community/Florence-2-base, 0.23 B parameters) with
-# its "<OCR>" task: one generate call reads all the text of a natural image, with no separate
-# detector, and it was trained on scene text as well as documents. The alternatives in
-# transformers were worse fits: TrOCR reads one pre-cropped text line (it would need a detector),
-# GOT-OCR2 is 0.58 B and aimed at documents, and the PP-OCR ports (closest to PaddleOCR) need
-# torchvision and OpenCV for their pre- and post-processing. A different reader means different
-# misreadings, so per-image OCR scores can differ from PaddleOCR's in both directions.
+# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
+# recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
+# pair of double quotes. Here the reader is Florence-2 (florence-community/Florence-2-base, 0.23 B)
+# with its "<OCR>" task: one generate call reads a natural image's text, no separate detector,
+# trained on scene text and documents. (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and
+# for documents, the PP-OCR ports need torchvision and OpenCV.) Another reader misreads
+# differently, so per-image scores can differ from PaddleOCR's either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -975,27 +954,19 @@ def ocr_score(read, target):
 
 class OCR:
     """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
-    gradient: an evaluation metric (GRPO-usable)."""
+    gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
+    Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
     name = "ocr"
-    TASK = "What is the text in the image?"  # the prompt Florence-2's processor uses for <OCR>
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
         self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
-        self.model = self.tokenizer = None
+        self.model = self.processor = None
 
     def load(self, device=None):
         if self.model is None:
-            from transformers import AutoTokenizer, Florence2ForConditionalGeneration, ImageProcessingMixin
+            from transformers import AutoProcessor, Florence2ForConditionalGeneration
             self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
-            self.tokenizer = _pretrained(AutoTokenizer, self.src, "ocr", "Florence-2 tokenizer")
-            try:  # size and normalisation of the checkpoint's image processor (768 px, ImageNet)
-                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
-            except OSError:
-                cfg = {}
-            size = cfg.get("size", {})
-            self.size = (size.get("height", 768), size.get("width", 768))
-            self.mean = cfg.get("image_mean", (0.485, 0.456, 0.406))
-            self.std = cfg.get("image_std", (0.229, 0.224, 0.225))
+            self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
         if device is not None:
             self.model.to(device)
         return self.model
@@ -1004,18 +975,10 @@ class OCR:
     def read(self, images):
         """images [B, 3, H, W] in [0, 1] -> the text Florence-2 reads in each."""
         m = self.load(images.device)
-        # the image is squashed to the processor's square size (resized, never cropped)
-        x = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        x = ((x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)).to(m.dtype)
-        # the processor's input: one image token per image feature, then <s> task </s>
-        n_img = _pooled(m.get_image_features(pixel_values=x)).shape[1]
-        task = self.tokenizer(self.TASK, return_tensors="pt").input_ids[0]
-        ids = torch.cat([torch.full((n_img,), m.config.image_token_id), task])
-        ids = ids.expand(len(images), -1).to(images.device)
-        out = m.generate(input_ids=ids, pixel_values=x, max_new_tokens=self.max_new_tokens,
-                         num_beams=self.num_beams, do_sample=False)
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        x = self.processor(text=["<OCR>"] * len(images), images=to_pil(images), return_tensors="pt").to(images.device)
+        out = m.generate(input_ids=x.input_ids, pixel_values=x.pixel_values.to(m.dtype),
+                         max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False)
+        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
     def __call__(self, images, prompts):
         targets = [ocr_target(p) for p in prompts]  # fails before any model work
@@ -1023,25 +986,20 @@ class OCR:
 
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
 #
-# The official scorer (official code: rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference
-# score; the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
-# Qwen2VLRewardModelBT with rm_head_type "ranknet", output_dim 2, reward_token "special"):
-#   Qwen2-VL-7B-Instruct with one added token <|Reward|>, its embedding table resized to match;
-#   the last hidden state (after the final norm) at the <|Reward|> position ->
-#   rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)  (keys 0, 3, 5).
-# Its forward builds the input embeddings itself and calls the language model without position
-# ids, so every token, image tokens included, gets plain sequential rotary positions (never
-# Qwen2-VL's 2-D image positions); we do the same.
-# Input (hpsv3 package: hpsv3/inference.py and hpsv3/dataset/data_collator_qwen.py): the image
-# resized to exactly 256 * 28 * 28 pixels in Qwen2-VL's way (448 x 448 for a square), one user
-# message "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END", in
-# Qwen2-VL's chat format with its default system message.
-# The released file HPSv3.safetensors (hub MizzenAI/HPSv3) was saved with the older transformers
-# Qwen2-VL layout ("visual.*", "model.*" for the language model, "lm_head.*"); hpsv3_to_hf maps
-# it, or the newer "model.visual.*" / "model.language_model.*" layout, onto HPSv3Net. The
-# instruction text is long prose written by the HPSv3 authors; it is read from the hpsv3 package's
-# source (installed, its wheel, or the file) rather than copied here.
+# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
+# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference score;
+# the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
+# Qwen2VLRewardModelBT, rm_head_type "ranknet", output_dim 2, reward_token "special"):
+# Qwen2-VL-7B-Instruct plus one token <|Reward|> (embedding table resized), the last hidden state
+# at <|Reward|> -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)
+# (keys 0, 3, 5). Its forward calls the language model on input embeddings without position ids,
+# so every token, image tokens included, gets plain sequential rotary positions; we do the same.
+# Input (hpsv3/inference.py, hpsv3/dataset/data_collator_qwen.py): the image at exactly
+# 256 * 28 * 28 pixels through Qwen2-VL's image processor, one user message "<image>" + the
+# package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template.
+# HPSv3.safetensors (hub MizzenAI/HPSv3) has the older transformers layout ("visual.*", "model.*",
+# "lm_head.*"); hpsv3_to_hf maps it, or the newer "model.visual.*" / "model.language_model.*" one.
+# The instruction is the HPSv3 authors' prose: read from the package's source, never copied here.
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
@@ -1062,16 +1020,13 @@ def hpsv3_template(src=None):
         text = open(src, encoding="utf-8").read()
     elif os.path.isfile(os.path.join(src, rel)):
         text = open(os.path.join(src, rel), encoding="utf-8").read()
-    found = {}
-    for node in ast.parse(text).body if text else ():
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-            for t in node.targets:
-                if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token"):
-                    found[t.id] = node.value.value
+    found = {t.id: n.value.value for n in (ast.parse(text).body if text else ())
+             if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) for t in n.targets
+             if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token")}
     if len(found) != 2:
         raise FileNotFoundError(
             f"HPSv3 prompt template not found at {src!r}: `pip download hpsv3 --no-deps` (or install "
-            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--hpsv3-template-path)")
+            f"it) and pass the wheel or {rel} as sources['hpsv3_template'] (--reward-paths hpsv3_template=PATH)")
     return found["INSTRUCTION"], found["prompt_with_special_token"]
 
 
@@ -1123,16 +1078,21 @@ def hpsv3_to_hf(sd):
     return out
 
 
-def qwen2vl_patches(images, patch=14, merge=2, temporal=2):
-    """[B, 3, H, W] normalised, H and W multiples of patch * merge -> (pixel_values
-    [B * t * h * w, 3 * temporal * patch^2], grid_thw [B, 3]): Qwen2-VL's patch order, each image
-    repeated `temporal` times (one video frame pair), patches grouped by merge x merge blocks."""
-    b, c, hh, ww = images.shape
-    gh, gw = hh // patch, ww // patch
-    x = images[:, None].expand(b, temporal, c, hh, ww)
-    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(b * gh * gw, c * temporal * patch * patch)
-    return x, torch.tensor([[1, gh, gw]] * b, device=images.device)
+def qwen_chat(tokenizer, n_img, texts, device):
+    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template
+    (Qwen2-VL's adds its default system message), tokenised and right-padded."""
+    image = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": image + t}], tokenize=False,
+                                           add_generation_prompt=True) for t in texts]
+    tokenizer.padding_side = "right"
+    return tokenizer(chats, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+
+
+def qwen_image(processor, images):
+    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
+    image processor (its smart_resize, normalisation and patch order)."""
+    x = processor(images=to_pil(images), return_tensors="pt")
+    return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
 class HPSv3:
@@ -1141,7 +1101,6 @@ class HPSv3:
     CPU; the head always in float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
-    SYSTEM = "You are a helpful assistant."  # Qwen2-VL's chat template default
 
     def __init__(self, src, base_src, config=None, template_src=None):
         self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
@@ -1150,23 +1109,25 @@ class HPSv3:
     def load(self, device=None):
         if self.net is None:
             from safetensors.torch import load_file
-            from transformers import AutoTokenizer, Qwen2VLConfig
+            from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
             self.template = hpsv3_template(self.template_src)
             path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
             sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
-            if self.config is None:
-                config = _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config")
-            else:
-                config = _config(Qwen2VLConfig, self.config, None)
+            config = _config(Qwen2VLConfig, self.config,
+                             lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
             tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+            tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
             tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
             self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
-            # the package resized the embedding table to the tokenizer plus <|Reward|>: take the
-            # size from the checkpoint itself
+            # the package resized the embedding table to the tokenizer plus <|Reward|>
             config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
             net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
             self.net = _frozen(_load_strict(net, sd, path))
             self.tokenizer = tok
+            vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
+            self.processor = Qwen2VLImageProcessorPil(
+                min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
+                merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
         if device is not None and next(self.net.parameters()).device != torch.device(device):
             self.net.to(device)
             self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
@@ -1174,21 +1135,11 @@ class HPSv3:
 
     def inputs(self, images, prompts):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        vc = self.net.backbone.config.vision_config
-        patch, merge = vc.patch_size, vc.spatial_merge_size
-        h, w = smart_resize(*images.shape[-2:], factor=patch * merge, min_pixels=self.PIXELS, max_pixels=self.PIXELS)
-        x = F.interpolate(images.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-        x = (x.clamp(0, 1) - x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
-        n_img = (h // patch) * (w // patch) // merge ** 2
+        px, grid, n_img = qwen_image(self.processor, images)
         instruction, closing = self.template
-        texts = [f"<|im_start|>system\n{self.SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-                 + "<|image_pad|>" * n_img + "<|vision_end|>" + instruction.format(text_prompt=p) + closing
-                 + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
-        self.tokenizer.padding_side = "right"
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(images.device)
-        return tok.input_ids, tok.attention_mask, px, grid
+        tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
+                        images.device)
+        return tok.input_ids, tok.attention_mask, px.to(images.device), grid.to(images.device)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1233,7 +1184,7 @@ def geometric_mean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _chat_template(src):
+def _chat_template(src, slot="geneval2"):
     """A checkpoint's chat template from its processor files (chat_template.jinja or .json)."""
     import json
     from transformers.utils import cached_file
@@ -1243,7 +1194,7 @@ def _chat_template(src):
             text = open(path, encoding="utf-8").read()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     raise FileNotFoundError(f"no chat template in {src!r} (tokenizer_config.json, chat_template.jinja or "
-                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES['geneval2']}")
+                            f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES[slot]}")
 
 
 class GenEval2:
@@ -1258,49 +1209,27 @@ class GenEval2:
 
     def load(self, device=None):
         if self.model is None:
-            from transformers import AutoTokenizer, ImageProcessingMixin, Qwen3VLForConditionalGeneration
+            from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
             self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
             self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
-            if getattr(self.tokenizer, "chat_template", None) is None:  # kept with the processor
-                self.tokenizer.chat_template = _chat_template(self.src)
-            try:  # the checkpoint's image-processor config: pixel budget and normalisation
-                cfg = ImageProcessingMixin.get_image_processor_dict(self.src)[0]
-            except OSError:
-                cfg = {}
-            size = cfg.get("size", {})
-            self.pixels = (size.get("shortest_edge", 65536), size.get("longest_edge", 16777216))
-            self.mean, self.std = cfg.get("image_mean", (0.5, 0.5, 0.5)), cfg.get("image_std", (0.5, 0.5, 0.5))
+            self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
+            self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
         if device is not None:
             self.model.to(device)
         return self.model
 
     def image_inputs(self, image):
         """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        vc = self.model.config.vision_config
-        patch, merge = vc.patch_size, vc.spatial_merge_size
-        h, w = smart_resize(*image.shape[-2:], factor=patch * merge, min_pixels=self.pixels[0],
-                            max_pixels=self.pixels[1])
-        x = image[None].float()
-        if (h, w) != tuple(image.shape[-2:]):
-            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
-        px, grid = qwen2vl_patches(x, patch, merge, vc.temporal_patch_size)
-        return px, grid, (h // patch) * (w // patch) // merge ** 2
+        px, grid, n = qwen_image(self.processor, image[None])
+        return px.to(image.device), grid.to(image.device), n
 
     @torch.no_grad()
     def atom_probabilities(self, image, vqa_list):
         """P(expected answer) for every (question, answer) of one image, in one batch."""
         m = self.load(image.device)
         px, grid, n_img = self.image_inputs(image)
-        image_tokens = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
-        texts = [self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": image_tokens + str(q) + self.SUFFIX}], tokenize=False,
-            add_generation_prompt=True) for q, _ in vqa_list]
-        self.tokenizer.padding_side = "right"
-        tok = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(image.device)
-        k = len(texts)
-        ids = tok.input_ids
+        tok = qwen_chat(self.tokenizer, n_img, [str(q) + self.SUFFIX for q, _ in vqa_list], image.device)
+        k, ids = len(vqa_list), tok.input_ids
         logits = m(input_ids=ids, attention_mask=tok.attention_mask, pixel_values=px.repeat(k, 1).to(m.dtype),
                    image_grid_thw=grid.repeat(k, 1), mm_token_type_ids=(ids == m.config.image_token_id).long()).logits
         last = tok.attention_mask.sum(1) - 1  # the generation prompt's last token
@@ -1312,10 +1241,7 @@ class GenEval2:
         return out
 
     def __call__(self, images, prompts, metadata=None):
-        if metadata is None or len(metadata) != len(images) or not all(
-                isinstance(m, dict) and "vqa_list" in m for m in metadata):
-            raise ValueError("geneval2 needs one GenEval2 record (with 'vqa_list') per image: read the "
-                             "prompts from a GenEval2 .jsonl file (e.g. the official dataset/geneval2/test.jsonl)")
+        check_metadata([self.name], metadata, len(images))
         scores = [geometric_mean(self.atom_probabilities(img, meta["vqa_list"])) if meta["vqa_list"] else -10.0
                   for img, meta in zip(images, metadata)]
         return {self.name: images.new_tensor(scores)}
@@ -1324,16 +1250,10 @@ class GenEval2:
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# RTDMD scores every sample with several rewards and combines them in two places (section 3):
-#   * GRPO (score-function part): no gradient, images quantised to uint8 first. Advantages are
-#     computed PER REWARD and then weighted (subgrpo.py), so the per-reward tensors are returned
-#     alongside their weighted sum.
-#   * Reward back-prop (path-wise part, last deterministic step): float images WITH gradient,
-#     the weighted sum of the differentiable subset of the GRPO rewards.
-# Evaluation scores every metric with weight 1 on uint8 images.
-
-# the official stage-2 reward set of every backbone (official code: configs/rtdmd/*.yaml), with
-# weight_advantages: true, i.e. one advantage per reward (subgrpo.group_advantages)
+# Two combinations (section 3): GRPO scores uint8 images without gradient and takes advantages PER
+# REWARD before weighting (subgrpo.py), so the per-reward tensors come with their weighted sum;
+# reward back-prop scores float images WITH gradient, the weighted differentiable subset.
+# The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 # what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
 # _supported_bp_training_rewards); other GRPO rewards are left out of the back-prop term
@@ -1368,9 +1288,7 @@ def make_scorers(names, sources=None, cache=None):
     }
     for n in names:
         if n not in builders:
-            raise NotImplementedError(
-                f"reward {n!r} is not implemented"
-                f"; available: {sorted(builders)}")
+            raise NotImplementedError(f"reward {n!r} is not implemented; available: {sorted(builders)}")
         if n not in cache:
             cache[n] = builders[n]()
     return {n: cache[n] for n in names}
@@ -1401,26 +1319,44 @@ class MultiReward:
             images = quantize_uint8(images)
         out = {}
         for scorer in self.scorers.values():
-            if getattr(scorer, "needs_metadata", False):
-                out.update(scorer(images, prompts, metadata))
-            else:
-                out.update(scorer(images, prompts))
+            out.update(scorer(images, prompts, metadata) if getattr(scorer, "needs_metadata", False)
+                       else scorer(images, prompts))
         out["weighted"] = sum(w * out[n] for n, w in self.weights.items())
         return out
 
 
+def parse_reward_paths(text):
+    """"slot=path,slot=path" -> {slot: path}; a slot may be spelt with "-" (clip-l=...)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        slot, eq, path = item.partition("=")
+        slot = slot.strip().replace("-", "_")
+        if not eq or slot not in DEFAULT_SOURCES or not path.strip():
+            raise ValueError(f"reward path {item!r} is not SLOT=PATH with SLOT one of {', '.join(DEFAULT_SOURCES)}")
+        out[slot] = path.strip()
+    return out
+
+
+def _checked_reward_paths(text):
+    import argparse
+    try:
+        parse_reward_paths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_source_args(parser):
-    """--<slot>-path for every slot of DEFAULT_SOURCES (--clip-l-path, --hpsv2-path, ...), on an
-    argparse parser or argument group. train.py and eval.py share this one definition."""
-    for slot, default in DEFAULT_SOURCES.items():
-        parser.add_argument(f"--{slot.replace('_', '-')}-path", default=None,
-                            help=f"local path or hub id (default {default or 'real-size config'})")
+    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
+    train.py and eval.py share this one definition."""
+    parser.add_argument("--reward-paths", default=None, type=_checked_reward_paths, metavar="SLOT=PATH,...",
+                        help="reward checkpoints as hub ids or local paths, e.g. clip_l=ckpt/clip,"
+                        f"hpsv2=ckpt/HPS_v2.1_compressed.pt; slots: {', '.join(DEFAULT_SOURCES)}")
 
 
 def sources_from_args(args):
-    """{slot: path} for the --<slot>-path options that were given (the rest keep their default)."""
-    return {slot: getattr(args, slot + "_path") for slot in DEFAULT_SOURCES
-            if getattr(args, slot + "_path") is not None}
+    """{slot: path} of --reward-paths (the other slots keep their DEFAULT_SOURCES)."""
+    return parse_reward_paths(args.reward_paths)
 
 
 def preflight(reward_set, device):

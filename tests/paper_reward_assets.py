@@ -11,8 +11,8 @@ import json
 import torch
 from safetensors.torch import save_file
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import BartConfig, BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, \
-    Florence2VisionConfig, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig, \
+from transformers import BartConfig, BartTokenizer, CLIPImageProcessorPil, Florence2Config, \
+    Florence2ForConditionalGeneration, Florence2Processor, Florence2VisionConfig, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig, \
     Qwen3VLForConditionalGeneration
 
 
@@ -41,29 +41,31 @@ def tiny_mask2former(folder, num_queries=3, dog=16):
 
 def tiny_florence(folder):
     """A tiny random Florence-2 with a byte-level BART tokenizer, saved as a checkpoint folder
-    (model, tokenizer, and the image processor's config, here 64 px)."""
+    (model and its Florence2Processor: <image> token, CLIP image processor squashing to 64 px)."""
     chars = sorted(ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + chars)}
     (folder / "t").mkdir(parents=True)
     (folder / "t" / "vocab.json").write_text(json.dumps(vocab))
     (folder / "t" / "merges.txt").write_text("#version: 0.2\n")
-    tok = BartTokenizer(str(folder / "t" / "vocab.json"), str(folder / "t" / "merges.txt"))
-    image_token = len(vocab)  # one id past the text vocabulary, as the real <image> token
+    tok = BartTokenizer(str(folder / "t" / "vocab.json"), str(folder / "t" / "merges.txt"),
+                        extra_special_tokens={"image_token": "<image>"})
     vision = Florence2VisionConfig(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
                                    patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
                                    num_groups=[2, 2], window_size=4, projection_dim=32,
                                    max_position_embeddings=16, drop_path_rate=0.0)
-    text = BartConfig(vocab_size=len(vocab) + 1, d_model=32, encoder_layers=1, decoder_layers=1,
+    text = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
                       max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
                       decoder_start_token_id=2)
     torch.manual_seed(0)
     model = Florence2ForConditionalGeneration(Florence2Config(vision_config=vision, text_config=text,
-                                                              image_token_id=image_token)).eval()
+                                                              image_token_id=tok.image_token_id)).eval()
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"height": 64, "width": 64}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    with torch.no_grad():  # the processor writes one <image> token per image feature
+        n_img = model.get_image_features(pixel_values=torch.zeros(1, 3, 64, 64)).pooler_output.shape[1]
+    image = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=n_img,
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    Florence2Processor(image_processor=image, tokenizer=tok).save_pretrained(folder)
     return str(folder)
 
 
@@ -84,11 +86,19 @@ END
 '''
 
 
+# Qwen2-VL's chat format for string contents: its default system message, each turn, the assistant's
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a "
+    "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def tiny_tokenizer():
     """Byte-level Qwen2 tokenizer built in memory, with Qwen2-VL's chat and vision tokens."""
     chars = sorted(ByteLevel.alphabet())
     tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(chars)}, merges=[], model_max_length=8192)
     tok.add_tokens(SPECIALS, special_tokens=True)
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
     return tok
 
 
@@ -154,13 +164,14 @@ def tiny_qwen3vl(folder):
     Qwen3VLForConditionalGeneration(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+        {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+         "size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
     return str(folder)
 
 
 def build_paper_reward_assets(d):
     """Every tiny model above into the folder `d` (a pathlib.Path): slot -> path (configs saved
-    as folders, so the dict also works as --<slot>-path options)."""
+    as folders, so the dict also works as --reward-paths)."""
     d.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
     sd, _ = released_layout(tiny_config(tok))

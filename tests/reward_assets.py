@@ -6,7 +6,7 @@ rewards.py (test_rewards_real.py) and of eval.py (test_eval_images.py).
     assets = build_reward_assets(folder)   # every slot of rewards.DEFAULT_SOURCES, tiny
     assets["sources"]                      # slot -> path or config object (MultiReward(sources=))
     assets["paths"]                        # slot -> path only (configs saved as folders)
-    cli_args(assets["paths"])              # ["--clip-l-path", ..., ...] for eval.py
+    cli_args(assets["paths"])              # ["--reward-paths", "clip_l=...,..."] for eval.py / train.py
 """
 import os
 import sys
@@ -143,7 +143,7 @@ def build_reward_assets(d):
                "hpsv2_config": clip_config(n),
                "imagereward": str(d / "ImageReward.pt"), "imagereward_tokenizer": str(d / "bert"),
                "imagereward_config": ir_cfg}
-    # the two configs also as folders, for command lines (--hpsv2-config-path, ...)
+    # the two configs also as folders, for command lines (--reward-paths hpsv2_config=..., ...)
     clip_config(n).save_pretrained(d / "hps_config")
     ir_cfg.save_pretrained(d / "ir_config")
     paths = dict(sources, hpsv2_config=str(d / "hps_config"), imagereward_config=str(d / "ir_config"))
@@ -151,7 +151,7 @@ def build_reward_assets(d):
 
 
 def cli_args(paths):
-    """--<slot>-path options for every slot of `paths` (what eval.py's CLI takes)."""
-    return [a for slot, p in paths.items() for a in (f"--{slot.replace('_', '-')}-path", str(p))]
+    """The --reward-paths option for every slot of `paths` (what train.py's and eval.py's CLIs take)."""
+    return ["--reward-paths", ",".join(f"{slot}={p}" for slot, p in paths.items())]
 
 

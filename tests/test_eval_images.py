@@ -177,8 +177,8 @@ def test_main_images_run_folder_and_jsonl_prompts(assets, tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("slot,needle", [
-    ("hpsv2", r"HPS_v2.1_compressed.pt' not found at '{}'.*xswu/HPSv2.*--hpsv2-path"),
-    ("clip_l", r"CLIP model not found at '{}'.*openai/clip-vit-large-patch14.*--clip-l-path"),
+    ("hpsv2", r"HPS_v2.1_compressed.pt' not found at '{}'.*xswu/HPSv2.*--reward-paths hpsv2=PATH"),
+    ("clip_l", r"CLIP model not found at '{}'.*openai/clip-vit-large-patch14.*--reward-paths clip_l=PATH"),
 ])
 def test_main_images_missing_checkpoint_is_one_line(assets, tiny_run, tmp_path, capsys, slot, needle):
     import re

@@ -62,6 +62,9 @@ def test_geneval2_scorer_tiny_model(scorer_mr):
 def test_geneval2_scorer_needs_metadata(scorer_mr):
     with pytest.raises(ValueError, match="vqa_list"):
         scorer_mr(torch.rand(1, 3, 64, 64), ["a pig"])
+    R.check_metadata(["clipscore", "ocr"], None)  # rewards without metadata never ask for it
+    with pytest.raises(ValueError, match="GenEval metadata record with 'include'.*train_metadata.jsonl"):
+        R.check_metadata(["geneval2", "geneval"], [{"vqa_list": []}])
     assert scorer_mr(torch.rand(1, 3, 64, 64), ["x"], [{"vqa_list": []}])["geneval2"].item() == -10.0, \
         "a record without atoms scores -10, as the official code does"
 

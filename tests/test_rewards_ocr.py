@@ -70,7 +70,7 @@ def test_ocr_scorer_tiny_model(tmp_path):
     images = torch.rand(2, 3, 48, 80)
     out = mr(images, prompts)["ocr"]
     assert out.shape == (2,) and torch.isfinite(out).all() and ((0 <= out) & (out <= 1)).all(), out
-    assert scorer.size == (64, 64), "the image processor's config sets the input size"
+    assert scorer.processor.image_processor.size["height"] == 64, "the checkpoint's processor sets the input size"
     read = scorer.read(R.quantize_uint8(images))
     assert all(isinstance(r, str) for r in read)
     expected = [R.ocr_score(r, t) for r, t in zip(read, ["OPEN LATE", "Happy Birthday"])]

@@ -135,11 +135,25 @@ def test_clipscore_and_aesthetic_values_by_hand(assets):
 def test_make_scorers_missing_checkpoint_message(assets, tmp_path):
     srcs = dict(assets["sources"], hpsv2=str(tmp_path / "nowhere"))
     scorer = R.make_scorers(["hpsv2"], srcs)["hpsv2"]  # building is free ...
-    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--hpsv2-path"):
+    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*--reward-paths hpsv2=PATH"):
         scorer(torch.rand(1, 3, 32, 32), ["x"])  # ... the error comes at first use
     srcs = dict(assets["sources"], clip_l=str(tmp_path / "no_clip"))
     with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-large-patch14"):
         R.make_scorers(["clipscore"], srcs)["clipscore"](torch.rand(1, 3, 32, 32), ["x"])
+
+
+def test_reward_paths_option_one_flag_for_every_slot(capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    R.add_source_args(p)
+    args = p.parse_args(["--reward-paths", "clip_l=ckpt/clip, hpsv2-tokenizer=laion/x,hpsv2=a=b.pt"])
+    assert R.sources_from_args(args) == {"clip_l": "ckpt/clip", "hpsv2_tokenizer": "laion/x", "hpsv2": "a=b.pt"}
+    assert R.sources_from_args(p.parse_args([])) == {}
+    for bad in ("clipl=x", "clip_l", "clip_l="):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--reward-paths", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "not SLOT=PATH" in err and "geneval_detector" in err, err
 
 
 def test_openclip_to_hf_hpsv2_round_trip(assets):

@@ -31,7 +31,7 @@ NAMES = ("tiny-sd3", "tiny-flux2")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """The tiny reward checkpoints as --<slot>-path options."""
+    """The tiny reward checkpoints as the --reward-paths option."""
     return cli_args(build_reward_assets(tmp_path_factory.mktemp("rewards") / "r")["paths"])
 
 
@@ -175,13 +175,12 @@ def test_make_reward_missing_checkpoint_stops_before_any_work(stage1, assets, tm
     name = "tiny-sd3"
     d = fresh(stage1, tmp_path, name, "missing")
     before = {f: open(os.path.join(d, f), "rb").read() for f in ("stage1.pt", "config.json")}
-    bad = assets[:]
-    bad[bad.index("--hpsv2-path") + 1] = str(tmp_path / "nowhere")
+    bad = [assets[0], assets[1] + f",hpsv2={tmp_path / 'nowhere'}"]  # the later entry wins
     with pytest.raises(SystemExit) as e:
         train.main(S2 + ["--model", name, "--out", d] + bad)
     msg = str(e.value)
     assert msg.startswith("error: stage-2 reward model:") and "\n" not in msg, msg
-    assert "nowhere" in msg and "--hpsv2-path" in msg, msg
+    assert "nowhere" in msg and "--reward-paths hpsv2=PATH" in msg, msg
     assert sorted(os.listdir(d)) == sorted(["stage1.pt", "config.json", "generator_ema_lora.safetensors",
                                             "samples_stage1.png", name])
     for f, data in before.items():
@@ -204,7 +203,7 @@ def test_train_stage2_tiny_twin_trains_on_the_papers_four_rewards(stage1, assets
     d = fresh(stage1, tmp_path, "tiny-sd3", "four")
     argv = [a for a in S2 if a not in ("--rewards", "clipscore,hpsv2,pickscore")]
     argv[argv.index("--prompts") + 1] = str(jl)
-    train.main(argv + ["--model", "tiny-sd3", "--out", d, "--geneval-detector-path", detector] + assets)
+    train.main(argv + ["--model", "tiny-sd3", "--out", d, assets[0], assets[1] + f",geneval_detector={detector}"])
     log = stage2_log(d)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
@@ -215,6 +214,6 @@ def test_train_stage2_tiny_twin_trains_on_the_papers_four_rewards(stage1, assets
     d2 = fresh(stage1, tmp_path, "tiny-sd3", "txt")
     argv = [a for a in S2 if a not in ("--rewards", "clipscore,hpsv2,pickscore")]
     with pytest.raises(SystemExit) as e:
-        train.main(argv + ["--model", "tiny-sd3", "--out", d2, "--geneval-detector-path", detector] + assets)
+        train.main(argv + ["--model", "tiny-sd3", "--out", d2, assets[0], assets[1] + f",geneval_detector={detector}"])
     assert "geneval" in str(e.value) and "--rewards clipscore,hpsv2,pickscore" in str(e.value), str(e.value)
     assert not os.path.exists(os.path.join(d2, "stage2.pt"))
