@@ -81,6 +81,8 @@ def phase(name):
 def main(argv=None):
     args = get_args(argv)
     if args.memory_plan:
+        if args.model not in PAPER_GPUS:
+            sys.exit(f"error: --memory-plan needs a real backbone, one of {', '.join(PAPER_GPUS)}")
         sys.exit(memory_plan(args))
     ctx = setup(args)  # resolve_defaults: args are fixed from here on
     prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
@@ -1564,10 +1566,8 @@ def plan_phases(args, bb, b, towers):
 
 def memory_plan(args, arch=None):
     """Print the per-GPU plan; return 0 if the peak fits in --gpu-memory GiB, else a message."""
-    if args.model not in PAPER_GPUS:
-        return f"error: --memory-plan needs a real backbone, one of {', '.join(PAPER_GPUS)}"
     resolve_defaults(args, cuda=True)
-    arch, world = arch or json.load(open(ARCH)), args.gpus or (PAPER_GPUS[args.model] if args.stage == 2 else 8)
+    arch, world = arch or json.load(open(ARCH)), args.gpus or (PAPER_GPUS.get(args.model, 8) if args.stage == 2 else 8)
     if args.batch_size % (world * args.grad_accum):
         return f"error: --batch-size {args.batch_size} does not split over --gpus {world} x --grad-accum {args.grad_accum}"
     b, dtype = args.batch_size // (world * args.grad_accum), torch.bfloat16 if args.bf16 else torch.float32
