@@ -31,11 +31,10 @@ train.py -- both stages of RTDMD, one process or many.
         --prompts tests/prompts/train.txt                                   # CPU, tiny twin
     python train.py --stage 1 --out runs/prof --profile 20       # where a step's time goes
 
-Defaults are the paper's for the real backbones (official code: configs/cold_start/*.yaml for
-stage 1, configs/rtdmd/*.yaml for stage 2) and CPU-sized for the toy. Each run folder holds
-config.json, log.jsonl, stage{1,2}.pt (atomic, resumable with --resume) and samples.
-Reading order: main -> stage 1 (the loop, then its phases) -> stage 2 (the loop, then its phases)
--> infrastructure (arguments, set-up, checkpoints, guard, log, profiler, memory plan).
+Defaults: the paper's for the real backbones (official code: configs/cold_start/*.yaml, stage 1;
+configs/rtdmd/*.yaml, stage 2), CPU-sized for the toy. A run folder holds config.json, log.jsonl,
+stage{1,2}.pt (atomic, --resume) and samples. Reading order: main, stage 1, stage 2 (each loop,
+then its phases), then the infrastructure (arguments, checkpoints, guard, log, profiler, memory plan).
 """
 import argparse
 import contextlib
@@ -306,15 +305,20 @@ def on_stream(streams, a, device):
 
 
 def stage1_banner(ctx, m, B, step):
-    a, g, f = ctx.args, raw(m.generator), raw(m.fake)
+    a = ctx.args
     return (f"stage 1 (AC-DMD{', plain-DMD ablation' if a.plain_dmd else ''}) | model {a.model} | world {ctx.world} x "
             f"{B}{f' x grad-accum {a.grad_accum}' if a.grad_accum > 1 else ''} = {a.batch_size} samples/iter | "
             f"sigmas {[round(float(s), 5) for s in ctx.bb.sigmas]}\n  fake step every iter, generator step every "
             f"{a.fake_update_ratio} -> {a.steps // a.fake_update_ratio} generator updates in {a.steps} iters | "
             f"lr G {a.lr_gen} F {a.lr_fake} | CFG {a.guidance} | eta {a.eta} | bf16 {bool(a.bf16)} | "
-            f"grad ckpt {bool(a.grad_ckpt)} | start at {step}\n  trainable params: generator {count(g):,} of "
-            f"{count(g, False):,}, fake {count(f):,} of {count(f, False):,}"
-            + (f" (LoRA rank {a.lora_rank})" if uses_lora(ctx.bb) else ""))
+            f"grad ckpt {bool(a.grad_ckpt)} | start at {step}\n  " + trainable_line(ctx, m))
+
+
+def trainable_line(ctx, m):
+    g, f = raw(m.generator), raw(m.fake)
+    lora = (" (LoRA rank {})" if ctx.args.stage == 1 else " (fresh LoRA rank {} on the merged stage-1 LoRA)")
+    return (f"trainable: generator {count(g):,} of {count(g, False):,}, fake {count(f):,} of {count(f, False):,}"
+            + (lora.format(ctx.args.lora_rank) if uses_lora(ctx.bb) else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +403,7 @@ def stage2_ema_schedule(args, epoch):
 
 def stage2_banner(ctx, m, epoch):
     """The derived quantities of a stage-2 run, printed once (as nanoGPT prints its tokens per iteration)."""
-    a, K, nb, g, f = ctx.args, ctx.args.group_size, ctx.args.num_batches_per_epoch, m.generator, m.fake
+    a, K, nb = ctx.args, ctx.args.group_size, ctx.args.num_batches_per_epoch
     return (f"stage 2 (RTDMD{', exact decomposition' if a.exact_decomposition else ''}) | model {a.model} | "
             f"reward {', '.join(ctx.weights)} | world {ctx.world}\n  per sampling iter: {a.batch_size // K} prompts x "
             f"K {K} = {a.batch_size} images ({a.batch_size // ctx.world}/rank) | {nb} iters/epoch -> "
@@ -409,8 +413,7 @@ def stage2_banner(ctx, m, epoch):
             f"log-prob {a.logprob} | DM normalised {a.grad_norm} | shared noise {a.shared_noise}\n  lr G {a.lr_gen} "
             f"(wd {a.weight_decay}) F {a.lr_fake} | clip {a.clip_range} | epochs {a.steps} | bf16 {bool(a.bf16)} | "
             f"start at {epoch}\n  chunks: fake {a.fake_batch_size or 'all'}, BP {a.bp_batch_size or 'all'} | "
-            f"trainable: generator {count(g):,} of {count(g, False):,}, fake {count(f):,} of {count(f, False):,}"
-            + (f" (fresh LoRA rank {a.lora_rank} on the merged stage-1 LoRA)" if uses_lora(ctx.bb) else ""))
+            + trainable_line(ctx, m))
 
 
 @phase("rollouts")
@@ -588,14 +591,11 @@ def bp_surrogate(ctx, x0_hat, prompts):
 
 
 def make_reward(args, device=None, metadata=None):
-    """(reward, bp_reward, weights). reward(images, prompts, metadata) -> {name: Tensor[B]} scores
-    the rollouts (advantages); bp_reward is its differentiable part, back-propagated through the
-    last step; weights {name: w} says which names count and how much.
-    Real backbones: the paper's set (rewards.GRPO_WEIGHTS: clipscore, hpsv2, pickscore, geneval,
-    weight 1 each; configs/rtdmd/*.yaml), or --rewards, from the reward checkpoints
-    (rewards.sources_from_args), every model loaded now; a missing one exits with one line.
-    geneval scores each image against its prompt's GenEval record ("include"), so it needs
-    --prompts to be the GenEval .jsonl: any other prompt file stops here with one line."""
+    """(reward, bp_reward, weights): reward(images, prompts, metadata) -> {name: [B]} scores the
+    rollouts, bp_reward is its differentiable part (back-prop), weights {name: w}. Real backbones:
+    the paper's set (rewards.GRPO_WEIGHTS, weight 1 each; configs/rtdmd/*.yaml) or --rewards, all
+    loaded now (rewards.sources_from_args); a missing model, or geneval without the prompts'
+    GenEval records ("include": pass the GenEval .jsonl as --prompts), exits with one line."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
         return r, r, {r.name: 1.0}
@@ -616,13 +616,10 @@ def make_reward(args, device=None, metadata=None):
 
 
 def init_stage2_models(bb, ck):
-    """Stage 2 starts from stage 1's EMA generator and its fake score.
-    Toy and full fine-tuning (lora_rank 0): every parameter is trainable and simply loaded.
-    LoRA backbones: the stage-1 LoRA (generator: its EMA; fake: the fake score's) is merged into
-    a copy of the base weights, and a fresh trainable LoRA is injected on top (A ~ N(0, 1), B = 0,
-    so the product starts at zero), so both nets start as their stage-1 functions and only the new
-    LoRA trains (official code: rtdmd/trainers/rtdmd_trainer.py, setup_models).
-    The caller seeds the RNG: every rank must draw the same fresh A."""
+    """Stage 2 starts from stage 1's EMA generator and fake score: loaded as they are (toy, full
+    fine-tune), or, for LoRA, the stage-1 LoRA merged into a copy of the base with a fresh LoRA on
+    top (A ~ N(0, 1), B = 0: both start as their stage-1 functions; official code:
+    rtdmd/trainers/rtdmd_trainer.py, setup_models). The caller seeds: every rank draws the same A."""
     if uses_lora(bb):
         return (bb.make_student("generator", stage=2, merge=ck["ema"]),
                 bb.make_student("fake", stage=2, merge=ck["fake"]))
@@ -663,40 +660,32 @@ def allreduce_grads(params, world):
 # Infrastructure: arguments, set-up, checkpoints, update guard, log, exports, profiler, memory plan
 # =============================================================================================
 
-# Paper values per backbone (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
-# configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml for stage 2) and CPU-sized values for the toy.
+# Paper values (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
+# configs/rtdmd/*.yaml for stage 2; "real2" = SD3.5-M) and CPU-sized values for the toy. Stage 2:
+# steps = epochs, batch_size = images per sampling iteration (prompts x K, global). The toy's
+# stage-2 weights are tuned to be stable: the paper's assume D ~ 65k latent numbers per sample,
+# the toy has D = 2 (subgrpo.py, section 6, explains the balance).
 DEFAULTS = {
-    "toy": dict(steps=9000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5,
-                ema_decay=0.999, log_every=50),
-    "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10,
-                 ema_decay=0.99, log_every=10),
-    # stage 2: steps = epochs, batch_size = images per sampling iteration (prompts x K, global).
-    # Real: configs/rtdmd/sd35m.yaml. Toy: tuned to be stable (the paper's loss weights assume
-    # D ~ 65k latent numbers per sample, the toy has D = 2; subgrpo.py, section 6, explains the balance).
-    "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1,
-                 ema_decay=0.9, log_every=10, group_size=16, num_batches_per_epoch=4,
-                 w_pg=1.0, w_dm=3.0, w_bp=0.1),
-    # real2 = SD3.5-M; the other backbones differ only as in STAGE2_PER_BACKBONE.
-    "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1,
-                  ema_decay=0.9, log_every=1, group_size=24, num_batches_per_epoch=16,
-                  w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8, bp_batch_size=0),
+    "toy": dict(steps=9000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5, ema_decay=0.999, log_every=50),
+    "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10, ema_decay=0.99, log_every=10),
+    "toy2": dict(steps=400, batch_size=48, lr_gen=3e-5, lr_fake=1e-3, fake_update_ratio=1, ema_decay=0.9, log_every=10,
+                 group_size=16, num_batches_per_epoch=4, w_pg=1.0, w_dm=3.0, w_bp=0.1),
+    "real2": dict(steps=1000, batch_size=72, lr_gen=3e-6, lr_fake=3e-5, fake_update_ratio=1, ema_decay=0.9, log_every=1,
+                  group_size=24, num_batches_per_epoch=16, w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8,
+                  bp_batch_size=0),
 }
-# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml). batch_size is the global
-# number of images per sampling iteration (prompts x K): SD3-M 16 GPUs x 2 = 2 prompts x 16,
-# SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; bp_batch_size 0 = the
-# whole sub-batch at once, whose VAE decode alone saves ~4 GiB per 512-px image (--memory-plan),
-# so the real SD3 backbones decode one image at a time (the same gradient). Tiny twins: their family's.
+# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml): SD3-M 16 GPUs x 2 = 2
+# prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; a whole
+# sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3 backbones
+# back-propagate one image at a time (the same gradient). The tiny twins take their family's values.
 STAGE2_PER_BACKBONE = {
     "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
     "sd3.5-medium": dict(bp_batch_size=1),
     "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
     "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
 }
-# GPUs of the paper's stage-2 recipes (STAGE2_PER_BACKBONE); stage 1 plans its 72 samples on 8 x 9
-PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}
-# The prompt sets the paper trains on (official code: the dataset/ folder, read by
-# rtdmd/data/prompt_dataset.py): stage 1 the PickScore prompts, stage 2 the GenEval training
-# metadata, whose per-prompt fields the GenEval reward scores against.
+PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}  # stage 2; stage 1 plans 8 x 9
+# The paper's prompt sets (official code: dataset/, read by rtdmd/data/prompt_dataset.py)
 PAPER_PROMPTS = {1: "the PickScore prompt set, dataset/pickscore/train.txt (25,432 prompts)",
                  2: "the GenEval training metadata, dataset/geneval/train_metadata.jsonl"}
 
@@ -708,31 +697,25 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--model", default="toy", help="toy | " + " | ".join(models.BACKBONES[1:]))
     g.add_argument("--pretrained", default=None, help="hub id or local folder (default: paper's)")
-    g.add_argument("--generator-pretrained", default=None,
-                   help="FLUX.2: the generator's base (default: the distilled klein-4B)")
+    g.add_argument("--generator-pretrained", default=None, help="FLUX.2: the generator's base (default: klein-4B)")
     g.add_argument("--resolution", type=int, default=None, help="image size (default: backbone's)")
     g.add_argument("--lora-rank", type=int, default=32, help="LoRA rank (alpha = 2 rank); 0 = full fine-tune")
-    g.add_argument("--lora-dtype", default=None, choices=("bf16", "fp32"),
-                   help="dtype of the trainable masters (LoRA A/B, or the full copy), hence of AdamW's updates "
-                   "and the EMA (default: bf16 on CUDA for real backbones, the official precision; else fp32)")
+    g.add_argument("--lora-dtype", default=None, choices=("bf16", "fp32"), help="trainable masters, AdamW and "
+                   "EMA (default: bf16 on CUDA for real backbones, the official precision; else fp32)")
     g.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: backbone's)")
     g.add_argument("--toy-width", type=int, default=128, help="toy: hidden width of the velocity MLPs")
-    g.add_argument("--toy-angles", type=int, default=None, metavar="K",
-                   help="toy: polar features of x (r, cos k phi, sin k phi, k = 1..K) in the MLPs' input "
-                   "(default: toy 8, toy-gauss 0)")
-    g.add_argument("--toy-exact-prefix", action="store_true", help="toy diagnostic: only the last step "
-                   "learns, its input drawn from the exact marginal p_sigma(x|c) (eval.py samples the same way)")
-    g.add_argument("--toy-per-step", action="store_true",
-                   help="toy diagnostic: the generator is one MLP per sampler step (models.ToySteps)")
-    g = p.add_argument_group("optimisation (both stages)")
-    g.add_argument("--prompts", default=None, help="real backbones, required: .txt (one a line) or .jsonl "
-                   "(a \"prompt\" field a line, the other fields kept as its metadata); the paper's: stage 1 "
-                   "pickscore/train.txt, stage 2 geneval/train_metadata.jsonl")
+    g.add_argument("--toy-angles", type=int, default=None, metavar="K", help="toy: polar features (r, cos k phi, "
+                   "sin k phi, k <= K) in the MLPs' input (default: toy 8, toy-gauss 0)")
+    g.add_argument("--toy-exact-prefix", action="store_true", help="toy diagnostic: only the last step learns, "
+                   "on exact samples of p_sigma(x|c)")
+    g.add_argument("--toy-per-step", action="store_true", help="toy diagnostic: one MLP per step (models.ToySteps)")
+    g = p.add_argument_group("both stages")
+    g.add_argument("--prompts", default=None, help="real backbones, required: .txt (one a line) or .jsonl (a "
+                   "\"prompt\" field, the rest kept as metadata); paper: pickscore/train.txt, geneval/train_metadata.jsonl")
     g.add_argument("--steps", type=int, default=None, help="total iterations (stage 1) / epochs (stage 2)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks x --grad-accum); "
-                   "stage 2: images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
-    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="N micro-batches per update (per-rank "
-                   "batch x ranks x N = --batch-size: the paper's global batch on fewer GPUs)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (ranks x --grad-accum); stage 2: "
+                   "images per sampling iteration = prompts x K (default SD3-M 32, SD3.5-M 72, FLUX.2 96)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per update")
     g.add_argument("--lr-gen", type=float, default=None)
     g.add_argument("--lr-fake", type=float, default=None)
     g.add_argument("--fake-update-ratio", type=int, default=None, help="TTUR: fake steps per generator step")
@@ -740,28 +723,23 @@ def get_args(argv=None):
     g.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity")
     g.add_argument("--consistency-weight", type=float, default=1e-2)
     g.add_argument("--no-move-scale-out", dest="move_scale_out", action="store_false",
-                   help="unweighted fake loss instead of the official min(1, 10 sigma_ts^2) weight")
-    g.add_argument("--no-grad-norm", dest="grad_norm", action="store_false",
-                   help="do not normalise the DMD direction per sample")
+                   help="unweighted fake loss, not the official min(1, 10 sigma_ts^2)")
+    g.add_argument("--no-grad-norm", dest="grad_norm", action="store_false", help="unnormalised DMD direction")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g = p.add_argument_group("stage 1 (AC-DMD)")
-    g.add_argument("--lr-cosine", action="store_true", help="both learning rates follow a cosine to 0 over --steps")
-    g.add_argument("--plain-dmd", action="store_true",
-                   help="ablation: match x0_hat of every step at s = 0 (DMD2), not the sub-interval")
-    g.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA", help="toy: the teacher becomes "
-                   "the exact tilted teacher p exp(BETA r) (stage 1 alone must then land on the tilted target)")
+    g.add_argument("--lr-cosine", action="store_true", help="cosine learning rates, to 0 at --steps")
+    g.add_argument("--plain-dmd", action="store_true", help="ablation: x0_hat of every step at s = 0 (DMD2)")
+    g.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
+                   help="toy: the exact tilted teacher p exp(BETA r) (stage 1 alone must land on the tilted target)")
     add_stage2_args(p)
     add_run_args(p)
     return p.parse_args(argv)
 
 
 def add_stage2_args(p):
-    """Stage-2 and reward options (subgrpo.py); None = the backbone's default ("toy2" / "real2")."""
     g = p.add_argument_group("stage 2 (RTDMD)")
-    g.add_argument("--group-size", type=int, default=None,
-                   help="K: images per prompt (a GRPO group); default toy 16, SD3-M 16, SD3.5-M and FLUX.2 24")
-    g.add_argument("--num-batches-per-epoch", type=int, default=None,
-                   help="sampling iterations per epoch = sub-batches of the one optimiser step")
+    g.add_argument("--group-size", type=int, default=None, help="K: images per prompt (a GRPO group)")
+    g.add_argument("--num-batches-per-epoch", type=int, default=None, help="sub-batches of the one optimiser step")
     g.add_argument("--w-pg", type=float, default=None, help="policy-gradient (PPO) weight; paper 1; 0 drops it")
     g.add_argument("--w-dm", type=float, default=None, help="final-step AC-DMD weight; paper 1e-3; 0 drops it")
     g.add_argument("--w-bp", type=float, default=None, help="reward back-prop weight; paper 1e-4; 0 drops it")
@@ -769,29 +747,23 @@ def add_stage2_args(p):
     g.add_argument("--clip-range", type=float, default=1e-5, help="PPO ratio clip")
     g.add_argument("--adv-clip", type=float, default=5.0)
     g.add_argument("--bp-margin", type=float, default=3.0)
-    g.add_argument("--bp-batch-size", type=int, default=None, help="reward back-prop: decode + score this many "
-                   "images at a time (memory; the same gradient); 0 = the whole sub-batch (default: SD3-M, SD3.5-M "
-                   "1, FLUX.2 2, toy and tiny SD3 twins 0)")
-    g.add_argument("--fake-batch-size", type=int, default=None, help="stage-2 fake-score step: chunk size of "
-                   "the epoch's rollouts (memory); 0 = all at once (default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
-    g.add_argument("--ema-schedule", default="official", choices=("official", "once"),
-                   help="official = the decay applied after every sub-batch when it fires (--num-batches-per-epoch "
-                   "times per firing, subgrpo.stage2_ema_decays); once = once per firing (a longer average)")
-    g.add_argument("--logprob", default="official", choices=("official", "exact"),
-                   help="CPS log-probability form (subgrpo.cps_log_prob)")
+    g.add_argument("--bp-batch-size", type=int, default=None, help="back-prop chunk, images (memory; the same "
+                   "gradient); 0 = the sub-batch (default: SD3-M, SD3.5-M 1, FLUX.2 2, toy and SD3 twins 0)")
+    g.add_argument("--fake-batch-size", type=int, default=None, help="stage-2 fake-score chunk (memory); 0 = all "
+                   "(default: toy 0, SD3-M 2, SD3.5-M 8, FLUX.2 2)")
+    g.add_argument("--ema-schedule", default="official", choices=("official", "once"), help="official: the decay "
+                   "after every sub-batch when it fires (subgrpo.stage2_ema_decays); once: once per firing")
+    g.add_argument("--logprob", default="official", choices=("official", "exact"), help="subgrpo.cps_log_prob")
     g.add_argument("--all-steps", action="store_true", help="train all stochastic steps, not 2 of 3")
     g.add_argument("--no-shared-noise", dest="shared_noise", action="store_false",
                    help="independent noise on the untrained steps too")
-    g.add_argument("--exact-decomposition", action="store_true",
-                   help="toy check of the hybrid gradient: unnormalised DM, REINFORCE with group-mean baseline, "
-                   "exact log-prob, no clipping (use with --model toy-gauss --reward linear)")
-    # A real backbone scores with clipscore + hpsv2 + pickscore + geneval (GRPO, weight 1 each,
-    # per-reward advantages) and back-propagates the first three (rewards.training_rewards); only
-    # the checkpoints of the rewards in use are loaded.
+    g.add_argument("--exact-decomposition", action="store_true", help="toy check of the hybrid gradient: "
+                   "unnormalised DM, exact log-prob, no clipping (--model toy-gauss --reward linear)")
+    # A real backbone scores with clipscore + hpsv2 + pickscore + geneval (weight 1 each, per-reward
+    # advantages) and back-propagates the first three; only the rewards in use are loaded.
     g = p.add_argument_group("rewards (stage 2; checkpoints: hub id or local path, rewards.DEFAULT_SOURCES)")
-    g.add_argument("--rewards", default=None, metavar="NAME,NAME",
-                   help="real backbones: the GRPO rewards, weight 1 each (default: the paper's clipscore,hpsv2,"
-                   "pickscore,geneval; geneval needs the GenEval .jsonl as --prompts)")
+    g.add_argument("--rewards", default=None, metavar="NAME,NAME", help="real backbones: the GRPO rewards "
+                   "(default: clipscore,hpsv2,pickscore,geneval; geneval needs the GenEval .jsonl as --prompts)")
     g.add_argument("--reward", default="quadratic", choices=("quadratic", "linear"),
                    help="toy reward: -(1/2)|x - (2,0)|^2 or x_1 (rewards.py)")
     rewards.add_source_args(g)
@@ -804,23 +776,19 @@ def add_run_args(p):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=None)
     g.add_argument("--save-every", type=int, default=1000)
-    g.add_argument("--max-bad-updates", type=int, default=3,
-                   help="stop the run after this many non-finite (skipped) updates of one network in a row")
-    g.add_argument("--profile", type=int, default=0, metavar="N", help="run 2 warm-up steps and N steps under "
-                   "torch.profiler, then stop: a per-phase table against bare network passes, "
-                   "profile_stage{1,2}.json and a Chrome trace (use a fresh --out)")
-    g.add_argument("--bf16", type=int, default=None,
-                   help="bf16 autocast, plus bf16 frozen weights on CUDA (default: on with CUDA)")
+    g.add_argument("--max-bad-updates", type=int, default=3, help="stop after this many skipped (non-finite) "
+                   "updates of one network in a row")
+    g.add_argument("--profile", type=int, default=0, metavar="N", help="2 warm-up steps, N steps under "
+                   "torch.profiler, then stop: phase table, profile_stage{1,2}.json, Chrome trace")
+    g.add_argument("--bf16", type=int, default=None, help="bf16 autocast (+ frozen weights on CUDA); default: CUDA")
     g.add_argument("--grad-ckpt", type=int, default=None, help="gradient checkpointing (default: on with CUDA)")
-    g.add_argument("--cache-text-embeddings", action="store_true", help="real backbones: encode the --prompts "
-                   "once, then move the text encoders to the CPU (models.DiffusersBackbone.cache_text_embeddings)")
-    g.add_argument("--timeout-hours", type=float, default=3.0, help="process-group timeout (the official "
-                   "code's NCCL_TIMEOUT_SEC, 3 h): covers a rank loading or building alone while the others wait")
-    g = p.add_argument_group("memory plan (--memory-plan: offline, meta device, nothing trained)")
-    g.add_argument("--memory-plan", action="store_true",
-                   help="print the planned memory per GPU and exit; non-zero if the peak exceeds --gpu-memory")
-    g.add_argument("--gpus", type=int, default=None,
-                   help="GPUs to plan for (default: the paper's count, SD3-M 16, SD3.5-M 8, FLUX.2 16)")
+    g.add_argument("--cache-text-embeddings", action="store_true", help="encode the --prompts once, then move the "
+                   "text encoders to the CPU (models.DiffusersBackbone.cache_text_embeddings)")
+    g.add_argument("--timeout-hours", type=float, default=3.0, help="process-group timeout (official "
+                   "NCCL_TIMEOUT_SEC): covers a rank loading alone while the others wait")
+    g = p.add_argument_group("memory plan (offline, meta device, nothing trained)")
+    g.add_argument("--memory-plan", action="store_true", help="print the plan per GPU; non-zero above --gpu-memory")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the paper's)")
     g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU the plan must fit in")
 
 
@@ -940,12 +908,10 @@ def check_run_folder(args, master):
 
 
 def read_training_prompts(args):
-    """Real backbones: the --prompts file (models.read_prompt_file), which is required, as
-    (prompts, metadata, prompt_files); prompt_files = the run's record of the prompt file of each
-    stage, {"stage1": {file, sha256, count}, "stage2": {...}}, this stage's entry added to the one
-    config.json already holds. --resume refuses a file whose sha256 differs from the one the stage
-    started with. The toy backbones know their own prompts: (None, None, {}). Every problem exits
-    with one line, before anything is written."""
+    """(prompts, metadata, prompt_files) of the required --prompts file (models.read_prompt_file;
+    the toy knows its own: None, None, {}). prompt_files records each stage's file {"stage1":
+    {file, sha256, count}, ...} in config.json; --resume refuses a file whose sha256 changed.
+    Every problem exits with one line, before anything is written."""
     if args.model.startswith("toy"):
         if args.prompts:
             sys.exit(f"error: --model {args.model} has its own prompts; drop --prompts")
@@ -1258,16 +1224,12 @@ class RunLog:
 
 
 def write_samples_and_exports(args, bb, ema, stage, master):
-    """Rank 0, after the last step: a picture of the EMA generator's samples (toy: a scatter plot of
-    every sampler step; images: a grid, one row per prompt) and, for the real backbones, the EMA
-    generator as a file a stock diffusers pipeline loads:
-        stage 1: generator_ema_lora.safetensors (pipe.load_lora_weights, on the generator's base:
-                 for FLUX.2 the distilled klein-4B, not the teacher)
-        stage 2: generator_ema_stage2_lora.safetensors, the stage-2 LoRA only. It was trained on
-                 top of the stage-1 EMA LoRA *merged* into the base, so inference merges stage 1,
-                 then stage 2: bb.make_student("generator", stage=2, merge=[stage1_file,
-                 stage2_file]) (models.load_run(run, 2) does the same from stage2.pt).
-    A full fine-tune (lora_rank 0) is saved with save_pretrained instead."""
+    """Rank 0, after the last step: samples_stage{1,2}.png of the EMA generator (toy: a scatter of
+    every step; images: a grid) and, for the real backbones, the EMA generator as a file a stock
+    pipeline loads: stage 1 generator_ema_lora.safetensors (pipe.load_lora_weights on the
+    generator's base: FLUX.2's distilled klein-4B), stage 2 generator_ema_stage2_lora.safetensors,
+    the stage-2 LoRA alone, trained on the *merged* stage-1 LoRA: merge stage 1, then stage 2
+    (models.load_run(run, 2)). A full fine-tune (lora_rank 0) uses save_pretrained."""
     if not master or args.model == "toy-gauss":  # toy-gauss: nothing to draw or export
         return
     if args.model == "toy":
@@ -1443,13 +1405,14 @@ def build_meta(cfg, dtype, device="meta"):
     return net.to(dtype).eval().requires_grad_(False)
 
 
-class SavedBytes:
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Sums numel * element_size of the unique storages autograd saves (parameters excluded).
     Installed as the students' gradient-checkpointing function, it runs each block plainly but
     books it apart, so one forward gives both figures: without checkpointing, outside + all blocks;
     with it, outside + the kept block inputs + the largest block (recomputed during backward)."""
 
     def __init__(self, *nets):
+        super().__init__(self.pack, lambda t: t)
         self.skip = {t.untyped_storage()._cdata for n in nets for t in list(n.parameters()) + list(n.buffers())}
         self.outside = self.inputs = self.blocks = self.largest = 0
         self.seen, self.block = set(), None
@@ -1470,13 +1433,6 @@ class SavedBytes:
         out = module(*a)
         self.blocks, self.largest, self.block = self.blocks + self.block, max(self.largest, self.block), None
         return out
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        return self.ctx.__enter__()
-
-    def __exit__(self, *e):
-        return self.ctx.__exit__(*e)
 
     def total(self, ckpt):
         return self.outside + (self.inputs + self.largest if ckpt else self.blocks)
