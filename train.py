@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import functools
 import json
 import math
 import os
@@ -64,17 +63,10 @@ PHASES = []  # the --profile table's rows: the names given to phase() below
 
 
 def phase(name):
-    """Mark a function as one phase of a step: a torch.profiler range named `name` (nothing is
-    recorded unless --profile runs a profiler; the profiler's own cost is a few microseconds)."""
+    """Decorator: the function is one phase of a step, a torch.profiler range named `name`
+    (recorded only while --profile runs a profiler; a few microseconds otherwise)."""
     PHASES.append(name)
-
-    def wrap(f):
-        @functools.wraps(f)
-        def run(*a, **k):
-            with torch.profiler.record_function(name):
-                return f(*a, **k)
-        return run
-    return wrap
+    return torch.profiler.record_function(name)
 
 
 def main(argv=None):
@@ -85,8 +77,7 @@ def main(argv=None):
         sys.exit(memory_plan(args))
     ctx = setup(args)  # resolve_defaults: args are fixed from here on
     prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
-    # Stage 2 loads its reward models first: a missing checkpoint fails here, in one line, before
-    # the backbone loads and before anything in the run folder is written.
+    # the reward models load first: a missing one fails in one line before anything is written
     reward = make_reward(args, ctx.device, metadata) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
     ctx.bb = load_backbone(ctx, prompts, metadata)
@@ -106,9 +97,7 @@ def main(argv=None):
     # "seeded seed + r" when the loop starts: what --grad-accum's micro-batch streams reproduce.
     torch.manual_seed(args.seed + ctx.rank)
     nets = train_stage1(ctx) if args.stage == 1 else train_stage2(ctx, reward)
-    if ctx.ddp:
-        # rank 0 still draws the samples and writes the exports: wait for it, so that no rank
-        # tears down its process group while another is still using its own
+    if ctx.ddp:  # rank 0 still writes the exports: no rank tears down the group before it is done
         dist.barrier()
         dist.destroy_process_group()
     return nets  # the trained modules (tests compare them across ranks and runs)
@@ -285,8 +274,12 @@ def micro_batch_streams(seed, rank, accum, device):
     out = []
     for a in range(accum):
         with seeded(device, seed + rank * accum + a):
-            out.append([torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None])
+            out.append(rng_now(device))
     return out
+
+
+def rng_now(device):
+    return [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
 
 
 @contextlib.contextmanager
@@ -301,7 +294,7 @@ def on_stream(streams, a, device):
     try:
         yield
     finally:
-        streams[a] = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+        streams[a] = rng_now(device)
 
 
 def stage1_banner(ctx, m, B, step):
@@ -684,6 +677,7 @@ STAGE2_PER_BACKBONE = {
     "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
     "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
 }
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}  # stage 2; stage 1 plans 8 x 9
 # The paper's prompt sets (official code: dataset/, read by rtdmd/data/prompt_dataset.py)
 PAPER_PROMPTS = {1: "the PickScore prompt set, dataset/pickscore/train.txt (25,432 prompts)",
@@ -879,7 +873,7 @@ def load_backbone(ctx, prompts, metadata):
     if prompts is not None:
         kw |= dict(prompts=prompts, prompt_metadata=metadata)
     if not a.model.startswith("toy"):
-        kw["lora_dtype"] = torch.bfloat16 if a.lora_dtype == "bf16" else torch.float32
+        kw["lora_dtype"] = DTYPES[a.lora_dtype]
     bb = models.load(a.model, progress=True, **kw) if ctx.master else None
     if ctx.ddp:
         dist.barrier()
@@ -1262,7 +1256,12 @@ def profiled_steps(ctx, m, start, end):
     yield from range(start, start + PROFILE_WARMUP)
     cuda, calls, times = ctx.device.type == "cuda", {}, []
     sync = torch.cuda.synchronize if cuda else (lambda *_: None)
-    hooks = [h for name, net in profiled_networks(ctx.bb, m).items() for h in call_ranges(name, net, calls)]
+    # the networks whose calls are counted and replayed bare (text encoders, VAE decoder: image backbones)
+    nets = dict(generator=raw(m.generator), fake=raw(m.fake), teacher=ctx.bb.teacher)
+    if hasattr(ctx.bb, "pipe"):
+        nets |= {k: v for k, v in ctx.bb.pipe.components.items() if k.startswith("text_encoder")}
+        nets["vae decoder"] = ctx.bb.pipe.vae.decoder
+    hooks = [h for name, net in nets.items() for h in call_ranges(name, net, calls)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -1276,16 +1275,6 @@ def profiled_steps(ctx, m, start, end):
     for h in hooks:
         h.remove()
     profile_report(ctx, prof, calls, times)
-
-
-def profiled_networks(bb, m):
-    """The networks whose calls are counted and replayed bare: the two students, the teacher and,
-    for the image backbones, the text encoders and the VAE decoder (reward back-prop decodes with grad)."""
-    nets = dict(generator=raw(m.generator), fake=raw(m.fake), teacher=bb.teacher)
-    if hasattr(bb, "pipe"):
-        nets |= {name: m for name, m in bb.pipe.components.items() if name.startswith("text_encoder")}
-        nets["vae decoder"] = bb.pipe.vae.decoder
-    return nets
 
 
 def call_ranges(name, net, calls):
@@ -1530,7 +1519,7 @@ def memory_plan(args, arch=None):
     F_sdpa, torch.nn.functional.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention, plan_sdpa
     try:
         bb = meta_backbone(args.model, arch, args.resolution, dtype, args.lora_rank, text=not args.cache_text_embeddings,
-                           lora_dtype=torch.bfloat16 if args.lora_dtype == "bf16" else torch.float32)
+                           lora_dtype=DTYPES[args.lora_dtype])
         names = args.rewards.split(",") if args.rewards else list(rewards.GRPO_WEIGHTS)
         towers = [build_meta(arch[REWARD_TOWERS[n]], torch.float32) for n in names if n in REWARD_TOWERS] \
             if args.stage == 2 else []
