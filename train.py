@@ -241,12 +241,10 @@ def stage1_generator_step(ctx, m, conds):
 
 
 def accumulated_step(ctx, key, net, opt, conds, loss_fn):
-    """One optimiser step of `net` on --grad-accum micro-batches: loss_fn(cond) -> (stop, loss,
-    stats) per micro-batch, each backward divided by their count, so the gradient is the mean
-    over ranks x micro-batches, as one rank-mean of a batch that many times larger. Each
-    micro-batch re-reads shared_rng from the same state (the same stop and renoise levels, as
-    every rank draws them) and its own per-rank stream (on_stream); DDP all-reduces on the last
-    backward only (no_sync). With one micro-batch this is the plain step."""
+    """One optimiser step of `net` on --grad-accum micro-batches (loss_fn(cond) -> (stop, loss,
+    stats)), each backward divided by their count: the gradient of one batch that many times
+    larger. Each micro-batch re-reads shared_rng from the same state (the same stop and renoise
+    levels, as every rank) and its own stream (on_stream); DDP all-reduces on the last backward."""
     opt.zero_grad(set_to_none=True)
     start, losses, stats = ctx.shared_rng.get_state(), [], {}
     for a, cond in enumerate(conds):
@@ -384,11 +382,10 @@ def check_same_stage1(args, ck, stage1):
 
 
 def stage2_ema_schedule(args, epoch):
-    """The EMA decays to apply before and after this epoch's optimiser step. The official trainer
-    calls its EMA after every sub-batch; the calls that fire apply ema <- d ema + (1 - d) theta,
-    num_batches times in all every 8th step, so the stage-2 EMA trails the weights by ~d^16 = 0.19 per firing,
-    not 0.9 (subgrpo.stage2_ema_decays). The epoch's one optimiser step sits between its calls
-    1..num_batches-1 and its last one. --ema-schedule once: the nominal reading, one update per firing."""
+    """The EMA decays to apply before and after this epoch's optimiser step. The official EMA runs
+    after every sub-batch: where it fires (every 8th step) ema <- d ema + (1 - d) theta is applied
+    num_batches times, ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays); the optimiser
+    step sits before the last of them. --ema-schedule once: one update per firing."""
     if args.ema_schedule == "once":
         return [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
     return subgrpo.stage2_ema_decays(epoch, args.num_batches_per_epoch, max_decay=args.ema_decay)
@@ -1007,13 +1004,10 @@ def run_end(args, start):
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-# A checkpoint holds everything an exact --resume needs: the trainable tensors of each net (LoRA,
-# or all for the toy), the optimiser states, the counter ({"step": n} or {"epoch": n}), every
-# rank's RNG state (each rank draws its own noise), the shared generator's state, the config, and
-# one checksum per rank of the generator's weights (the replicas must stay bitwise identical; the
-# DDP tests compare them). Only tensors and plain types, so that it loads with
-# torch.load(weights_only=True) (models.load_checkpoint). The loops gather every rank's part
-# (rank_state) at the call site; rank 0 then writes (save_checkpoint).
+# Everything an exact --resume needs: each net's trainable tensors, the optimisers, the counter,
+# every rank's RNG state, the shared generator, the config and one checksum per rank of the
+# generator (the DDP tests compare the replicas). Only tensors and plain types: it loads with
+# torch.load(weights_only=True). The loops gather the ranks' parts (rank_state); rank 0 writes.
 
 NETS, OPTS = ("generator", "fake", "ema"), ("opt_g", "opt_f")
 
@@ -1113,11 +1107,9 @@ def read_checkpoint(path):
 
 
 class UpdateGuard:
-    """Guarded optimiser updates. A loss or gradient that is not finite (on any rank) skips that
-    update: its gradient is dropped, the weights and the optimiser state stay as they were, and
-    the log records it ("skipped" this iteration, "skipped_total" so far). --max-bad-updates such
-    updates of one network in a row stop the run with one line, before anything is saved, so the
-    last checkpoint (written before the trouble) is untouched."""
+    """A loss or gradient that is not finite (on any rank) skips the update (weights and optimiser
+    state unchanged; the log records "skipped" and "skipped_total"); --max-bad-updates of one
+    network in a row stop the run in one line, before anything is saved."""
 
     def __init__(self, args):
         self.limit, self.ckpt_path = args.max_bad_updates, os.path.join(args.out, f"stage{args.stage}.pt")
