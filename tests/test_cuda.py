@@ -6,6 +6,7 @@ embeddings cached), against `train.py --memory-plan`'s figure for the same setti
 test_steps_on_cpu runs the same code on tiny configs, so that only the device differs."""
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,15 +54,17 @@ def run_steps(model, arch, device, dtype, stage, extra=()):
     opt_g, opt_f = (torch.optim.AdamW(train.trainable(n), lr=1e-6) for n in (generator, fake))
     towers = [train.build_meta(arch[k], torch.float32, device) for k in ("clip-vit-l-14", "clip-vit-h-14", "clip-vit-h-14")] \
         if stage == 2 else []
-    autocast = torch.autocast(bb.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
-    guard, rng = train.UpdateGuard(args, None), torch.Generator().manual_seed(0)
-    cond, null = train.meta_cond(bb, b, 16), train.meta_cond(bb, b, 16)
+    ctx = train.run_context(args, torch.device(device))
+    ctx.bb, ctx.autocast = bb, torch.autocast(bb.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
+    m = SimpleNamespace(generator=generator, fake=fake, opt_g=opt_g, opt_f=opt_f)
+    cond, ctx.null_cond = train.meta_cond(bb, b, 16), train.meta_cond(bb, b, 16)
+    null, autocast = ctx.null_cond, ctx.autocast
     if device == "cuda":
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if stage == 1:
-        rec = train.stage1_fake_step(args, bb, generator, fake, opt_f, cond, rng, autocast, guard)
-        rec |= train.stage1_generator_step(args, bb, generator, fake, opt_g, cond, null, rng, autocast, guard)
+        rec = train.stage1_fake_step(ctx, m, [cond])
+        rec |= train.stage1_generator_step(ctx, m, [cond])
         losses = [rec["fake_loss"], rec["gen_loss"]]
     else:
         texts = [F.normalize(torch.randn(b, m.config.projection_dim, device=device), dim=-1) for m in towers]
@@ -72,13 +75,14 @@ def run_steps(model, arch, device, dtype, stage, extra=()):
                              for m, t in zip(towers, texts))}
         x0 = bb.noise(b * args.num_batches_per_epoch)
         cond_all = train.meta_cond(bb, len(x0), 16)
-        rec = train.stage2_fake_step(args, bb, fake, opt_f, {"x0": x0, "cond": cond_all}, 1, autocast, guard)
+        rec = train.stage2_fake_step(ctx, m, {"x0": x0, "cond": cond_all})
+        ctx.bp_fn, ctx.weights = bp_fn, {"r": 1.0}
         final = len(bb.sigmas) - 2
         with autocast:
             x0_hat = subgrpo.final_step_x0(bb, generator, bb.noise(b), float(bb.sigmas[final]), cond)
             t, _, x_t = acdmd.make_subinterval(x0_hat, 0.0, acdmd.sample_renoise_timesteps(0.0, b))
             l_dm, _ = acdmd.generator_loss(bb, fake, x0_hat, 0.0, t, x_t, cond, null, bb.guidance, args.eta, True)
-            l_bp, _ = train.bp_surrogate(bb, bp_fn, {"r": 1.0}, x0_hat, [""] * b, args.bp_margin, args.bp_batch_size)
+            l_bp, _ = train.bp_surrogate(ctx, x0_hat, [""] * b)
         (args.w_dm * l_dm + args.w_bp * l_bp).backward()
         losses = [rec["fake_loss"], l_dm.item(), l_bp.item()]
         opt_g.step()

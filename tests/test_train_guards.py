@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_stage2_rollouts_jsonl_metadata_reaches_the_reward(tiny_dir, tmp_path, c
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "make_reward", lambda args, device=None, metadata=None: (reward, reward, {"r": 1.0}))
         train.main(["--stage", "2", "--prompts", str(jl), "--steps", "2", "--batch-size", "4", "--group-size", "2",
-                    "--num-batches-per-epoch", "2", "--no-bp"] + common)
+                    "--num-batches-per-epoch", "2", "--w-bp", "0"] + common)
     assert len(calls) == 2 * 2, "one reward call per sampling iteration"
     for prompts, metadata in calls:
         assert metadata == [want[p] for p in prompts], "an image was scored with another prompt's metadata"
@@ -231,20 +232,24 @@ def test_make_reward_geneval_needs_geneval_metadata(monkeypatch):
 
 
 def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
-    """A backstop behind the guard: weights that are not finite are never written, and the
-    checkpoint already on disk stays as it was."""
+    """A backstop behind the guard: weights that are not finite are never written (rank_state,
+    which every rank runs before the checkpoint is gathered, stops the run), and the checkpoint
+    already on disk stays as it was."""
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
-    args = train.get_args(["--stage", "1", "--out", str(tmp_path)])
-    nets, path = {"generator": net, "fake": net, "ema": train.ema_copy(net)}, str(tmp_path / "stage1.pt")
-    rng = torch.Generator()
-    train.save_checkpoint(path, {"step": 1}, nets, {"opt_g": opt}, rng, args, 1, True)
-    before = open(path, "rb").read()
+    ctx = train.run_context(train.get_args(["--stage", "1", "--out", str(tmp_path)]), torch.device("cpu"))
+    m = SimpleNamespace(generator=net, fake=net, ema=train.ema_copy(net), opt_g=opt, opt_f=opt)
+
+    def save(counter):
+        ranks = train.gather_objects(train.rank_state(ctx, m, counter), 1)
+        train.save_checkpoint(ctx.ckpt_path, counter, m, ranks, ctx.args, ctx.shared_rng)
+    save({"step": 1})
+    before = open(ctx.ckpt_path, "rb").read()
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
-    msg = exit_line(lambda: train.save_checkpoint(path, {"step": 2}, nets, {"opt_g": opt}, rng, args, 1, True))
+    msg = exit_line(lambda: save({"step": 2}))
     assert "generator, fake weights are not finite at step 2" in msg and "nothing was saved" in msg, msg
-    assert open(path, "rb").read() == before and not os.path.exists(path + ".tmp")
+    assert open(ctx.ckpt_path, "rb").read() == before and not os.path.exists(ctx.ckpt_path + ".tmp")
 
 
 def test_save_checkpoint_stage2_survives_sigkill_mid_save(tmp_path, toy_base):  # noqa: F811

@@ -142,7 +142,7 @@ def test_train_stage2_tiny_twin_reward_gradient_alone_reaches_generator(stage1, 
     name, steps = "tiny-sd3", {}
     for chunk in ("0", "1"):
         d = fresh(stage1, tmp_path, name, "bp" + chunk)
-        train.main(S2 + ["--model", name, "--out", d, "--no-pg", "--no-dm", "--bf16", "0",
+        train.main(S2 + ["--model", name, "--out", d, "--w-pg", "0", "--w-dm", "0", "--bf16", "0",
                          "--bp-batch-size", chunk] + assets)
         log = stage2_log(d)
         assert all(r["grad_norm"] > 0 and r["loss_pg"] == 0 and r["loss_dm"] == 0 for r in log)

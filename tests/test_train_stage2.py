@@ -69,12 +69,12 @@ def test_train_stage2_reward_gradient_reaches_generator(stage1_dir, tmp_path):
     # Back-prop alone (no PG, no DM): a non-zero generator gradient can only come from the reward,
     # through x0_hat = x_3 - sigma_3 G(x_3).
     d = fresh(stage1_dir, tmp_path, "bp")
-    train.main(["--stage", "2", "--out", d, "--steps", "2", "--no-pg", "--no-dm"] + TINY)
+    train.main(["--stage", "2", "--out", d, "--steps", "2", "--w-pg", "0", "--w-dm", "0"] + TINY)
     log = stage2_log(d)
     assert all(r["grad_norm"] > 0 and r["loss_pg"] == 0 and r["loss_dm"] == 0 for r in log)
     # and PG alone also moves the generator (through the stochastic steps' log-probs)
     d = fresh(stage1_dir, tmp_path, "pg")
-    train.main(["--stage", "2", "--out", d, "--steps", "2", "--no-bp", "--no-dm"] + TINY)
+    train.main(["--stage", "2", "--out", d, "--steps", "2", "--w-bp", "0", "--w-dm", "0"] + TINY)
     assert all(r["grad_norm"] > 0 for r in stage2_log(d))
 
 
