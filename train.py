@@ -4,11 +4,11 @@ train.py -- both stages of RTDMD, one process or many.
 +------------------------------------------------------------------------------------------+
 | Stage 1, AC-DMD (acdmd.py), one iteration                                    train_stage1 |
 |   fake-score step, every iteration                                    stage1_fake_step    |
-|     k ~ U{1..4}; x_s = output of sampler step k-1 (no grad), s its level                  |
+|     stop index k ~ U{1..4}; x_s = output of sampler step k-1 (no grad), s its level       |
 |     t > s;  x_t = a_ts x_s + sigma_ts n;  regress fake(x_t, t) on the ambient target      |
 |     + consistency regulariser; one AdamW step                                             |
 |   generator step, every fake_update_ratio-th iteration (TTUR)   stage1_generator_step     |
-|     k ~ U{1..4}; x_s = output of step k-1, with grad through that one step                |
+|     stop index k ~ U{1..4}; x_s = output of step k-1, with grad through that one step     |
 |     t > s;  g = kappa (v_fake - v_teacher) at x_t, projected back to s;  one AdamW step   |
 |   EMA of the generator, every iteration                                   ema_update      |
 |                                                                                          |
@@ -139,7 +139,9 @@ def train_stage1(ctx):
             rec |= stage1_generator_step(ctx, m, conds)
             per_step[rec["gen_stop"] - 1] += 1
         ema_update(m.ema, m.generator, args.ema_decay)  # every iteration, not every generator step
-        log.record(ctx.guard.note(rec), step + 1, fake="fake_loss")
+        # the fake loss's scale follows the drawn stop (its target T = -x_s/(1-s) + omega n grows
+        # as s -> 1, acdmd.py, section 4): the bar shows the stop next to it
+        log.record(ctx.guard.note(rec), step + 1, fake="fake_loss", stop="fake_stop")
         ctx.guard.stop_if_stuck(f"iteration {step + 1}")
         if (step + 1) % args.save_every == 0 or step + 1 == end:
             ranks = gather_objects(rank_state(ctx, m, {"step": step + 1}), ctx.world)  # every rank
@@ -1200,7 +1202,8 @@ class RunLog:
             rec["time"] = round(time.time() - self.t0, 2)
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
-            self.bar.set_postfix({label: f"{rec[key]:.4f}" for label, key in postfix.items()})
+            self.bar.set_postfix({label: rec[key] if isinstance(rec[key], int) else f"{rec[key]:.4f}"
+                                  for label, key in postfix.items()})
 
     def close(self):
         if self.master:
