@@ -2,11 +2,8 @@
 eval.py -- measure a run.
 
     python eval.py --run runs/toy                 # table on stdout, runs/toy/eval_stage*.json
-    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher \
-        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 \
-        --pickscore-tokenizer-path ckpt/CLIP-ViT-H-14 --hpsv2-tokenizer-path ckpt/CLIP-ViT-H-14 \
-        --hpsv2-path ckpt/HPS_v2.1_compressed.pt --aesthetic-head-path ckpt/sac+logos+ava1-l14-linearMSE.pth \
-        --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
+    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher --clip-l-path ckpt/... \
+        (one --<slot>-path per reward checkpoint: rewards.add_source_args; README "Rewards")
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 1. Toy, stage 1 (`eval_toy`): per prompt, the 4-step EMA generator's samples against exact samples
@@ -49,9 +46,7 @@ import rewards
 import sample
 import subgrpo
 
-# ---------------------------------------------------------------------------------------------
-# Metrics (sections 1-3)
-# ---------------------------------------------------------------------------------------------
+# --- Metrics (sections 1-3) ------------------------------------------------------------------
 
 
 def energy_distance(x, y):
@@ -150,12 +145,8 @@ class ExactReference:
 def toy_metrics(states, sigmas, ref, weights_row):
     """ED and ED/floor of every state vs the exact marginal at its sigma (ref: ExactReference;
     every state holds REF_SETS * ref.n samples); occupancy error, outliers and gap of the last one."""
-    out = {"ed_steps": [], "floor_steps": [], "ratio_steps": []}
-    for k in range(1, len(states)):
-        ed, floor = ref.ed(states[k], sigmas[k])
-        out["ed_steps"].append(ed)
-        out["floor_steps"].append(floor)
-        out["ratio_steps"].append(ed / floor)
+    eds = [ref.ed(states[k], sigmas[k]) for k in range(1, len(states))]
+    out = {"ed_steps": [e for e, _ in eds], "floor_steps": [f for _, f in eds], "ratio_steps": [e / f for e, f in eds]}
     out["ed"], out["floor"], out["ratio"] = out["ed_steps"][-1], out["floor_steps"][-1], out["ratio_steps"][-1]
     occ = occupancy(states[-1], ref.mixture.means)
     out["occupancy"] = occ.tolist()
@@ -175,9 +166,7 @@ def print_table(head, rows, widths):
         print(line(r))
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Toy evaluation
-# ---------------------------------------------------------------------------------------------
+# --- 1. Toy evaluation -----------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -235,9 +224,7 @@ def print_toy_table(summary, sigmas, n, runs):
                  for p, rows in summary.items() for name, r in rows.items()], [-7, -15, 12, 12, 12, 12, -1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Toy pictures: scatter panels (sample.scatter_png) titled with their ED/floor
-# ---------------------------------------------------------------------------------------------
+# --- Toy pictures: scatter panels (sample.scatter_png) titled with their ED/floor ------------
 
 STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step Euler"),
                   ("plain_dmd", "plain DMD"), ("generator", "AC-DMD"))
@@ -266,9 +253,7 @@ def toy_figure_stage1(bb, results, keep, path, n):
     return sample.scatter_png(grid, path, size=200, max_points=1500)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Image evaluation
-# ---------------------------------------------------------------------------------------------
+# --- 4. Image evaluation ---------------------------------------------------------------------
 
 # The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
 # [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
@@ -527,9 +512,7 @@ def write_json(out, path, also, t0):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1)
-# ---------------------------------------------------------------------------------------------
+# --- 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1) --------------
 #
 # The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction
 # and the standardised advantages set an implicit tilt. So a run is compared with p~_beta at the
@@ -702,9 +685,7 @@ def main_tilted(args, t0):
 stationary_mean_gauss = subgrpo.stationary_mean_gauss
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. The ablation table (toy): train every row, evaluate all of them against the same tilted target
-# ---------------------------------------------------------------------------------------------
+# --- 3. The toy ablation table: every row trained, all against the same tilted target ----------
 
 ABLATION_ROWS = [  # (row name, extra stage-2 flags)
     ("RTDMD", []),
@@ -722,37 +703,28 @@ def ablation(root, seed=0, n=DEFAULT_N):
     import shutil
     import train
     torch.set_num_threads(1)  # 2-D points: threads only add overhead
-    t0 = time.time()
-    s1 = os.path.join(root, "stage1")
+    t0, s1 = time.time(), os.path.join(root, "stage1")
 
-    def fresh(d, names):  # an empty run folder with these files of s1 and its cached base toy_base_*.pt
-        shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(d)
-        for f in os.listdir(s1):
-            if f in names or f.startswith("toy_base_"):
-                shutil.copy(os.path.join(s1, f), d)
-    if not os.path.exists(os.path.join(s1, "stage1.pt")):
-        train.main(["--stage", "1", "--out", s1, "--seed", str(seed)])
-    runs = {"stage 1 (AC-DMD)": s1}
-    for name, flags in ABLATION_ROWS:
-        d = os.path.join(root, name.replace(" ", "_"))
-        if not os.path.exists(os.path.join(d, "stage2.pt")):
-            fresh(d, ("stage1.pt", "config.json"))
-            train.main(["--stage", "2", "--out", d, "--seed", str(seed)] + flags)
-        runs[name] = d
-    bb, _, _ = models.load_run(s1)
-    reward = run_reward({})
-    samples = {name: toy_samples(bb, models.load_run(d)[1], n, seed) for name, d in runs.items()}
+    def trained(d, stage, files=None, flags=()):  # train into d once; files of s1 (+ its cached base) first
+        if not os.path.exists(os.path.join(d, f"stage{stage}.pt")):
+            if files is not None:
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d)
+                for f in (f for f in os.listdir(s1) if f in files or f.startswith("toy_base_")):
+                    shutil.copy(os.path.join(s1, f), d)
+            train.main(["--stage", str(stage), "--out", d, "--seed", str(seed), *flags])
+        return models.load_run(d)[1]
+
+    nets = {"stage 1 (AC-DMD)": trained(s1, 1)} | {name: trained(os.path.join(root, name.replace(" ", "_")), 2, (
+        "stage1.pt", "config.json"), flags) for name, flags in ABLATION_ROWS}  # every row trained first
+    bb, reward = models.load_run(s1)[0], run_reward({})
+    samples = {name: toy_samples(bb, net, n, seed) for name, net in nets.items()}
     samples["teacher 4-step Euler"] = toy_samples(bb, None, n, seed, euler=True)
     beta = fit_beta(samples["RTDMD"], bb.mixture, reward)
-    ref = os.path.join(root, "reference")
-    if not os.path.exists(os.path.join(ref, "stage1.pt")):
-        fresh(ref, ())
-        train.main(["--stage", "1", "--out", ref, "--seed", str(seed), "--tilt-teacher", str(beta)])
-    samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(bb, models.load_run(ref)[1], n, seed)
-    order = ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]
+    samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(
+        bb, trained(os.path.join(root, "reference"), 1, (), ["--tilt-teacher", str(beta)]), n, seed)
     rows = {}
-    for name in order:
+    for name in ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]:
         per = tilted_metrics(samples[name], bb.mixture, reward, beta)
         m = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values()))}
         rows[name] = m | {"beta_fit": fit_beta(samples[name], bb.mixture, reward)}
@@ -776,9 +748,7 @@ def ablation(root, seed=0, n=DEFAULT_N):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
+# --- CLI -------------------------------------------------------------------------------------
 
 
 def main_toy(args):
@@ -807,45 +777,48 @@ def main_toy(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a run (toy: against the exact target; "
                                 "images: reward models), or a base --model.")
-    a = p.add_argument
-    a("--run", default=None, help="run folder written by train.py")
-    a("--model", default=None, choices=list(models.SPECS), help="evaluate this backbone's base model instead")
-    a("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    a("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
-    a("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt and set (ED, floor, occupancy)")
-    a("--runs", nargs="+", default=None, metavar="RUN", help="toy: more runs of the same setting (other "
-      "--seed): rows show mean +- spread")
-    a("--plain-dmd-run", nargs="+", default=None, metavar="RUN", help="toy stage 1: --plain-dmd run(s), one "
-      "more row and picture column")
-    a("--no-dm-run", default=None, metavar="RUN", help="toy --tilted: a --no-dm stage-2 run, one more row and column")
-    a("--base-ode", action="store_true", help="toy stage 1: add the pretrained base MLP as a 50-step ODE sampler")
-    a("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
-    a("--tilted", action="store_true", help="toy stage 2: compare with the exact tilted target at the fitted beta")
-    a("--beta", type=float, default=None, help="with --tilted: this beta instead of the fit")
-    a("--ablation", default=None, metavar="DIR", help="toy: train and evaluate the ablation rows in DIR")
-    g = p.add_argument_group("images").add_argument
-    g("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl (\"prompt\" field) or 'builtin' "
-      "(16 prompts, smoke runs)")
-    g("--protocol", default="official", choices=tuple(PROTOCOLS), help="official: the first 64 prompts, seed 42, "
-      "batch 4, 1024 px, 4 NFE, no CFG (the official inference configs); full: every prompt, otherwise the same")
-    g("--max-prompts", type=int, default=None, help="first N prompts, 0 = all (default: the protocol's)")
-    g("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
-    g("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, each with weight 1; also "
-      "geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
-    g("--reward-prompts", default=None, metavar="NAME=FILE,...", help="score these rewards on their own prompt "
-      "file; the official pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
-    g("--batch-size", type=int, default=None, help="images depend on it (one seed); default: the protocol's, 4")
-    g("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} (tiny twins: their own)")
-    g("--teacher", action="store_true", help="add the teacher's row")
-    g("--teacher-steps", type=int, default=TEACHER_STEPS, help="Euler steps; x2 forwards with CFG (SD3-M in "
-      "the paper: 100 NFE)")
-    g("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
-    g("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
-    g("--pretrained", default=None, help="--model: hub id or local diffusers folder")
-    g("--lora", nargs="+", default=None, metavar="PATH", help="--model: merge these LoRAs into its generator "
-      "base, in order (a released model: its stage-1, then stage-2 generator_ema.pt; .pt, .safetensors or peft)")
-    g("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
-    g("--device", default=None, help="default: cuda if available (bf16), else cpu")
+    p.add_argument("--run", default=None, help="run folder written by train.py")
+    p.add_argument("--model", default=None, choices=list(models.SPECS), help="evaluate this base model instead")
+    p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
+    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt and set")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                   help="toy: more runs of the same setting (other --seed): rows show mean +- spread")
+    p.add_argument("--plain-dmd-run", nargs="+", default=None, metavar="RUN",
+                   help="toy stage 1: --plain-dmd run(s), one more row and picture column")
+    p.add_argument("--no-dm-run", default=None, metavar="RUN",
+                   help="toy --tilted: a --no-dm stage-2 run, one more row and picture column")
+    p.add_argument("--base-ode", action="store_true", help="toy stage 1: add the base MLP as a 50-step ODE")
+    p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
+    p.add_argument("--tilted", action="store_true", help="toy stage 2: against the exact tilted target")
+    p.add_argument("--beta", type=float, default=None, help="with --tilted: this beta instead of the fit")
+    p.add_argument("--ablation", default=None, metavar="DIR", help="toy: train and evaluate the ablation rows")
+    g = p.add_argument_group("images")
+    g.add_argument("--prompts", default="builtin",
+                   help=".txt (a prompt a line), .jsonl (\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
+    g.add_argument("--protocol", default="official", choices=tuple(PROTOCOLS),
+                   help="official: the first 64 prompts, seed 42, batch 4, 1024 px, 4 NFE, no CFG (the official "
+                   "inference configs); full: every prompt, otherwise the same")
+    g.add_argument("--max-prompts", type=int, default=None, help="first N prompts, 0 = all (default: protocol's)")
+    g.add_argument("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
+    g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, each with "
+                   "weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
+    g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
+                   help="score these rewards on their own prompt file; the official pairs: "
+                   + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
+    g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); default 4")
+    g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} (tiny twins: theirs)")
+    g.add_argument("--teacher", action="store_true", help="add the teacher's row")
+    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS,
+                   help="Euler steps; x2 forwards with CFG (SD3-M in the paper: 100 NFE)")
+    g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
+    g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
+    g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
+    g.add_argument("--lora", nargs="+", default=None, metavar="PATH",
+                   help="--model: merge these LoRAs into its generator base, in order (a released model: its "
+                   "stage-1, then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
+    g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
+    g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
     rewards.add_source_args(p.add_argument_group("reward checkpoints"))  # --clip-l-path, ...
     args = p.parse_args(argv)
     if args.ablation is None and (args.run is None) == (args.model is None):

@@ -37,7 +37,9 @@ github.com/Harahan/RTDMD (README).
    one network call. The fake-score update and the generator update each draw their own
    simulation.
 
-4. Pictures and images (pillow only), and the CLI.
+4. Pictures (pillow; the toy's per-prompt sampling loop), image files and grids (diffusers.utils),
+   and the real backbones' teacher sampler: the stock pipeline, equal to euler_sample on
+   bb.teacher_sigmas (tests/test_train_real.py).
 
 CLI:
     python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
@@ -57,22 +59,13 @@ import torch
 import models
 from models import bcast, eps_from_velocity, x0_from_velocity
 
-# ---------------------------------------------------------------------------------------------
-# 1. The CPS step
-# ---------------------------------------------------------------------------------------------
+# --- 1. The CPS step -------------------------------------------------------------------------
 
 
 def cps_mean_std(x, v, sigma, sigma_next, eta):
-    """Mean and std of one CPS transition from level sigma to sigma_next < sigma.
-
-        x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   theta = eta * pi / 2
-        mu     = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat
-        rho    = sigma' sin(theta)
-
-    cos^2 + sin^2 = 1, so the total noise norm at the next level stays sigma' ("coefficient
-    preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
-    All arithmetic in float32 (section 1). sigma, sigma_next: float or Tensor[B].
-    Returns mu (float32, x's shape) and rho (broadcastable against x)."""
+    """Mean mu and std rho of one CPS transition from level sigma to sigma_next < sigma (section 1):
+    mu = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat, rho = sigma' sin(theta), theta = eta pi / 2.
+    sigma, sigma_next: float or Tensor[B]; mu is float32 of x's shape, rho broadcasts against x."""
     # --- exercise cps_step: begin ---
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
@@ -101,20 +94,14 @@ def full(sigma, x):
     return torch.full((x.shape[0],), float(sigma), device=x.device)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Teacher ODE and generator rollout; 3. backward simulation
-# ---------------------------------------------------------------------------------------------
+# --- 2. Teacher ODE and generator rollout; 3. backward simulation ----------------------------
 
 
-def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progress=False):
+def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
     """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
-    guidance != 1 (section 2). This is the teacher's multi-step sampler, and the
-    reference row "teacher 4-step Euler" when given the 4-step sampler sigmas."""
-    steps = range(len(sigmas) - 1)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="teacher ODE")
-    for k in steps:
+    guidance != 1 (section 2): the teacher's multi-step sampler, and on the 4-step sampler sigmas
+    the reference row "teacher 4-step Euler"."""
+    for k in range(len(sigmas) - 1):
         s, s_next = float(sigmas[k]), float(sigmas[k + 1])
         if guidance == 1.0:
             v = bb.velocity(net, x, full(s, x), cond)
@@ -173,9 +160,7 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
                 x0_hat=x0_from_velocity(x.float(), v.float(), s))
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Pictures (pillow) and images (diffusers.utils); the toy's per-prompt sampling loop
-# ---------------------------------------------------------------------------------------------
+# --- 4. Pictures (pillow) and images (diffusers.utils); the toy's per-prompt sampling loop ---
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # by prompt
 GREY = (200, 200, 200)
@@ -283,9 +268,7 @@ def save_grid(images, path, nrow=None):
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Images from prompts: the few-step generator and the many-step teacher
-# ---------------------------------------------------------------------------------------------
+# --- Images from prompts: the few-step generator and the many-step teacher -------------------
 
 
 def initial_noise(bb, prompts, n, seed):
@@ -362,9 +345,7 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
                 speedup_end_to_end=t["teacher_end_to_end"] / t["generator_end_to_end"])
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
+# --- CLI -------------------------------------------------------------------------------------
 
 
 def get_parser():
@@ -372,8 +353,7 @@ def get_parser():
                                 "files merged (the released RTDMD models), or from the teacher.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt (repeat for several; default: a few of the backbone's prompts)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
     p.add_argument("--n", type=int, default=None, help="images per prompt (toy: points per prompt)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity of the generator")
@@ -385,15 +365,14 @@ def get_parser():
     p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
     p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
     p.add_argument("--speed", action="store_true",
-                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch "
-                   "and print images/s and the speed-up; without --run, the generator's base network "
-                   "stands in for the generator (same architecture, same cost)")
+                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch; "
+                   "without --run, the generator's base network stands in (same architecture, same cost)")
     p.add_argument("--lora", nargs="+", default=None, metavar="PATH",
-                   help="with --model: the generator is its base with these LoRAs merged in order (a "
-                   "released model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
+                   help="with --model: the generator is its base with these LoRAs merged in order (a released "
+                   "model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
     p.add_argument("--export-lora", default=None, metavar="FILE",
-                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed "
-                   "rank (.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
+                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed rank "
+                   "(.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
     return p
 
 
@@ -412,31 +391,28 @@ def main(argv=None):
         p.error("pass --run RUN, or --model NAME --lora PATH ..., or --teacher --model NAME "
                 "(or --speed --model NAME) without a run")
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
+    kw = dict(device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)  # paper: bf16
     t0 = time.time()
     if args.run is not None:
-        bb, net, stage = models.load_run(args.run, args.stage, device=device, dtype=dtype)
+        bb, net, stage = models.load_run(args.run, args.stage, **kw)
     else:
-        bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
-                         device=device, dtype=dtype)
-        if args.lora:
-            net, stage = models.merged_generator(bb, args.lora), "lora"
-    t_load = time.time() - t0
+        bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution, **kw)
+        net, stage = (models.merged_generator(bb, args.lora), "lora") if args.lora else (bb.generator_base, None)
+    t_load, t0 = time.time() - t0, time.time()
+    root = args.run or os.path.join("samples", args.model)
 
     if args.speed:
         if bb.name.startswith("toy"):
             p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
-        net = net if args.run is not None or args.lora else bb.generator_base
         r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
         print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
-              f"mean of {r['repeats']} after a warm-up; images/s, samplers alone | end to end:\n"
+              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:\n"
               f"  generator, {r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
               f"{r['generator_end_to_end_images_per_s']:.3f}\n"
               f"  teacher, {r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE): "
               f"{r['teacher_sampler_images_per_s']:.3f} | {r['teacher_end_to_end_images_per_s']:.3f}\n"
               f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
-        out = args.out or os.path.join(args.run or os.path.join("samples", args.model), "speed.json")
+        out = args.out or os.path.join(root, "speed.json")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             json.dump(r, f, indent=2)
@@ -445,33 +421,24 @@ def main(argv=None):
     if bb.name == "toy":  # the toy keeps its scatter plot
         if args.run is None:
             p.error("the toy's teacher is the exact mixture: pass --run to plot a toy run")
-        out = args.out or os.path.join(args.run, "samples.png")
-        t0 = time.time()
-        toy_scatter_png(bb, net, out, n_per_prompt=args.n or 600)
-        print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, "
-              f"{time.time() - t0:.2f}s -> {out}")
+        out = toy_scatter_png(bb, net, args.out or os.path.join(args.run, "samples.png"), n_per_prompt=args.n or 600)
+        print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, {time.time() - t0:.2f}s -> {out}")
         return out
 
-    prompts = args.prompt or bb.prompts[:4]
-    n = args.n or 4
-    t0 = time.time()
+    prompts, n = args.prompt or bb.prompts[:4], args.n or 4
     if args.teacher:
         g = bb.guidance if args.cfg is None else args.cfg
         images = teacher_images(bb, prompts, n, args.seed, args.steps, g)
         nfe = args.steps * (1 if g == 1.0 else 2)  # CFG: a conditional and an unconditional pass
-        what = f"teacher, {args.steps} Euler steps, CFG {g}"
-        name = f"teacher_{args.steps}steps_cfg{g}"
+        what, name = f"teacher, {args.steps} Euler steps, CFG {g}", f"teacher_{args.steps}steps_cfg{g}"
     else:
-        images = generator_images(bb, net, prompts, n, args.seed, args.eta)
-        nfe = len(bb.sigmas) - 1
+        images, nfe = generator_images(bb, net, prompts, n, args.seed, args.eta), len(bb.sigmas) - 1
         what = (f"{args.model} + {len(args.lora)} merged LoRA(s)" if args.lora else
                 f"stage-{stage} EMA generator") + f", CPS eta {args.eta}, no CFG"
         name = "lora" if args.lora else f"stage{stage}_ema"
     if cuda:
         torch.cuda.synchronize()
-    wall = time.time() - t0
-    root = args.run or os.path.join("samples", args.model)
-    out = args.out or os.path.join(root, "samples", name)
+    wall, out = time.time() - t0, args.out or os.path.join(root, "samples", name)
     save_images(images, out)
     grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
     print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s "
