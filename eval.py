@@ -148,12 +148,14 @@ def toy_metrics(states, sigmas, ref, weights_row):
     eds = [ref.ed(states[k], sigmas[k]) for k in range(1, len(states))]
     out = {"ed_steps": [e for e, _ in eds], "floor_steps": [f for _, f in eds], "ratio_steps": [e / f for e, f in eds]}
     out["ed"], out["floor"], out["ratio"] = out["ed_steps"][-1], out["floor_steps"][-1], out["ratio_steps"][-1]
-    occ = occupancy(states[-1], ref.mixture.means)
-    out["occupancy"] = occ.tolist()
-    out["occ_err"] = (occ - weights_row).abs().max().item()
-    out["outliers"] = outlier_fraction(states[-1], ref.mixture)
-    out["gap"] = angular_gap(states[-1], ref.mixture, weights_row)
-    return out
+    return out | mode_metrics(states[-1], ref.mixture, weights_row)
+
+
+def mode_metrics(x, mixture, weights_row):
+    """Occupancy (nearest component mean), its error against weights_row, outliers and angular gap of x."""
+    occ = occupancy(x, mixture.means)
+    return {"occupancy": occ.tolist(), "occ_err": (occ - weights_row).abs().max().item(),
+            "outliers": outlier_fraction(x, mixture), "gap": angular_gap(x, mixture, weights_row)}
 
 
 def print_table(head, rows, widths):
@@ -504,6 +506,15 @@ def die(e):
     sys.exit(1)
 
 
+def run_config(run):
+    """RUN/config.json (the run's train.py arguments), or a one-line error."""
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        die(f"{path} not found: is {run!r} a run folder written by train.py?")
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_json(out, path, also, t0):
     """Write `out` to `path`, say so (with `also` and the seconds since t0), return `out`."""
     with open(path, "w") as f:
@@ -543,13 +554,10 @@ def tilted_metrics(samples, mixture, reward, beta, seed=1):
     rows = {}
     for ci, (prompt, x) in enumerate(samples.items()):
         ed, floor = ExactReference(tilt, ci, len(x) // REF_SETS, seed=1000 * seed + ci).ed(x, 0.0)
-        occ = occupancy(x, tilt.means)
-        r = reward(x.double())[reward.name].mean().item()
-        rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor,
-                        "occ_err": (occ - tilt.weights[ci]).abs().max().item(),
-                        "outliers": outlier_fraction(x, tilt), "gap": angular_gap(x, tilt, tilt.weights[ci]),
-                        "reward": r, "reward_exact": exact_r[ci].item(),
-                        "reward_gap": r - exact_r[ci].item()}
+        modes, r = mode_metrics(x, tilt, tilt.weights[ci]), reward(x.double())[reward.name].mean().item()
+        modes.pop("occupancy")
+        rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor, **modes, "reward": r,
+                        "reward_exact": exact_r[ci].item(), "reward_gap": r - exact_r[ci].item()}
     return rows
 
 
@@ -602,10 +610,7 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
     stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
     the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
-    bb, net, stage = models.load_run(run)
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
-    reward = run_reward(cfg)
+    (bb, net, stage), reward = models.load_run(run), run_reward(run_config(run))
     xs = {"RTDMD" if stage == 2 else "generator": toy_samples(bb, net, n, seed)}
     fitted = fit_beta(next(iter(xs.values())), bb.mixture, reward)
     beta = fitted if beta is None else beta
@@ -672,9 +677,7 @@ def main_tilted(args, t0):
                     [[p, ms(r["ratio"], ".2f"), ms(r["occ_err"], ".3f"), ms(r["outliers"], ".3f"),
                       ms(r["reward_gap"], "+.3f"), ms(s["gaps"][p], "+.3f")] for p, r in s["rows"].items()],
                     [-7, 14, 14, 14, 15, 30])
-    bb = models.load_run(args.run)[0]
-    with open(os.path.join(args.run, "config.json")) as f:
-        reward = run_reward(json.load(f))
+    bb, reward = models.load_run(args.run)[0], run_reward(run_config(args.run))
     png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
     print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
     return all_res[0] if len(runs) == 1 else all_res
@@ -832,13 +835,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.ablation:
         return ablation(args.ablation, seed=args.seed or 0)
-    args.run_model = None
-    if args.run:
-        cfg_path = os.path.join(args.run, "config.json")
-        if not os.path.exists(cfg_path):
-            die(f"{cfg_path} not found: is {args.run!r} a run folder written by train.py?")
-        with open(cfg_path) as f:
-            args.run_model = json.load(f)["model"]
+    args.run_model = run_config(args.run)["model"] if args.run else None
     if (args.run_model or "").startswith("toy"):
         args.seed = 0 if args.seed is None else args.seed
         return main_toy(args)
