@@ -44,7 +44,6 @@ import torch
 import models
 import rewards
 import sample
-import subgrpo
 
 # --- Metrics (sections 1-3) ------------------------------------------------------------------
 
@@ -681,11 +680,6 @@ def main_tilted(args, t0):
     png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
     print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
     return all_res[0] if len(runs) == 1 else all_res
-
-
-# The exact-decomposition mode's stationary point lives next to the loss it comes from
-# (subgrpo.py, section 7); eval.stationary_mean_gauss is the same function.
-stationary_mean_gauss = subgrpo.stationary_mean_gauss
 
 
 # --- 3. The toy ablation table: every row trained, all against the same tilted target ----------
