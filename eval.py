@@ -2,42 +2,34 @@
 eval.py -- measure a run.
 
     python eval.py --run runs/toy                 # table on stdout, runs/toy/eval_stage*.json
-    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher \
-        --clip-l-path ckpt/clip-vit-large-patch14 --pickscore-path ckpt/PickScore_v1 \
-        --pickscore-tokenizer-path ckpt/CLIP-ViT-H-14 --hpsv2-tokenizer-path ckpt/CLIP-ViT-H-14 \
-        --hpsv2-path ckpt/HPS_v2.1_compressed.pt --aesthetic-head-path ckpt/sac+logos+ava1-l14-linearMSE.pth \
-        --imagereward-path ckpt/ImageReward.pt --imagereward-tokenizer-path ckpt/bert-base-uncased
+    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher --clip-l-path ckpt/... \
+        (one --<slot>-path per reward checkpoint: rewards.add_source_args; README "Rewards")
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
-1. Toy, stage 1 (`eval_toy`): for each prompt, the 4-step EMA generator's samples are compared
-with exact samples of the teacher p(x|c) (models.py, section 2), 8 sets of n = 4000 per prompt (--n):
-  - energy distance (ED), averaged over the 8 pairs of sets, divided by the noise floor, its
-    exact expectation for a perfect sampler (one definition for every toy number: "Metrics");
-  - mode occupancy: each sample goes to its nearest component mean; the largest absolute gap to
-    the exact weights pi_cj; the fraction of samples 3 stds away from every mode; and the
-    angular gap, the fraction more than 3 pi/32 in angle from every mode of the prompt;
-  - the same ED/floor at every intermediate sampler state x_{sigma_k} against the exact marginal
-    p_{sigma_k}(x|c): the defining property of AC-DMD (plain DMD matches only the last one).
-Reference rows: the teacher's own 4-step Euler and its 50-step ODE from the same noise, and
-another exact set. --runs: more seeds, shown as mean +- spread. Writes a picture (Pillow):
-exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
+1. Toy, stage 1 (`eval_toy`): per prompt, the 4-step EMA generator's samples against exact samples
+of the teacher p(x|c) (models.py, section 2), 8 sets of n = 4000 (--n), with the metrics of
+"Metrics" below: ED / noise floor, occupancy error, outliers, angular gap; and ED/floor at every
+intermediate state x_{sigma_k} against the exact marginal p_{sigma_k}(x|c), the defining property
+of AC-DMD (plain DMD matches only the last one). Reference rows: the teacher's 4-step Euler and
+50-step ODE from the same noise, and another exact set. --runs: more seeds, mean +- spread. The
+picture: exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
 
-2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture
-(rewards.py, section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor,
-occupancy error against the tilted weights, and mean reward against its exact tilted value; and
-the per-prompt reward gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`).
-The picture: exact tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
+2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture (rewards.py,
+section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor, occupancy error
+against the tilted weights, mean reward against its exact tilted value; and the per-prompt reward
+gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`). The picture: exact
+tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
 
 3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
 the exact tilted teacher, evaluated against the same tilted target.
 
 4. Images (`eval_images`): the official inference protocol (official code: rtdmd/inference.py,
 configs/inference/*.yaml). The generator (or, with --model, the base model used as one) draws one
-image per prompt line with the 4-NFE inference sampler; every requested reward scores it on the
-8-bit image; optionally the teacher does the same with its own multi-step CFG sampler. Prints a
-table like the paper's and writes eval.json (every knob + per-image scores) and eval.png.
---protocol official (the official inference configs: first 64 prompts, seed 42, batch 4, 1024 px)
-or full (every prompt) sets those knobs; the table's first line and eval.json name it.
+image per prompt line with the 4-NFE sampler; every requested reward scores the 8-bit image;
+optionally the teacher does the same with its multi-step CFG sampler (the stock pipeline). Prints
+a table like the paper's, writes eval.json (every knob + per-image scores) and eval.png.
+--protocol official (first 64 prompts, seed 42, batch 4, 1024 px) or full (every prompt) sets
+those knobs; the table's first line and eval.json name it.
 """
 import argparse
 import json
@@ -52,11 +44,8 @@ import torch
 import models
 import rewards
 import sample
-import subgrpo
 
-# ---------------------------------------------------------------------------------------------
-# Metrics (sections 1-3)
-# ---------------------------------------------------------------------------------------------
+# --- Metrics (sections 1-3) ------------------------------------------------------------------
 
 
 def energy_distance(x, y):
@@ -84,8 +73,7 @@ def occupancy(x, means):
 #             from 200k exact pairs: it does not depend on one lucky reference draw;
 #   ED/floor  1 in expectation for a perfect sampler. One pair alone scatters as a weighted sum
 #             of chi-square(1) variables (0.2-3.5 measured at n 2000); the mean of 8 reads
-#             0.5-2 (tests/test_eval_toy.py). ED and floor shrink with n; only the ratio compares
-#             across n, and every printed ED states its n;
+#             0.5-2 (tests/test_eval_toy.py). Only the ratio compares across n;
 #   occ err   max_j |fraction of samples nearest to mean j - pi_cj|;
 #   outliers  fraction of samples farther than 3 standard deviations from every mode; for an
 #             isolated 2-D Gaussian P(|z| > 3) = exp(-9/2) = 1.1%; neighbouring modes catch a few
@@ -127,9 +115,8 @@ def angular_gap(x, mixture, weights_row, width=GAP_ANGLE):
 
 class ExactReference:
     """The exact side of every comparison for one prompt, drawn once and shared by all rows (common
-    random numbers: rows differ only by their own samples, and a row's numbers do not depend on
-    which other rows are evaluated). For every sigma: REF_SETS exact sets of p_sigma(x|c) of size n,
-    their self terms, and the noise floor."""
+    random numbers: a row's numbers do not depend on which other rows are evaluated). For every
+    sigma: REF_SETS exact sets of p_sigma(x|c) of size n, their self terms, and the noise floor."""
 
     def __init__(self, mixture, ci, n, seed):
         self.mixture, self.ci, self.n, self.seed = mixture, ci, n, seed
@@ -157,82 +144,65 @@ class ExactReference:
 def toy_metrics(states, sigmas, ref, weights_row):
     """ED and ED/floor of every state vs the exact marginal at its sigma (ref: ExactReference;
     every state holds REF_SETS * ref.n samples); occupancy error, outliers and gap of the last one."""
-    out = {"ed_steps": [], "floor_steps": [], "ratio_steps": []}
-    for k in range(1, len(states)):
-        ed, floor = ref.ed(states[k], sigmas[k])
-        out["ed_steps"].append(ed)
-        out["floor_steps"].append(floor)
-        out["ratio_steps"].append(ed / floor)
+    eds = [ref.ed(states[k], sigmas[k]) for k in range(1, len(states))]
+    out = {"ed_steps": [e for e, _ in eds], "floor_steps": [f for _, f in eds], "ratio_steps": [e / f for e, f in eds]}
     out["ed"], out["floor"], out["ratio"] = out["ed_steps"][-1], out["floor_steps"][-1], out["ratio_steps"][-1]
-    occ = occupancy(states[-1], ref.mixture.means)
-    out["occupancy"] = occ.tolist()
-    out["occ_err"] = (occ - weights_row).abs().max().item()
-    out["outliers"] = outlier_fraction(states[-1], ref.mixture)
-    out["gap"] = angular_gap(states[-1], ref.mixture, weights_row)
-    return out
+    return out | mode_metrics(states[-1], ref.mixture, weights_row)
 
 
-def teacher_euler_states(bb, x, cond, sigmas=None):
-    """Every state of the teacher's Euler ODE on the sampler's sigmas (the "teacher 4-step" row)."""
-    sigmas = bb.sigmas if sigmas is None else sigmas
-    states = [x]
-    for k in range(len(sigmas) - 1):
-        states.append(sample.euler_sample(bb, bb.teacher, states[-1], sigmas[k:k + 2], cond))
-    return states
+def mode_metrics(x, mixture, weights_row):
+    """Occupancy (nearest component mean), its error against weights_row, outliers and angular gap of x."""
+    occ = occupancy(x, mixture.means)
+    return {"occupancy": occ.tolist(), "occ_err": (occ - weights_row).abs().max().item(),
+            "outliers": outlier_fraction(x, mixture), "gap": angular_gap(x, mixture, weights_row)}
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Toy evaluation
-# ---------------------------------------------------------------------------------------------
+def print_table(head, rows, widths):
+    """The one table printer: a header, a rule, one line per row; cells are strings, a column of
+    width w > 0 is right-aligned, w < 0 left-aligned to |w|."""
+    line = lambda cells: " ".join(f"{c:>{w}}" if w > 0 else f"{c:<{-w}}" for c, w in zip(cells, widths))
+    print(line(head))
+    print("-" * len(line(head)))
+    for r in rows:
+        print(line(r))
+
+
+# --- 1. Toy evaluation -----------------------------------------------------------------------
 
 
 @torch.no_grad()
 def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True, base_ode=False):
     """Per prompt, every row against the exact teacher p(x|c), REF_SETS sets of n samples each
-    (toy_metrics):
-      generator       the 4-step CPS sampler of `net`, every intermediate state included;
-      <name>          each further generator in `others` ({name: net}, e.g. the plain-DMD run);
-    and, with references=True:
-      teacher_euler4  the teacher's Euler ODE on the same 4 sigmas;
-      teacher_ode50   the teacher's 50-step Euler ODE (the exact velocity: what a good many-step
-                      sampler reaches);
-      exact           another independent exact set: what ED/floor reads for a perfect sampler;
-    and, with base_ode=True, base_ode50: the pretrained base MLP (what generator and fake start
-    from) as a 50-step ODE sampler: how well the network class fits the teacher's velocity.
-    Every row starts from the same initial noise and is compared with the same exact sets
-    (ExactReference), so a row's numbers depend only on its own samples and `seed`.
-    keep: a dict that receives every row's states, keep[prompt][row] = [x_sigma_0, ...] (pictures)."""
-    mix = bb.mixture
-    nets = {"generator": net} | (others or {})
+    (toy_metrics): "generator" (the 4-step CPS sampler of `net`, every state), each generator in
+    `others` ({name: net}, e.g. the plain-DMD run); with references=True "teacher_euler4" (the
+    teacher's Euler ODE on the same 4 sigmas), "teacher_ode50" (its 50-step ODE: what a good
+    many-step sampler reaches) and "exact" (another exact set: what a perfect sampler reads); with
+    base_ode=True "base_ode50", the pretrained base MLP as a 50-step ODE (how well the network class
+    fits the teacher's velocity). Every row starts from the same noise and meets the same exact sets
+    (ExactReference). keep receives every row's states, keep[prompt][row] (pictures)."""
+    mix, P = bb.mixture, len(bb.prompts)
     fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
+    gens = [torch.Generator().manual_seed(1000 * seed + ci) for ci in range(P)]
+    nets = {"generator": net} | (others or {}) | ({"teacher_euler4": None} if references else {})
+    runs = sample.toy_rollouts(bb, nets, REF_SETS * n, gens.__getitem__, lambda ci: 10_000 * (seed + 1) + ci)
     results = {}
-    for ci, prompt in enumerate(bb.prompts):
-        c = torch.full((REF_SETS * n,), ci, dtype=torch.long)
-        cond = bb.encode([prompt] * len(c))
-        gen = torch.Generator().manual_seed(1000 * seed + ci)
-        x = torch.randn(len(c), *bb.latent_shape, generator=gen)
-        ref = ExactReference(mix, ci, n, seed=10_000 * (seed + 1) + 100 * ci)
-        states = {}
-        for name, g_net in nets.items():
-            torch.manual_seed(10_000 * (seed + 1) + ci)  # CPS noise: a stream distinct from `gen`
-            states[name] = sample.rollout(bb, g_net, x, cond)
+    for ci, (prompt, (x, cond, states)) in enumerate(runs.items()):
         if references:
-            states["teacher_euler4"] = teacher_euler_states(bb, x, cond)
             states["teacher_ode50"] = [x, sample.euler_sample(bb, bb.teacher, x, fine, cond)]
-            states["exact"] = [x, mix.sample(c, generator=gen)]
+            states["exact"] = [x, mix.sample(torch.full((len(x),), ci, dtype=torch.long), generator=gens[ci])]
         if base_ode:
             states["base_ode50"] = [x, sample.euler_sample(bb, bb.base, x, fine, cond)]
+        ref = ExactReference(mix, ci, n, seed=10_000 * (seed + 1) + 100 * ci)
         results[prompt] = {name: toy_metrics(st, bb.sigmas if len(st) == len(bb.sigmas) else [1.0, 0.0],
-                                             ref, mix.weights[ci])
-                           for name, st in states.items()}
+                                             ref, mix.weights[ci]) for name, st in states.items()}
         if keep is not None:
             keep[prompt] = states
     return results
 
 
 def summarize_runs(per_run):
-    """Mean and spread (half the max - min range) over runs of every number of eval_toy's results.
-    per_run: list of eval_toy results. Returns the same nesting with (mean, spread) pairs."""
+    """Mean and spread (half the max - min range) over runs of every number of a list of results
+    (eval_toy's, ...): the same nesting with (mean, spread) pairs."""
     def agg(vals):
         if isinstance(vals[0], dict):
             return {k: agg([v[k] for v in vals]) for k in vals[0]}
@@ -243,89 +213,31 @@ def summarize_runs(per_run):
 
 
 def print_toy_table(summary, sigmas, n, runs):
-    """One line per prompt and row: ED/floor of the final samples, occupancy error, outliers, gap,
-    ED/floor at every intermediate sigma; mean +- spread over `runs` runs."""
-    def f(ms, fmt):
-        m, s = ms
-        return (fmt.format(m) + ("+-" + fmt.format(s) if runs > 1 else "")).rjust(12 if runs > 1 else 7)
-    print(f"ED/floor: mean ED of {REF_SETS} pairs of n = {n} samples and n exact ones per prompt, "
-          f"floor = 2 E|X-X'| / n; "
-          f"{'mean +- spread (half range) over ' + str(runs) + ' runs' if runs > 1 else 'one run'}")
+    """One line per prompt and row: ED/floor, occupancy error, outliers, gap of the final samples,
+    and ED/floor at every intermediate sigma; mean +- spread over `runs` runs."""
+    f = lambda ms, d: f"{ms[0]:.{d}f}" + (f"+-{ms[1]:.{d}f}" if runs > 1 else "")
+    print(f"ED/floor: mean ED of {REF_SETS} pairs of n = {n} samples and n exact ones per prompt, floor = "
+          f"2 E|X-X'| / n; {f'mean +- spread (half range) over {runs} runs' if runs > 1 else 'one run'}")
     mids = " ".join(f"{float(s):.2f}" for s in sigmas[1:-1])
-    head = (f"{'prompt':7s} {'row':15s} {'ED/floor':>12s} {'occ err':>12s} {'outliers':>12s} {'gap':>12s}   "
-            f"ED/floor at sigma {mids}")
-    print(head)
-    print("-" * len(head))
-    for prompt, rows in summary.items():
-        for name, r in rows.items():
-            mid = " ".join(f(v, "{:.2f}").strip() for v in r["ratio_steps"][:-1])
-            print(f"{prompt:7s} {name:15s} {f(r['ratio'], '{:.2f}')} {f(r['occ_err'], '{:.3f}')} "
-                  f"{f(r['outliers'], '{:.3f}')} {f(r['gap'], '{:.3f}')}   {mid}")
+    print_table(["prompt", "row", "ED/floor", "occ err", "outliers", "gap", f"  ED/floor at sigma {mids}"],
+                [[p, name, f(r["ratio"], 2), f(r["occ_err"], 3), f(r["outliers"], 3), f(r["gap"], 3),
+                  "  " + " ".join(f(v, 2) for v in r["ratio_steps"][:-1])]
+                 for p, rows in summary.items() for name, r in rows.items()], [-7, -15, 12, 12, 12, 12, -1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Toy pictures (Pillow only): scatter panels titled with their ED/floor
-# ---------------------------------------------------------------------------------------------
-
-GREY = (200, 200, 200)
-PROMPT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-
-
-def draw_panels(grid, path, size=200, lim=3.2, max_points=1500):
-    """A grid of scatter panels written as one PNG. grid: rows of panels, each a dict with
-    "title", "layers" [(points [N, 2], RGB)] drawn in order (at most max_points each), and
-    optionally "circles" [((cx, cy), radius)] (reward contours) and "cross" (cx, cy) (optimum)."""
-    from PIL import Image, ImageDraw
-    top = 16
-    cols = max(len(r) for r in grid)
-    img = Image.new("RGB", (size * cols, (size + top) * len(grid)), "white")
-    draw = ImageDraw.Draw(img)
-    scale = (size - 6) / (2 * lim)
-
-    def px(x, y, ox, oy):
-        return ox + 3 + (x + lim) * scale, oy + top + (size - 3) - (y + lim) * scale
-
-    for ri, row in enumerate(grid):
-        for ci, panel in enumerate(row):
-            ox, oy = ci * size, ri * (size + top)
-            draw.rectangle([ox + 1, oy + top, ox + size - 2, oy + top + size - 2], outline=GREY)
-            draw.text((ox + 4, oy + 2), panel["title"], fill="black")
-            for (cx, cy), rad in panel.get("circles", []):  # dotted, clipped to the panel
-                for a in torch.linspace(0, 2 * math.pi, 400).tolist():
-                    x, y = cx + rad * math.cos(a), cy + rad * math.sin(a)
-                    if abs(x) < lim and abs(y) < lim:
-                        draw.point([px(x, y, ox, oy)], fill=(255, 150, 40))
-            for pts, colour in panel["layers"]:
-                for x, y in pts[:max_points].clamp(-lim, lim).tolist():
-                    u, v = px(x, y, ox, oy)
-                    draw.rectangle([u, v, u + 1, v + 1], fill=colour)
-            if "cross" in panel:
-                u, v = px(*panel["cross"], ox, oy)
-                draw.line([u - 6, v, u + 6, v], fill="black", width=2)
-                draw.line([u, v - 6, u, v + 6], fill="black", width=2)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path, optimize=True)
-    return path
-
+# --- Toy pictures: scatter panels (sample.scatter_png) titled with their ED/floor ------------
 
 STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step Euler"),
                   ("plain_dmd", "plain DMD"), ("generator", "AC-DMD"))
 
 
 def toy_figure_stage1(bb, results, keep, path, n):
-    """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each
-    titled with its ED/floor (toy_metrics); then, for AC-DMD and
-    plain DMD, the state after every sampler step (colour, all prompts) over exact samples of the
-    marginal at that sigma (grey), titled with the ED/floor averaged over the prompts."""
-    grid = []
-    for ci, prompt in enumerate(bb.prompts):
-        row = []
-        for key, label in STAGE1_COLUMNS:
-            if key not in keep[prompt]:
-                continue
-            r = results[prompt][key]["ratio"]
-            row.append({"title": f"{prompt}: {label} {r:.1f}x", "layers": [(keep[prompt][key][-1], PROMPT_COLOURS[ci])]})
-        grid.append(row)
+    """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each titled
+    with its ED/floor; then, for AC-DMD and plain DMD, the state after every sampler step (colour,
+    all prompts) over exact samples of that sigma's marginal (grey), titled with the mean ED/floor."""
+    C = sample.PALETTE
+    grid = [[{"title": f"{p}: {label} {results[p][key]['ratio']:.1f}x", "layers": [(keep[p][key][-1], C[ci])]}
+             for key, label in STAGE1_COLUMNS if key in keep[p]] for ci, p in enumerate(bb.prompts)]
     gen = torch.Generator().manual_seed(1)
     for key, label in (("generator", "AC-DMD"), ("plain_dmd", "plain DMD")):
         if key not in keep[bb.prompts[0]]:
@@ -336,16 +248,13 @@ def toy_figure_stage1(bb, results, keep, path, n):
             exact = [bb.mixture.sample(torch.full((500,), ci, dtype=torch.long), s, generator=gen)
                      for ci in range(len(bb.prompts))]
             ratio = sum(results[p][key]["ratio_steps"][k - 1] for p in bb.prompts) / len(bb.prompts)
-            layers = [(torch.cat(exact), GREY)] + [(keep[p][key][k][:500], PROMPT_COLOURS[ci])
-                                                   for ci, p in enumerate(bb.prompts)]
-            row.append({"title": f"{label}, step {k} (sigma {s:.2f}): {ratio:.1f}x", "layers": layers})
+            row.append({"title": f"{label}, step {k} (sigma {s:.2f}): {ratio:.1f}x", "layers": [
+                (torch.cat(exact), sample.GREY)] + [(keep[p][key][k][:500], C[ci]) for ci, p in enumerate(bb.prompts)]})
         grid.append(row)
-    return draw_panels(grid, path)
+    return sample.scatter_png(grid, path, size=200, max_points=1500)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Image evaluation
-# ---------------------------------------------------------------------------------------------
+# --- 4. Image evaluation ---------------------------------------------------------------------
 
 # The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
 # [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
@@ -357,13 +266,10 @@ def toy_figure_stage1(bb, results, keep, path, n):
 EVAL_RESOLUTION = 1024  # tiny twins keep their own (32 px)
 TEACHER_STEPS = 50
 CPS_ETA = 0.9
-# --protocol (official code: configs/inference/*.yaml, the same for all three backbones):
-#   official  the first 64 prompts of the set (num_media_images 64), seed 42, batch 4, one image
-#             per prompt, 1024 px, the 4-NFE CPS generator without CFG; what the official
-#             inference script reports.
-#   full      the same, on every prompt of the set (what a paper table presumably averages).
-# An option given explicitly (--max-prompts, --seed, ...) overrides its protocol value and is
-# listed under eval.json's protocol.overrides, so a table always says what it followed.
+# --protocol: official = the first 64 prompts of the set (num_media_images 64), seed 42, batch 4,
+# one image per prompt, 1024 px, what the official inference script reports; full = the same on
+# every prompt (what a paper table presumably averages). An option given explicitly overrides its
+# protocol value and is listed under eval.json's protocol.overrides.
 PROTOCOLS = {
     "official": dict(max_prompts=64, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
     "full": dict(max_prompts=0, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
@@ -391,21 +297,17 @@ BUILTIN_PROMPTS = [
     "a futuristic train crossing a bridge over a canyon",
 ]
 
-
-# Each metric's own prompt set, as the official evaluation pairs them (official code:
-# configs/inference/*.yaml, reward_dataset_map; the files live in the official repository's
-# dataset/ folder). Metrics not listed here score the --prompts set (DrawBench officially).
-# geneval needs the GenEval metadata of its .jsonl, ocr the quoted text of its prompts.
+# Each metric's own prompt set as the official evaluation pairs them (official code:
+# configs/inference/*.yaml, reward_dataset_map; files in the official repository's dataset/).
+# Other metrics score --prompts (DrawBench officially). geneval needs its .jsonl's metadata.
 OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr": "dataset/ocr/test.txt",
                         "hpsv3": "dataset/hpsv3/test.txt", "geneval2": "dataset/geneval2/test.jsonl"}
 
 
 def read_prompt_records(path, max_prompts=0):
-    """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for path
-    "builtin". max_prompts > 0 keeps the first N, as the official `num_media_images` does (64 in
-    the shipped YAMLs, official code: configs/inference/*.yaml); 0 keeps all. Returns (prompts, records, number of prompts
-    in the file, sha256 of the file's bytes); records: a .jsonl line's whole record (its prompt
-    and metadata) per prompt, None for .txt and "builtin"."""
+    """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for "builtin";
+    max_prompts > 0 keeps the first N, as the official `num_media_images` does. Returns (prompts,
+    records: a .jsonl line's whole record per prompt, else None; number in the file; sha256)."""
     if path == "builtin":
         prompts, records = list(BUILTIN_PROMPTS), None
         sha = hashlib.sha256("\n".join(BUILTIN_PROMPTS).encode()).hexdigest()
@@ -418,8 +320,8 @@ def read_prompt_records(path, max_prompts=0):
 
 
 def prompt_sets(reward_names, default, routes):
-    """{prompt file: [reward names]}: each reward on routes[name] ("name=file,..." of
-    --reward-prompts), else on the default file."""
+    """{prompt file: [reward names]}: each reward on routes[name] (--reward-prompts
+    "name=file,..."), else on the default file."""
     table = {}
     for item in filter(None, (routes or "").split(",")):
         name, sep, path = item.partition("=")
@@ -432,54 +334,32 @@ def prompt_sets(reward_names, default, routes):
     return sets
 
 
-def teacher_sigmas(bb, steps):
-    """The stock pipeline's schedule for `steps` Euler steps (sigma = 0 appended), from a fresh
-    copy of its scheduler: SD3 `set_timesteps(steps)` (static shift); FLUX.2-klein the sigmas
-    linspace(1, 1/steps) shifted with mu(tokens, steps), as Flux2KleinPipeline does."""
-    sched = type(bb.pipe.scheduler).from_config(bb.pipe.scheduler.config)
-    if bb.family == "flux2":
-        mu = models.flux2_empirical_mu(bb.latent_shape[1] * bb.latent_shape[2], steps)
-        sched.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
-    else:
-        sched.set_timesteps(steps)
-    return sched.sigmas.float().cpu()
-
-
 @torch.no_grad()
 def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42, teacher=False,
                 steps=TEACHER_STEPS, cfg=None, keep=16, progress=True, metadata=None):
-    """Generate n_per_prompt images for every prompt and score them with `scorer` (a
-    rewards.MultiReward; eval_rewards quantises to uint8 first).
-      generator (teacher=False): `net`, the 4-step CPS sampler, eta 0.9, no CFG (sample.rollout).
-      teacher: bb.teacher, Euler over teacher_sigmas(bb, steps) with CFG `cfg` (default the
-               backbone's g) against the empty prompt (sample.euler_sample).
-    One torch.Generator, seeded once, draws every batch's initial noise in order (and the
-    generator's CPS noises), so an image depends on its position in the list and on batch_size,
-    as in the official code (rtdmd/inference.py, seed set once); there the CPS noise comes from
-    the global RNG.
-    metadata: None, or one record per prompt (a .jsonl's lines), handed to the scorer with them.
-    Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W]}."""
+    """n_per_prompt images for every prompt, scored by `scorer` (a rewards.MultiReward, which
+    quantises to uint8 first): the generator `net` (4-step CPS, eta 0.9, no CFG: sample.rollout),
+    or with teacher=True the stock pipeline's Euler ODE for `steps` steps with CFG `cfg` (default
+    the backbone's g; sample.teacher_batch). One torch.Generator, seeded once, draws every batch's
+    initial noise in order (and the generator's CPS noises): an image depends on its position and
+    on batch_size, as in the official code (rtdmd/inference.py, seed set once). metadata: None or
+    one record per prompt (a .jsonl's lines) for the scorer.
+    Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W], "tags"}."""
+    from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     items = [p for p in prompts for _ in range(n_per_prompt)]
     metas = None if metadata is None else [m for m in metadata for _ in range(n_per_prompt)]
-    if teacher:
-        sigmas, cfg = teacher_sigmas(bb, steps), bb.guidance if cfg is None else cfg
     scores, kept = {}, []
-    from tqdm import tqdm
     for i in tqdm(range(0, len(items), batch_size), desc="teacher" if teacher else "generator",
                   disable=not progress, dynamic_ncols=True):
         batch = items[i:i + batch_size]
         x = bb.noise(len(batch), gen)
-        cond = bb.encode(batch)
         if teacher:
-            null = bb.encode([""] * len(batch))
-            x = sample.euler_sample(bb, bb.teacher, x, sigmas, cond, null, guidance=cfg)
+            images = sample.teacher_batch(bb, x, batch, steps, cfg)
         else:
             noises = [bb.noise(len(batch), gen) for _ in range(len(bb.sigmas) - 1)]
-            x = sample.rollout(bb, net, x, cond, eta=CPS_ETA, noises=noises)[-1]
-        images = bb.decode(x)
-        meta = None if metas is None else metas[i:i + batch_size]
-        for name, v in scorer(images, batch, meta).items():
+            images = bb.decode(sample.rollout(bb, net, x, bb.encode(batch), eta=CPS_ETA, noises=noises)[-1])
+        for name, v in scorer(images, batch, None if metas is None else metas[i:i + batch_size]).items():
             if name in scorer.weights or name in GENEVAL_EXTRA:  # not the "weighted" sum
                 scores.setdefault(name, []).append(v.float().cpu())
         kept += list((images[:keep - len(kept)] * 255).round().to(torch.uint8).cpu())
@@ -492,11 +372,10 @@ GENEVAL_EXTRA = ("geneval_strict", "geneval_accuracy")  # rewards.GenEval's verd
 
 def geneval_by_tag(scores, tags):
     """Per-tag means of GenEval's verdicts, as the official inference reports them ({tag}_accuracy,
-    {tag}_strict_accuracy: the mean over that tag's images; official code: rtdmd/inference.py,
-    _score_details_to_mean_metrics), and "overall": the mean over tags of the per-tag accuracy,
-    which is the GenEval benchmark's "Overall score (avg. over tasks)" (GenEval's
-    evaluation/summary_scores.py) and differs from the mean over images when tags have unequal
-    counts. None without geneval_accuracy scores or tags."""
+    {tag}_strict_accuracy; official code: rtdmd/inference.py, _score_details_to_mean_metrics), and
+    "overall": the mean over tags of the per-tag accuracy, the GenEval benchmark's "Overall score
+    (avg. over tasks)" (GenEval's evaluation/summary_scores.py), which differs from the mean over
+    images when tags have unequal counts. None without geneval_accuracy scores or tags."""
     if "geneval_accuracy" not in scores or not tags:
         return None
     out = {"accuracy": {}, "strict_accuracy": {}, "n": {}}
@@ -519,15 +398,11 @@ def summarize(scores):
 
 
 def print_image_table(rows):
-    """rows: {row label: summarize(...)}. Columns = rewards, cells "mean +- std"."""
+    """rows: {row label: summarize(...)}. Columns = rewards, cells "mean ± std"."""
     names = list(next(iter(rows.values())))
-    cols = [n + (f" (x{TABLE_SCALE[n]:g})" if n in TABLE_SCALE else "") for n in names]
-    head = f"{'model':30s}" + "".join(f"{c:>19s}" for c in cols)
-    print(head)
-    print("-" * len(head))
-    for label, summ in rows.items():
-        cells = [f"{summ[n]['mean']:.4f} ± {summ[n]['std']:.4f}" for n in names]
-        print(f"{label:30s}" + "".join(f"{c:>19s}" for c in cells))
+    print_table(["model"] + [n + (f" (x{TABLE_SCALE[n]:g})" if n in TABLE_SCALE else "") for n in names],
+                [[label] + [f"{s[n]['mean']:.4f} ± {s[n]['std']:.4f}" for n in names] for label, s in rows.items()],
+                [-30] + [19] * len(names))
 
 
 def load_generator(args, device, dtype):
@@ -571,17 +446,14 @@ def main_images(args):
         rewards.preflight(scorer, device)  # loads every reward model
         bb, net, stage = load_generator(args, device, dtype)
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, no traceback
-        sys.exit(1)
-    # rows of the table: the sampler knobs, then the images and their scores
-    steps = len(bb.sigmas) - 1
-    rows = {"generator": dict(sampler="CPS", steps=steps, nfe=steps, eta=CPS_ETA, cfg=1.0,
-                              sigmas=bb.sigmas)}
+        die(e)
+    steps = len(bb.sigmas) - 1  # the table's rows: the sampler knobs, then images and scores
+    rows = {"generator": dict(sampler="CPS", steps=steps, nfe=steps, eta=CPS_ETA, cfg=1.0, sigmas=bb.sigmas)}
     if args.teacher:
         cfg = bb.guidance if args.teacher_cfg is None else args.teacher_cfg
-        rows["teacher"] = dict(sampler="Euler ODE", steps=args.teacher_steps, cfg=cfg,
+        rows["teacher"] = dict(sampler="Euler ODE (stock pipeline)", steps=args.teacher_steps, cfg=cfg,
                                nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
-                               sigmas=teacher_sigmas(bb, args.teacher_steps))
+                               sigmas=bb.teacher_sigmas(args.teacher_steps))
     res = {}  # row -> prompt file -> eval_images output
     for name, r in rows.items():
         res[name] = {path: eval_images(bb, net, ps, sc, args.n_per_prompt, args.batch_size, args.seed,
@@ -596,9 +468,8 @@ def main_images(args):
     for path, (ps, *_, sc) in sets.items():
         print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
     print(f"{bb.resolution} px, seed {args.seed}")
-    run_name = args.run and os.path.basename(os.path.abspath(args.run))
-    gen = f"{run_name} stage {stage}" if args.run else f"{args.model} + {len(args.lora)} LoRA(s)" \
-        if args.lora else f"{args.model} base"
+    gen = f"{os.path.basename(os.path.abspath(args.run))} stage {stage}" if args.run else \
+        f"{args.model} + {len(args.lora)} LoRA(s)" if args.lora else f"{args.model} base"
     labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
                                          for n, r in rows.items() if n == "teacher"]
     print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
@@ -610,7 +481,6 @@ def main_images(args):
     per_image = [{"prompt": p, **({} if path == args.prompts else {"prompt_file": path}),
                   **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
                  for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]
-    os.makedirs(out_dir, exist_ok=True)
     first = next(iter(sets))  # the grids show the first prompt set's images
     grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
@@ -626,16 +496,33 @@ def main_images(args):
                        "sources": {**rewards.DEFAULT_SOURCES, **sources}},
            "scores_units": "per_image: raw scorer outputs (PickScore / 26); summaries: table units",
            "per_image": per_image, "grids": grids, "time_s": round(time.time() - t0, 1)}
-    path = os.path.join(out_dir, "eval.json")
+    return write_json(out, os.path.join(out_dir, "eval.json"), f"and {', '.join(grids.values())}", t0)
+
+
+def die(e):
+    """Bad input: one line on stderr, no traceback, exit status 1."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run_config(run):
+    """RUN/config.json (the run's train.py arguments), or a one-line error."""
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        die(f"{path} not found: is {run!r} a run folder written by train.py?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(out, path, also, t0):
+    """Write `out` to `path`, say so (with `also` and the seconds since t0), return `out`."""
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"wrote {path} and {', '.join(grids.values())} ({time.time() - t0:.1f}s)")
+    print(f"wrote {path} {also} ({time.time() - t0:.1f}s)")
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1)
-# ---------------------------------------------------------------------------------------------
+# --- 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1) --------------
 #
 # The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction
 # and the standardised advantages set an implicit tilt. So a run is compared with p~_beta at the
@@ -647,21 +534,12 @@ def main_images(args):
 #     run bought reward by leaving the tilted target, e.g. collapsing onto the reward's optimum)
 
 
-@torch.no_grad()
 def toy_samples(bb, net, n, seed, euler=False):
     """{prompt: final samples [REF_SETS * n, 2]} of the 4-step generator (CPS), or of the teacher's
     4-step Euler ODE when euler=True, from the same initial noise for every row."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for ci, prompt in enumerate(bb.prompts):
-        cond = bb.encode([prompt] * (REF_SETS * n))
-        x = torch.randn(REF_SETS * n, *bb.latent_shape, generator=gen)
-        torch.manual_seed(seed + ci)
-        if euler:
-            out[prompt] = sample.euler_sample(bb, bb.teacher, x, bb.sigmas, cond)
-        else:
-            out[prompt] = sample.rollout(bb, net, x, cond)[-1]
-    return out
+    runs = sample.toy_rollouts(bb, {"x": None if euler else net}, REF_SETS * n, lambda ci: gen, lambda ci: seed + ci)
+    return {p: states["x"][-1] for p, (_, _, states) in runs.items()}
 
 
 @torch.no_grad()
@@ -675,13 +553,10 @@ def tilted_metrics(samples, mixture, reward, beta, seed=1):
     rows = {}
     for ci, (prompt, x) in enumerate(samples.items()):
         ed, floor = ExactReference(tilt, ci, len(x) // REF_SETS, seed=1000 * seed + ci).ed(x, 0.0)
-        occ = occupancy(x, tilt.means)
-        r = reward(x.double())[reward.name].mean().item()
-        rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor,
-                        "occ_err": (occ - tilt.weights[ci]).abs().max().item(),
-                        "outliers": outlier_fraction(x, tilt), "gap": angular_gap(x, tilt, tilt.weights[ci]),
-                        "reward": r, "reward_exact": exact_r[ci].item(),
-                        "reward_gap": r - exact_r[ci].item()}
+        modes, r = mode_metrics(x, tilt, tilt.weights[ci]), reward(x.double())[reward.name].mean().item()
+        modes.pop("occupancy")
+        rows[prompt] = {"ed": ed, "floor": floor, "ratio": ed / floor, **modes, "reward": r,
+                        "reward_exact": exact_r[ci].item(), "reward_gap": r - exact_r[ci].item()}
     return rows
 
 
@@ -734,10 +609,7 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
     stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
     the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
-    bb, net, stage = models.load_run(run)
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
-    reward = run_reward(cfg)
+    (bb, net, stage), reward = models.load_run(run), run_reward(run_config(run))
     xs = {"RTDMD" if stage == 2 else "generator": toy_samples(bb, net, n, seed)}
     fitted = fit_beta(next(iter(xs.values())), bb.mixture, reward)
     beta = fitted if beta is None else beta
@@ -760,24 +632,18 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
 
 
 def toy_figure_stage2(bb, res, keep, reward, path):
-    """(b) one row per prompt: exact tilted target | stage 1 | RTDMD | without DM, each titled
-    with its ED/floor against p~_beta at the fitted beta, with the reward's contours (quadratic:
-    circles of reward -1/2, -2, -9/2 around its optimum, drawn as a cross)."""
+    """(b) one row per prompt: exact tilted target | stage 1 | RTDMD | without DM, each titled with
+    its ED/floor against p~_beta at the fitted beta, with the reward's contours (quadratic: circles
+    of reward -1/2, -2, -9/2 around its optimum, drawn as a cross)."""
     order = [("exact", "exact p~"), ("stage 1", "stage 1"), ("RTDMD", "RTDMD"), ("without DM", "without DM")]
-    circles, cross = [], None
+    deco = {}
     if hasattr(reward, "m"):
         cross = tuple(reward.m.tolist())
-        circles = [(cross, r / reward.gamma ** 0.5) for r in (1.0, 2.0, 3.0)]
-    grid = []
-    for ci, prompt in enumerate(bb.prompts):
-        row = []
-        for key, label in order:
-            if key in keep:
-                row.append({"title": f"{prompt}: {label} {res['rows'][key][prompt]['ratio']:.1f}x",
-                            "layers": [(keep[key][prompt], PROMPT_COLOURS[ci])], "circles": circles}
-                           | ({"cross": cross} if cross else {}))
-        grid.append(row)
-    return draw_panels(grid, path)
+        deco = {"cross": cross, "circles": [(cross, r / reward.gamma ** 0.5) for r in (1.0, 2.0, 3.0)]}
+    grid = [[{"title": f"{p}: {label} {res['rows'][key][p]['ratio']:.1f}x",
+              "layers": [(keep[key][p], sample.PALETTE[ci])]} | deco for key, label in order if key in keep]
+            for ci, p in enumerate(bb.prompts)]
+    return sample.scatter_png(grid, path, size=200, max_points=1500)
 
 
 def main_tilted(args, t0):
@@ -790,44 +656,33 @@ def main_tilted(args, t0):
         print(f"run {run}: stage-{res['stage']} EMA generator vs the exact tilted target p~_beta at beta "
               f"{res['beta']:.3g} (fitted {res['beta_fit']:.3g}); n = {args.n} per set, {REF_SETS} sets "
               f"per prompt, floor = 2 E|X-X'| / n of p~_beta")
-        print(f"  {'row':12s} {'prompt':7s} {'ED/floor':>8s} {'occ err':>8s} {'outliers':>8s} {'ang gap':>8s} "
-              f"{'reward':>8s} {'exact E_p~[r]':>13s} {'gap':>7s}")
-        for name, rows in res["rows"].items():
-            for prompt, r in rows.items():
-                print(f"  {name:12s} {prompt:7s} {r['ratio']:8.2f} {r['occ_err']:8.3f} {r['outliers']:8.3f} {r['gap']:8.3f} "
-                      f"{r['reward']:8.3f} {r['reward_exact']:13.3f} {r['reward_gap']:+7.3f}")
-        print(f"  one beta for every prompt? at beta {res['beta_reward']:.3g} (the exact tilt with the generator's "
+        print_table(["row", "prompt", "ED/floor", "occ err", "outliers", "ang gap", "reward", "exact E_p~[r]", "gap"],
+                    [[name, p, f"{r['ratio']:.2f}", f"{r['occ_err']:.3f}", f"{r['outliers']:.3f}", f"{r['gap']:.3f}",
+                      f"{r['reward']:.3f}", f"{r['reward_exact']:.3f}", f"{r['reward_gap']:+.3f}"]
+                     for name, rows in res["rows"].items() for p, r in rows.items()], [-12, -7] + [8] * 5 + [13, 7])
+        print(f"one beta for every prompt? at beta {res['beta_reward']:.3g} (the exact tilt with the generator's "
               f"prompt-averaged mean reward) the per-prompt reward gaps are "
               + ", ".join(f"{p} {g:+.3f}" for p, g in res["reward_gaps_at_beta_reward"].items()))
         with open(os.path.join(run, "eval_tilted.json"), "w") as f:
             json.dump(res, f, indent=1)
     if len(runs) > 1:  # the headline: mean +- spread (half range) over the runs, each at its own beta
         key = next(iter(all_res[0]["rows"]))
-        s = summarize_runs([{"beta": r["beta"], "beta_reward": r["beta_reward"], "rows": r["rows"][key],
-                             "gaps": r["reward_gaps_at_beta_reward"]} for r in all_res])
+        s = summarize_runs([{"beta": r["beta"], "rows": r["rows"][key], "gaps": r["reward_gaps_at_beta_reward"]}
+                            for r in all_res])
         print(f"{key} over {len(runs)} runs (mean +- spread), n = {args.n}: fitted beta {s['beta'][0]:.3g} +- "
               f"{s['beta'][1]:.2g}")
-        for p, r in s["rows"].items():
-            print(f"  {p:7s} ED/floor {r['ratio'][0]:6.2f} +- {r['ratio'][1]:5.2f}   occ err {r['occ_err'][0]:.3f} +- "
-                  f"{r['occ_err'][1]:.3f}   outliers {r['outliers'][0]:.3f} +- {r['outliers'][1]:.3f}   reward gap "
-                  f"{r['reward_gap'][0]:+.3f} +- {r['reward_gap'][1]:.3f}   gap at the reward-fitted beta "
-                  f"{s['gaps'][p][0]:+.3f} +- {s['gaps'][p][1]:.3f}")
-    bb = models.load_run(args.run)[0]
-    with open(os.path.join(args.run, "config.json")) as f:
-        reward = run_reward(json.load(f))
+        ms = lambda v, fmt: f"{v[0]:{fmt}} +- {v[1]:.3f}"
+        print_table(["prompt", "ED/floor", "occ err", "outliers", "reward gap", "gap at the reward-fitted beta"],
+                    [[p, ms(r["ratio"], ".2f"), ms(r["occ_err"], ".3f"), ms(r["outliers"], ".3f"),
+                      ms(r["reward_gap"], "+.3f"), ms(s["gaps"][p], "+.3f")] for p, r in s["rows"].items()],
+                    [-7, 14, 14, 14, 15, 30])
+    bb, reward = models.load_run(args.run)[0], run_reward(run_config(args.run))
     png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
     print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
     return all_res[0] if len(runs) == 1 else all_res
 
 
-# The exact-decomposition mode's stationary point lives next to the loss it comes from
-# (subgrpo.py, section 7); eval.stationary_mean_gauss is the same function.
-stationary_mean_gauss = subgrpo.stationary_mean_gauss
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The ablation table (toy): train every row, evaluate all of them against the same tilted target
-# ---------------------------------------------------------------------------------------------
+# --- 3. The toy ablation table: every row trained, all against the same tilted target ----------
 
 ABLATION_ROWS = [  # (row name, extra stage-2 flags)
     ("RTDMD", []),
@@ -845,38 +700,28 @@ def ablation(root, seed=0, n=DEFAULT_N):
     import shutil
     import train
     torch.set_num_threads(1)  # 2-D points: threads only add overhead
-    t0 = time.time()
-    s1 = os.path.join(root, "stage1")
-    if not os.path.exists(os.path.join(s1, "stage1.pt")):
-        train.main(["--stage", "1", "--out", s1, "--seed", str(seed)])
-    runs = {"stage 1 (AC-DMD)": s1}
-    for name, flags in ABLATION_ROWS:
-        d = os.path.join(root, name.replace(" ", "_"))
-        if not os.path.exists(os.path.join(d, "stage2.pt")):
-            shutil.rmtree(d, ignore_errors=True)
-            os.makedirs(d)
-            for f in os.listdir(s1):  # stage1.pt, config.json and the cached base toy_base_*.pt
-                if f in ("stage1.pt", "config.json") or f.startswith("toy_base_"):
+    t0, s1 = time.time(), os.path.join(root, "stage1")
+
+    def trained(d, stage, files=None, flags=()):  # train into d once; files of s1 (+ its cached base) first
+        if not os.path.exists(os.path.join(d, f"stage{stage}.pt")):
+            if files is not None:
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d)
+                for f in (f for f in os.listdir(s1) if f in files or f.startswith("toy_base_")):
                     shutil.copy(os.path.join(s1, f), d)
-            train.main(["--stage", "2", "--out", d, "--seed", str(seed)] + flags)
-        runs[name] = d
-    bb, _, _ = models.load_run(s1)
-    reward = run_reward({})
-    samples = {name: toy_samples(bb, models.load_run(d)[1], n, seed) for name, d in runs.items()}
+            train.main(["--stage", str(stage), "--out", d, "--seed", str(seed), *flags])
+        return models.load_run(d)[1]
+
+    nets = {"stage 1 (AC-DMD)": trained(s1, 1)} | {name: trained(os.path.join(root, name.replace(" ", "_")), 2, (
+        "stage1.pt", "config.json"), flags) for name, flags in ABLATION_ROWS}  # every row trained first
+    bb, reward = models.load_run(s1)[0], run_reward({})
+    samples = {name: toy_samples(bb, net, n, seed) for name, net in nets.items()}
     samples["teacher 4-step Euler"] = toy_samples(bb, None, n, seed, euler=True)
     beta = fit_beta(samples["RTDMD"], bb.mixture, reward)
-    ref = os.path.join(root, "reference")
-    if not os.path.exists(os.path.join(ref, "stage1.pt")):
-        shutil.rmtree(ref, ignore_errors=True)
-        os.makedirs(ref)
-        for f in os.listdir(s1):
-            if f.startswith("toy_base_"):
-                shutil.copy(os.path.join(s1, f), ref)
-        train.main(["--stage", "1", "--out", ref, "--seed", str(seed), "--tilt-teacher", str(beta)])
-    samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(bb, models.load_run(ref)[1], n, seed)
-    order = ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]
+    samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(
+        bb, trained(os.path.join(root, "reference"), 1, (), ["--tilt-teacher", str(beta)]), n, seed)
     rows = {}
-    for name in order:
+    for name in ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]:
         per = tilted_metrics(samples[name], bb.mixture, reward, beta)
         m = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values()))}
         rows[name] = m | {"beta_fit": fit_beta(samples[name], bb.mixture, reward)}
@@ -900,92 +745,78 @@ def ablation(root, seed=0, n=DEFAULT_N):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
+# --- CLI -------------------------------------------------------------------------------------
 
 
 def main_toy(args):
     t0 = time.time()
     if args.tilted:
         return main_tilted(args, t0)
-    runs = [args.run] + (args.runs or [])
-    plain = args.plain_dmd_run or []
+    runs, plain = [args.run] + (args.runs or []), args.plain_dmd_run or []
     per_run, keep = [], {}
     for i, run in enumerate(runs):
         try:
             bb, net, stage = models.load_run(run, args.stage)
             others = {"plain_dmd": models.load_run(plain[min(i, len(plain) - 1)], 1)[1]} if plain else None
         except (FileNotFoundError, ValueError) as e:  # e.g. a checkpoint that is not plain tensors
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            die(e)
         per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None,
                                 base_ode=args.base_ode))
     summary = summarize_runs(per_run)
     print(f"stage-{stage} EMA generator of {', '.join(runs)}" + (f"; plain DMD: {', '.join(plain)}" if plain else ""))
     print_toy_table(summary, bb.sigmas, args.n, len(runs))
-    out = {"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "ref_sets": REF_SETS,
-           "seed": args.seed, "per_run": per_run, "summary": summary}
-    with open(os.path.join(args.run, f"eval_stage{stage}.json"), "w") as f:
-        json.dump(out, f, indent=1)
     png = toy_figure_stage1(bb, per_run[0], keep, args.png or os.path.join(args.run, f"eval_stage{stage}.png"), args.n)
-    print(f"wrote {os.path.join(args.run, f'eval_stage{stage}.json')} and {png} ({time.time() - t0:.1f}s)")
-    return out
+    return write_json({"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "ref_sets": REF_SETS,
+                       "seed": args.seed, "per_run": per_run, "summary": summary},
+                      os.path.join(args.run, f"eval_stage{stage}.json"), f"and {png}", t0)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a run (toy: against the exact target; "
                                 "images: reward models), or a base --model.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
-    p.add_argument("--model", default=None, choices=list(models.SPECS),
-                   help="evaluate this backbone's base model (as the generator) instead of a run")
+    p.add_argument("--model", default=None, choices=list(models.SPECS), help="evaluate this base model instead")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
     p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
-    p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt (ED, floor, occupancy)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt and set")
     p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
                    help="toy: more runs of the same setting (other --seed): rows show mean +- spread")
     p.add_argument("--plain-dmd-run", nargs="+", default=None, metavar="RUN",
                    help="toy stage 1: --plain-dmd run(s), one more row and picture column")
     p.add_argument("--no-dm-run", default=None, metavar="RUN",
-                   help="toy, with --tilted: a --no-dm stage-2 run, one more row and picture column")
-    p.add_argument("--base-ode", action="store_true",
-                   help="toy stage 1: add the row of the pretrained base MLP as a 50-step ODE sampler")
+                   help="toy --tilted: a --no-dm stage-2 run, one more row and picture column")
+    p.add_argument("--base-ode", action="store_true", help="toy stage 1: add the base MLP as a 50-step ODE")
     p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
-    p.add_argument("--tilted", action="store_true",
-                   help="toy stage 2: compare with the exact tilted target at the fitted beta")
+    p.add_argument("--tilted", action="store_true", help="toy stage 2: against the exact tilted target")
     p.add_argument("--beta", type=float, default=None, help="with --tilted: this beta instead of the fit")
-    p.add_argument("--ablation", default=None, metavar="DIR",
-                   help="toy: train and evaluate the ablation rows in DIR (a few minutes)")
+    p.add_argument("--ablation", default=None, metavar="DIR", help="toy: train and evaluate the ablation rows")
     g = p.add_argument_group("images")
-    g.add_argument("--prompts", default="builtin", help=".txt (a prompt a line), .jsonl "
-                   "(\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
+    g.add_argument("--prompts", default="builtin",
+                   help=".txt (a prompt a line), .jsonl (\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
     g.add_argument("--protocol", default="official", choices=tuple(PROTOCOLS),
-                   help="official: the first 64 prompts, seed 42, batch 4, 1024 px, 4 NFE, no CFG "
-                   "(the official inference configs); full: every prompt, otherwise the same")
-    g.add_argument("--max-prompts", type=int, default=None, help="first N prompts, 0 = all "
-                   "(default: the protocol's, official 64, full 0)")
+                   help="official: the first 64 prompts, seed 42, batch 4, 1024 px, 4 NFE, no CFG (the official "
+                   "inference configs); full: every prompt, otherwise the same")
+    g.add_argument("--max-prompts", type=int, default=None, help="first N prompts, 0 = all (default: protocol's)")
     g.add_argument("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
-    g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, "
-                   "each with weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
+    g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, each with "
+                   "weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
     g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
-                   help="score these rewards on their own prompt file instead of --prompts; the official "
-                   "pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
-    g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); "
-                   "default: the protocol's, 4")
-    g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} "
-                   "(tiny twins: their own)")
+                   help="score these rewards on their own prompt file; the official pairs: "
+                   + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
+    g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); default 4")
+    g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} (tiny twins: theirs)")
     g.add_argument("--teacher", action="store_true", help="add the teacher's row")
-    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="Euler steps; x2 "
-                   "forwards with CFG (SD3-M in the paper: 100 NFE)")
+    g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS,
+                   help="Euler steps; x2 forwards with CFG (SD3-M in the paper: 100 NFE)")
     g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
     g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
     g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
-    g.add_argument("--lora", nargs="+", default=None, metavar="PATH", help="--model: merge these LoRAs "
-                   "into its generator base, in order (a released RTDMD model: its stage-1, then stage-2 "
-                   "generator_ema.pt; .pt, .safetensors or peft folders)")
+    g.add_argument("--lora", nargs="+", default=None, metavar="PATH",
+                   help="--model: merge these LoRAs into its generator base, in order (a released model: its "
+                   "stage-1, then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
     g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
     g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
-    rewards.add_source_args(g)  # --clip-l-path, --hpsv2-path, ...
+    rewards.add_source_args(p.add_argument_group("reward checkpoints"))  # --clip-l-path, ...
     args = p.parse_args(argv)
     if args.ablation is None and (args.run is None) == (args.model is None):
         p.error("give exactly one of --run and --model (or --ablation DIR)")
@@ -998,25 +829,16 @@ def main(argv=None):
     args = get_args(argv)
     if args.ablation:
         return ablation(args.ablation, seed=args.seed or 0)
-    args.run_model = None
-    if args.run:
-        cfg_path = os.path.join(args.run, "config.json")
-        if not os.path.exists(cfg_path):
-            print(f"error: {cfg_path} not found: is {args.run!r} a run folder written by train.py?",
-                  file=sys.stderr)
-            sys.exit(1)
-        with open(cfg_path) as f:
-            args.run_model = json.load(f)["model"]
+    args.run_model = run_config(args.run)["model"] if args.run else None
     if (args.run_model or "").startswith("toy"):
         args.seed = 0 if args.seed is None else args.seed
         return main_toy(args)
-    apply_protocol(args)
-    return main_images(args)
+    return main_images(apply_protocol(args))
 
 
 def apply_protocol(args):
-    """Fill every image-evaluation knob left unset from args.protocol (PROTOCOLS) and record in
-    args.overrides the ones given explicitly with another value."""
+    """Fill every image knob left unset from PROTOCOLS[args.protocol]; args.overrides records the
+    ones given explicitly with another value."""
     args.overrides = {}
     for k, v in PROTOCOLS[args.protocol].items():
         if getattr(args, k) is None:

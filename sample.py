@@ -37,7 +37,9 @@ github.com/Harahan/RTDMD (README).
    one network call. The fake-score update and the generator update each draw their own
    simulation.
 
-4. Pictures and images (pillow only), and the CLI.
+4. Pictures (pillow; the toy's per-prompt sampling loop), image files and grids (diffusers.utils),
+   and the real backbones' teacher sampler: the stock pipeline, equal to euler_sample on
+   bb.teacher_sigmas (tests/test_train_real.py).
 
 CLI:
     python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
@@ -57,22 +59,13 @@ import torch
 import models
 from models import bcast, eps_from_velocity, x0_from_velocity
 
-# ---------------------------------------------------------------------------------------------
-# 1. The CPS step
-# ---------------------------------------------------------------------------------------------
+# --- 1. The CPS step -------------------------------------------------------------------------
 
 
 def cps_mean_std(x, v, sigma, sigma_next, eta):
-    """Mean and std of one CPS transition from level sigma to sigma_next < sigma.
-
-        x0_hat = x - sigma v,   eps_hat = x + (1 - sigma) v,   theta = eta * pi / 2
-        mu     = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat
-        rho    = sigma' sin(theta)
-
-    cos^2 + sin^2 = 1, so the total noise norm at the next level stays sigma' ("coefficient
-    preserving"). eta = 0 or sigma' = 0 gives rho = 0 and mu = x + (sigma' - sigma) v: Euler.
-    All arithmetic in float32 (section 1). sigma, sigma_next: float or Tensor[B].
-    Returns mu (float32, x's shape) and rho (broadcastable against x)."""
+    """Mean mu and std rho of one CPS transition from level sigma to sigma_next < sigma (section 1):
+    mu = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat, rho = sigma' sin(theta), theta = eta pi / 2.
+    sigma, sigma_next: float or Tensor[B]; mu is float32 of x's shape, rho broadcasts against x."""
     # --- exercise cps_step: begin ---
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
@@ -101,20 +94,14 @@ def full(sigma, x):
     return torch.full((x.shape[0],), float(sigma), device=x.device)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Teacher ODE and generator rollout; 3. backward simulation
-# ---------------------------------------------------------------------------------------------
+# --- 2. Teacher ODE and generator rollout; 3. backward simulation ----------------------------
 
 
-def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0, progress=False):
+def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
     """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
-    guidance != 1 (section 2). This is the teacher's multi-step sampler, and the
-    reference row "teacher 4-step Euler" when given the 4-step sampler sigmas."""
-    steps = range(len(sigmas) - 1)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="teacher ODE")
-    for k in steps:
+    guidance != 1 (section 2): the teacher's multi-step sampler, and on the 4-step sampler sigmas
+    the reference row "teacher 4-step Euler"."""
+    for k in range(len(sigmas) - 1):
         s, s_next = float(sigmas[k]), float(sigmas[k + 1])
         if guidance == 1.0:
             v = bb.velocity(net, x, full(s, x), cond)
@@ -173,98 +160,120 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
                 x0_hat=x0_from_velocity(x.float(), v.float(), s))
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Pictures (pillow only): toy scatter plots
-# ---------------------------------------------------------------------------------------------
+# --- 4. Pictures (pillow) and images (diffusers.utils); the toy's per-prompt sampling loop ---
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # by prompt
+GREY = (200, 200, 200)
 
 
-def scatter_png(panels, path, size=260, lim=3.2):
-    """Draw panels side by side. panels: list of (title, points [N, 2], labels [N] ints)."""
+def scatter_png(panels, path, size=260, lim=3.2, max_points=None):
+    """The project's one scatter plotter. panels: one row [panel, ...] or rows [[panel, ...], ...];
+    a panel is (title, points [N, 2], labels [N] ints: colour PALETTE[label]) or a dict with "title",
+    "layers" [(points, RGB)] drawn in order (at most max_points each), and optionally "circles"
+    [((cx, cy), radius)] (reward contours, dotted) and "cross" (cx, cy) (the reward's optimum)."""
     from PIL import Image, ImageDraw
-    img = Image.new("RGB", (size * len(panels), size + 18), "white")
+    grid = [panels] if not isinstance(panels[0], list) else panels
+    grid = [[p if isinstance(p, dict) else {"title": p[0], "layers": [
+        (p[1][p[2] == i], PALETTE[i % len(PALETTE)]) for i in p[2].unique().tolist()]} for p in r] for r in grid]
+    top, scale = 16, (size - 6) / (2 * lim)
+    img = Image.new("RGB", (size * max(map(len, grid)), (size + top) * len(grid)), "white")
     draw = ImageDraw.Draw(img)
-    for i, (title, pts, labels) in enumerate(panels):
-        ox = i * size
-        draw.rectangle([ox + 1, 18, ox + size - 2, size + 16], outline=(200, 200, 200))
-        draw.text((ox + 6, 3), title, fill="black")
-        p = ((pts.detach().float().cpu().clamp(-lim, lim) + lim) / (2 * lim) * (size - 6) + 3)
-        for (px, py), lab in zip(p.tolist(), labels.tolist()):
-            y = 18 + (size - 6) - py
-            draw.point([(ox + px, y), (ox + px + 1, y), (ox + px, y + 1)], fill=PALETTE[lab % len(PALETTE)])
-    img.save(path)
+    for ri, row in enumerate(grid):
+        for ci, panel in enumerate(row):
+            ox, oy = ci * size, ri * (size + top)
+            px = lambda x, y: (ox + 3 + (x + lim) * scale, oy + top + size - 3 - (y + lim) * scale)
+            draw.rectangle([ox + 1, oy + top, ox + size - 2, oy + top + size - 2], outline=GREY)
+            draw.text((ox + 4, oy + 2), panel["title"], fill="black")
+            for (cx, cy), rad in panel.get("circles", []):
+                for a in torch.linspace(0, 2 * math.pi, 400).tolist():
+                    x, y = cx + rad * math.cos(a), cy + rad * math.sin(a)
+                    if abs(x) < lim and abs(y) < lim:
+                        draw.point([px(x, y)], fill=(255, 150, 40))
+            for pts, colour in panel["layers"]:
+                for x, y in pts[:max_points].detach().float().cpu().clamp(-lim, lim).tolist():
+                    u, v = px(x, y)
+                    draw.rectangle([u, v, u + 1, v + 1], fill=colour)
+            if "cross" in panel:
+                u, v = px(*panel["cross"])
+                draw.line([u - 6, v, u + 6, v], fill="black", width=2)
+                draw.line([u, v - 6, u, v + 6], fill="black", width=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path, optimize=True)
     return path
 
 
 @torch.no_grad()
+def toy_rollouts(bb, nets, n, noise_gen, cps_seed):
+    """The toy's one per-prompt sampling loop: for every prompt ci, n initial points drawn from
+    noise_gen(ci) (a torch.Generator), then every row of nets {name: net} from that same noise, the
+    global RNG (the CPS noise) seeded cps_seed(ci) first; a net None is the teacher's Euler ODE on
+    the sampler's sigmas (the reference row "teacher 4-step Euler"). Returns {prompt: (x, cond,
+    {name: [x_sigma_0, ..., x_sigma_N]})}."""
+    out = {}
+    for ci, prompt in enumerate(bb.prompts):
+        cond = bb.encode([prompt] * n)
+        x = torch.randn(n, *bb.latent_shape, generator=noise_gen(ci))
+        states = {}
+        for name, net in nets.items():
+            torch.manual_seed(cps_seed(ci))
+            if net is not None:
+                states[name] = rollout(bb, net, x, cond)
+                continue
+            states[name] = [x]
+            for k in range(len(bb.sigmas) - 1):
+                states[name].append(euler_sample(bb, bb.teacher, states[name][-1], bb.sigmas[k:k + 2], cond))
+        out[prompt] = (x, cond, states)
+    return out
+
+
 def toy_scatter_png(bb, net, path, n_per_prompt=600, seed=0):
     """Exact teacher samples next to each state of the 4-step generator, coloured by prompt."""
     g = torch.Generator().manual_seed(seed)
-    P = len(bb.prompts)
-    c = torch.arange(P).repeat_interleave(n_per_prompt)
-    cond = bb.encode([bb.prompts[i] for i in c])
-    x = torch.randn(len(c), *bb.latent_shape, generator=g).to(bb.device)
-    states = rollout(bb, net, x, cond)
-    panels = [("exact teacher p(x|c)", bb.mixture.sample(c, generator=g), c)]
-    for k in range(1, len(states)):
-        panels.append((f"generator after step {k} (sigma {float(bb.sigmas[k]):.2f})", states[k], c))
-    return scatter_png(panels, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images: PNG files and grids (pillow only; images are [B, 3, H, W] floats in [0, 1], as
-# backbone.decode returns them)
-# ---------------------------------------------------------------------------------------------
+    runs = toy_rollouts(bb, {"g": net}, n_per_prompt, lambda ci: g, lambda ci: seed + ci)
+    c = torch.arange(len(bb.prompts)).repeat_interleave(n_per_prompt)
+    states = [torch.cat(s) for s in zip(*(r[2]["g"] for r in runs.values()))]
+    return scatter_png([("exact teacher p(x|c)", bb.mixture.sample(c, generator=g), c)] + [
+        (f"generator after step {k} (sigma {float(bb.sigmas[k]):.2f})", states[k], c)
+        for k in range(1, len(states))], path)
 
 
 def to_pil(images):
-    """[B, 3, H, W] in [0, 1] -> list of PIL images (rounded to 8 bits)."""
-    from PIL import Image
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+    """[B, 3, H, W] in [0, 1] (backbone.decode) -> PIL images, rounded to 8 bits."""
+    from diffusers.utils import pt_to_pil
+    return pt_to_pil(images.detach().float().clamp(0, 1) * 2 - 1)  # pt_to_pil takes [-1, 1]
 
 
 def save_images(images, path):
-    """Write one PNG per image into the folder `path` (000000.png, 000001.png, ...).
-    Returns the list of file names written."""
+    """One PNG per image in the folder `path` (000000.png, ...); returns the file names."""
     os.makedirs(path, exist_ok=True)
-    names = []
-    for i, im in enumerate(to_pil(images)):
-        names.append(os.path.join(path, f"{i:06d}.png"))
-        im.save(names[-1])
+    names = [os.path.join(path, f"{i:06d}.png") for i in range(len(images))]
+    for name, im in zip(names, to_pil(images)):
+        im.save(name)
     return names
 
 
-def image_grid(images, nrow=None, pad=2):
-    """All images tiled in one PIL image, `nrow` per row (default: about square), white gaps."""
+def image_grid(images, nrow=None):
+    """All images tiled in one PIL image, `nrow` per row (default: about square); empty cells white."""
     from PIL import Image
+    from diffusers.utils import make_image_grid
     ims = to_pil(images)
     nrow = nrow or math.ceil(math.sqrt(len(ims)))
-    ncol = math.ceil(len(ims) / nrow)
-    w, h = ims[0].size
-    grid = Image.new("RGB", (nrow * (w + pad) + pad, ncol * (h + pad) + pad), "white")
-    for i, im in enumerate(ims):
-        grid.paste(im, (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
-    return grid
+    rows = math.ceil(len(ims) / nrow)
+    return make_image_grid(ims + [Image.new("RGB", ims[0].size, "white")] * (rows * nrow - len(ims)), rows, nrow)
 
 
 def save_grid(images, path, nrow=None):
-    """image_grid(...) saved as one PNG at `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image_grid(images, nrow).save(path)
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Images from prompts: the few-step generator and the many-step teacher
-# ---------------------------------------------------------------------------------------------
+# --- Images from prompts: the few-step generator and the many-step teacher -------------------
 
 
 def initial_noise(bb, prompts, n, seed):
-    """n initial latents per prompt from one seeded CPU generator, in prompt order, so the same
-    (prompts, n, seed) gives the same images on any device. Returns (noise [P*n, ...], prompts
-    repeated [P*n])."""
+    """n initial latents per prompt from one seeded CPU generator, in prompt order (the same images
+    on any device). Returns (noise [P*n, ...], prompts repeated [P*n])."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts) * n, *bb.latent_shape, generator=g).to(bb.device)
     return x, [p for p in prompts for _ in range(n)]
@@ -272,65 +281,61 @@ def initial_noise(bb, prompts, n, seed):
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
-    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2): CPS with
-    eta = 0.9, no CFG. One batch per prompt. The CPS noise comes from the global RNG, seeded
-    here too (inside fork_rng), so a call is reproducible."""
+    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2), one batch per prompt.
+    The CPS noise comes from the global RNG, seeded here inside fork_rng (the caller's is kept)."""
     x, rep = initial_noise(bb, prompts, n, seed)
     out = []
-    cuda = [torch.cuda.current_device()] if bb.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # leave the caller's RNG (a training run's) as is
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if bb.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(rep), n):
-            x0 = rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]
-            out.append(bb.decode(x0).cpu())
+            out.append(bb.decode(rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
+def teacher_batch(bb, x, prompts, steps=28, guidance=None):
+    """The real backbones' one teacher sampler: the stock pipeline (Euler on bb.teacher_sigmas(steps),
+    CFG `guidance` against "", default the backbone's) from our initial latents x with
+    output_type="latent" (tests/test_train_real.py: equal to euler_sample on those sigmas), decoded
+    to images [B, 3, H, W] in [0, 1] as bb.decode does."""
+    kw = dict(text_encoder_out_layers=bb.text_layers) if bb.family == "flux2" else {}
+    bb.pipe.set_progress_bar_config(disable=True)
+    lat = bb.pipe(prompt=list(prompts), num_inference_steps=steps, latents=x, output_type="latent",
+                  guidance_scale=bb.guidance if guidance is None else guidance, height=bb.resolution,
+                  width=bb.resolution, max_sequence_length=bb.max_sequence_length, **kw).images
+    if bb.family != "flux2":
+        return bb.decode(lat)
+    img = bb.pipe.vae.decode(lat.to(bb.pipe.vae.dtype), return_dict=False)[0]  # already the VAE's latents
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
 def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
-    """Images [P*n, 3, H, W] from the frozen teacher: Euler on the stock pipeline's sigmas for
-    `steps` steps (bb.teacher_sigmas), CFG scale `guidance` (default: the backbone's)."""
+    """Images [P*n, 3, H, W] from the frozen teacher (teacher_batch), one batch per prompt."""
     x, rep = initial_noise(bb, prompts, n, seed)
-    sigmas = bb.teacher_sigmas(steps)
-    g = bb.guidance if guidance is None else guidance
-    null = bb.encode([""] * n)
-    out = []
-    for i in range(0, len(rep), n):
-        x0 = euler_sample(bb, bb.teacher, x[i:i + n], sigmas, bb.encode(rep[i:i + n]), null, g)
-        out.append(bb.decode(x0).cpu())
-    return torch.cat(out)
+    return torch.cat([teacher_batch(bb, x[i:i + n], rep[i:i + n], steps, guidance).cpu()
+                      for i in range(0, len(rep), n)])
 
 
 def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
     """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher
     (`steps` Euler steps with CFG: one batched call of 2n rows a step unless guidance is 1), on the
-    same prompts, resolution and batch (n images per prompt), each timed over `repeats` calls after
-    one warm-up call. Two views: the samplers alone (text already encoded, latents not decoded:
-    the part the 4-step generator shortens) and end to end (text encoding and VAE decoding too:
-    fixed costs both pay). Returns a dict of the numbers."""
-    cuda = bb.device.type == "cuda"
+    same prompts, resolution and batch (n images per prompt), each the mean of `repeats` calls after
+    two warm-up calls (torch.utils.benchmark.Timer, which synchronises CUDA). Two views: the samplers
+    alone (text encoded, latents not decoded: the part the 4-step generator shortens; the teacher
+    as euler_sample, which equals the pipeline) and end to end (text encoding and VAE decoding too)."""
+    from torch.utils.benchmark import Timer
     g = bb.guidance if guidance is None else guidance
-
-    def seconds(fn):
-        fn()  # warm-up: allocator, kernels, caches
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / repeats
-
     x, rep = initial_noise(bb, prompts, n, seed=0)
     batches = [(x[i:i + n], bb.encode(rep[i:i + n])) for i in range(0, len(rep), n)]
     null, sigmas = bb.encode([""] * n), bb.teacher_sigmas(steps)
+    fns = dict(generator_sampler=lambda: [rollout(bb, net, xb, c, eta=eta) for xb, c in batches],
+               teacher_sampler=lambda: [euler_sample(bb, bb.teacher, xb, sigmas, c, null, g) for xb, c in batches],
+               generator_end_to_end=lambda: generator_images(bb, net, prompts, n, eta=eta),
+               teacher_end_to_end=lambda: teacher_images(bb, prompts, n, steps=steps, guidance=g))
     with torch.no_grad():
-        t = dict(generator_sampler=seconds(lambda: [rollout(bb, net, xb, c, eta=eta) for xb, c in batches]),
-                 teacher_sampler=seconds(lambda: [euler_sample(bb, bb.teacher, xb, sigmas, c, null, g)
-                                                  for xb, c in batches]),
-                 generator_end_to_end=seconds(lambda: generator_images(bb, net, prompts, n, eta=eta)),
-                 teacher_end_to_end=seconds(lambda: teacher_images(bb, prompts, n, steps=steps, guidance=g)))
+        t = {k: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(repeats).mean
+             for k, fn in fns.items()}
     images = len(prompts) * n
     return dict(images=images, batch=n, resolution=getattr(bb, "resolution", None), repeats=repeats,
                 generator_nfe=len(bb.sigmas) - 1, teacher_nfe=steps * (1 if g == 1.0 else 2),
@@ -340,9 +345,7 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
                 speedup_end_to_end=t["teacher_end_to_end"] / t["generator_end_to_end"])
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
+# --- CLI -------------------------------------------------------------------------------------
 
 
 def get_parser():
@@ -350,8 +353,7 @@ def get_parser():
                                 "files merged (the released RTDMD models), or from the teacher.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt (repeat for several; default: a few of the backbone's prompts)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
     p.add_argument("--n", type=int, default=None, help="images per prompt (toy: points per prompt)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--eta", type=float, default=0.9, help="CPS stochasticity of the generator")
@@ -363,15 +365,14 @@ def get_parser():
     p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
     p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
     p.add_argument("--speed", action="store_true",
-                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch "
-                   "and print images/s and the speed-up; without --run, the generator's base network "
-                   "stands in for the generator (same architecture, same cost)")
+                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch; "
+                   "without --run, the generator's base network stands in (same architecture, same cost)")
     p.add_argument("--lora", nargs="+", default=None, metavar="PATH",
-                   help="with --model: the generator is its base with these LoRAs merged in order (a "
-                   "released model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
+                   help="with --model: the generator is its base with these LoRAs merged in order (a released "
+                   "model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
     p.add_argument("--export-lora", default=None, metavar="FILE",
-                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed "
-                   "rank (.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
+                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed rank "
+                   "(.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
     return p
 
 
@@ -390,31 +391,28 @@ def main(argv=None):
         p.error("pass --run RUN, or --model NAME --lora PATH ..., or --teacher --model NAME "
                 "(or --speed --model NAME) without a run")
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32  # the paper samples in bf16
+    kw = dict(device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)  # paper: bf16
     t0 = time.time()
     if args.run is not None:
-        bb, net, stage = models.load_run(args.run, args.stage, device=device, dtype=dtype)
+        bb, net, stage = models.load_run(args.run, args.stage, **kw)
     else:
-        bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution,
-                         device=device, dtype=dtype)
-        if args.lora:
-            net, stage = models.merged_generator(bb, args.lora), "lora"
-    t_load = time.time() - t0
+        bb = models.load(args.model, pretrained=args.pretrained, resolution=args.resolution, **kw)
+        net, stage = (models.merged_generator(bb, args.lora), "lora") if args.lora else (bb.generator_base, None)
+    t_load, t0 = time.time() - t0, time.time()
+    root = args.run or os.path.join("samples", args.model)
 
     if args.speed:
         if bb.name.startswith("toy"):
             p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
-        net = net if args.run is not None or args.lora else bb.generator_base
         r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
         print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
-              f"mean of {r['repeats']} after a warm-up; images/s, samplers alone | end to end:\n"
+              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:\n"
               f"  generator, {r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
               f"{r['generator_end_to_end_images_per_s']:.3f}\n"
               f"  teacher, {r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE): "
               f"{r['teacher_sampler_images_per_s']:.3f} | {r['teacher_end_to_end_images_per_s']:.3f}\n"
               f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
-        out = args.out or os.path.join(args.run or os.path.join("samples", args.model), "speed.json")
+        out = args.out or os.path.join(root, "speed.json")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             json.dump(r, f, indent=2)
@@ -423,33 +421,24 @@ def main(argv=None):
     if bb.name == "toy":  # the toy keeps its scatter plot
         if args.run is None:
             p.error("the toy's teacher is the exact mixture: pass --run to plot a toy run")
-        out = args.out or os.path.join(args.run, "samples.png")
-        t0 = time.time()
-        toy_scatter_png(bb, net, out, n_per_prompt=args.n or 600)
-        print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, "
-              f"{time.time() - t0:.2f}s -> {out}")
+        out = toy_scatter_png(bb, net, args.out or os.path.join(args.run, "samples.png"), n_per_prompt=args.n or 600)
+        print(f"stage-{stage} EMA generator: {len(bb.sigmas) - 1} NFE per sample, {time.time() - t0:.2f}s -> {out}")
         return out
 
-    prompts = args.prompt or bb.prompts[:4]
-    n = args.n or 4
-    t0 = time.time()
+    prompts, n = args.prompt or bb.prompts[:4], args.n or 4
     if args.teacher:
         g = bb.guidance if args.cfg is None else args.cfg
         images = teacher_images(bb, prompts, n, args.seed, args.steps, g)
         nfe = args.steps * (1 if g == 1.0 else 2)  # CFG: a conditional and an unconditional pass
-        what = f"teacher, {args.steps} Euler steps, CFG {g}"
-        name = f"teacher_{args.steps}steps_cfg{g}"
+        what, name = f"teacher, {args.steps} Euler steps, CFG {g}", f"teacher_{args.steps}steps_cfg{g}"
     else:
-        images = generator_images(bb, net, prompts, n, args.seed, args.eta)
-        nfe = len(bb.sigmas) - 1
+        images, nfe = generator_images(bb, net, prompts, n, args.seed, args.eta), len(bb.sigmas) - 1
         what = (f"{args.model} + {len(args.lora)} merged LoRA(s)" if args.lora else
                 f"stage-{stage} EMA generator") + f", CPS eta {args.eta}, no CFG"
         name = "lora" if args.lora else f"stage{stage}_ema"
     if cuda:
         torch.cuda.synchronize()
-    wall = time.time() - t0
-    root = args.run or os.path.join("samples", args.model)
-    out = args.out or os.path.join(root, "samples", name)
+    wall, out = time.time() - t0, args.out or os.path.join(root, "samples", name)
     save_images(images, out)
     grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
     print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s "

@@ -1,5 +1,5 @@
 """Pictures for the course (tests/assignments.py `picture NAME`): the student's own code next to
-the exact answer, on the toy mixture (models.py, section 2), drawn with eval.draw_panels.
+the exact answer, on the toy mixture (models.py, section 2), drawn with sample.scatter_png.
 
     cps_step     a 20-step CPS sampler (exact velocity, eta 0.9) at four levels | exact p_sigma
     renoise      renoise(x_s ~ p_s, s -> t) | exact p_t, for three (s, t)
@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import acdmd  # noqa: E402
-import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import rewards  # noqa: E402
 import sample  # noqa: E402
@@ -24,7 +23,7 @@ N = 500  # points per prompt
 
 
 def layers(x, c):
-    return [(x[c == i], evaluation.PROMPT_COLOURS[i]) for i in range(3)]
+    return [(x[c == i], sample.PALETTE[i]) for i in range(3)]
 
 
 def picture(name, g):
@@ -69,4 +68,4 @@ if __name__ == "__main__":
         grid = picture(name, torch.Generator().manual_seed(0))
     except NotImplementedError as e:
         sys.exit(f"pictures: {e}; the picture needs that exercise done")
-    print(evaluation.draw_panels(grid, png))
+    print(sample.scatter_png(grid, png, size=200, max_points=1500))

@@ -169,7 +169,7 @@ def test_sample_cli_generator_images(runs, tmp_path, capsys):
     files = sorted(os.listdir(out))
     assert files == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"]
     assert Image.open(os.path.join(out, "000000.png")).size == (32, 32)
-    assert Image.open(os.path.join(out, "grid.png")).size == (2 * 34 + 2, 2 * 34 + 2)
+    assert Image.open(os.path.join(out, "grid.png")).size == (2 * 32, 2 * 32)  # make_image_grid: no gaps
     assert "4 NFE per image" in capsys.readouterr().out
     # same seed, same pictures
     sample.main(["--run", d, "--prompt", "a red cat", "--prompt", "two dogs", "--n", "2",
