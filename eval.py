@@ -434,12 +434,9 @@ def main_images(args):
             sets[path] = (*read_prompt_records(path, args.max_prompts),
                           rewards.eval_rewards(sources, {n: 1.0 for n in names}, share=scorer))
         for path, (ps, recs, *_, sc) in sets.items():  # prompt-set needs, checked before any work
-            if "geneval" in sc.weights and not (recs and all("include" in r for r in recs)):
-                raise ValueError(f"geneval needs GenEval metadata records, which {path!r} lacks: pass "
-                                 f"--reward-prompts geneval={OFFICIAL_PROMPT_SETS['geneval']} (official repo)")
-            if "geneval2" in sc.weights and not (recs and all("vqa_list" in r for r in recs)):
-                raise ValueError(f"geneval2 needs GenEval2 records with a vqa_list, which {path!r} lacks: pass "
-                                 f"--reward-prompts geneval2={OFFICIAL_PROMPT_SETS['geneval2']} (official repo)")
+            for name in sc.weights:
+                rewards.check_metadata([name], recs, where=repr(path), fix=f"pass --reward-prompts "
+                                       f"{name}={OFFICIAL_PROMPT_SETS.get(name)} (official repo)")
             if "ocr" in sc.weights:
                 [rewards.ocr_target(p) for p in ps]
         prompts = next(iter(sets.values()))[0]
@@ -597,19 +594,12 @@ def fit_beta_reward(samples, mixture, reward):
     return 10 ** ((lo + hi) / 2)
 
 
-def run_reward(cfg):
-    """The toy reward a run used (train.make_reward's toy branch)."""
-    import rewards
-    return rewards.QuadraticReward(1.0, (2.0, 0.0)) if cfg.get("reward", "quadratic") == "quadratic" \
-        else rewards.LinearReward((1.0, 0.0))
-
-
 def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     """The stage-2 EMA generator of `run` (or a tilted-teacher stage-1 run) against p~_beta, at
     `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
     stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
     the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
-    (bb, net, stage), reward = models.load_run(run), run_reward(run_config(run))
+    (bb, net, stage), reward = models.load_run(run), rewards.toy_reward(run_config(run).get("reward", "quadratic"))
     xs = {"RTDMD" if stage == 2 else "generator": toy_samples(bb, net, n, seed)}
     fitted = fit_beta(next(iter(xs.values())), bb.mixture, reward)
     beta = fitted if beta is None else beta
@@ -676,7 +666,7 @@ def main_tilted(args, t0):
                     [[p, ms(r["ratio"], ".2f"), ms(r["occ_err"], ".3f"), ms(r["outliers"], ".3f"),
                       ms(r["reward_gap"], "+.3f"), ms(s["gaps"][p], "+.3f")] for p, r in s["rows"].items()],
                     [-7, 14, 14, 14, 15, 30])
-    bb, reward = models.load_run(args.run)[0], run_reward(run_config(args.run))
+    bb, reward = models.load_run(args.run)[0], rewards.toy_reward(run_config(args.run).get("reward", "quadratic"))
     png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
     print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
     return all_res[0] if len(runs) == 1 else all_res
@@ -686,9 +676,9 @@ def main_tilted(args, t0):
 
 ABLATION_ROWS = [  # (row name, extra stage-2 flags)
     ("RTDMD", []),
-    ("without DM", ["--no-dm"]),
-    ("without back-prop", ["--no-bp"]),
-    ("without policy gradient", ["--no-pg"]),
+    ("without DM", ["--w-dm", "0"]),
+    ("without back-prop", ["--w-bp", "0"]),
+    ("without policy gradient", ["--w-pg", "0"]),
     ("without SubGRPO", ["--all-steps", "--no-shared-noise"]),
 ]
 
@@ -714,7 +704,7 @@ def ablation(root, seed=0, n=DEFAULT_N):
 
     nets = {"stage 1 (AC-DMD)": trained(s1, 1)} | {name: trained(os.path.join(root, name.replace(" ", "_")), 2, (
         "stage1.pt", "config.json"), flags) for name, flags in ABLATION_ROWS}  # every row trained first
-    bb, reward = models.load_run(s1)[0], run_reward({})
+    bb, reward = models.load_run(s1)[0], rewards.toy_reward()
     samples = {name: toy_samples(bb, net, n, seed) for name, net in nets.items()}
     samples["teacher 4-step Euler"] = toy_samples(bb, None, n, seed, euler=True)
     beta = fit_beta(samples["RTDMD"], bb.mixture, reward)
@@ -784,7 +774,7 @@ def get_args(argv=None):
     p.add_argument("--plain-dmd-run", nargs="+", default=None, metavar="RUN",
                    help="toy stage 1: --plain-dmd run(s), one more row and picture column")
     p.add_argument("--no-dm-run", default=None, metavar="RUN",
-                   help="toy --tilted: a --no-dm stage-2 run, one more row and picture column")
+                   help="toy --tilted: a --w-dm 0 stage-2 run, one more row and picture column")
     p.add_argument("--base-ode", action="store_true", help="toy stage 1: add the base MLP as a 50-step ODE")
     p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
     p.add_argument("--tilted", action="store_true", help="toy stage 2: against the exact tilted target")

@@ -166,6 +166,12 @@ class QuadraticReward:
         log_f = quadratic_log_f(mixture, self.gamma, self.m, beta)
         return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
+
+def toy_reward(name="quadratic"):
+    """The toy's stage-2 reward, train.py --reward quadratic|linear: a bowl centred on the ring
+    mode at (2, 0), or the linear reward along the first axis (train.py and eval.py both)."""
+    return QuadraticReward(1.0, (2.0, 0.0)) if name == "quadratic" else LinearReward((1.0, 0.0))
+
 # ---------------------------------------------------------------------------------------------
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
@@ -227,17 +233,20 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
                    "geneval2": ("vqa_list", "dataset/geneval2/test.jsonl")}
 
 
-def check_metadata(names, records, n=None, where="the records given"):
+def check_metadata(names, records, n=None, where="the records given",
+                   fix="read them from its .jsonl (the official {official})"):
     """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
-    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS)."""
+    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS). `fix`:
+    what the message tells the user to do ({name} and {official} are filled in). The one check
+    of rewards.py, train.py and eval.py."""
     for name in names:
         if name in METADATA_FIELDS:
             field, official = METADATA_FIELDS[name]
             if not records or (n is not None and len(records) != n) or not all(
                     isinstance(r, dict) and field in r for r in records):
                 raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
-                                 f"metadata record with '{field}' per prompt, not found in {where}: read "
-                                 f"them from its .jsonl (the official {official})")
+                                 f"metadata record with '{field}' per prompt, not found in {where}: "
+                                 + fix.format(name=name, official=official))
 
 
 def crop_offset(margin, rounding):

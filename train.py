@@ -589,21 +589,20 @@ def make_reward(args, device=None, metadata=None):
     loaded now (rewards.sources_from_args); a missing model, or geneval without the prompts'
     GenEval records ("include": pass the GenEval .jsonl as --prompts), exits with one line."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
-        r = rewards.QuadraticReward(1.0, (2.0, 0.0)) if args.reward == "quadratic" else rewards.LinearReward((1.0, 0.0))
+        r = rewards.toy_reward(args.reward)
         return r, r, {r.name: 1.0}
     weights = dict(rewards.GRPO_WEIGHTS)
     if args.rewards:
         weights = {name.strip(): 1.0 for name in args.rewards.split(",") if name.strip()}
-    if "geneval" in weights and not (metadata and all("include" in m for m in metadata)):
-        sys.exit(f"error: the stage-2 reward geneval scores each image against its prompt's GenEval record, "
-                 f"but --prompts {args.prompts} carries none; pass the GenEval training prompts (the official "
-                 f"code's dataset/geneval/train_metadata.jsonl) or leave geneval out with --rewards "
-                 f"{','.join(n for n in weights if n != 'geneval')}")
+    others = ",".join(n for n in weights if n not in rewards.METADATA_FIELDS)
     try:
+        rewards.check_metadata(weights, metadata, where=f"--prompts {args.prompts}",
+                               fix="pass the training prompts with those records (the official code's "
+                                   "{official}) as --prompts, or leave {name} out with --rewards " + others)
         grpo, bp = rewards.training_rewards(rewards.sources_from_args(args), weights)
         rewards.preflight(grpo, device)  # bp shares grpo's models: this loads both
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: stage-2 reward model: {' '.join(str(e).split())}")
+        sys.exit(f"error: stage-2 reward: {' '.join(str(e).split())}")
     return grpo, bp, weights
 
 

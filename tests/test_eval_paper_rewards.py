@@ -68,7 +68,7 @@ def test_main_images_paper_metrics_on_their_prompt_sets(setup, tiny_dir, tmp_pat
 
 def test_main_images_prompt_set_errors_are_one_line(setup, tiny_dir, tmp_path, capsys):  # noqa: F811
     d, paths = setup
-    for argv, needle in ((["--rewards", "geneval"], "geneval needs GenEval metadata"),
+    for argv, needle in ((["--rewards", "geneval"], "geneval needs one GenEval metadata record"),
                          (["--rewards", "ocr"], "double quotes"),
                          (["--rewards", "clipscore", "--reward-prompts", "ocr=x.txt"], "NAME=FILE")):
         with pytest.raises(SystemExit):

@@ -225,7 +225,7 @@ def test_make_reward_geneval_needs_geneval_metadata(monkeypatch):
     for metadata in ([{}, {}], [geneval[0], {}], None):
         with pytest.raises(SystemExit) as e:
             train.make_reward(args, None, metadata)
-        assert "GenEval record" in str(e.value) and "--rewards clipscore,hpsv2,pickscore" in str(e.value), str(e.value)
+        assert "GenEval metadata record" in str(e.value) and "--rewards clipscore,hpsv2,pickscore" in str(e.value), str(e.value)
     args = train.get_args(["--stage", "2", "--model", "tiny-sd3", "--rewards", "clipscore,hpsv2,pickscore"])
     assert train.make_reward(args, None, [{}, {}])[2] == {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}
     assert seen[-1] == {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0}

@@ -179,7 +179,7 @@ def test_make_reward_missing_checkpoint_stops_before_any_work(stage1, assets, tm
     with pytest.raises(SystemExit) as e:
         train.main(S2 + ["--model", name, "--out", d] + bad)
     msg = str(e.value)
-    assert msg.startswith("error: stage-2 reward model:") and "\n" not in msg, msg
+    assert msg.startswith("error: stage-2 reward:") and "\n" not in msg, msg
     assert "nowhere" in msg and "--reward-paths hpsv2=PATH" in msg, msg
     assert sorted(os.listdir(d)) == sorted(["stage1.pt", "config.json", "generator_ema_lora.safetensors",
                                             "samples_stage1.png", name])
