@@ -124,12 +124,16 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
    plus `cfg_velocity` (section 1) for the classifier-free-guided teacher.
 """
 import copy
+import hashlib
+import json
 import math
 import os
+import pickle
 import re
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # 1. Flow-matching conventions
@@ -196,15 +200,11 @@ def sd3_sigmas(step_list=DENOISING_STEP_LIST, shift=3.0):
 def flux2_empirical_mu(image_seq_len, num_steps):
     """FLUX.2's resolution-dependent shift mu (the FLUX.2 pipeline's): piecewise linear in the token
     count, and linear in the number of steps between the (10 steps) and (200 steps) lines."""
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
+    m_200 = 0.00016927 * image_seq_len + 0.45666666
     if image_seq_len > 4300:
-        return a2 * image_seq_len + b2
-    m_200 = a2 * image_seq_len + b2
-    m_10 = a1 * image_seq_len + b1
-    a = (m_200 - m_10) / 190.0
-    b = m_200 - 200.0 * a
-    return a * num_steps + b
+        return m_200
+    a = (m_200 - (8.73809524e-05 * image_seq_len + 1.89833333)) / 190.0
+    return a * num_steps + (m_200 - 200.0 * a)
 
 
 def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
@@ -372,21 +372,16 @@ class ToySteps(nn.Module):
         return self.nets[k](x, sigma, c)
 
 
-def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3,
-                      angles=0):
+def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False,
+                      depth=3, angles=0):
     """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
     It initialises the generator and the fake score, exactly as the real generator and fake
     score start from the teacher's weights (section 3)."""
-    g = torch.Generator().manual_seed(seed)
-    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth, angles=angles)
+    g, C = torch.Generator().manual_seed(seed), mixture.weights.shape[0]
+    net = ToyMLP(num_cond=C, width=width, depth=depth, angles=angles)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    C = mixture.weights.shape[0]
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="pretrain toy base")
-    for _ in it:
+    for _ in tqdm(range(steps), desc="pretrain toy base", disable=not progress):
         c = torch.randint(0, C, (batch,), generator=g)
         x0 = mixture.sample(c, generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -416,17 +411,15 @@ class ToyBackbone:
                  mixture=None, device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0,
                  exact_prefix=False, per_step=False, **unused):
         self.mixture = mixture if mixture is not None else toy_mixture()
-        self.prompts = list(TOY_PROMPTS)
+        self.prompts, self.device = list(TOY_PROMPTS), torch.device(device)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
         self.sigmas = sd3_sigmas(shift=shift)
-        self.device = torch.device(device)
-        # diagnostic (train.py --toy-exact-prefix): the last step's input is an exact sample of
+        # exact_prefix (train.py --toy-exact-prefix): the last step's input is an exact sample of
         # p_{sigma_{K-1}}(x|c) instead of the generator's own steps 1..K-1 (prefix_state)
         self.exact_prefix, self.per_step = exact_prefix, per_step
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
-        path = None if cache_dir is None else os.path.join(
-            cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
-        if path is not None and os.path.exists(path):
+        path = cache_dir and os.path.join(cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
+        if path and os.path.exists(path):
             ck = load_checkpoint(path)
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"],
                                depth=ck.get("depth", 3), angles=ck.get("angles", 0))
@@ -434,9 +427,9 @@ class ToyBackbone:
         else:
             self.base = pretrain_toy_base(self.mixture, steps=pretrain_steps, batch=pretrain_batch,
                                           width=width, depth=depth, progress=progress, angles=angles)
-            if path is not None:
+            if path:
                 os.makedirs(cache_dir, exist_ok=True)
-                torch.save({"width": width, "depth": depth, "angles": angles, "state_dict": self.base.state_dict()}, path + ".tmp")
+                torch.save(dict(width=width, depth=depth, angles=angles, state_dict=self.base.state_dict()), path + ".tmp")
                 os.replace(path + ".tmp", path)
         self.base.eval().requires_grad_(False)
 
@@ -449,12 +442,10 @@ class ToyBackbone:
     def encode(self, prompts):
         """Prompt strings -> condition index; "" is the unconditional (CFG null) branch."""
         names = self.prompts + [""]
-        try:
-            c = [names.index(p) for p in prompts]
-        except ValueError:
+        if not set(prompts) <= set(names):
             raise ValueError(f"unknown toy prompt in {prompts!r}; the toy knows {self.prompts} "
-                             "and '' (unconditional)") from None
-        return {"c": torch.tensor(c, dtype=torch.long, device=self.device)}
+                             "and '' (unconditional)")
+        return {"c": torch.tensor([names.index(p) for p in prompts], dtype=torch.long, device=self.device)}
 
     def velocity(self, net, x, sigma, cond):
         return net(x, sigma.to(x.dtype), cond["c"])
@@ -469,6 +460,7 @@ class ToyBackbone:
     def decode(self, x):
         """The toy has no VAE: a 'sample' is the 2-D point itself (rewards score the point)."""
         return x
+
 
 class ShiftVelocity(nn.Module):
     """The "toy-gauss" generator: the exact teacher velocity plus one learnable vector b,
@@ -511,22 +503,11 @@ class ToyGaussBackbone(ToyBackbone):
 # 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
 # ---------------------------------------------------------------------------------------------
 
-# What this section holds (the settings per backbone are in the module docstring, section 3):
-#   SPECS, DEFAULT_PROMPTS  name -> family, hub ids, CFG g, train resolution; default prompts
-#   shared_copy             a student that shares the teacher's frozen tensors
-#   load_pipeline           from_pretrained with one actionable error line
-#   DiffusersBackbone       what both families share: teacher, students (LoRA), noise
-#   SD3Backbone             sd3-medium, sd3.5-medium, tiny-sd3, tiny-sd35
-#   Flux2Backbone           flux2-klein-4b, tiny-flux2 (generator base: the distilled klein-4B)
-#   build_tiny              the random-init tiny twins, written with save_pretrained
-#   load_diffusers          a real backbone or a tiny twin, through from_pretrained
-#
-# Memory (why there are no copies of frozen weights): the teacher *is* pipe.transformer. A LoRA
-# student is a `shared_copy` of its base: a fresh module tree whose frozen weights are the
-# teacher's own tensors, plus new LoRA parameters. Merging a LoRA (stage 2) writes new weight
-# tensors for the merged Linears only, so a shared teacher is never modified. Only full fine-
-# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer (the distilled
-# generator base, transformer only: klein-4B and klein-base-4B share text encoder and VAE).
+# Memory: the teacher *is* pipe.transformer, and a LoRA student is a `shared_copy` of its base
+# (the teacher's own frozen tensors plus new LoRA parameters). Merging a LoRA (stage 2) writes new
+# tensors for the merged Linears only, so a shared teacher is never modified; only full fine-
+# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer, the distilled
+# generator base (klein-4B and klein-base-4B share text encoder and VAE).
 
 SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, train resolution)
     "sd3-medium": ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None, 7.0, 1024),
@@ -580,17 +561,14 @@ class DiffusersBackbone:
                  prompt_metadata=None, lora_dtype=torch.float32, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
-        self.gradient_checkpointing = gradient_checkpointing
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.gradient_checkpointing, self.lora_rank, self.lora_alpha = gradient_checkpointing, lora_rank, lora_alpha
         self.lora_dtype = lora_dtype  # the trainable (master) weights: LoRA, or the full copy
         self.prompts = list(prompts or DEFAULT_PROMPTS)
-        # one dict per training prompt (read_prompt_file: a .jsonl line's other fields), for the
-        # rewards that score against it (GenEval)
+        # one dict per training prompt (read_prompt_file), for the rewards that need it (GenEval)
         self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
         assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
-        # with accelerate (load_pipeline: low_cpu_mem_usage) the weights already come in `dtype`;
-        # without it diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16) silently
-        # stays float32, so cast by hand (a no-op in the first case)
+        # without accelerate, diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16)
+        # silently stays float32, so cast by hand (a no-op with low_cpu_mem_usage)
         pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables
@@ -658,6 +636,36 @@ class DiffusersBackbone:
         self.text_device = torch.device("cpu")
         return sum(v.numel() * v.element_size() for v in self.text_cache.values())
 
+    def teacher_sigmas(self, steps):
+        """The stock pipeline's sigmas for `steps` Euler steps (sigma = 0 appended; sample.py
+        --teacher), from a fresh copy of its scheduler; the family's shift arguments come from
+        schedule_kw."""
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(**self.schedule_kw(steps))
+        return sched.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def pipeline_latents(self, prompts, x, steps, guidance=None):
+        """The stock pipeline (the teacher, `steps` Euler steps with CFG `guidance`, default g)
+        from our latents x, on the embeddings of self.encode: its VAE latents
+        (output_type="latent"), what to_vae_latents maps our samples to; decode_vae decodes them."""
+        c, null = self.encode(prompts), self.encode([""] * len(prompts))
+        return self.pipe(latents=x, num_inference_steps=steps, height=self.resolution,
+                         width=self.resolution, guidance_scale=self.guidance if guidance is None else guidance,
+                         output_type="latent", **self.embeds_kw(c, null)).images
+
+    def decode(self, x):
+        """Differentiable: our latents -> images [B, 3, H, W] in [0, 1] (section 3)."""
+        return self.decode_vae(self.to_vae_latents(x))
+
+    def decode_vae(self, z):
+        """VAE latents -> VAE decode (SD3: z / scaling + shift first), [-1, 1] -> [0, 1]."""
+        vae = self.pipe.vae
+        if self.family == "sd3":
+            z = z / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
 
 class SD3Backbone(DiffusersBackbone):
     """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]; the text is the
@@ -675,15 +683,15 @@ class SD3Backbone(DiffusersBackbone):
         # the official code caps T5 at 128 tokens (205 = 77 + 128); tiny twins have fewer
         self.max_sequence_length = min(128, pipe.tokenizer_3.model_max_length)
 
-    def teacher_sigmas(self, steps):
-        """Sigmas of the stock StableDiffusion3Pipeline for `steps` Euler steps (used by
-        `sample.py --teacher`): `steps` evenly spaced timesteps from 1000 down to the scheduler's
-        smallest one (1000 sigma_min, 2.994 for shift 3: diffusers' FlowMatchEulerDiscreteScheduler
-        starts from its shifted sigma_min), then the static shift, applied once by sd3_sigmas."""
-        sched = self.pipe.scheduler
-        t_min = sched.config.num_train_timesteps * sched.sigma_min
-        steps_list = torch.linspace(1000.0, t_min, steps, dtype=torch.float64).tolist()
-        return sd3_sigmas(steps_list, sched.config["shift"])
+    def schedule_kw(self, steps):
+        """StableDiffusion3Pipeline: `steps` timesteps evenly spaced from 1000 down to 1000
+        sigma_min, then the static shift."""
+        return dict(num_inference_steps=steps)
+
+    def embeds_kw(self, c, null):
+        return dict(prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_projections"],
+                    negative_prompt_embeds=null["prompt_embeds"],
+                    negative_pooled_prompt_embeds=null["pooled_projections"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -705,13 +713,6 @@ class SD3Backbone(DiffusersBackbone):
         """Sampler latents -> the VAE's own latents (what output_type="latent" returns)."""
         return x
 
-    def decode(self, x):
-        """Differentiable: z/scaling + shift, VAE decode, [-1, 1] -> [0, 1] (section 3)."""
-        vae = self.pipe.vae
-        z = x / vae.config.scaling_factor + vae.config.shift_factor
-        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
 
 class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
@@ -732,12 +733,14 @@ class Flux2Backbone(DiffusersBackbone):
         self.text_layers = tuple(text_layers)
         self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
 
-    def teacher_sigmas(self, steps):
-        """Sigmas of the stock Flux2KleinPipeline for `steps` Euler steps (`sample.py --teacher`):
-        u = linspace(1, 1/steps, steps), i.e. timesteps 1000, ..., 1000/steps, then the dynamic
-        shift with mu(token count, steps), applied once by flux2_sigmas."""
-        u = torch.linspace(1000.0, 1000.0 / steps, steps, dtype=torch.float64).tolist()
-        return flux2_sigmas(u, resolution=16 * self.latent_shape[1])
+    def schedule_kw(self, steps):
+        """Flux2KleinPipeline: u = linspace(1, 1/steps, steps), then the dynamic shift with
+        mu(token count, steps)."""
+        mu = flux2_empirical_mu(self.latent_shape[1] * self.latent_shape[2], steps)
+        return dict(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
+
+    def embeds_kw(self, c, null):
+        return dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -769,11 +772,6 @@ class Flux2Backbone(DiffusersBackbone):
         B, C, h, w = z.shape  # channel index = c*4 + 2*dy + dx (diffusers' _patchify_latents)
         z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
         return z.reshape(B, C // 4, 2 * h, 2 * w)
-
-    def decode(self, x):
-        vae = self.pipe.vae
-        img = vae.decode(self.to_vae_latents(x).to(vae.dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
 def build_tiny(name, folder):
