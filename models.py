@@ -786,9 +786,8 @@ def build_tiny(name, folder):
     chars = sorted(ByteLevel.alphabet())
     sched = dict(num_train_timesteps=1000, shift=3.0)
     vae_kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                  use_quant_conv=False, use_post_quant_conv=False)
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
     tmp = f"{folder}.tmp{os.getpid()}"
     if name in ("tiny-sd3", "tiny-sd35"):
         clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -799,25 +798,21 @@ def build_tiny(name, folder):
         for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
             pieces += [("\u2581" + c, -3.0), (c, -4.0)]
         tok3 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
-        clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  max_position_embeddings=16, projection_dim=32,
+        clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
         torch.manual_seed(0); te1 = CLIPTextModelWithProjection(clip_cfg)
         torch.manual_seed(1); te2 = CLIPTextModelWithProjection(clip_cfg)
         torch.manual_seed(2)
-        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37,
-                                      num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                      relative_attention_max_distance=32,
+        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=2,
+                                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
         extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if name == "tiny-sd35" else {}
         torch.manual_seed(3)
-        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
-                                     num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                     joint_attention_dim=64, caption_projection_dim=32,
-                                     pooled_projection_dim=64, pos_embed_max_size=16, **extra)
-        torch.manual_seed(4)
-        vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
+        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+        torch.manual_seed(4); vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
         D.StableDiffusion3Pipeline(
             transformer=tr, scheduler=D.FlowMatchEulerDiscreteScheduler(**sched), vae=vae,
             text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
@@ -832,26 +827,21 @@ def build_tiny(name, folder):
             "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
             "{% endif %}{% endif %}")
         torch.manual_seed(0)
-        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=3, num_attention_heads=2,
-                                          num_key_value_heads=1, head_dim=8,
+        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                           max_position_embeddings=128, tie_word_embeddings=True))
-        torch.manual_seed(1)
-        vae = D.AutoencoderKLFlux2(**vae_kw)
+        torch.manual_seed(1); vae = D.AutoencoderKLFlux2(**vae_kw)
         vae.bn.running_mean.copy_(0.3 * torch.randn(16))  # non-trivial stats, so a wrong
         vae.bn.running_var.copy_(0.5 + torch.rand(16))     # de-normalisation shows in tests
         for sub, seed, distilled in (("base", 2, False), ("distilled", 3, True)):
             torch.manual_seed(seed)
-            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1,
-                                           num_single_layers=1, attention_head_dim=16,
-                                           num_attention_heads=2, joint_attention_dim=48,
+            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
                                            timestep_guidance_channels=32, mlp_ratio=3.0,
                                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-            D.Flux2KleinPipeline(
-                scheduler=D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True,
-                                                            time_shift_type="exponential"),
-                vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
-                is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
+            sch = D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True, time_shift_type="exponential")
+            D.Flux2KleinPipeline(scheduler=sch, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
+                                 is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
     else:
         raise ValueError(name)
     try:
@@ -895,13 +885,12 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
 # 4. LoRA, hand-written (no peft at run time)
 # ---------------------------------------------------------------------------------------------
 
-# LoRA (section 4): W x + b  ->  W x + b + (alpha / r) B A x, with A [r, in] and
-# B [out, r]. B = 0 at init, so a fresh LoRA leaves the function unchanged. rank 32, alpha 64
-# (scale 2) everywhere in the paper. Two inits of A: peft's "gaussian" (std 1/r, stage 1) and
-# the stage-2 re-init after merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`).
-# Files use the diffusers/PEFT layout, `transformer.<module>.lora_A.weight`, with r, lora_alpha
-# and target_modules in the safetensors metadata, so a stock pipeline's `load_lora_weights`
-# (which needs peft) applies them with the right alpha/r; `export_merged` needs no extra library.
+# W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init; r 32, alpha 64 in
+# the paper. Inits of A: peft's "gaussian" (std 1/r, stage 1) and the stage-2 re-init after
+# merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`). Files use the diffusers/PEFT
+# layout, `transformer.<module>.lora_A.weight` with r, lora_alpha and target_modules in the
+# safetensors metadata, so a stock pipeline's `load_lora_weights` (which needs peft) applies them
+# with the right alpha/r; `export_merged` needs no extra library.
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
     # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
@@ -909,9 +898,8 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
     # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
-    # single-stream output projection of blocks 0-19 only. The same list in both stages, for the
-    # generator and the fake score alike (official code: configs/cold_start/flux2_4b.yaml and
-    # configs/rtdmd/flux2_4b.yaml, generator_lora and fake_score_lora).
+    # single-stream output projection of blocks 0-19 only, in both stages, for the generator and
+    # the fake score alike (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
               "to_add_out", "to_qkv_mlp_proj")
              + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
@@ -919,12 +907,11 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 
 
 class LoRALinear(nn.Linear):
-    """A Linear with a LoRA branch. It *shares* the wrapped layer's weight and bias (no copy),
-    keeps their state-dict names (`weight`, `bias`) and adds `lora_A.weight`, `lora_B.weight`,
-    the names peft gives them (minus its adapter name). LoRA weights are `dtype`: float32 by
-    default, bf16 with train.py --lora-dtype bf16, which is what the official code gets: diffusers'
-    add_adapter creates peft's A and B in the base layer's dtype, bf16 there. The branch is cast
-    back to the output dtype."""
+    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-
+    dict names) and adds `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name).
+    A, B are `dtype`: float32, or bf16 (train.py --lora-dtype), what the official code gets, since
+    diffusers' add_adapter creates them in the base layer's dtype. The branch is cast back to the
+    output dtype."""
 
     def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
@@ -950,9 +937,8 @@ class LoRALinear(nn.Linear):
 
 
 def lora_targets(net, family, stage=1):
-    """Names of the Linear modules of `net` that get a LoRA (section 4). The lists are the same in
-    stage 1 and stage 2 for every family (configs/cold_start/*.yaml and configs/rtdmd/*.yaml);
-    `stage` only documents the caller's intent."""
+    """Names of the Linears of `net` that get a LoRA (section 4); the lists are the same in both
+    stages for every family, `stage` only documents the caller's intent."""
     suffixes = LORA_TARGETS[family]
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
@@ -977,6 +963,12 @@ def lora_state_dict(net):
     return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
+def lora_modules(sd):
+    """(sorted module names, rank) of a LoRA state dict {module.lora_A.weight: A, ...}."""
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    return names, next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]
+
+
 def merge_lora(net, in_place=False):
     """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
     back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
@@ -998,19 +990,16 @@ def merge_lora(net, in_place=False):
 
 def save_lora(lora, path, alpha=None, prefix="transformer"):
     """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
-    diffusers/PEFT safetensors: `transformer.<module>.lora_A.weight`, with peft's LoraConfig
-    fields (r, lora_alpha, target_modules) in the metadata. alpha: the net's, else 2 r."""
-    import json
+    diffusers/PEFT safetensors with peft's LoraConfig fields in the metadata. alpha: the net's,
+    else 2 r."""
     from safetensors.torch import save_file
     if isinstance(lora, nn.Module):
         m0 = next(iter(lora_layers(lora).values()))
         alpha = alpha or m0.scale * m0.lora_A.out_features
         lora = lora_state_dict(lora)
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
-    r = lora[names[0] + ".lora_A.weight"].shape[0]
+    names, r = lora_modules(lora)
     sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
-    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r,
-              f"{prefix}.target_modules": names}
+    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r, f"{prefix}.target_modules": names}
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
@@ -1028,21 +1017,19 @@ def read_lora(src, rank=32, alpha=64):
     save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
     generator_ema.pt files). Files are read with weights_only=True. Without a config the scale
     is the official fallback alpha / rank = 64 / 32, whatever the tensors' rank."""
-    import json
-    scale = alpha / rank
+    scale, sd = alpha / rank, src
     if isinstance(src, (str, os.PathLike)):
         path = str(src)
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")) \
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")) \
                 and os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
         if os.path.isdir(path):
-            cfg_file = os.path.join(path, "adapter_config.json")
-            if os.path.isfile(cfg_file):
+            if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):
                 with open(cfg_file) as f:
                     cfg = json.load(f)
                 scale = float(cfg.get("lora_alpha", alpha)) / float(cfg.get("r", rank))
-            files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin",
-                                                     "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+            files = [f for e in (".safetensors", ".bin", ".pt")
+                     if os.path.isfile(f := os.path.join(path, "adapter_model" + e))]
             if not files:
                 raise FileNotFoundError(f"--lora {src}: a LoRA folder needs adapter_model.safetensors "
                                         "(or .bin / .pt) next to adapter_config.json")
@@ -1055,8 +1042,7 @@ def read_lora(src, rank=32, alpha=64):
             with safe_open(path, "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
                 sd = {k: f.get_tensor(k) for k in f.keys()}
-            r_key = next((k for k in meta if k.endswith(".r") or k == "r"), None)
-            if r_key is not None:
+            if (r_key := next((k for k in meta if k.endswith(".r") or k == "r"), None)) is not None:
                 scale = float(meta[r_key[:-1] + "lora_alpha"]) / float(meta[r_key])
         else:
             try:
@@ -1064,32 +1050,27 @@ def read_lora(src, rank=32, alpha=64):
             except Exception as e:
                 raise ValueError(f"--lora {src}: not a tensor-only checkpoint ({type(e).__name__}); "
                                  "only state dicts of tensors are read (weights_only=True)") from None
-    else:
-        sd = src
     out = {}
     for k, v in sd.items():
         while (p := next((w for w in LORA_WRAPPERS if k.startswith(w)), None)):
             k = k[len(p):]
-        m = LORA_KEY.match(k)
-        if m and torch.is_tensor(v):
+        if (m := LORA_KEY.match(k)) and torch.is_tensor(v):
             out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = v
     if not out:
         raise ValueError(f"--lora {src if not isinstance(src, dict) else 'state dict'}: no "
                          "'...lora_A[.adapter].weight' / '...lora_B...' keys found")
-    r = next(v for k, v in out.items() if k.endswith("lora_A.weight")).shape[0]
-    return out, scale * r
+    return out, scale * lora_modules(out)[1]
 
 
-def load_lora(net, lora, prefix="transformer"):
+def load_lora(net, lora):
     """Wrap the modules named in `lora` (any source read_lora reads) with LoRALinear and load
     its weights. alpha comes from the file (default 2 r, the paper's)."""
     sd, alpha = read_lora(lora)
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    names, r = lora_modules(sd)
     unknown = [n for n in names if n not in dict(net.named_modules())]
     if unknown:
         raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: "
                          "is it a LoRA of another model?")
-    r = sd[names[0] + ".lora_A.weight"].shape[0]
     trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
     inject_lora(net, names, r, alpha)
     for p in trainable:
@@ -1116,19 +1097,15 @@ def stack_loras(loras):
     LoRA gets zero rows there, so every module has the summed rank. Two stacked rank-32 LoRAs
     become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
     read = [read_lora(x) for x in loras]
-    ranks = [next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0] for sd, _ in read]
+    ranks = [lora_modules(sd)[1] for sd, _ in read]
     scales = [a / r for (_, a), r in zip(read, ranks)]
-    names = sorted({k.rsplit(".lora_", 1)[0] for sd, _ in read for k in sd})
     out = {}
-    for n in names:
+    for n in sorted({m for sd, _ in read for m in lora_modules(sd)[0]}):
         ref = next(sd for sd, _ in read if n + ".lora_A.weight" in sd)
         d_in, d_out = ref[n + ".lora_A.weight"].shape[1], ref[n + ".lora_B.weight"].shape[0]
-        A, B = [], []
-        for (sd, _), r, s in zip(read, ranks, scales):
-            a = sd.get(n + ".lora_A.weight", torch.zeros(r, d_in)).float()
-            b = sd.get(n + ".lora_B.weight", torch.zeros(d_out, r)).float()
-            A.append(a)
-            B.append(b * (s / scales[0]))
+        A = [sd.get(n + ".lora_A.weight", torch.zeros(r, d_in)).float() for (sd, _), r in zip(read, ranks)]
+        B = [sd.get(n + ".lora_B.weight", torch.zeros(d_out, r)).float() * (s / scales[0])
+             for (sd, _), r, s in zip(read, ranks, scales)]
         out[n + ".lora_A.weight"], out[n + ".lora_B.weight"] = torch.cat(A), torch.cat(B, 1)
     return out, scales[0] * sum(ranks)
 
@@ -1145,7 +1122,6 @@ def export_merged(net, folder):
     stock pipeline loads with no extra library:
         Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
-
 # ---------------------------------------------------------------------------------------------
 # 5. load(name)
 # ---------------------------------------------------------------------------------------------
