@@ -239,14 +239,8 @@ def cond_select(cond, idx):
 
 
 class Mixture:
-    """An isotropic Gaussian mixture in d dimensions with per-condition weights.
-
-    means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1).
-    Everything about it is closed form at every noise level sigma (section 2):
-
-        p_sigma(x | c) = sum_j pi_cj N(x; (1 - sigma) mu_j, V_j(sigma) I),
-        V_j(sigma)     = (1 - sigma)^2 s_j^2 + sigma^2.
-    """
+    """An isotropic Gaussian mixture in d dimensions, closed form at every noise level (section 2).
+    means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1)."""
 
     def __init__(self, means, stds, weights):
         self.means = torch.as_tensor(means, dtype=torch.float64)
@@ -256,8 +250,8 @@ class Mixture:
     def sample(self, c, sigma=0.0, generator=None):
         """Exact samples of p_sigma(x | c) for a LongTensor of conditions c [B]."""
         j = torch.multinomial(self.weights[c], 1, generator=generator).squeeze(1)
-        x0 = self.means[j] + self.stds[j, None] * torch.randn(
-            len(c), self.means.shape[1], generator=generator, dtype=torch.float64)
+        x0 = self.means[j] + self.stds[j, None] * torch.randn(len(c), self.means.shape[1], generator=generator,
+                                                              dtype=torch.float64)
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
         return ((1 - sigma) * x0 + sigma * eps).float()
 
@@ -298,17 +292,12 @@ class Mixture:
 
 
 def toy_mixture(num_components=8, radius=2.0, std=0.3):
-    """The toy world of section 2: 8 components on a circle of radius 2, std 0.3, and
-    four conditions. Prompt 'top' uses components 0-3 with *unequal* weights (so mode
-    occupancy is a real test), 'bottom' uses 4-7 uniformly, 'ring' uses all 8, and the empty
-    prompt "" (CFG's unconditional branch) uses the average of the three rows."""
+    """The toy world of section 2 ('top' has *unequal* weights, so mode occupancy is a real test)."""
     J = num_components
     ang = torch.arange(J, dtype=torch.float64) * 2 * math.pi / J
     means = radius * torch.stack([ang.cos(), ang.sin()], 1)
     w = torch.zeros(3, J, dtype=torch.float64)
-    w[0, :4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    w[1, 4:] = 0.25
-    w[2, :] = 1.0 / J
+    w[0, :4], w[1, 4:], w[2, :] = torch.tensor([0.4, 0.3, 0.2, 0.1]), 0.25, 1.0 / J
     weights = torch.cat([w, w.mean(0, keepdim=True)])
     return Mixture(means, torch.full((J,), std), weights)
 
@@ -317,8 +306,7 @@ TOY_PROMPTS = ("top", "bottom", "ring")
 
 
 class ExactVelocity(nn.Module):
-    """The toy teacher: the exact mixture velocity wrapped as a (parameter-free) module, so that
-    it is called exactly like a network: net(x, sigma, c)."""
+    """The toy teacher: the exact mixture velocity as a parameter-free module, net(x, sigma, c)."""
 
     def __init__(self, mixture):
         super().__init__()
@@ -357,10 +345,9 @@ class ToyMLP(nn.Module):
 
 
 class ToySteps(nn.Module):
-    """A generator of one ToyMLP per sampler step (train.py --toy-per-step): step k's velocity
-    comes from nets[k] alone, so the steps share no weights (a diagnostic of interference between
-    steps; every copy starts from the same base). A call picks the net by its sigma, which all
-    samples of a sampler call share; other sigmas (the fake score's) never reach the generator."""
+    """One ToyMLP per sampler step, all copies of one base (train.py --toy-per-step, a diagnostic
+    of interference between steps). A call picks the net by its sigma, which all samples of a
+    sampler call share; other sigmas (the fake score's) never reach the generator."""
 
     def __init__(self, base, sigmas):
         super().__init__()
@@ -374,9 +361,8 @@ class ToySteps(nn.Module):
 
 def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False,
                       depth=3, angles=0):
-    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
-    It initialises the generator and the fake score, exactly as the real generator and fake
-    score start from the teacher's weights (section 3)."""
+    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples; it
+    initialises the generator and the fake score, as the teacher's weights do for real (section 3)."""
     g, C = torch.Generator().manual_seed(seed), mixture.weights.shape[0]
     net = ToyMLP(num_cond=C, width=width, depth=depth, angles=angles)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -396,20 +382,17 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
 
 
 class ToyBackbone:
-    """The toy world behind the backbone interface. The teacher is the *exact* mixture
-    velocity; generator and fake score start from a small MLP pretrained by flow matching,
-    cached as `toy_base_w<width>.pt` (`toy_base_w<width>_a<K>.pt` with K angle features) in
-    `cache_dir` so a second run skips the pretraining (a cached file wins over pretrain_steps /
-    pretrain_batch / depth). The default base (width 128, 2000 steps at batch 512) takes a few
-    seconds; what limits the distilled 4-step generator is elsewhere (README, "what limits the
-    4-step generator")."""
+    """The toy world behind the backbone interface: the teacher is the *exact* mixture velocity,
+    generator and fake score start from pretrain_toy_base, cached as `toy_base_w<width>[_a<K>].pt`
+    in `cache_dir` (a cached file wins over pretrain_steps / pretrain_batch / depth). The default
+    base takes seconds; what limits the 4-step generator is elsewhere (README)."""
 
     name = "toy"
     latent_shape = (2,)
 
-    def __init__(self, cache_dir=None, guidance=1.0, shift=3.0, width=128, pretrain_steps=2000,
-                 mixture=None, device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0,
-                 exact_prefix=False, per_step=False, **unused):
+    def __init__(self, cache_dir=None, guidance=1.0, shift=3.0, width=128, pretrain_steps=2000, mixture=None,
+                 device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0, exact_prefix=False,
+                 per_step=False, **unused):
         self.mixture = mixture if mixture is not None else toy_mixture()
         self.prompts, self.device = list(TOY_PROMPTS), torch.device(device)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
@@ -594,9 +577,9 @@ class DiffusersBackbone:
         # FLUX.2's generator base (the distilled klein-4B) is read by nothing but this student:
         # merge into its own tensors, so the unmerged 5.3 GiB of Linear weights are not kept
         in_place = bool(merges) and base is not self.teacher and self.lora_rank > 0
-        assert not (in_place and getattr(self, "generator_base_merged", False)), \
+        assert not (in_place and self.generator_base_merged), \
             "the generator base already holds a merged LoRA; load the backbone again"
-        self.generator_base_merged = getattr(self, "generator_base_merged", False) or in_place
+        self.generator_base_merged |= in_place
         for lora in merges:
             merge_lora(load_lora(net, lora), in_place)
         if self.lora_rank > 0:
@@ -611,6 +594,7 @@ class DiffusersBackbone:
 
     text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
     text_device = None  # where the text encoders run: the backbone's device until the cache moves them
+    generator_base_merged = False  # make_student merged a LoRA into the generator base itself
 
     def encode(self, prompts):
         """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host
@@ -1158,7 +1142,6 @@ def load_run(run_dir, stage=None, which="ema", **kw):
                net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which].
                Without "stage1_ema" (the toy, full fine-tuning) ck[which] is the whole student.
     """
-    import json
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir!r} a run folder written by train.py?")
@@ -1198,8 +1181,6 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 def load_checkpoint(path):
     """torch.load(path) that never executes code from the file. A checkpoint holding any other
     Python object is refused with one line saying so (pickle.UnpicklingError, a ValueError)."""
-    import pickle
-    import re
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1235,7 +1216,6 @@ def read_prompt_file(path):
         raise ValueError(f"prompt file {path} holds no prompts (it is empty or blank)")
     if not path.endswith(".jsonl"):
         return [line for _, line in lines], [{} for _ in lines]
-    import json
     prompts, metadata = [], []
     for n, line in lines:
         try:
@@ -1252,9 +1232,5 @@ def read_prompt_file(path):
 
 def file_sha256(path):
     """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""
-    import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
