@@ -364,7 +364,9 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
     """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples; it
     initialises the generator and the fake score, as the teacher's weights do for real (section 3)."""
     g, C = torch.Generator().manual_seed(seed), mixture.weights.shape[0]
-    net = ToyMLP(num_cond=C, width=width, depth=depth, angles=angles)
+    with torch.random.fork_rng():  # the init from `seed` too: torch seeds its global RNG at random
+        torch.manual_seed(seed)
+        net = ToyMLP(num_cond=C, width=width, depth=depth, angles=angles)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in tqdm(range(steps), desc="pretrain toy base", disable=not progress):
