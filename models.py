@@ -120,6 +120,9 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        bb.prompts               list[str], the default training prompts
        bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
                                 unless the prompts came from a .jsonl, see read_prompt_file)
+       bb.teacher_sigmas(steps) real backbones: the stock pipeline's sigmas for `steps` steps
+       bb.pipeline_latents(prompts, x, steps, guidance)
+                                the stock pipeline itself from latents x (VAE latents out)
 
    plus `cfg_velocity` (section 1) for the classifier-free-guided teacher.
 """
@@ -843,8 +846,7 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
     import diffusers as D
     family, default, default_gen, g, res = SPECS[name]
     if name.startswith("tiny-"):
-        folder = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtdmd"),
-                              name)
+        folder = os.path.join(cache_dir or os.path.expanduser(os.path.join("~", ".cache", "rtdmd")), name)
         if not os.path.isdir(folder):
             with torch.random.fork_rng():  # the builder's seeds must not reset the caller's RNG
                 build_tiny(name, folder)
@@ -854,18 +856,15 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
         else:
             default = folder
     pretrained = pretrained or default
-    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype,
-                  **kw)
+    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype, **kw)
     if family == "sd3":
         pipe = load_pipeline(D.StableDiffusion3Pipeline, pretrained, dtype=dtype)
         return SD3Backbone(name, pipe, **common)
     pipe = load_pipeline(D.Flux2KleinPipeline, pretrained, dtype=dtype)
     gen_path = generator_pretrained or default_gen  # a pipeline, or a bare transformer folder
     sub = None if os.path.isfile(os.path.join(str(gen_path), "config.json")) else "transformer"
-    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained",
-                        subfolder=sub, dtype=dtype)
-    return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27),
-                         **common)
+    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained", subfolder=sub, dtype=dtype)
+    return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27), **common)
 
 # ---------------------------------------------------------------------------------------------
 # 4. LoRA, hand-written (no peft at run time)
@@ -1127,23 +1126,15 @@ def load(name, **kw):
 
 
 def load_run(run_dir, stage=None, which="ema", **kw):
-    """Backbone and trained generator of a run folder written by train.py.
-    stage None = the latest stage present. which: "ema" (what stage 2 and inference use) or
-    "generator" (the raw weights). kw override load()'s arguments (eval.py: resolution, device,
-    dtype). Returns (backbone, net, stage).
-
-    The backbone is rebuilt from the run's config.json (model, pretrained, generator_pretrained,
-    resolution, lora_rank; a tiny twin is looked up / built in the run folder itself). The
-    checkpoints hold only the trainable tensors, under the student's parameter names:
-
-    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (or, for the toy and for
-               lora_rank 0, all its weights). The net is make_student("generator") + ck[which].
-    stage2.pt  the same keys hold the *stage-2* LoRA. On a LoRA backbone the stage-2 checkpoint
-               must also hold ck["stage1_ema"], the stage-1 EMA LoRA state (lora_state_dict),
-               which the stage-2 student has merged into its base weights (sections 3, 4):
-               net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which].
-               Without "stage1_ema" (the toy, full fine-tuning) ck[which] is the whole student.
-    """
+    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the
+    latest present; which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw
+    override load()'s arguments. The backbone is rebuilt from config.json (a tiny twin is built in
+    the run folder). The checkpoints hold only the trainable tensors, under the student's names:
+    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and
+               lora_rank 0); net = make_student("generator") + ck[which].
+    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"],
+               the stage-1 EMA LoRA the stage-2 student merged into its base (sections 3, 4):
+               net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which]."""
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir!r} a run folder written by train.py?")
@@ -1161,10 +1152,8 @@ def load_run(run_dir, stage=None, which="ema", **kw):
                 width=cfg.get("toy_width", 128), angles=cfg.get("toy_angles", 0),
                 exact_prefix=cfg.get("toy_exact_prefix", False), per_step=cfg.get("toy_per_step", False))
     bb = load(cfg["model"], **(args | kw))
-    if stage == 2 and "stage1_ema" in ck:
-        net = bb.make_student("generator", stage=2, merge=ck["stage1_ema"])
-    else:
-        net = bb.make_student("generator")
+    merged = dict(stage=2, merge=ck["stage1_ema"]) if stage == 2 and "stage1_ema" in ck else {}
+    net = bb.make_student("generator", **merged)
     missing, unexpected = net.load_state_dict(ck[which], strict=False)
     lost = [k for k in missing if ".lora_" in k]  # a LoRA the checkpoint should have held
     assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
@@ -1174,15 +1163,12 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 # 6. Run-folder checkpoints and prompt files
 # ---------------------------------------------------------------------------------------------
 
-# A run folder may come from someone else (a student's, a downloaded one), and a pickle can run
-# any code while it loads. So every checkpoint of a run folder is read with torch's restricted
-# unpickler (weights_only=True): tensors, dicts, lists, str, int, float, bool, None only. The
-# checkpoints train.py writes hold nothing else (RNG states are uint8 tensors, configs plain).
-
 
 def load_checkpoint(path):
-    """torch.load(path) that never executes code from the file. A checkpoint holding any other
-    Python object is refused with one line saying so (pickle.UnpicklingError, a ValueError)."""
+    """torch.load(path) that never executes code from the file: a run folder may come from someone
+    else, and a pickle can run code while it loads. torch's restricted unpickler (weights_only)
+    reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
+    are uint8 tensors); anything else is refused with one line (a ValueError)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1193,19 +1179,13 @@ def load_checkpoint(path):
                          "only open run folders you trust") from None
 
 
-# Training and evaluation prompts (official code: rtdmd/data/prompt_dataset.py):
-#   .txt    one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets);
-#   .jsonl  one JSON object a line with a "prompt" field; its other fields are that prompt's
-#           metadata (GenEval's train_metadata.jsonl / test_metadata.jsonl: tag, include, ...),
-#           which the GenEval reward needs to score the image.
-# Blank lines are skipped. metadata is always a list aligned with the prompts ({} for .txt), and
-# a reward is called as reward(images, prompts, metadata=None).
-
-
 def read_prompt_file(path):
-    """(prompts: list[str], metadata: list[dict]) of a .txt or .jsonl prompt file. Raises a
-    one-line FileNotFoundError / ValueError for a missing or empty file, a .json file, a .jsonl
-    line that is not a JSON object or has no string "prompt"."""
+    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code:
+    rtdmd/data/prompt_dataset.py): .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR
+    sets; metadata {}); .jsonl, one JSON object a line with a "prompt" field, its other fields that
+    prompt's metadata (GenEval's train/test_metadata.jsonl: tag, include, ...), which a reward gets
+    as reward(images, prompts, metadata). Blank lines are skipped. A missing or empty file, a .json
+    file, a .jsonl line that is not an object with a string "prompt" raise one line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
                                 ".jsonl (a \"prompt\" field a line)")
