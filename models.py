@@ -395,13 +395,13 @@ class ToyBackbone:
     name = "toy"
     latent_shape = (2,)
 
-    def __init__(self, cache_dir=None, guidance=1.0, shift=3.0, width=128, pretrain_steps=2000, mixture=None,
+    def __init__(self, cache_dir=None, guidance=1.0, width=128, pretrain_steps=2000, mixture=None,
                  device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0, exact_prefix=False,
                  per_step=False, **unused):
         self.mixture = mixture if mixture is not None else toy_mixture()
         self.prompts, self.device = list(TOY_PROMPTS), torch.device(device)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
-        self.sigmas = sd3_sigmas(shift=shift)
+        self.sigmas = sd3_sigmas()
         # exact_prefix (train.py --toy-exact-prefix): the last step's input is an exact sample of
         # p_{sigma_{K-1}}(x|c) instead of the generator's own steps 1..K-1 (prefix_state)
         self.exact_prefix, self.per_step = exact_prefix, per_step
@@ -568,6 +568,8 @@ class DiffusersBackbone:
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for the real VAEs
         step = 2 * self.vae_scale  # VAE factor x 2x2 patches (SD3 patch 2, FLUX.2 packing)
         assert resolution % step == 0, f"resolution must be a multiple of {step}"
+        side = resolution // (self.packing * self.vae_scale)  # FLUX.2: 2x2 VAE latents a channel
+        self.latent_shape = (pipe.transformer.config.in_channels, side, side)  # klein: 4 x 32 = 128
 
     def make_student(self, role, stage=1, merge=None):
         """The trainable velocity net for role "generator" or "fake" (sections 3, 4).
@@ -588,7 +590,7 @@ class DiffusersBackbone:
         for lora in merges:
             merge_lora(load_lora(net, lora), in_place)
         if self.lora_rank > 0:
-            inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
+            inject_lora(net, lora_targets(net, self.family), self.lora_rank, self.lora_alpha,
                         init="gaussian" if stage == 1 else "normal", dtype=self.lora_dtype)
         if self.gradient_checkpointing:
             net.enable_gradient_checkpointing()
@@ -659,13 +661,10 @@ class DiffusersBackbone:
 class SD3Backbone(DiffusersBackbone):
     """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]; the text is the
     CLIP-L + CLIP-G + T5 sequence [B, 77+128, 4096] plus pooled CLIP projections [B, 2048]."""
-    family = "sd3"
+    family, packing = "sd3", 1
 
     def __init__(self, name, pipe, **kw):
         super().__init__(name, pipe, **kw)
-        C = pipe.transformer.config.in_channels
-        side = self.resolution // self.vae_scale
-        self.latent_shape = (C, side, side)
         cfg = pipe.scheduler.config  # static shift 3.0 for both SD3 checkpoints
         assert not cfg.get("use_dynamic_shifting"), "SD3 schedules here assume a static shift"
         self.sigmas = sd3_sigmas(shift=cfg["shift"])
@@ -707,18 +706,15 @@ class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
     VAE latent as an image [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128]
     with position ids (0, h, w, 0), text ids (0, 0, 0, l), and unpacks the output again."""
-    family = "flux2"
+    family, packing = "flux2", 2
 
     def __init__(self, name, pipe, text_layers=(9, 18, 27), **kw):
         super().__init__(name, pipe, **kw)
-        C = pipe.transformer.config.in_channels  # 4 * vae latent channels (128 for klein)
-        side = self.resolution // (2 * self.vae_scale)
-        self.latent_shape = (C, side, side)
         cfg = pipe.scheduler.config  # klein: dynamic, exponential shift from the token count
         assert cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") == \
             "exponential" and not cfg.get("shift_terminal"), f"unexpected FLUX.2 scheduler {cfg}"
         # flux2_sigmas counts tokens as (res/16)^2; hand it the resolution with our token count
-        self.sigmas = flux2_sigmas(resolution=16 * side)
+        self.sigmas = flux2_sigmas(resolution=16 * self.latent_shape[1])
         self.text_layers = tuple(text_layers)
         self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
 
@@ -921,9 +917,8 @@ class LoRALinear(nn.Linear):
         return self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()
 
 
-def lora_targets(net, family, stage=1):
-    """Names of the Linears of `net` that get a LoRA (section 4); the lists are the same in both
-    stages for every family, `stage` only documents the caller's intent."""
+def lora_targets(net, family):
+    """Names of the Linears of `net` that get a LoRA (section 4), the same in both stages."""
     suffixes = LORA_TARGETS[family]
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
@@ -973,7 +968,7 @@ def merge_lora(net, in_place=False):
     return net
 
 
-def save_lora(lora, path, alpha=None, prefix="transformer"):
+def save_lora(lora, path, alpha=None):
     """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
     diffusers/PEFT safetensors with peft's LoraConfig fields in the metadata. alpha: the net's,
     else 2 r."""
@@ -983,8 +978,8 @@ def save_lora(lora, path, alpha=None, prefix="transformer"):
         alpha = alpha or m0.scale * m0.lora_A.out_features
         lora = lora_state_dict(lora)
     names, r = lora_modules(lora)
-    sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
-    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r, f"{prefix}.target_modules": names}
+    sd = {f"transformer.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
+    config = {"transformer.r": r, "transformer.lora_alpha": alpha or 2 * r, "transformer.target_modules": names}
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
@@ -994,7 +989,7 @@ LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.m
 LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
 
 
-def read_lora(src, rank=32, alpha=64):
+def read_lora(src):
     """A LoRA in any of the layouts of the official loader (rtdmd/inference.py,
     _merge_lora_into_base_transformer) or of save_lora -> ({module.lora_A.weight: A,
     module.lora_B.weight: B}, alpha for that state dict's rank). src: a state dict, a peft folder
@@ -1002,7 +997,7 @@ def read_lora(src, rank=32, alpha=64):
     save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
     generator_ema.pt files). Files are read with weights_only=True. Without a config the scale
     is the official fallback alpha / rank = 64 / 32, whatever the tensors' rank."""
-    scale, sd = alpha / rank, src
+    scale, sd = 64 / 32, src
     if isinstance(src, (str, os.PathLike)):
         path = str(src)
         if not os.path.isfile(os.path.join(path, "adapter_config.json")) \
@@ -1012,7 +1007,7 @@ def read_lora(src, rank=32, alpha=64):
             if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):
                 with open(cfg_file) as f:
                     cfg = json.load(f)
-                scale = float(cfg.get("lora_alpha", alpha)) / float(cfg.get("r", rank))
+                scale = float(cfg.get("lora_alpha", 64)) / float(cfg.get("r", 32))
             files = [f for e in (".safetensors", ".bin", ".pt")
                      if os.path.isfile(f := os.path.join(path, "adapter_model" + e))]
             if not files:
