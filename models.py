@@ -659,8 +659,7 @@ class DiffusersBackbone:
 
 
 class SD3Backbone(DiffusersBackbone):
-    """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]; the text is the
-    CLIP-L + CLIP-G + T5 sequence [B, 77+128, 4096] plus pooled CLIP projections [B, 2048]."""
+    """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]."""
     family, packing = "sd3", 1
 
     def __init__(self, name, pipe, **kw):
@@ -775,13 +774,10 @@ def build_tiny(name, folder):
                   latent_channels=4, norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
     tmp = f"{folder}.tmp{os.getpid()}"
     if name in ("tiny-sd3", "tiny-sd35"):
-        clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in chars + [c + "</w>" for c in chars]:
-            clip_vocab[c] = len(clip_vocab)
-        tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=16)
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-        for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
-            pieces += [("\u2581" + c, -3.0), (c, -4.0)]
+        clip_vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+        tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(clip_vocab)}, merges=[], model_max_length=16)
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [
+            p for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-" for p in (("\u2581" + c, -3.0), (c, -4.0))]
         tok3 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
         clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
