@@ -120,16 +120,23 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        bb.prompts               list[str], the default training prompts
        bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
                                 unless the prompts came from a .jsonl, see read_prompt_file)
+       bb.teacher_sigmas(steps) real backbones: the stock pipeline's sigmas for `steps` steps
+       bb.pipeline_latents(prompts, x, steps, guidance)
+                                the stock pipeline itself from latents x (VAE latents out)
 
    plus `cfg_velocity` (section 1) for the classifier-free-guided teacher.
 """
 import copy
+import hashlib
+import json
 import math
 import os
+import pickle
 import re
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # 1. Flow-matching conventions
@@ -196,15 +203,11 @@ def sd3_sigmas(step_list=DENOISING_STEP_LIST, shift=3.0):
 def flux2_empirical_mu(image_seq_len, num_steps):
     """FLUX.2's resolution-dependent shift mu (the FLUX.2 pipeline's): piecewise linear in the token
     count, and linear in the number of steps between the (10 steps) and (200 steps) lines."""
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
+    m_200 = 0.00016927 * image_seq_len + 0.45666666
     if image_seq_len > 4300:
-        return a2 * image_seq_len + b2
-    m_200 = a2 * image_seq_len + b2
-    m_10 = a1 * image_seq_len + b1
-    a = (m_200 - m_10) / 190.0
-    b = m_200 - 200.0 * a
-    return a * num_steps + b
+        return m_200
+    a = (m_200 - (8.73809524e-05 * image_seq_len + 1.89833333)) / 190.0
+    return a * num_steps + (m_200 - 200.0 * a)
 
 
 def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
@@ -239,14 +242,8 @@ def cond_select(cond, idx):
 
 
 class Mixture:
-    """An isotropic Gaussian mixture in d dimensions with per-condition weights.
-
-    means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1).
-    Everything about it is closed form at every noise level sigma (section 2):
-
-        p_sigma(x | c) = sum_j pi_cj N(x; (1 - sigma) mu_j, V_j(sigma) I),
-        V_j(sigma)     = (1 - sigma)^2 s_j^2 + sigma^2.
-    """
+    """An isotropic Gaussian mixture in d dimensions, closed form at every noise level (section 2).
+    means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1)."""
 
     def __init__(self, means, stds, weights):
         self.means = torch.as_tensor(means, dtype=torch.float64)
@@ -256,8 +253,8 @@ class Mixture:
     def sample(self, c, sigma=0.0, generator=None):
         """Exact samples of p_sigma(x | c) for a LongTensor of conditions c [B]."""
         j = torch.multinomial(self.weights[c], 1, generator=generator).squeeze(1)
-        x0 = self.means[j] + self.stds[j, None] * torch.randn(
-            len(c), self.means.shape[1], generator=generator, dtype=torch.float64)
+        x0 = self.means[j] + self.stds[j, None] * torch.randn(len(c), self.means.shape[1], generator=generator,
+                                                              dtype=torch.float64)
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
         return ((1 - sigma) * x0 + sigma * eps).float()
 
@@ -298,17 +295,12 @@ class Mixture:
 
 
 def toy_mixture(num_components=8, radius=2.0, std=0.3):
-    """The toy world of section 2: 8 components on a circle of radius 2, std 0.3, and
-    four conditions. Prompt 'top' uses components 0-3 with *unequal* weights (so mode
-    occupancy is a real test), 'bottom' uses 4-7 uniformly, 'ring' uses all 8, and the empty
-    prompt "" (CFG's unconditional branch) uses the average of the three rows."""
+    """The toy world of section 2 ('top' has *unequal* weights, so mode occupancy is a real test)."""
     J = num_components
     ang = torch.arange(J, dtype=torch.float64) * 2 * math.pi / J
     means = radius * torch.stack([ang.cos(), ang.sin()], 1)
     w = torch.zeros(3, J, dtype=torch.float64)
-    w[0, :4] = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    w[1, 4:] = 0.25
-    w[2, :] = 1.0 / J
+    w[0, :4], w[1, 4:], w[2, :] = torch.tensor([0.4, 0.3, 0.2, 0.1]), 0.25, 1.0 / J
     weights = torch.cat([w, w.mean(0, keepdim=True)])
     return Mixture(means, torch.full((J,), std), weights)
 
@@ -317,8 +309,7 @@ TOY_PROMPTS = ("top", "bottom", "ring")
 
 
 class ExactVelocity(nn.Module):
-    """The toy teacher: the exact mixture velocity wrapped as a (parameter-free) module, so that
-    it is called exactly like a network: net(x, sigma, c)."""
+    """The toy teacher: the exact mixture velocity as a parameter-free module, net(x, sigma, c)."""
 
     def __init__(self, mixture):
         super().__init__()
@@ -357,10 +348,9 @@ class ToyMLP(nn.Module):
 
 
 class ToySteps(nn.Module):
-    """A generator of one ToyMLP per sampler step (train.py --toy-per-step): step k's velocity
-    comes from nets[k] alone, so the steps share no weights (a diagnostic of interference between
-    steps; every copy starts from the same base). A call picks the net by its sigma, which all
-    samples of a sampler call share; other sigmas (the fake score's) never reach the generator."""
+    """One ToyMLP per sampler step, all copies of one base (train.py --toy-per-step, a diagnostic
+    of interference between steps). A call picks the net by its sigma, which all samples of a
+    sampler call share; other sigmas (the fake score's) never reach the generator."""
 
     def __init__(self, base, sigmas):
         super().__init__()
@@ -372,21 +362,17 @@ class ToySteps(nn.Module):
         return self.nets[k](x, sigma, c)
 
 
-def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False, depth=3,
-                      angles=0):
-    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples.
-    It initialises the generator and the fake score, exactly as the real generator and fake
-    score start from the teacher's weights (section 3)."""
-    g = torch.Generator().manual_seed(seed)
-    net = ToyMLP(num_cond=mixture.weights.shape[0], width=width, depth=depth, angles=angles)
+def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False,
+                      depth=3, angles=0):
+    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples; it
+    initialises the generator and the fake score, as the teacher's weights do for real (section 3)."""
+    g, C = torch.Generator().manual_seed(seed), mixture.weights.shape[0]
+    with torch.random.fork_rng():  # the init from `seed` too: torch seeds its global RNG at random
+        torch.manual_seed(seed)
+        net = ToyMLP(num_cond=C, width=width, depth=depth, angles=angles)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    C = mixture.weights.shape[0]
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="pretrain toy base")
-    for _ in it:
+    for _ in tqdm(range(steps), desc="pretrain toy base", disable=not progress):
         c = torch.randint(0, C, (batch,), generator=g)
         x0 = mixture.sample(c, generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -401,32 +387,27 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
 
 
 class ToyBackbone:
-    """The toy world behind the backbone interface. The teacher is the *exact* mixture
-    velocity; generator and fake score start from a small MLP pretrained by flow matching,
-    cached as `toy_base_w<width>.pt` (`toy_base_w<width>_a<K>.pt` with K angle features) in
-    `cache_dir` so a second run skips the pretraining (a cached file wins over pretrain_steps /
-    pretrain_batch / depth). The default base (width 128, 2000 steps at batch 512) takes a few
-    seconds; what limits the distilled 4-step generator is elsewhere (README, "what limits the
-    4-step generator")."""
+    """The toy world behind the backbone interface: the teacher is the *exact* mixture velocity,
+    generator and fake score start from pretrain_toy_base, cached as `toy_base_w<width>[_a<K>].pt`
+    in `cache_dir` (a cached file wins over pretrain_steps / pretrain_batch / depth). The default
+    base takes seconds; what limits the 4-step generator is elsewhere (README)."""
 
     name = "toy"
     latent_shape = (2,)
 
-    def __init__(self, cache_dir=None, guidance=1.0, shift=3.0, width=128, pretrain_steps=2000,
-                 mixture=None, device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0,
-                 exact_prefix=False, per_step=False, **unused):
+    def __init__(self, cache_dir=None, guidance=1.0, width=128, pretrain_steps=2000, mixture=None,
+                 device="cpu", progress=False, pretrain_batch=512, depth=3, angles=0, exact_prefix=False,
+                 per_step=False, **unused):
         self.mixture = mixture if mixture is not None else toy_mixture()
-        self.prompts = list(TOY_PROMPTS)
+        self.prompts, self.device = list(TOY_PROMPTS), torch.device(device)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
-        self.sigmas = sd3_sigmas(shift=shift)
-        self.device = torch.device(device)
-        # diagnostic (train.py --toy-exact-prefix): the last step's input is an exact sample of
+        self.sigmas = sd3_sigmas()
+        # exact_prefix (train.py --toy-exact-prefix): the last step's input is an exact sample of
         # p_{sigma_{K-1}}(x|c) instead of the generator's own steps 1..K-1 (prefix_state)
         self.exact_prefix, self.per_step = exact_prefix, per_step
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
-        path = None if cache_dir is None else os.path.join(
-            cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
-        if path is not None and os.path.exists(path):
+        path = cache_dir and os.path.join(cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
+        if path and os.path.exists(path):
             ck = load_checkpoint(path)
             self.base = ToyMLP(num_cond=self.mixture.weights.shape[0], width=ck["width"],
                                depth=ck.get("depth", 3), angles=ck.get("angles", 0))
@@ -434,9 +415,9 @@ class ToyBackbone:
         else:
             self.base = pretrain_toy_base(self.mixture, steps=pretrain_steps, batch=pretrain_batch,
                                           width=width, depth=depth, progress=progress, angles=angles)
-            if path is not None:
+            if path:
                 os.makedirs(cache_dir, exist_ok=True)
-                torch.save({"width": width, "depth": depth, "angles": angles, "state_dict": self.base.state_dict()}, path + ".tmp")
+                torch.save(dict(width=width, depth=depth, angles=angles, state_dict=self.base.state_dict()), path + ".tmp")
                 os.replace(path + ".tmp", path)
         self.base.eval().requires_grad_(False)
 
@@ -449,12 +430,10 @@ class ToyBackbone:
     def encode(self, prompts):
         """Prompt strings -> condition index; "" is the unconditional (CFG null) branch."""
         names = self.prompts + [""]
-        try:
-            c = [names.index(p) for p in prompts]
-        except ValueError:
+        if not set(prompts) <= set(names):
             raise ValueError(f"unknown toy prompt in {prompts!r}; the toy knows {self.prompts} "
-                             "and '' (unconditional)") from None
-        return {"c": torch.tensor(c, dtype=torch.long, device=self.device)}
+                             "and '' (unconditional)")
+        return {"c": torch.tensor([names.index(p) for p in prompts], dtype=torch.long, device=self.device)}
 
     def velocity(self, net, x, sigma, cond):
         return net(x, sigma.to(x.dtype), cond["c"])
@@ -469,6 +448,7 @@ class ToyBackbone:
     def decode(self, x):
         """The toy has no VAE: a 'sample' is the 2-D point itself (rewards score the point)."""
         return x
+
 
 class ShiftVelocity(nn.Module):
     """The "toy-gauss" generator: the exact teacher velocity plus one learnable vector b,
@@ -511,22 +491,11 @@ class ToyGaussBackbone(ToyBackbone):
 # 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
 # ---------------------------------------------------------------------------------------------
 
-# What this section holds (the settings per backbone are in the module docstring, section 3):
-#   SPECS, DEFAULT_PROMPTS  name -> family, hub ids, CFG g, train resolution; default prompts
-#   shared_copy             a student that shares the teacher's frozen tensors
-#   load_pipeline           from_pretrained with one actionable error line
-#   DiffusersBackbone       what both families share: teacher, students (LoRA), noise
-#   SD3Backbone             sd3-medium, sd3.5-medium, tiny-sd3, tiny-sd35
-#   Flux2Backbone           flux2-klein-4b, tiny-flux2 (generator base: the distilled klein-4B)
-#   build_tiny              the random-init tiny twins, written with save_pretrained
-#   load_diffusers          a real backbone or a tiny twin, through from_pretrained
-#
-# Memory (why there are no copies of frozen weights): the teacher *is* pipe.transformer. A LoRA
-# student is a `shared_copy` of its base: a fresh module tree whose frozen weights are the
-# teacher's own tensors, plus new LoRA parameters. Merging a LoRA (stage 2) writes new weight
-# tensors for the merged Linears only, so a shared teacher is never modified. Only full fine-
-# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer (the distilled
-# generator base, transformer only: klein-4B and klein-base-4B share text encoder and VAE).
+# Memory: the teacher *is* pipe.transformer, and a LoRA student is a `shared_copy` of its base
+# (the teacher's own frozen tensors plus new LoRA parameters). Merging a LoRA (stage 2) writes new
+# tensors for the merged Linears only, so a shared teacher is never modified; only full fine-
+# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer, the distilled
+# generator base (klein-4B and klein-base-4B share text encoder and VAE).
 
 SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, train resolution)
     "sd3-medium": ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None, 7.0, 1024),
@@ -580,17 +549,14 @@ class DiffusersBackbone:
                  prompt_metadata=None, lora_dtype=torch.float32, **unused):
         self.name, self.pipe, self.guidance, self.resolution = name, pipe, guidance, resolution
         self.device, self.dtype = torch.device(device), dtype
-        self.gradient_checkpointing = gradient_checkpointing
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+        self.gradient_checkpointing, self.lora_rank, self.lora_alpha = gradient_checkpointing, lora_rank, lora_alpha
         self.lora_dtype = lora_dtype  # the trainable (master) weights: LoRA, or the full copy
         self.prompts = list(prompts or DEFAULT_PROMPTS)
-        # one dict per training prompt (read_prompt_file: a .jsonl line's other fields), for the
-        # rewards that score against it (GenEval)
+        # one dict per training prompt (read_prompt_file), for the rewards that need it (GenEval)
         self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
         assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
-        # with accelerate (load_pipeline: low_cpu_mem_usage) the weights already come in `dtype`;
-        # without it diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16) silently
-        # stays float32, so cast by hand (a no-op in the first case)
+        # without accelerate, diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16)
+        # silently stays float32, so cast by hand (a no-op with low_cpu_mem_usage)
         pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables
@@ -602,6 +568,8 @@ class DiffusersBackbone:
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for the real VAEs
         step = 2 * self.vae_scale  # VAE factor x 2x2 patches (SD3 patch 2, FLUX.2 packing)
         assert resolution % step == 0, f"resolution must be a multiple of {step}"
+        side = resolution // (self.packing * self.vae_scale)  # FLUX.2: 2x2 VAE latents a channel
+        self.latent_shape = (pipe.transformer.config.in_channels, side, side)  # klein: 4 x 32 = 128
 
     def make_student(self, role, stage=1, merge=None):
         """The trainable velocity net for role "generator" or "fake" (sections 3, 4).
@@ -616,13 +584,13 @@ class DiffusersBackbone:
         # FLUX.2's generator base (the distilled klein-4B) is read by nothing but this student:
         # merge into its own tensors, so the unmerged 5.3 GiB of Linear weights are not kept
         in_place = bool(merges) and base is not self.teacher and self.lora_rank > 0
-        assert not (in_place and getattr(self, "generator_base_merged", False)), \
+        assert not (in_place and self.generator_base_merged), \
             "the generator base already holds a merged LoRA; load the backbone again"
-        self.generator_base_merged = getattr(self, "generator_base_merged", False) or in_place
+        self.generator_base_merged |= in_place
         for lora in merges:
             merge_lora(load_lora(net, lora), in_place)
         if self.lora_rank > 0:
-            inject_lora(net, lora_targets(net, self.family, stage), self.lora_rank, self.lora_alpha,
+            inject_lora(net, lora_targets(net, self.family), self.lora_rank, self.lora_alpha,
                         init="gaussian" if stage == 1 else "normal", dtype=self.lora_dtype)
         if self.gradient_checkpointing:
             net.enable_gradient_checkpointing()
@@ -633,6 +601,7 @@ class DiffusersBackbone:
 
     text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
     text_device = None  # where the text encoders run: the backbone's device until the cache moves them
+    generator_base_merged = False  # make_student merged a LoRA into the generator base itself
 
     def encode(self, prompts):
         """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host
@@ -658,32 +627,58 @@ class DiffusersBackbone:
         self.text_device = torch.device("cpu")
         return sum(v.numel() * v.element_size() for v in self.text_cache.values())
 
+    def teacher_sigmas(self, steps):
+        """The stock pipeline's sigmas for `steps` Euler steps (sigma = 0 appended; sample.py
+        --teacher), from a fresh copy of its scheduler; the family's shift arguments come from
+        schedule_kw."""
+        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(**self.schedule_kw(steps))
+        return sched.sigmas.float().cpu()
+
+    @torch.no_grad()
+    def pipeline_latents(self, prompts, x, steps, guidance=None):
+        """The stock pipeline (the teacher, `steps` Euler steps with CFG `guidance`, default g)
+        from our latents x, on the embeddings of self.encode: its VAE latents
+        (output_type="latent"), what to_vae_latents maps our samples to; decode_vae decodes them."""
+        c, null = self.encode(prompts), self.encode([""] * len(prompts))
+        return self.pipe(latents=x, num_inference_steps=steps, height=self.resolution,
+                         width=self.resolution, guidance_scale=self.guidance if guidance is None else guidance,
+                         output_type="latent", **self.embeds_kw(c, null)).images
+
+    def decode(self, x):
+        """Differentiable: our latents -> images [B, 3, H, W] in [0, 1] (section 3)."""
+        return self.decode_vae(self.to_vae_latents(x))
+
+    def decode_vae(self, z):
+        """VAE latents -> VAE decode (SD3: z / scaling + shift first), [-1, 1] -> [0, 1]."""
+        vae = self.pipe.vae
+        if self.family == "sd3":
+            z = z / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
 
 class SD3Backbone(DiffusersBackbone):
-    """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]; the text is the
-    CLIP-L + CLIP-G + T5 sequence [B, 77+128, 4096] plus pooled CLIP projections [B, 2048]."""
-    family = "sd3"
+    """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]."""
+    family, packing = "sd3", 1
 
     def __init__(self, name, pipe, **kw):
         super().__init__(name, pipe, **kw)
-        C = pipe.transformer.config.in_channels
-        side = self.resolution // self.vae_scale
-        self.latent_shape = (C, side, side)
         cfg = pipe.scheduler.config  # static shift 3.0 for both SD3 checkpoints
         assert not cfg.get("use_dynamic_shifting"), "SD3 schedules here assume a static shift"
         self.sigmas = sd3_sigmas(shift=cfg["shift"])
         # the official code caps T5 at 128 tokens (205 = 77 + 128); tiny twins have fewer
         self.max_sequence_length = min(128, pipe.tokenizer_3.model_max_length)
 
-    def teacher_sigmas(self, steps):
-        """Sigmas of the stock StableDiffusion3Pipeline for `steps` Euler steps (used by
-        `sample.py --teacher`): `steps` evenly spaced timesteps from 1000 down to the scheduler's
-        smallest one (1000 sigma_min, 2.994 for shift 3: diffusers' FlowMatchEulerDiscreteScheduler
-        starts from its shifted sigma_min), then the static shift, applied once by sd3_sigmas."""
-        sched = self.pipe.scheduler
-        t_min = sched.config.num_train_timesteps * sched.sigma_min
-        steps_list = torch.linspace(1000.0, t_min, steps, dtype=torch.float64).tolist()
-        return sd3_sigmas(steps_list, sched.config["shift"])
+    def schedule_kw(self, steps):
+        """StableDiffusion3Pipeline: `steps` timesteps evenly spaced from 1000 down to 1000
+        sigma_min, then the static shift."""
+        return dict(num_inference_steps=steps)
+
+    def embeds_kw(self, c, null):
+        return dict(prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_projections"],
+                    negative_prompt_embeds=null["prompt_embeds"],
+                    negative_pooled_prompt_embeds=null["pooled_projections"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -705,39 +700,31 @@ class SD3Backbone(DiffusersBackbone):
         """Sampler latents -> the VAE's own latents (what output_type="latent" returns)."""
         return x
 
-    def decode(self, x):
-        """Differentiable: z/scaling + shift, VAE decode, [-1, 1] -> [0, 1] (section 3)."""
-        vae = self.pipe.vae
-        z = x / vae.config.scaling_factor + vae.config.shift_factor
-        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
 
 class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
     VAE latent as an image [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128]
     with position ids (0, h, w, 0), text ids (0, 0, 0, l), and unpacks the output again."""
-    family = "flux2"
+    family, packing = "flux2", 2
 
     def __init__(self, name, pipe, text_layers=(9, 18, 27), **kw):
         super().__init__(name, pipe, **kw)
-        C = pipe.transformer.config.in_channels  # 4 * vae latent channels (128 for klein)
-        side = self.resolution // (2 * self.vae_scale)
-        self.latent_shape = (C, side, side)
         cfg = pipe.scheduler.config  # klein: dynamic, exponential shift from the token count
         assert cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") == \
             "exponential" and not cfg.get("shift_terminal"), f"unexpected FLUX.2 scheduler {cfg}"
         # flux2_sigmas counts tokens as (res/16)^2; hand it the resolution with our token count
-        self.sigmas = flux2_sigmas(resolution=16 * side)
+        self.sigmas = flux2_sigmas(resolution=16 * self.latent_shape[1])
         self.text_layers = tuple(text_layers)
         self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
 
-    def teacher_sigmas(self, steps):
-        """Sigmas of the stock Flux2KleinPipeline for `steps` Euler steps (`sample.py --teacher`):
-        u = linspace(1, 1/steps, steps), i.e. timesteps 1000, ..., 1000/steps, then the dynamic
-        shift with mu(token count, steps), applied once by flux2_sigmas."""
-        u = torch.linspace(1000.0, 1000.0 / steps, steps, dtype=torch.float64).tolist()
-        return flux2_sigmas(u, resolution=16 * self.latent_shape[1])
+    def schedule_kw(self, steps):
+        """Flux2KleinPipeline: u = linspace(1, 1/steps, steps), then the dynamic shift with
+        mu(token count, steps)."""
+        mu = flux2_empirical_mu(self.latent_shape[1] * self.latent_shape[2], steps)
+        return dict(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
+
+    def embeds_kw(self, c, null):
+        return dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -770,11 +757,6 @@ class Flux2Backbone(DiffusersBackbone):
         z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
         return z.reshape(B, C // 4, 2 * h, 2 * w)
 
-    def decode(self, x):
-        vae = self.pipe.vae
-        img = vae.decode(self.to_vae_latents(x).to(vae.dtype), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
 
 def build_tiny(name, folder):
     """Random-init twin of a real pipeline (section 3), saved with save_pretrained into `folder`.
@@ -788,38 +770,30 @@ def build_tiny(name, folder):
     chars = sorted(ByteLevel.alphabet())
     sched = dict(num_train_timesteps=1000, shift=3.0)
     vae_kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                  use_quant_conv=False, use_post_quant_conv=False)
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=16, use_quant_conv=False, use_post_quant_conv=False)
     tmp = f"{folder}.tmp{os.getpid()}"
     if name in ("tiny-sd3", "tiny-sd35"):
-        clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in chars + [c + "</w>" for c in chars]:
-            clip_vocab[c] = len(clip_vocab)
-        tok = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=16)
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-        for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
-            pieces += [("\u2581" + c, -3.0), (c, -4.0)]
+        clip_vocab = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+        tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(clip_vocab)}, merges=[], model_max_length=16)
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [
+            p for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-" for p in (("\u2581" + c, -3.0), (c, -4.0))]
         tok3 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=32)
-        clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  max_position_embeddings=16, projection_dim=32,
+        clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
         torch.manual_seed(0); te1 = CLIPTextModelWithProjection(clip_cfg)
         torch.manual_seed(1); te2 = CLIPTextModelWithProjection(clip_cfg)
         torch.manual_seed(2)
-        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37,
-                                      num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                      relative_attention_max_distance=32,
+        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=2,
+                                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
         extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if name == "tiny-sd35" else {}
         torch.manual_seed(3)
-        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
-                                     num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                                     joint_attention_dim=64, caption_projection_dim=32,
-                                     pooled_projection_dim=64, pos_embed_max_size=16, **extra)
-        torch.manual_seed(4)
-        vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
+        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+        torch.manual_seed(4); vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
         D.StableDiffusion3Pipeline(
             transformer=tr, scheduler=D.FlowMatchEulerDiscreteScheduler(**sched), vae=vae,
             text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
@@ -834,26 +808,21 @@ def build_tiny(name, folder):
             "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
             "{% endif %}{% endif %}")
         torch.manual_seed(0)
-        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=3, num_attention_heads=2,
-                                          num_key_value_heads=1, head_dim=8,
+        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                           max_position_embeddings=128, tie_word_embeddings=True))
-        torch.manual_seed(1)
-        vae = D.AutoencoderKLFlux2(**vae_kw)
+        torch.manual_seed(1); vae = D.AutoencoderKLFlux2(**vae_kw)
         vae.bn.running_mean.copy_(0.3 * torch.randn(16))  # non-trivial stats, so a wrong
         vae.bn.running_var.copy_(0.5 + torch.rand(16))     # de-normalisation shows in tests
         for sub, seed, distilled in (("base", 2, False), ("distilled", 3, True)):
             torch.manual_seed(seed)
-            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1,
-                                           num_single_layers=1, attention_head_dim=16,
-                                           num_attention_heads=2, joint_attention_dim=48,
+            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
                                            timestep_guidance_channels=32, mlp_ratio=3.0,
                                            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-            D.Flux2KleinPipeline(
-                scheduler=D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True,
-                                                            time_shift_type="exponential"),
-                vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
-                is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
+            sch = D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True, time_shift_type="exponential")
+            D.Flux2KleinPipeline(scheduler=sch, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
+                                 is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
     else:
         raise ValueError(name)
     try:
@@ -869,8 +838,7 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
     import diffusers as D
     family, default, default_gen, g, res = SPECS[name]
     if name.startswith("tiny-"):
-        folder = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "rtdmd"),
-                              name)
+        folder = os.path.join(cache_dir or os.path.expanduser(os.path.join("~", ".cache", "rtdmd")), name)
         if not os.path.isdir(folder):
             with torch.random.fork_rng():  # the builder's seeds must not reset the caller's RNG
                 build_tiny(name, folder)
@@ -880,30 +848,26 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
         else:
             default = folder
     pretrained = pretrained or default
-    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype,
-                  **kw)
+    common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype, **kw)
     if family == "sd3":
         pipe = load_pipeline(D.StableDiffusion3Pipeline, pretrained, dtype=dtype)
         return SD3Backbone(name, pipe, **common)
     pipe = load_pipeline(D.Flux2KleinPipeline, pretrained, dtype=dtype)
     gen_path = generator_pretrained or default_gen  # a pipeline, or a bare transformer folder
     sub = None if os.path.isfile(os.path.join(str(gen_path), "config.json")) else "transformer"
-    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained",
-                        subfolder=sub, dtype=dtype)
-    return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27),
-                         **common)
+    gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained", subfolder=sub, dtype=dtype)
+    return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27), **common)
 
 # ---------------------------------------------------------------------------------------------
 # 4. LoRA, hand-written (no peft at run time)
 # ---------------------------------------------------------------------------------------------
 
-# LoRA (section 4): W x + b  ->  W x + b + (alpha / r) B A x, with A [r, in] and
-# B [out, r]. B = 0 at init, so a fresh LoRA leaves the function unchanged. rank 32, alpha 64
-# (scale 2) everywhere in the paper. Two inits of A: peft's "gaussian" (std 1/r, stage 1) and
-# the stage-2 re-init after merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`).
-# Files use the diffusers/PEFT layout, `transformer.<module>.lora_A.weight`, with r, lora_alpha
-# and target_modules in the safetensors metadata, so a stock pipeline's `load_lora_weights`
-# (which needs peft) applies them with the right alpha/r; `export_merged` needs no extra library.
+# W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init; r 32, alpha 64 in
+# the paper. Inits of A: peft's "gaussian" (std 1/r, stage 1) and the stage-2 re-init after
+# merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`). Files use the diffusers/PEFT
+# layout, `transformer.<module>.lora_A.weight` with r, lora_alpha and target_modules in the
+# safetensors metadata, so a stock pipeline's `load_lora_weights` (which needs peft) applies them
+# with the right alpha/r; `export_merged` needs no extra library.
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
     # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
@@ -911,9 +875,8 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
     # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
-    # single-stream output projection of blocks 0-19 only. The same list in both stages, for the
-    # generator and the fake score alike (official code: configs/cold_start/flux2_4b.yaml and
-    # configs/rtdmd/flux2_4b.yaml, generator_lora and fake_score_lora).
+    # single-stream output projection of blocks 0-19 only, in both stages, for the generator and
+    # the fake score alike (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
               "to_add_out", "to_qkv_mlp_proj")
              + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
@@ -921,12 +884,11 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 
 
 class LoRALinear(nn.Linear):
-    """A Linear with a LoRA branch. It *shares* the wrapped layer's weight and bias (no copy),
-    keeps their state-dict names (`weight`, `bias`) and adds `lora_A.weight`, `lora_B.weight`,
-    the names peft gives them (minus its adapter name). LoRA weights are `dtype`: float32 by
-    default, bf16 with train.py --lora-dtype bf16, which is what the official code gets: diffusers'
-    add_adapter creates peft's A and B in the base layer's dtype, bf16 there. The branch is cast
-    back to the output dtype."""
+    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-
+    dict names) and adds `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name).
+    A, B are `dtype`: float32, or bf16 (train.py --lora-dtype), what the official code gets, since
+    diffusers' add_adapter creates them in the base layer's dtype. The branch is cast back to the
+    output dtype."""
 
     def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
@@ -951,10 +913,8 @@ class LoRALinear(nn.Linear):
         return self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()
 
 
-def lora_targets(net, family, stage=1):
-    """Names of the Linear modules of `net` that get a LoRA (section 4). The lists are the same in
-    stage 1 and stage 2 for every family (configs/cold_start/*.yaml and configs/rtdmd/*.yaml);
-    `stage` only documents the caller's intent."""
+def lora_targets(net, family):
+    """Names of the Linears of `net` that get a LoRA (section 4), the same in both stages."""
     suffixes = LORA_TARGETS[family]
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
@@ -979,6 +939,12 @@ def lora_state_dict(net):
     return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
+def lora_modules(sd):
+    """(sorted module names, rank) of a LoRA state dict {module.lora_A.weight: A, ...}."""
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    return names, next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]
+
+
 def merge_lora(net, in_place=False):
     """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
     back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
@@ -998,21 +964,18 @@ def merge_lora(net, in_place=False):
     return net
 
 
-def save_lora(lora, path, alpha=None, prefix="transformer"):
+def save_lora(lora, path, alpha=None):
     """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
-    diffusers/PEFT safetensors: `transformer.<module>.lora_A.weight`, with peft's LoraConfig
-    fields (r, lora_alpha, target_modules) in the metadata. alpha: the net's, else 2 r."""
-    import json
+    diffusers/PEFT safetensors with peft's LoraConfig fields in the metadata. alpha: the net's,
+    else 2 r."""
     from safetensors.torch import save_file
     if isinstance(lora, nn.Module):
         m0 = next(iter(lora_layers(lora).values()))
         alpha = alpha or m0.scale * m0.lora_A.out_features
         lora = lora_state_dict(lora)
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in lora})
-    r = lora[names[0] + ".lora_A.weight"].shape[0]
-    sd = {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
-    config = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha or 2 * r,
-              f"{prefix}.target_modules": names}
+    names, r = lora_modules(lora)
+    sd = {f"transformer.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}
+    config = {"transformer.r": r, "transformer.lora_alpha": alpha or 2 * r, "transformer.target_modules": names}
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
@@ -1022,7 +985,7 @@ LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.m
 LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
 
 
-def read_lora(src, rank=32, alpha=64):
+def read_lora(src):
     """A LoRA in any of the layouts of the official loader (rtdmd/inference.py,
     _merge_lora_into_base_transformer) or of save_lora -> ({module.lora_A.weight: A,
     module.lora_B.weight: B}, alpha for that state dict's rank). src: a state dict, a peft folder
@@ -1030,21 +993,19 @@ def read_lora(src, rank=32, alpha=64):
     save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
     generator_ema.pt files). Files are read with weights_only=True. Without a config the scale
     is the official fallback alpha / rank = 64 / 32, whatever the tensors' rank."""
-    import json
-    scale = alpha / rank
+    scale, sd = 64 / 32, src
     if isinstance(src, (str, os.PathLike)):
         path = str(src)
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")) \
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")) \
                 and os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
         if os.path.isdir(path):
-            cfg_file = os.path.join(path, "adapter_config.json")
-            if os.path.isfile(cfg_file):
+            if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):
                 with open(cfg_file) as f:
                     cfg = json.load(f)
-                scale = float(cfg.get("lora_alpha", alpha)) / float(cfg.get("r", rank))
-            files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin",
-                                                     "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+                scale = float(cfg.get("lora_alpha", 64)) / float(cfg.get("r", 32))
+            files = [f for e in (".safetensors", ".bin", ".pt")
+                     if os.path.isfile(f := os.path.join(path, "adapter_model" + e))]
             if not files:
                 raise FileNotFoundError(f"--lora {src}: a LoRA folder needs adapter_model.safetensors "
                                         "(or .bin / .pt) next to adapter_config.json")
@@ -1057,8 +1018,7 @@ def read_lora(src, rank=32, alpha=64):
             with safe_open(path, "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
                 sd = {k: f.get_tensor(k) for k in f.keys()}
-            r_key = next((k for k in meta if k.endswith(".r") or k == "r"), None)
-            if r_key is not None:
+            if (r_key := next((k for k in meta if k.endswith(".r") or k == "r"), None)) is not None:
                 scale = float(meta[r_key[:-1] + "lora_alpha"]) / float(meta[r_key])
         else:
             try:
@@ -1066,32 +1026,27 @@ def read_lora(src, rank=32, alpha=64):
             except Exception as e:
                 raise ValueError(f"--lora {src}: not a tensor-only checkpoint ({type(e).__name__}); "
                                  "only state dicts of tensors are read (weights_only=True)") from None
-    else:
-        sd = src
     out = {}
     for k, v in sd.items():
         while (p := next((w for w in LORA_WRAPPERS if k.startswith(w)), None)):
             k = k[len(p):]
-        m = LORA_KEY.match(k)
-        if m and torch.is_tensor(v):
+        if (m := LORA_KEY.match(k)) and torch.is_tensor(v):
             out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = v
     if not out:
         raise ValueError(f"--lora {src if not isinstance(src, dict) else 'state dict'}: no "
                          "'...lora_A[.adapter].weight' / '...lora_B...' keys found")
-    r = next(v for k, v in out.items() if k.endswith("lora_A.weight")).shape[0]
-    return out, scale * r
+    return out, scale * lora_modules(out)[1]
 
 
-def load_lora(net, lora, prefix="transformer"):
+def load_lora(net, lora):
     """Wrap the modules named in `lora` (any source read_lora reads) with LoRALinear and load
     its weights. alpha comes from the file (default 2 r, the paper's)."""
     sd, alpha = read_lora(lora)
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    names, r = lora_modules(sd)
     unknown = [n for n in names if n not in dict(net.named_modules())]
     if unknown:
         raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: "
                          "is it a LoRA of another model?")
-    r = sd[names[0] + ".lora_A.weight"].shape[0]
     trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
     inject_lora(net, names, r, alpha)
     for p in trainable:
@@ -1118,19 +1073,15 @@ def stack_loras(loras):
     LoRA gets zero rows there, so every module has the summed rank. Two stacked rank-32 LoRAs
     become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
     read = [read_lora(x) for x in loras]
-    ranks = [next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0] for sd, _ in read]
+    ranks = [lora_modules(sd)[1] for sd, _ in read]
     scales = [a / r for (_, a), r in zip(read, ranks)]
-    names = sorted({k.rsplit(".lora_", 1)[0] for sd, _ in read for k in sd})
     out = {}
-    for n in names:
+    for n in sorted({m for sd, _ in read for m in lora_modules(sd)[0]}):
         ref = next(sd for sd, _ in read if n + ".lora_A.weight" in sd)
         d_in, d_out = ref[n + ".lora_A.weight"].shape[1], ref[n + ".lora_B.weight"].shape[0]
-        A, B = [], []
-        for (sd, _), r, s in zip(read, ranks, scales):
-            a = sd.get(n + ".lora_A.weight", torch.zeros(r, d_in)).float()
-            b = sd.get(n + ".lora_B.weight", torch.zeros(d_out, r)).float()
-            A.append(a)
-            B.append(b * (s / scales[0]))
+        A = [sd.get(n + ".lora_A.weight", torch.zeros(r, d_in)).float() for (sd, _), r in zip(read, ranks)]
+        B = [sd.get(n + ".lora_B.weight", torch.zeros(d_out, r)).float() * (s / scales[0])
+             for (sd, _), r, s in zip(read, ranks, scales)]
         out[n + ".lora_A.weight"], out[n + ".lora_B.weight"] = torch.cat(A), torch.cat(B, 1)
     return out, scales[0] * sum(ranks)
 
@@ -1147,7 +1098,6 @@ def export_merged(net, folder):
     stock pipeline loads with no extra library:
         Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
-
 # ---------------------------------------------------------------------------------------------
 # 5. load(name)
 # ---------------------------------------------------------------------------------------------
@@ -1167,24 +1117,15 @@ def load(name, **kw):
 
 
 def load_run(run_dir, stage=None, which="ema", **kw):
-    """Backbone and trained generator of a run folder written by train.py.
-    stage None = the latest stage present. which: "ema" (what stage 2 and inference use) or
-    "generator" (the raw weights). kw override load()'s arguments (eval.py: resolution, device,
-    dtype). Returns (backbone, net, stage).
-
-    The backbone is rebuilt from the run's config.json (model, pretrained, generator_pretrained,
-    resolution, lora_rank; a tiny twin is looked up / built in the run folder itself). The
-    checkpoints hold only the trainable tensors, under the student's parameter names:
-
-    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (or, for the toy and for
-               lora_rank 0, all its weights). The net is make_student("generator") + ck[which].
-    stage2.pt  the same keys hold the *stage-2* LoRA. On a LoRA backbone the stage-2 checkpoint
-               must also hold ck["stage1_ema"], the stage-1 EMA LoRA state (lora_state_dict),
-               which the stage-2 student has merged into its base weights (sections 3, 4):
-               net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which].
-               Without "stage1_ema" (the toy, full fine-tuning) ck[which] is the whole student.
-    """
-    import json
+    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the
+    latest present; which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw
+    override load()'s arguments. The backbone is rebuilt from config.json (a tiny twin is built in
+    the run folder). The checkpoints hold only the trainable tensors, under the student's names:
+    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and
+               lora_rank 0); net = make_student("generator") + ck[which].
+    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"],
+               the stage-1 EMA LoRA the stage-2 student merged into its base (sections 3, 4):
+               net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which]."""
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir!r} a run folder written by train.py?")
@@ -1202,10 +1143,8 @@ def load_run(run_dir, stage=None, which="ema", **kw):
                 width=cfg.get("toy_width", 128), angles=cfg.get("toy_angles", 0),
                 exact_prefix=cfg.get("toy_exact_prefix", False), per_step=cfg.get("toy_per_step", False))
     bb = load(cfg["model"], **(args | kw))
-    if stage == 2 and "stage1_ema" in ck:
-        net = bb.make_student("generator", stage=2, merge=ck["stage1_ema"])
-    else:
-        net = bb.make_student("generator")
+    merged = dict(stage=2, merge=ck["stage1_ema"]) if stage == 2 and "stage1_ema" in ck else {}
+    net = bb.make_student("generator", **merged)
     missing, unexpected = net.load_state_dict(ck[which], strict=False)
     lost = [k for k in missing if ".lora_" in k]  # a LoRA the checkpoint should have held
     assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
@@ -1215,17 +1154,12 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 # 6. Run-folder checkpoints and prompt files
 # ---------------------------------------------------------------------------------------------
 
-# A run folder may come from someone else (a student's, a downloaded one), and a pickle can run
-# any code while it loads. So every checkpoint of a run folder is read with torch's restricted
-# unpickler (weights_only=True): tensors, dicts, lists, str, int, float, bool, None only. The
-# checkpoints train.py writes hold nothing else (RNG states are uint8 tensors, configs plain).
-
 
 def load_checkpoint(path):
-    """torch.load(path) that never executes code from the file. A checkpoint holding any other
-    Python object is refused with one line saying so (pickle.UnpicklingError, a ValueError)."""
-    import pickle
-    import re
+    """torch.load(path) that never executes code from the file: a run folder may come from someone
+    else, and a pickle can run code while it loads. torch's restricted unpickler (weights_only)
+    reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
+    are uint8 tensors); anything else is refused with one line (a ValueError)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1236,19 +1170,13 @@ def load_checkpoint(path):
                          "only open run folders you trust") from None
 
 
-# Training and evaluation prompts (official code: rtdmd/data/prompt_dataset.py):
-#   .txt    one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets);
-#   .jsonl  one JSON object a line with a "prompt" field; its other fields are that prompt's
-#           metadata (GenEval's train_metadata.jsonl / test_metadata.jsonl: tag, include, ...),
-#           which the GenEval reward needs to score the image.
-# Blank lines are skipped. metadata is always a list aligned with the prompts ({} for .txt), and
-# a reward is called as reward(images, prompts, metadata=None).
-
-
 def read_prompt_file(path):
-    """(prompts: list[str], metadata: list[dict]) of a .txt or .jsonl prompt file. Raises a
-    one-line FileNotFoundError / ValueError for a missing or empty file, a .json file, a .jsonl
-    line that is not a JSON object or has no string "prompt"."""
+    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code:
+    rtdmd/data/prompt_dataset.py): .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR
+    sets; metadata {}); .jsonl, one JSON object a line with a "prompt" field, its other fields that
+    prompt's metadata (GenEval's train/test_metadata.jsonl: tag, include, ...), which a reward gets
+    as reward(images, prompts, metadata). Blank lines are skipped. A missing or empty file, a .json
+    file, a .jsonl line that is not an object with a string "prompt" raise one line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
                                 ".jsonl (a \"prompt\" field a line)")
@@ -1261,7 +1189,6 @@ def read_prompt_file(path):
         raise ValueError(f"prompt file {path} holds no prompts (it is empty or blank)")
     if not path.endswith(".jsonl"):
         return [line for _, line in lines], [{} for _ in lines]
-    import json
     prompts, metadata = [], []
     for n, line in lines:
         try:
@@ -1278,9 +1205,5 @@ def read_prompt_file(path):
 
 def file_sha256(path):
     """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""
-    import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -143,6 +143,37 @@ def test_euler_sample_teacher_matches_stock_pipeline(load_tiny, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
+def test_teacher_sigmas_and_pipeline_latents_are_the_stock_pipeline(load_tiny, name):
+    """bb.teacher_sigmas(N) is bitwise the schedule the stock pipeline runs for N steps (SD3: 1000
+    down to 1000 sigma_min, static shift; klein: linspace(1, 1/N) shifted with mu(tokens, N)), and
+    bb.pipeline_latents, fed our embeddings, is bitwise the pipeline fed the prompt strings; Euler +
+    CFG over teacher_sigmas lands on it."""
+    bb = load_tiny(name)
+    for steps in (3, 28):
+        sched = type(bb.pipe.scheduler).from_config(bb.pipe.scheduler.config)
+        if bb.family == "sd3":
+            sched.set_timesteps(steps)
+            t_min = 1000 * sched.sigma_min  # the shifted sigma_min (2.994 for shift 3)
+            assert torch.allclose(sched.sigmas[:-1].double(), models.sd3_sigmas(
+                torch.linspace(1000.0, t_min, steps).tolist(), 3.0)[:-1].double(), atol=1e-6)
+        else:
+            sched.set_timesteps(sigmas=torch.linspace(1, 1 / steps, steps).tolist(),
+                                mu=models.flux2_empirical_mu(bb.latent_shape[1] ** 2, steps))
+        assert torch.equal(sched.sigmas.float().cpu(), bb.teacher_sigmas(steps))
+    x = bb.noise(2, torch.Generator().manual_seed(3))
+    kw = dict(text_encoder_out_layers=bb.text_layers) if bb.family == "flux2" else {}
+    with torch.no_grad():
+        ref = bb.pipe(prompt=PROMPTS, num_inference_steps=3, guidance_scale=bb.guidance,
+                      height=bb.resolution, width=bb.resolution, latents=x, output_type="latent",
+                      max_sequence_length=bb.max_sequence_length, **kw).images
+        ours = sample.euler_sample(bb, bb.teacher, x, bb.teacher_sigmas(3), bb.encode(PROMPTS),
+                                   bb.encode(["", ""]), guidance=bb.guidance)
+        assert torch.equal(bb.pipeline_latents(PROMPTS, x, 3), ref)
+        assert torch.allclose(bb.to_vae_latents(ours), ref, atol=1e-5)
+        assert torch.equal(bb.decode_vae(bb.to_vae_latents(ours)), bb.decode(ours))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux2"])
 def test_cps_step_eta0_matches_stock_euler_scheduler(load_tiny, name):
     """CPS with eta = 0 is the stock FlowMatchEulerDiscreteScheduler at the same sigmas."""
     bb = load_tiny(name)
@@ -242,11 +273,8 @@ def test_lora_targets_pinned_per_backbone_and_stage():
     want_flux = ([f"transformer_blocks.{b}.attn.{n}" for b in range(2) for n in joint]
                  + [f"single_transformer_blocks.{b}.attn.to_qkv_mlp_proj" for b in range(22)]
                  + [f"single_transformer_blocks.{b}.attn.to_out" for b in range(20)])  # not 20, 21
-    for stage in (1, 2):
-        assert sorted(models.lora_targets(sd3, "sd3", stage)) == sorted(want_sd3), \
-            f"SD3.x stage-{stage} LoRA targets are not the official list"
-        assert sorted(models.lora_targets(flux, "flux2", stage)) == sorted(want_flux), \
-            f"FLUX.2 stage-{stage} LoRA targets are not the official list"
+    assert sorted(models.lora_targets(sd3, "sd3")) == sorted(want_sd3), "SD3.x LoRA targets: not the official list"
+    assert sorted(models.lora_targets(flux, "flux2")) == sorted(want_flux), "FLUX.2 LoRA targets: not the official list"
 
 
 def test_make_student_flux2_stage2_targets_single_block_out(load_tiny, tmp_path):
