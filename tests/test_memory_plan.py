@@ -1,5 +1,7 @@
 """train.py --memory-plan: the planned saved-tensor bytes (meta device) against the bytes autograd
 really saves in a CPU forward of a tiny twin, and the paper recipes' plans."""
+import os
+
 import torch
 
 import train
@@ -35,9 +37,15 @@ def test_plan_matches_a_real_cpu_forward(load_tiny):
         print(name, "planned", planned, "measured", real, "ratio", planned / real)
 
 
-def test_paper_recipes_plan_under_80_gib():
-    for model in ("sd3.5-medium", "sd3-medium", "flux2-klein-4b"):
-        for stage in (1, 2):
+def test_paper_recipes_plan_under_80_gib_as_the_readme_table_says():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    rows = {"sd3-medium": "SD3-M, 1024 px", "sd3.5-medium": "SD3.5-M, 512 px", "flux2-klein-4b": "FLUX.2-klein-4B, 512 px"}
+    for model, label in rows.items():
+        cells = next(line for line in readme.splitlines() if line.startswith(f"| {label} |")).split("|")
+        for stage, cell in ((1, cells[2]), (2, cells[4])):
             args = train.get_args(["--stage", str(stage), "--model", model, "--memory-plan"])
             args.gpus = train.PAPER_GPUS[model] if stage == 2 else 8
             assert train.memory_plan(args) == 0 and 10 < args.planned_gib < 80, (model, stage)
+            stated = float(cell.split()[0])
+            assert abs(args.planned_gib - stated) < 0.06, f"README says {stated} GiB for {model} stage {stage}, " \
+                f"the plan {args.planned_gib:.2f}"
