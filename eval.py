@@ -504,11 +504,10 @@ def die(e):
 
 def run_config(run):
     """RUN/config.json (the run's train.py arguments), or a one-line error."""
-    path = os.path.join(run, "config.json")
-    if not os.path.exists(path):
-        die(f"{path} not found: is {run!r} a run folder written by train.py?")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return models.read_run_config(run)
+    except FileNotFoundError as e:
+        die(e)
 
 
 def write_json(out, path, also, t0):

@@ -1116,6 +1116,18 @@ def load(name, **kw):
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 
+def read_run_config(run_dir, required=True):
+    """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it
+    here). A missing file raises a one-line FileNotFoundError, or gives None when not required."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        if not required:
+            return None
+        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run folder written by train.py?")
+    with open(path) as f:
+        return json.load(f)
+
+
 def load_run(run_dir, stage=None, which="ema", **kw):
     """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the
     latest present; which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw
@@ -1126,11 +1138,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"],
                the stage-1 EMA LoRA the stage-2 student merged into its base (sections 3, 4):
                net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which]."""
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir!r} a run folder written by train.py?")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_run_config(run_dir)
     stages = [k for k in (2, 1) if os.path.exists(os.path.join(run_dir, f"stage{k}.pt"))]
     if stage is None:
         if not stages:

@@ -880,13 +880,10 @@ def load_backbone(ctx, prompts, metadata):
 
 def check_run_folder(args, master):
     """Refuse to mix runs: a folder made by another model, or resuming a missing run."""
-    cfg_path = os.path.join(args.out, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if old.get("model") != args.model:
-            sys.exit(f"error: {args.out} holds a run of --model {old.get('model')}, not {args.model}; "
-                     f"pick another --out or pass --model {old.get('model')}")
+    old = models.read_run_config(args.out, required=False)
+    if old is not None and old.get("model") != args.model:
+        sys.exit(f"error: {args.out} holds a run of --model {old.get('model')}, not {args.model}; "
+                 f"pick another --out or pass --model {old.get('model')}")
     ckpt = os.path.join(args.out, f"stage{args.stage}.pt")
     if args.resume and not os.path.exists(ckpt):
         sys.exit(f"error: --resume given but {ckpt} does not exist; drop --resume to start stage {args.stage}")
@@ -916,11 +913,8 @@ def read_training_prompts(args):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --prompts: {e}")
     this_file = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
-    cfg_path, key = os.path.join(args.out, "config.json"), f"stage{args.stage}"
-    files = {}
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            files = json.load(f).get("prompt_files") or {}
+    key = f"stage{args.stage}"
+    files = (models.read_run_config(args.out, required=False) or {}).get("prompt_files") or {}
     old = files.get(key)
     if args.resume and old and old["sha256"] != this_file["sha256"]:
         sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {this_file['sha256'][:12]}), but stage "
