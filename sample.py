@@ -296,17 +296,11 @@ def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
 def teacher_batch(bb, x, prompts, steps=28, guidance=None):
     """The real backbones' one teacher sampler: the stock pipeline (Euler on bb.teacher_sigmas(steps),
     CFG `guidance` against "", default the backbone's) from our initial latents x with
-    output_type="latent" (tests/test_train_real.py: equal to euler_sample on those sigmas), decoded
-    to images [B, 3, H, W] in [0, 1] as bb.decode does."""
-    kw = dict(text_encoder_out_layers=bb.text_layers) if bb.family == "flux2" else {}
+    output_type="latent" (tests/test_eval_images.py: equal to euler_sample on those sigmas), decoded
+    to images [B, 3, H, W] in [0, 1] as bb.decode does (models.DiffusersBackbone.pipeline_latents,
+    on our text embeddings, so a --cache-text-embeddings run can use it too; decode_vae)."""
     bb.pipe.set_progress_bar_config(disable=True)
-    lat = bb.pipe(prompt=list(prompts), num_inference_steps=steps, latents=x, output_type="latent",
-                  guidance_scale=bb.guidance if guidance is None else guidance, height=bb.resolution,
-                  width=bb.resolution, max_sequence_length=bb.max_sequence_length, **kw).images
-    if bb.family != "flux2":
-        return bb.decode(lat)
-    img = bb.pipe.vae.decode(lat.to(bb.pipe.vae.dtype), return_dict=False)[0]  # already the VAE's latents
-    return (img.float() / 2 + 0.5).clamp(0, 1)
+    return bb.decode_vae(bb.pipeline_latents(list(prompts), x, steps, guidance))
 
 
 @torch.no_grad()
