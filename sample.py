@@ -39,7 +39,7 @@ github.com/Harahan/RTDMD (README).
 
 4. Pictures (pillow; the toy's per-prompt sampling loop), image files and grids (diffusers.utils),
    and the real backbones' teacher sampler: the stock pipeline, equal to euler_sample on
-   bb.teacher_sigmas (tests/test_train_real.py).
+   bb.teacher_sigmas (tests/test_eval_images.py).
 
 CLI:
     python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
