@@ -89,12 +89,15 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 
 4. LoRA, hand-written (official code: rtdmd/utils/lora.py)
    ---------------------------------------------------------
-   W x + b -> W x + b + (alpha / r) B A x, B = 0 at init. Stage 1: A ~ N(0, 1/r^2) (peft's
-   "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a fresh LoRA with
-   A ~ N(0, 1). Files use the diffusers/PEFT layout, so a stock pipeline loads them. The
-   trainable A, B are float32, or bf16 as in the official code (train.py --lora-dtype). read_lora
-   also reads the official files (flat .pt, peft folders), and stack_loras writes a released
-   model's two LoRAs as one exact LoRA of rank 64 (rtdmd/inference.py merges them in order).
+   W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init. Stage 1: A ~ N(0,
+   1/r^2) (peft's "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a
+   fresh LoRA with A ~ N(0, 1) (`inject_lora`). The trainable A, B are float32, or bf16 as in the
+   official code (train.py --lora-dtype). Files use the diffusers/PEFT layout,
+   `transformer.<module>.lora_A.weight` with r, lora_alpha and target_modules in the safetensors
+   metadata, so a stock pipeline's `load_lora_weights` (which needs peft) applies them with the
+   right alpha/r; `export_merged` needs no extra library. read_lora also reads the official files
+   (flat .pt, peft folders), and stack_loras writes a released model's two LoRAs as one exact
+   LoRA of rank 64 (rtdmd/inference.py merges them in order).
 
 5. The backbone interface, and `load(name)`
    ----------------------------------------
@@ -102,7 +105,7 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
    samplers (sample.py) only ever talk to a backbone through these members, so they never know
    whether they run on the 2-D toy or on SD3:
 
-       bb.name                  str
+       bb.name, bb.prompts      str; list[str], the default training prompts
        bb.latent_shape          tuple, shape of one sample's latent, e.g. (2,) or (16, 64, 64)
        bb.sigmas                Tensor[5], the 4-step sampler sigmas with sigma_4 = 0 appended
        bb.guidance              float, the teacher's CFG scale g used in the DMD losses
@@ -112,12 +115,10 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        bb.encode(prompts)       list[str] -> cond, a dict of batch-first tensors;
                                 the empty prompt "" encodes the unconditional branch of CFG
        bb.velocity(net, x, sigma, cond)
-                                v = net's velocity at latents x [B, *latent_shape] and noise
-                                levels sigma [B] (float, in [0, 1]); the backbone converts sigma to
-                                its own model timestep
+                                net's velocity at latents x [B, *latent_shape] and noise levels
+                                sigma [B] (float, in [0, 1]), converted to the model timestep
        bb.noise(n, generator)   Tensor[n, *latent_shape] of N(0, I) in float32
        bb.decode(x)             images [B, 3, H, W] in [0, 1], differentiable
-       bb.prompts               list[str], the default training prompts
        bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
                                 unless the prompts came from a .jsonl, see read_prompt_file)
        bb.teacher_sigmas(steps) real backbones: the stock pipeline's sigmas for `steps` steps
@@ -213,8 +214,7 @@ def flux2_empirical_mu(image_seq_len, num_steps):
 def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
     """FLUX.2-klein dynamic shift: sigma = e^mu / (e^mu + (1/u - 1)), image_seq_len = (res/16)^2.
     512 px -> [1, .95809, .88398, .71750, 0]; 1024 px -> [1, .96738, .90814, .76720, 0]."""
-    seq = (resolution // 16) ** 2
-    mu = flux2_empirical_mu(seq, len(step_list))
+    mu = flux2_empirical_mu((resolution // 16) ** 2, len(step_list))
     u = timestep_to_sigma(torch.tensor(step_list, dtype=torch.float64))
     s = math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
@@ -271,8 +271,7 @@ class Mixture:
 
     def log_prob(self, x, sigma, c):
         """log p_sigma(x | c)."""
-        logw, _, _, _ = self._posterior(x, sigma, c)
-        return torch.logsumexp(logw, dim=1)
+        return torch.logsumexp(self._posterior(x, sigma, c)[0], dim=1)
 
     def score(self, x, sigma, c):
         """grad_x log p_sigma(x | c) = sum_j w_j(x) * (-(x - (1 - sigma) mu_j) / V_j)."""
@@ -289,9 +288,7 @@ class Mixture:
 
     def velocity(self, x, sigma, c):
         """Exact flow velocity v = (x - E[x0 | x]) / sigma (sigma clamped at 1e-4)."""
-        x0, _, _, _ = self.posterior_x0(x, sigma, c)
-        s = bcast(sigma, x).clamp(min=1e-4)
-        return (x - x0) / s
+        return (x - self.posterior_x0(x, sigma, c)[0]) / bcast(sigma, x).clamp(min=1e-4)
 
 
 def toy_mixture(num_components=8, radius=2.0, std=0.3):
@@ -450,36 +447,29 @@ class ToyBackbone:
         return x
 
 
-class ShiftVelocity(nn.Module):
-    """The "toy-gauss" generator: the exact teacher velocity plus one learnable vector b,
-        G(x, sigma, c) = v_teacher(x, sigma, c) + b.
-    It can only move its output mean (linearly in b), which makes the stationary point of the
-    stage-2 exact-decomposition mode closed-form (subgrpo.py, section 7)."""
+class ShiftVelocity(ExactVelocity):
+    """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, one learnable
+    vector b: it can only move its output mean (linearly in b), which makes the stationary point
+    of the stage-2 exact-decomposition mode closed-form (subgrpo.py, section 7)."""
 
     def __init__(self, mixture, dim=2):
-        super().__init__()
-        self.teacher = ExactVelocity(mixture)
+        super().__init__(mixture)
         self.b = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, sigma, c):
-        return self.teacher(x, sigma, c).to(x.dtype) + self.b
-
-
-def toy_gauss(mean=(0.5, -0.5), std=0.5):
-    """A single isotropic Gaussian N(mean, std^2 I), with the toy's four conditions all equal."""
-    return Mixture(torch.tensor([mean], dtype=torch.float64), torch.tensor([std]),
-                   torch.ones(len(TOY_PROMPTS) + 1, 1, dtype=torch.float64))
+        return super().forward(x, sigma, c).to(x.dtype) + self.b
 
 
 class ToyGaussBackbone(ToyBackbone):
-    """"toy-gauss": the toy backbone with a single-Gaussian teacher and a shift-only generator
-    (ShiftVelocity). The fake score is still the flow-matched MLP. Used by the exact-decomposition
-    check of stage 2 (subgrpo.py, section 7)."""
+    """"toy-gauss": a single-Gaussian teacher, a shift-only generator (ShiftVelocity), the fake
+    score still the flow-matched MLP (the exact-decomposition check, subgrpo.py, section 7)."""
 
     name = "toy-gauss"
 
-    def __init__(self, **kw):
-        super().__init__(mixture=toy_gauss(), **kw)
+    def __init__(self, **kw):  # the teacher: N((0.5, -0.5), 0.5^2 I), the same for all 4 conditions
+        gauss = Mixture(torch.tensor([(0.5, -0.5)], dtype=torch.float64), torch.tensor([0.5]),
+                        torch.ones(len(TOY_PROMPTS) + 1, 1, dtype=torch.float64))
+        super().__init__(mixture=gauss, **kw)
         self.prompts = ["gauss"]  # one prompt: a GRPO group is then every sample of the epoch
 
     def make_student(self, role):
@@ -520,9 +510,8 @@ def shared_copy(net):
 
 
 def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
-    """cls.from_pretrained, but a missing / wrong id or folder exits with one actionable line
-    (SystemExit, as train.py's other errors: no traceback). low_cpu_mem_usage (with accelerate,
-    requirements.txt) builds the modules empty and loads the weights straight in `dtype`: no
+    """cls.from_pretrained; a missing / wrong id or folder exits with one actionable line (no
+    traceback). low_cpu_mem_usage (with accelerate) loads the weights straight in `dtype`: no
     float32 host copy of a multi-GB transformer per rank before the bf16 cast."""
     try:
         return cls.from_pretrained(pretrained, low_cpu_mem_usage=True, **kw)
@@ -542,7 +531,12 @@ def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
 
 
 class DiffusersBackbone:
-    """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, noise."""
+    """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, text, the stock
+    pipeline and the VAE."""
+
+    text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
+    text_device = None  # where the text encoders run: the backbone's device until the cache moves them
+    generator_base_merged = False  # make_student merged a LoRA into the generator base itself
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
                  gradient_checkpointing=False, lora_rank=32, lora_alpha=64, prompts=None,
@@ -572,10 +566,9 @@ class DiffusersBackbone:
         self.latent_shape = (pipe.transformer.config.in_channels, side, side)  # klein: 4 x 32 = 128
 
     def make_student(self, role, stage=1, merge=None):
-        """The trainable velocity net for role "generator" or "fake" (sections 3, 4).
-        stage 1: base + LoRA (gaussian init, A std 1/r, B = 0): starts equal to the base.
-        stage 2: base + `merge` (the previous stage's LoRA file / state dict, or a list merged in
-        order) folded into the weights, then a fresh LoRA (A std 1, B = 0; rtdmd/utils/lora.py).
+        """The trainable velocity net for role "generator" or "fake" (sections 3, 4): base + LoRA
+        of stage 1 (equal to the base at init), or base + `merge` (the previous stage's LoRA file /
+        state dict, or a list merged in order) folded into the weights + the fresh LoRA of stage 2.
         lora_rank=0: full fine-tuning, every weight of a real copy trains, in self.lora_dtype."""
         base = self.generator_base if role == "generator" else self.teacher
         net = copy.deepcopy(base).to(self.lora_dtype).requires_grad_(True) if self.lora_rank == 0 \
@@ -596,12 +589,7 @@ class DiffusersBackbone:
             net.enable_gradient_checkpointing()
         return net.train()
 
-    def noise(self, n, generator=None):
-        return torch.randn(n, *self.latent_shape, generator=generator).to(self.device)
-
-    text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
-    text_device = None  # where the text encoders run: the backbone's device until the cache moves them
-    generator_base_merged = False  # make_student merged a LoRA into the generator base itself
+    noise = ToyBackbone.noise
 
     def encode(self, prompts):
         """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host
@@ -629,10 +617,16 @@ class DiffusersBackbone:
 
     def teacher_sigmas(self, steps):
         """The stock pipeline's sigmas for `steps` Euler steps (sigma = 0 appended; sample.py
-        --teacher), from a fresh copy of its scheduler; the family's shift arguments come from
-        schedule_kw."""
+        --teacher), from a fresh copy of its scheduler. StableDiffusion3Pipeline: `steps`
+        timesteps evenly spaced from 1000 down to 1000 sigma_min, then the static shift;
+        Flux2KleinPipeline: u = linspace(1, 1/steps, steps), then the dynamic shift with
+        mu(token count, steps)."""
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        sched.set_timesteps(**self.schedule_kw(steps))
+        if self.family == "sd3":
+            sched.set_timesteps(num_inference_steps=steps)
+        else:
+            mu = flux2_empirical_mu(self.latent_shape[1] * self.latent_shape[2], steps)
+            sched.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
         return sched.sigmas.float().cpu()
 
     @torch.no_grad()
@@ -641,9 +635,13 @@ class DiffusersBackbone:
         from our latents x, on the embeddings of self.encode: its VAE latents
         (output_type="latent"), what to_vae_latents maps our samples to; decode_vae decodes them."""
         c, null = self.encode(prompts), self.encode([""] * len(prompts))
+        kw = dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
+        if self.family == "sd3":
+            kw.update(pooled_prompt_embeds=c["pooled_projections"],
+                      negative_pooled_prompt_embeds=null["pooled_projections"])
         return self.pipe(latents=x, num_inference_steps=steps, height=self.resolution,
                          width=self.resolution, guidance_scale=self.guidance if guidance is None else guidance,
-                         output_type="latent", **self.embeds_kw(c, null)).images
+                         output_type="latent", **kw).images
 
     def decode(self, x):
         """Differentiable: our latents -> images [B, 3, H, W] in [0, 1] (section 3)."""
@@ -657,6 +655,11 @@ class DiffusersBackbone:
         img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
+    def to_vae_latents(self, x):
+        """Sampler latents -> the VAE's own latents (what output_type="latent" returns); SD3's
+        are the same."""
+        return x
+
 
 class SD3Backbone(DiffusersBackbone):
     """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]."""
@@ -669,16 +672,6 @@ class SD3Backbone(DiffusersBackbone):
         self.sigmas = sd3_sigmas(shift=cfg["shift"])
         # the official code caps T5 at 128 tokens (205 = 77 + 128); tiny twins have fewer
         self.max_sequence_length = min(128, pipe.tokenizer_3.model_max_length)
-
-    def schedule_kw(self, steps):
-        """StableDiffusion3Pipeline: `steps` timesteps evenly spaced from 1000 down to 1000
-        sigma_min, then the static shift."""
-        return dict(num_inference_steps=steps)
-
-    def embeds_kw(self, c, null):
-        return dict(prompt_embeds=c["prompt_embeds"], pooled_prompt_embeds=c["pooled_projections"],
-                    negative_prompt_embeds=null["prompt_embeds"],
-                    negative_pooled_prompt_embeds=null["pooled_projections"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -696,10 +689,6 @@ class SD3Backbone(DiffusersBackbone):
                 pooled_projections=cond["pooled_projections"], return_dict=False)[0]
         return v.float()
 
-    def to_vae_latents(self, x):
-        """Sampler latents -> the VAE's own latents (what output_type="latent" returns)."""
-        return x
-
 
 class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
@@ -716,15 +705,6 @@ class Flux2Backbone(DiffusersBackbone):
         self.sigmas = flux2_sigmas(resolution=16 * self.latent_shape[1])
         self.text_layers = tuple(text_layers)
         self.max_sequence_length = min(512, pipe.tokenizer.model_max_length)
-
-    def schedule_kw(self, steps):
-        """Flux2KleinPipeline: u = linspace(1, 1/steps, steps), then the dynamic shift with
-        mu(token count, steps)."""
-        mu = flux2_empirical_mu(self.latent_shape[1] * self.latent_shape[2], steps)
-        return dict(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
-
-    def embeds_kw(self, c, null):
-        return dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
 
     @torch.no_grad()
     def encode_text(self, prompts, device):
@@ -862,13 +842,6 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
 # 4. LoRA, hand-written (no peft at run time)
 # ---------------------------------------------------------------------------------------------
 
-# W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init; r 32, alpha 64 in
-# the paper. Inits of A: peft's "gaussian" (std 1/r, stage 1) and the stage-2 re-init after
-# merging (std 1, official code: rtdmd/utils/lora.py, `inject_lora`). Files use the diffusers/PEFT
-# layout, `transformer.<module>.lora_A.weight` with r, lora_alpha and target_modules in the
-# safetensors metadata, so a stock pipeline's `load_lora_weights` (which needs peft) applies them
-# with the right alpha/r; `export_merged` needs no extra library.
-
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
     # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
     # self-attention (attn2, MMDiT-X) out, as the target list of configs/cold_start/sd35m.yaml does.
@@ -886,9 +859,8 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 class LoRALinear(nn.Linear):
     """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-
     dict names) and adds `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name).
-    A, B are `dtype`: float32, or bf16 (train.py --lora-dtype), what the official code gets, since
-    diffusers' add_adapter creates them in the base layer's dtype. The branch is cast back to the
-    output dtype."""
+    A, B are `dtype`: float32, or bf16 as the official code's (diffusers' add_adapter makes them
+    in the base layer's dtype); the branch is cast back to the output dtype."""
 
     def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
@@ -965,9 +937,8 @@ def merge_lora(net, in_place=False):
 
 
 def save_lora(lora, path, alpha=None):
-    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) as
-    diffusers/PEFT safetensors with peft's LoraConfig fields in the metadata. alpha: the net's,
-    else 2 r."""
+    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the
+    file layout of section 4. alpha: the net's, else 2 r."""
     from safetensors.torch import save_file
     if isinstance(lora, nn.Module):
         m0 = next(iter(lora_layers(lora).values()))
@@ -1004,15 +975,11 @@ def read_lora(src):
                 with open(cfg_file) as f:
                     cfg = json.load(f)
                 scale = float(cfg.get("lora_alpha", 64)) / float(cfg.get("r", 32))
-            files = [f for e in (".safetensors", ".bin", ".pt")
-                     if os.path.isfile(f := os.path.join(path, "adapter_model" + e))]
-            if not files:
-                raise FileNotFoundError(f"--lora {src}: a LoRA folder needs adapter_model.safetensors "
-                                        "(or .bin / .pt) next to adapter_config.json")
-            path = files[0]
+            path = next((f for e in (".safetensors", ".bin", ".pt")
+                         if os.path.isfile(f := os.path.join(path, "adapter_model" + e))), path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--lora {src}: no such file or folder (a .pt / .safetensors LoRA "
-                                    "or a peft folder)")
+            raise FileNotFoundError(f"--lora {src}: no such file (a .pt / .safetensors LoRA, or a peft "
+                                    "folder with adapter_model.safetensors / .bin / .pt)")
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(path, "pt") as f:
@@ -1039,8 +1006,7 @@ def read_lora(src):
 
 
 def load_lora(net, lora):
-    """Wrap the modules named in `lora` (any source read_lora reads) with LoRALinear and load
-    its weights. alpha comes from the file (default 2 r, the paper's)."""
+    """Wrap the modules named in `lora` (anything read_lora reads) with LoRALinear, load it."""
     sd, alpha = read_lora(lora)
     names, r = lora_modules(sd)
     unknown = [n for n in names if n not in dict(net.named_modules())]
@@ -1164,10 +1130,9 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 
 
 def load_checkpoint(path):
-    """torch.load(path) that never executes code from the file: a run folder may come from someone
-    else, and a pickle can run code while it loads. torch's restricted unpickler (weights_only)
-    reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
-    are uint8 tensors); anything else is refused with one line (a ValueError)."""
+    """torch.load(path) that never executes code from the file (a run folder may come from someone
+    else): weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py
+    writes (RNG states are uint8 tensors); anything else is refused with one ValueError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1183,8 +1148,7 @@ def read_prompt_file(path):
     rtdmd/data/prompt_dataset.py): .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR
     sets; metadata {}); .jsonl, one JSON object a line with a "prompt" field, its other fields that
     prompt's metadata (GenEval's train/test_metadata.jsonl: tag, include, ...), which a reward gets
-    as reward(images, prompts, metadata). Blank lines are skipped. A missing or empty file, a .json
-    file, a .jsonl line that is not an object with a string "prompt" raise one line."""
+    as reward(images, prompts, metadata). Blank lines are skipped; bad files raise one line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
                                 ".jsonl (a \"prompt\" field a line)")
