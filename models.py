@@ -535,7 +535,7 @@ class DiffusersBackbone:
     pipeline and the VAE."""
 
     text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
-    text_device = None  # where the text encoders run: the backbone's device until the cache moves them
+    text_device = None  # where the text encoders run: the backbone's device until cached
     generator_base_merged = False  # make_student merged a LoRA into the generator base itself
 
     def __init__(self, name, pipe, guidance, resolution, device, dtype, generator_base=None,
@@ -978,8 +978,8 @@ def read_lora(src):
             path = next((f for e in (".safetensors", ".bin", ".pt")
                          if os.path.isfile(f := os.path.join(path, "adapter_model" + e))), path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--lora {src}: no such file (a .pt / .safetensors LoRA, or a peft "
-                                    "folder with adapter_model.safetensors / .bin / .pt)")
+            raise FileNotFoundError(f"--lora {src}: no such file (a .pt / .safetensors LoRA, or "
+                                    "a peft folder with adapter_model.safetensors / .bin / .pt)")
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(path, "pt") as f:

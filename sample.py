@@ -41,12 +41,11 @@ github.com/Harahan/RTDMD (README).
    and the real backbones' teacher sampler: the stock pipeline, equal to euler_sample on
    bb.teacher_sigmas (tests/test_eval_images.py).
 
-CLI:
-    python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
-    python sample.py --run runs/sd35 --prompt "a red fox" [--n 4] [--seed 42]
-                     -> runs/sd35/samples/stage1_ema/000000.png ... grid.png (4 NFE, CPS eta 0.9)
-    python sample.py --run runs/sd35 --teacher --steps 28 --cfg 4.5  (the teacher, Euler + CFG)
-    python sample.py --model tiny-sd3 --teacher                      (no run needed)
+CLI:  python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
+      python sample.py --run runs/sd35 --prompt "a red fox" [--n 4] [--seed 42]
+          -> runs/sd35/samples/stage1_ema/000000.png ... grid.png (4 NFE, CPS eta 0.9)
+      python sample.py --run runs/sd35 --teacher --steps 28 --cfg 4.5  (the teacher, Euler + CFG)
+      python sample.py --model tiny-sd3 --teacher                      (no run needed)
 """
 import argparse
 import json
@@ -103,10 +102,7 @@ def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
     the reference row "teacher 4-step Euler"."""
     for k in range(len(sigmas) - 1):
         s, s_next = float(sigmas[k]), float(sigmas[k + 1])
-        if guidance == 1.0:
-            v = bb.velocity(net, x, full(s, x), cond)
-        else:
-            v = models.cfg_velocity(bb, net, x, full(s, x), cond, null_cond, guidance)
+        v = models.cfg_velocity(bb, net, x, full(s, x), cond, null_cond, guidance)
         x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
     return x
 
@@ -138,11 +134,9 @@ def random_stop(num_steps, rng):
 
 
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
-    """Stage-1 backward simulation with random stop (section 3).
-
-    Runs steps k = 0 .. stop-1 of the sampler from x = eps. Only the last executed step
-    (k = stop - 1) runs with autograd, so its input is a constant and the gradient is truncated
-    to one network call (the step-k objective, acdmd.py section 2, trains step k alone).
+    """Stage-1 backward simulation with random stop (section 3): steps k = 0 .. stop-1 of the
+    sampler from x = eps, only the last (k = stop - 1) with autograd, so its input is a constant
+    and the gradient is truncated to one network call (the step-k objective, acdmd.py section 2).
     Returns a dict: x_in, v (last step's input state and velocity), sigma, sigma_next (floats),
     x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat and eps_hat; the fresh
     noise is a constant) and x0_hat of the last step."""
@@ -273,32 +267,29 @@ def save_grid(images, path, nrow=None):
 
 def initial_noise(bb, prompts, n, seed):
     """n initial latents per prompt from one seeded CPU generator, in prompt order (the same images
-    on any device). Returns (noise [P*n, ...], prompts repeated [P*n])."""
+    on any device), as one batch (noise [n, ...], [prompt] * n) per prompt."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts) * n, *bb.latent_shape, generator=g).to(bb.device)
-    return x, [p for p in prompts for _ in range(n)]
+    return [(x[i * n:(i + 1) * n], [p] * n) for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
     """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2), one batch per prompt.
     The CPS noise comes from the global RNG, seeded here inside fork_rng (the caller's is kept)."""
-    x, rep = initial_noise(bb, prompts, n, seed)
-    out = []
+    batches = initial_noise(bb, prompts, n, seed)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if bb.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for i in range(0, len(rep), n):
-            out.append(bb.decode(rollout(bb, net, x[i:i + n], bb.encode(rep[i:i + n]), eta=eta)[-1]).cpu())
-    return torch.cat(out)
+        return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu()
+                          for x, ps in batches])
 
 
 @torch.no_grad()
 def teacher_batch(bb, x, prompts, steps=28, guidance=None):
-    """The real backbones' one teacher sampler: the stock pipeline (Euler on bb.teacher_sigmas(steps),
-    CFG `guidance` against "", default the backbone's) from our initial latents x with
-    output_type="latent" (tests/test_eval_images.py: equal to euler_sample on those sigmas), decoded
-    to images [B, 3, H, W] in [0, 1] as bb.decode does (models.DiffusersBackbone.pipeline_latents,
-    on our text embeddings, so a --cache-text-embeddings run can use it too; decode_vae)."""
+    """The real backbones' one teacher sampler: the stock pipeline (bb.pipeline_latents: Euler on
+    bb.teacher_sigmas(steps), CFG `guidance` against "", default the backbone's; equal to
+    euler_sample on those sigmas) from our latents x, on our text embeddings (so a
+    --cache-text-embeddings run can use it too), decoded to images [B, 3, H, W] in [0, 1]."""
     bb.pipe.set_progress_bar_config(disable=True)
     return bb.decode_vae(bb.pipeline_latents(list(prompts), x, steps, guidance))
 
@@ -306,9 +297,8 @@ def teacher_batch(bb, x, prompts, steps=28, guidance=None):
 @torch.no_grad()
 def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     """Images [P*n, 3, H, W] from the frozen teacher (teacher_batch), one batch per prompt."""
-    x, rep = initial_noise(bb, prompts, n, seed)
-    return torch.cat([teacher_batch(bb, x[i:i + n], rep[i:i + n], steps, guidance).cpu()
-                      for i in range(0, len(rep), n)])
+    return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu()
+                      for x, ps in initial_noise(bb, prompts, n, seed)])
 
 
 def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
@@ -320,8 +310,7 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
     as euler_sample, which equals the pipeline) and end to end (text encoding and VAE decoding too)."""
     from torch.utils.benchmark import Timer
     g = bb.guidance if guidance is None else guidance
-    x, rep = initial_noise(bb, prompts, n, seed=0)
-    batches = [(x[i:i + n], bb.encode(rep[i:i + n])) for i in range(0, len(rep), n)]
+    batches = [(x, bb.encode(ps)) for x, ps in initial_noise(bb, prompts, n, seed=0)]
     null, sigmas = bb.encode([""] * n), bb.teacher_sigmas(steps)
     fns = dict(generator_sampler=lambda: [rollout(bb, net, xb, c, eta=eta) for xb, c in batches],
                teacher_sampler=lambda: [euler_sample(bb, bb.teacher, xb, sigmas, c, null, g) for xb, c in batches],
