@@ -139,9 +139,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------
-# 1. Flow-matching conventions
-# ---------------------------------------------------------------------------------------------
+# --- 1. Flow-matching conventions ------------------------------------------------------------
 
 
 def bcast(sigma, x):
@@ -236,9 +234,7 @@ def cond_select(cond, idx):
     return {k: v[idx] for k, v in cond.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. The toy backbone: a 2-D conditional Gaussian mixture
-# ---------------------------------------------------------------------------------------------
+# --- 2. The toy backbone: a 2-D conditional Gaussian mixture ---------------------------------
 
 
 class Mixture:
@@ -259,7 +255,8 @@ class Mixture:
         return ((1 - sigma) * x0 + sigma * eps).float()
 
     def _posterior(self, x, sigma, c):
-        # log-weights of component j given x at level sigma: pi_cj N(x; (1-sigma) mu_j, V_j I)
+        # log-weights of component j given x at level sigma, log pi_cj N(x; (1-sigma) mu_j, V_j I),
+        # and the posterior weights w_j (their softmax)
         x = x.double()
         s = bcast(sigma, x).clamp(min=1e-4).double()  # [B, 1]
         V = (1 - s) ** 2 * self.stds[None] ** 2 + s ** 2  # [B, J]
@@ -267,7 +264,7 @@ class Mixture:
         d = x.shape[1]
         logw = (self.weights[c].clamp_min(1e-300).log()
                 - 0.5 * (diff ** 2).sum(-1) / V - 0.5 * d * torch.log(2 * math.pi * V))
-        return logw, V, diff, s
+        return logw, torch.softmax(logw, dim=1), V, diff, s
 
     def log_prob(self, x, sigma, c):
         """log p_sigma(x | c)."""
@@ -275,14 +272,12 @@ class Mixture:
 
     def score(self, x, sigma, c):
         """grad_x log p_sigma(x | c) = sum_j w_j(x) * (-(x - (1 - sigma) mu_j) / V_j)."""
-        logw, V, diff, _ = self._posterior(x, sigma, c)
-        w = torch.softmax(logw, dim=1)
+        _, w, V, diff, _ = self._posterior(x, sigma, c)
         return (w[:, :, None] * (-diff / V[:, :, None])).sum(1).to(x.dtype)
 
     def posterior_x0(self, x, sigma, c):
         """E[x0 | x_sigma] = sum_j w_j m_j with m_j = mu_j + (1-sigma) s_j^2 / V_j (x - (1-sigma) mu_j)."""
-        logw, V, diff, s = self._posterior(x, sigma, c)
-        w = torch.softmax(logw, dim=1)
+        _, w, V, diff, s = self._posterior(x, sigma, c)
         m = self.means[None] + ((1 - s) * self.stds[None] ** 2 / V)[:, :, None] * diff
         return (w[:, :, None] * m).sum(1).to(x.dtype), w, m, V
 
@@ -477,9 +472,7 @@ class ToyGaussBackbone(ToyBackbone):
             return ShiftVelocity(self.mixture).to(self.device).train()
         return super().make_student(role)
 
-# ---------------------------------------------------------------------------------------------
-# 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
-# ---------------------------------------------------------------------------------------------
+# --- 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins --------
 
 # Memory: the teacher *is* pipe.transformer, and a LoRA student is a `shared_copy` of its base
 # (the teacher's own frozen tensors plus new LoRA parameters). Merging a LoRA (stage 2) writes new
@@ -617,14 +610,11 @@ class DiffusersBackbone:
 
     def teacher_sigmas(self, steps):
         """The stock pipeline's sigmas for `steps` Euler steps (sigma = 0 appended; sample.py
-        --teacher), from a fresh copy of its scheduler. StableDiffusion3Pipeline: `steps`
-        timesteps evenly spaced from 1000 down to 1000 sigma_min, then the static shift;
-        Flux2KleinPipeline: u = linspace(1, 1/steps, steps), then the dynamic shift with
-        mu(token count, steps)."""
+        --teacher), from a fresh copy of its scheduler."""
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        if self.family == "sd3":
+        if self.family == "sd3":  # `steps` timesteps from 1000 to 1000 sigma_min, static shift
             sched.set_timesteps(num_inference_steps=steps)
-        else:
+        else:  # u = linspace(1, 1/steps, steps), then the dynamic shift with mu(token count, steps)
             mu = flux2_empirical_mu(self.latent_shape[1] * self.latent_shape[2], steps)
             sched.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), mu=mu)
         return sched.sigmas.float().cpu()
@@ -838,9 +828,7 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
     gen = load_pipeline(D.Flux2Transformer2DModel, gen_path, "--generator-pretrained", subfolder=sub, dtype=dtype)
     return Flux2Backbone(name, pipe, generator_base=gen, text_layers=text_layers or (9, 18, 27), **common)
 
-# ---------------------------------------------------------------------------------------------
-# 4. LoRA, hand-written (no peft at run time)
-# ---------------------------------------------------------------------------------------------
+# --- 4. LoRA, hand-written (no peft at run time) ---------------------------------------------
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
     # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
@@ -1064,9 +1052,7 @@ def export_merged(net, folder):
     stock pipeline loads with no extra library:
         Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
-# ---------------------------------------------------------------------------------------------
-# 5. load(name)
-# ---------------------------------------------------------------------------------------------
+# --- 5. load(name) ---------------------------------------------------------------------------
 
 BACKBONES = ("toy", "toy-gauss") + tuple(SPECS)
 
@@ -1124,9 +1110,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
     assert not unexpected and not lost, f"{run_dir} stage {stage}: {unexpected[:3]} {lost[:3]}"
     return bb, net.eval().requires_grad_(False), stage
 
-# ---------------------------------------------------------------------------------------------
-# 6. Run-folder checkpoints and prompt files
-# ---------------------------------------------------------------------------------------------
+# --- 6. Run-folder checkpoints and prompt files ----------------------------------------------
 
 
 def load_checkpoint(path):

@@ -419,8 +419,6 @@ def main(argv=None):
         what = (f"{args.model} + {len(args.lora)} merged LoRA(s)" if args.lora else
                 f"stage-{stage} EMA generator") + f", CPS eta {args.eta}, no CFG"
         name = "lora" if args.lora else f"stage{stage}_ema"
-    if cuda:
-        torch.cuda.synchronize()
     wall, out = time.time() - t0, args.out or os.path.join(root, "samples", name)
     save_images(images, out)
     grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
