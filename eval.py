@@ -12,11 +12,9 @@ intermediate state x_{sigma_k} against the exact marginal p_{sigma_k}(x|c), the 
 of AC-DMD (plain DMD matches only the last one). --runs: more seeds, mean +- spread. The picture:
 exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
 
-2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture (rewards.py,
-section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor, occupancy error
-against the tilted weights, mean reward against its exact tilted value; and the per-prompt reward
-gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`). The picture: exact
-tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
+2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture at the beta
+that fits the run best (the section's comment below). The picture: exact tilted target | stage 1 |
+RTDMD | without DM, with the reward's contours.
 
 3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
 the exact tilted teacher, evaluated against the same tilted target.
@@ -488,6 +486,7 @@ def write_json(out, path, also, t0):
 #   - occupancy error against the tilted weights pi~_cj          (are the modes re-weighted right?)
 #   - mean reward next to the exact E_{p~_beta}[r]               (overshoot = reward hacking: the
 #     run bought reward by leaving the tilted target, e.g. collapsing onto the reward's optimum)
+# and the per-prompt reward gaps at the beta with the run's prompt-averaged reward (fit_beta_reward).
 
 
 def toy_reward(run):
