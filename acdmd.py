@@ -6,7 +6,6 @@ F (consistency). "Official code" is github.com/Harahan/RTDMD (README); its stage
 rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py.
 
 1. The objective: a reward-tilted KL, and why stage 1 is its beta -> 0 limit      `kl_split_check`
-   ---------------------------------------------------------------------------
    RTDMD tilts the (CFG) teacher p_T by a reward r:   p~(x|c) = p_T(x|c) exp(beta r(x,c)) / Z(c).
    Expanding the log of p~ inside the KL to the generator's distribution p_G:
 
@@ -22,7 +21,6 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    second. `kl_split_check` verifies the identity by quadrature on a 1-D example.
 
 2. The step-k objective and the sub-interval kernel (paper App. B)                     `renoise`
-   ----------------------------------------------------------------
    Step k of the sampler maps level sigma_k to s = sigma_{k+1}. AC-DMD asks that the marginal
    q_k of its output x_s equals the teacher's marginal p_s. It compares the two after noising
    further to a level t > s with the exact forward kernel of the flow:
@@ -46,7 +44,6 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    rtdmd/trainers/ac_dmd_trainer.py, `_sample_ac_timesteps`).
 
 3. The generator loss: DMD direction with shared projection noise               `generator_loss`
-   --------------------------------------------------------------
    Both velocities at x_t are projected back from t to s with one CPS step (sample.py, section 1)
    that uses the *same* noise z. The CPS mean is linear in v with coefficient
    -(1-s) t + s cos(theta_eta) (1-t), so the noise cancels and only the velocity difference
@@ -64,12 +61,10 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    `dmd_loss`.)
 
 4. The fake score: ambient denoising score matching (paper App. D)              `ambient_target`
-   -----------------------------------------------------------------
    The fake score never sees clean data of intermediate steps, only x_s. It regresses f(x_t, t) on
+   the target T with the ambient coefficient omega:
 
-       T = -x_s/(1-s) + omega n,     omega = [t + (1-t) s^2/(1-s)^2] / sigma_ts,
-
-   omega being the ambient coefficient.
+       T = -x_s/(1-s) + omega n,     omega = [t + (1-t) s^2/(1-s)^2] / sigma_ts.
 
    Derivation (Tweedie on the sub-interval kernel). x_t = a_ts x_s + sigma_ts n with n independent
    of x_s is a Gaussian channel, so for ANY law of x_s, with q_t = law(x_t) and S = grad log q_t:
@@ -89,7 +84,6 @@ rtdmd/trainers/ac_dmd_trainer.py, with helpers in rtdmd/trainers/ac_dmd_utils.py
    (Official code: rtdmd/trainers/ac_dmd_utils.py, `flow_forward_target_v2`.)
 
 5. The consistency regulariser (paper App. E, F)                               `consistency_loss`
-   ---------------------------------------------
    For the optimal fake score f = v of q_t (the noised law of x_s, section 4), the denoiser
    h(x, t) = x - t f(x, t) = (x + t^2 S_t(x))/(1-t) is a martingale along the reverse process:
    E[h(x_t', t') | x_t] = h(x_t, t) for s < t' < t. At s = 0, h = E[x0 | x_t] and this is the
@@ -113,14 +107,11 @@ import torch
 from models import bcast, cfg_velocity, sigma_to_timestep, timestep_to_sigma, x0_from_velocity
 from sample import cps_step, full
 
-# ---------------------------------------------------------------------------------------------
-# 1. The reward-tilted KL split, checked by quadrature
-# ---------------------------------------------------------------------------------------------
+# --- 1. The reward-tilted KL split, checked by quadrature ------------------------------------
 
 
 def kl_split_check(log_p_gen, log_p_teacher, reward, beta, grid):
     """Numerically evaluate both sides of  KL(p_G || p~) = KL(p_G || p_T) - beta E_pG[r] + log Z.
-
     log_p_gen, log_p_teacher, reward: callables of a 1-D grid (normalised log densities and the
     reward); beta: tilt strength. Uses the trapezoid rule on `grid` (float64).
     Returns (lhs, rhs) as floats; they agree to quadrature accuracy."""
@@ -136,9 +127,7 @@ def kl_split_check(log_p_gen, log_p_teacher, reward, beta, grid):
     return lhs.item(), rhs.item()
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Sub-intervals: the exact forward kernel from s to t > s (renoising levels drawn unshifted)
-# ---------------------------------------------------------------------------------------------
+# --- 2. Sub-intervals: the exact forward kernel from s to t > s; unshifted renoising levels --
 
 
 def subinterval_coeffs(s, t):
@@ -179,9 +168,7 @@ def make_subinterval(x_s, s, tau, noise=None):
     return t, n, x_t
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Generator loss (DMD direction with shared projection noise)
-# ---------------------------------------------------------------------------------------------
+# --- 3. Generator loss (DMD direction with shared projection noise) --------------------------
 
 
 def dmd_direction(x_s, x_s_real, x_s_fake, normalize=True):
@@ -206,8 +193,7 @@ def dmd_surrogate(x_s, g):
 def shared_projection(x_t, v_real, v_fake, t, s, eta):
     """Project the teacher's and the fake's velocity at x_t back from t to s with one CPS step
     each, both with the SAME fresh noise z (section 3): then x_s^fake - x_s^real =
-    kappa(s, t) (v_fake - v_real) exactly, with no noise left in the difference.
-    Returns (x_s_real, x_s_fake)."""
+    kappa(s, t) (v_fake - v_real) exactly, no noise left. Returns (x_s_real, x_s_fake)."""
     # --- exercise dmd_direction: begin ---
     z = torch.randn_like(x_t, dtype=torch.float32)  # shared: the noise cancels in g
     x_s_real = cps_step(x_t, v_real, t, s, eta, z)
@@ -218,7 +204,6 @@ def shared_projection(x_t, v_real, v_fake, t, s, eta):
 
 def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9, normalize=True):
     """AC-DMD generator loss for one sub-interval (section 3).
-
     x_s: generator output at level s, *with grad* [B, ...]; s: float or [B]; t [B] > s;
     x_t = renoise(x_s, s, t, n) (detached). Teacher (CFG, scale `guidance`) and fake (no CFG)
     velocities at x_t are projected back to s with one CPS step that shares the noise z.
@@ -235,9 +220,7 @@ def generator_loss(bb, fake, x_s, s, t, x_t, cond, null_cond, guidance, eta=0.9,
     return loss, stats
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Fake-score loss: ambient target and its weighting
-# ---------------------------------------------------------------------------------------------
+# --- 4. Fake-score loss: ambient target and its weighting ------------------------------------
 
 
 def ambient_target(x_s, n, s, t):
@@ -261,9 +244,7 @@ def fake_loss_weight(s, t, x, move_scale_out=True, clamp_max=10.0):
     return sigma_ts ** 2 * torch.clamp(1.0 / sigma_ts ** 2, 0.0, clamp_max)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Consistency regulariser, and the whole fake-score loss (sections 4 + 5)
-# ---------------------------------------------------------------------------------------------
+# --- 5. Consistency regulariser, and the whole fake-score loss (sections 4 + 5) --------------
 
 
 def consistency_two_sample(h0, h1, h2):
@@ -287,19 +268,14 @@ def consistency_loss(bb, fake, x_t, t, v_hat, cond, eta=0.9, max_delta=200, gene
     tau = sigma_to_timestep(t)
     delta = torch.randint(1, max_delta + 1, (B,), generator=generator).to(t.device)
     t_prime = timestep_to_sigma(torch.clamp(torch.round(tau) - delta, min=0.0))
+    move = transition or (lambda x, v, t_from, t_to: cps_step(x, v, t_from, t_to, eta))
     with torch.no_grad():
         v_sg = v_hat.detach()
-        if transition is None:
-            x1 = cps_step(x_t, v_sg, t, t_prime, eta)
-            x2 = cps_step(x_t, v_sg, t, t_prime, eta)
-        else:
-            x1 = transition(x_t, v_sg, t, t_prime)
-            x2 = transition(x_t, v_sg, t, t_prime)
+        x1, x2 = move(x_t, v_sg, t, t_prime), move(x_t, v_sg, t, t_prime)  # independent noise
     h0 = x0_from_velocity(x_t, v_hat, t)
-    xx = torch.cat([x1, x2])
-    tt = torch.cat([t_prime, t_prime])
-    h12 = x0_from_velocity(xx, bb.velocity(fake, xx, tt, {k: torch.cat([c, c]) for k, c in cond.items()}), tt)
-    h1, h2 = h12.chunk(2)
+    xx, tt = torch.cat([x1, x2]), torch.cat([t_prime, t_prime])
+    cc = {k: torch.cat([c, c]) for k, c in cond.items()}
+    h1, h2 = x0_from_velocity(xx, bb.velocity(fake, xx, tt, cc), tt).chunk(2)
     if two_sample:
         return consistency_two_sample(h0, h1, h2)
     return torch.nan_to_num(((h1 - h0) ** 2).mean())  # one-sample MSE: biased by Var[h(x')]

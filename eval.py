@@ -2,23 +2,19 @@
 eval.py -- measure a run.
 
     python eval.py --run runs/toy                 # table on stdout, runs/toy/eval_stage*.json
-    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher --clip-l-path ckpt/... \
-        (one --<slot>-path per reward checkpoint: rewards.add_source_args; README "Rewards")
+    python eval.py --run runs/sd3 --prompts dataset/drawbench/test.txt --teacher \
+        --reward-paths clip_l=ckpt/...,...        # reward checkpoints: README "Rewards"
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
-1. Toy, stage 1 (`eval_toy`): per prompt, the 4-step EMA generator's samples against exact samples
-of the teacher p(x|c) (models.py, section 2), 8 sets of n = 4000 (--n), with the metrics of
-"Metrics" below: ED / noise floor, occupancy error, outliers, angular gap; and ED/floor at every
+1. Toy, stage 1 (`eval_toy`): per prompt, the 4-step EMA generator against exact samples of the
+teacher p(x|c) (models.py, section 2) with the metrics of "Metrics" below, and ED/floor at every
 intermediate state x_{sigma_k} against the exact marginal p_{sigma_k}(x|c), the defining property
-of AC-DMD (plain DMD matches only the last one). Reference rows: the teacher's 4-step Euler and
-50-step ODE from the same noise, and another exact set. --runs: more seeds, mean +- spread. The
-picture: exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
+of AC-DMD (plain DMD matches only the last one). --runs: more seeds, mean +- spread. The picture:
+exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
 
-2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture (rewards.py,
-section 1) at the beta that fits the run best (`fit_beta`): ED / noise floor, occupancy error
-against the tilted weights, mean reward against its exact tilted value; and the per-prompt reward
-gaps at the beta with the run's prompt-averaged reward (`fit_beta_reward`). The picture: exact
-tilted target | stage 1 | RTDMD | without DM, with the reward's contours.
+2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture at the beta
+that fits the run best (the section's comment below). The picture: exact tilted target | stage 1 |
+RTDMD | without DM, with the reward's contours.
 
 3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
 the exact tilted teacher, evaluated against the same tilted target.
@@ -27,9 +23,8 @@ the exact tilted teacher, evaluated against the same tilted target.
 configs/inference/*.yaml). The generator (or, with --model, the base model used as one) draws one
 image per prompt line with the 4-NFE sampler; every requested reward scores the 8-bit image;
 optionally the teacher does the same with its multi-step CFG sampler (the stock pipeline). Prints
-a table like the paper's, writes eval.json (every knob + per-image scores) and eval.png.
---protocol official (first 64 prompts, seed 42, batch 4, 1024 px) or full (every prompt) sets
-those knobs; the table's first line and eval.json name it.
+a table like the paper's (its first line names the --protocol), writes eval.json (every knob +
+per-image scores) and eval.png.
 """
 import argparse
 import json
@@ -171,25 +166,24 @@ def print_table(head, rows, widths):
 
 
 @torch.no_grad()
-def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, references=True, base_ode=False):
+def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, base_ode=False):
     """Per prompt, every row against the exact teacher p(x|c), REF_SETS sets of n samples each
     (toy_metrics): "generator" (the 4-step CPS sampler of `net`, every state), each generator in
-    `others` ({name: net}, e.g. the plain-DMD run); with references=True "teacher_euler4" (the
-    teacher's Euler ODE on the same 4 sigmas), "teacher_ode50" (its 50-step ODE: what a good
-    many-step sampler reaches) and "exact" (another exact set: what a perfect sampler reads); with
-    base_ode=True "base_ode50", the pretrained base MLP as a 50-step ODE (how well the network class
-    fits the teacher's velocity). Every row starts from the same noise and meets the same exact sets
-    (ExactReference). keep receives every row's states, keep[prompt][row] (pictures)."""
+    `others` ({name: net}, e.g. the plain-DMD run), "teacher_euler4" (the teacher's Euler ODE on
+    the same 4 sigmas), "teacher_ode50" (its 50-step ODE: what a good many-step sampler reaches),
+    "exact" (another exact set: what a perfect sampler reads) and, with base_ode, "base_ode50" (the
+    pretrained base MLP as a 50-step ODE: how well the network class fits the teacher's velocity).
+    Every row starts from the same noise and meets the same exact sets (ExactReference). keep
+    receives every row's states, keep[prompt][row] (pictures)."""
     mix, P = bb.mixture, len(bb.prompts)
     fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
     gens = [torch.Generator().manual_seed(1000 * seed + ci) for ci in range(P)]
-    nets = {"generator": net} | (others or {}) | ({"teacher_euler4": None} if references else {})
+    nets = {"generator": net} | (others or {}) | {"teacher_euler4": None}
     runs = sample.toy_rollouts(bb, nets, REF_SETS * n, gens.__getitem__, lambda ci: 10_000 * (seed + 1) + ci)
     results = {}
     for ci, (prompt, (x, cond, states)) in enumerate(runs.items()):
-        if references:
-            states["teacher_ode50"] = [x, sample.euler_sample(bb, bb.teacher, x, fine, cond)]
-            states["exact"] = [x, mix.sample(torch.full((len(x),), ci, dtype=torch.long), generator=gens[ci])]
+        states["teacher_ode50"] = [x, sample.euler_sample(bb, bb.teacher, x, fine, cond)]
+        states["exact"] = [x, mix.sample(torch.full((len(x),), ci, dtype=torch.long), generator=gens[ci])]
         if base_ode:
             states["base_ode50"] = [x, sample.euler_sample(bb, bb.base, x, fine, cond)]
         ref = ExactReference(mix, ci, n, seed=10_000 * (seed + 1) + 100 * ci)
@@ -212,44 +206,30 @@ def summarize_runs(per_run):
     return agg(per_run)
 
 
-def print_toy_table(summary, sigmas, n, runs):
-    """One line per prompt and row: ED/floor, occupancy error, outliers, gap of the final samples,
-    and ED/floor at every intermediate sigma; mean +- spread over `runs` runs."""
-    f = lambda ms, d: f"{ms[0]:.{d}f}" + (f"+-{ms[1]:.{d}f}" if runs > 1 else "")
-    print(f"ED/floor: mean ED of {REF_SETS} pairs of n = {n} samples and n exact ones per prompt, floor = "
-          f"2 E|X-X'| / n; {f'mean +- spread (half range) over {runs} runs' if runs > 1 else 'one run'}")
-    mids = " ".join(f"{float(s):.2f}" for s in sigmas[1:-1])
-    print_table(["prompt", "row", "ED/floor", "occ err", "outliers", "gap", f"  ED/floor at sigma {mids}"],
-                [[p, name, f(r["ratio"], 2), f(r["occ_err"], 3), f(r["outliers"], 3), f(r["gap"], 3),
-                  "  " + " ".join(f(v, 2) for v in r["ratio_steps"][:-1])]
-                 for p, rows in summary.items() for name, r in rows.items()], [-7, -15, 12, 12, 12, 12, -1])
-
-
 # --- Toy pictures: scatter panels (sample.scatter_png) titled with their ED/floor ------------
 
 STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step Euler"),
                   ("plain_dmd", "plain DMD"), ("generator", "AC-DMD"))
 
 
-def toy_figure_stage1(bb, results, keep, path, n):
+def toy_figure_stage1(bb, results, keep, path):
     """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each titled
     with its ED/floor; then, for AC-DMD and plain DMD, the state after every sampler step (colour,
     all prompts) over exact samples of that sigma's marginal (grey), titled with the mean ED/floor."""
-    C = sample.PALETTE
+    C, P = sample.PALETTE, bb.prompts
     grid = [[{"title": f"{p}: {label} {results[p][key]['ratio']:.1f}x", "layers": [(keep[p][key][-1], C[ci])]}
-             for key, label in STAGE1_COLUMNS if key in keep[p]] for ci, p in enumerate(bb.prompts)]
+             for key, label in STAGE1_COLUMNS if key in keep[p]] for ci, p in enumerate(P)]
     gen = torch.Generator().manual_seed(1)
     for key, label in (("generator", "AC-DMD"), ("plain_dmd", "plain DMD")):
-        if key not in keep[bb.prompts[0]]:
+        if key not in keep[P[0]]:
             continue
         row = []
-        for k in range(1, len(bb.sigmas)):
-            s = float(bb.sigmas[k])
-            exact = [bb.mixture.sample(torch.full((500,), ci, dtype=torch.long), s, generator=gen)
-                     for ci in range(len(bb.prompts))]
-            ratio = sum(results[p][key]["ratio_steps"][k - 1] for p in bb.prompts) / len(bb.prompts)
-            row.append({"title": f"{label}, step {k} (sigma {s:.2f}): {ratio:.1f}x", "layers": [
-                (torch.cat(exact), sample.GREY)] + [(keep[p][key][k][:500], C[ci]) for ci, p in enumerate(bb.prompts)]})
+        for k, s in enumerate(bb.sigmas.tolist()[1:], 1):
+            exact = torch.cat([bb.mixture.sample(torch.full((500,), ci, dtype=torch.long), s, generator=gen)
+                               for ci in range(len(P))])
+            ratio = sum(results[p][key]["ratio_steps"][k - 1] for p in P) / len(P)
+            row.append({"title": f"{label}, step {k} (sigma {s:.2f}): {ratio:.1f}x", "layers": [(exact, sample.GREY)]
+                        + [(keep[p][key][k][:500], C[ci]) for ci, p in enumerate(P)]})
         grid.append(row)
     return sample.scatter_png(grid, path, size=200, max_points=1500)
 
@@ -258,7 +238,10 @@ def toy_figure_stage1(bb, results, keep, path, n):
 
 # The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
 # [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
-# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512).
+# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512),
+# on the first 64 prompts of the set (num_media_images 64): --protocol official. --protocol full:
+# the same on every prompt (what a paper table presumably averages). An option given explicitly
+# overrides its protocol value and is listed under eval.json's protocol.overrides.
 # Teacher rows use "their standard multi-step settings" (the official README): SD3-M is reported at
 # 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
 # backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
@@ -266,14 +249,8 @@ def toy_figure_stage1(bb, results, keep, path, n):
 EVAL_RESOLUTION = 1024  # tiny twins keep their own (32 px)
 TEACHER_STEPS = 50
 CPS_ETA = 0.9
-# --protocol: official = the first 64 prompts of the set (num_media_images 64), seed 42, batch 4,
-# one image per prompt, 1024 px, what the official inference script reports; full = the same on
-# every prompt (what a paper table presumably averages). An option given explicitly overrides its
-# protocol value and is listed under eval.json's protocol.overrides.
-PROTOCOLS = {
-    "official": dict(max_prompts=64, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
-    "full": dict(max_prompts=0, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION),
-}
+PROTOCOLS = {name: dict(max_prompts=m, seed=42, batch_size=4, n_per_prompt=1, resolution=EVAL_RESOLUTION)
+             for name, m in (("official", 64), ("full", 0))}
 TABLE_SCALE = {"pickscore": rewards.PICKSCORE_TABLE_SCALE}  # the code scores PickScore / 26
 
 # A small, varied prompt set written for this project (objects, counts, colours, positions,
@@ -390,19 +367,8 @@ def geneval_by_tag(scores, tags):
 
 def summarize(scores):
     """{reward: {"mean", "std" (over images)}} in the paper's table units (PickScore x 26)."""
-    out = {}
-    for name, v in scores.items():
-        v = v.double() * TABLE_SCALE.get(name, 1.0)
-        out[name] = {"mean": v.mean().item(), "std": v.std(correction=0).item()}
-    return out
-
-
-def print_image_table(rows):
-    """rows: {row label: summarize(...)}. Columns = rewards, cells "mean ± std"."""
-    names = list(next(iter(rows.values())))
-    print_table(["model"] + [n + (f" (x{TABLE_SCALE[n]:g})" if n in TABLE_SCALE else "") for n in names],
-                [[label] + [f"{s[n]['mean']:.4f} ± {s[n]['std']:.4f}" for n in names] for label, s in rows.items()],
-                [-30] + [19] * len(names))
+    scaled = {name: v.double() * TABLE_SCALE.get(name, 1.0) for name, v in scores.items()}
+    return {name: {"mean": v.mean().item(), "std": v.std(correction=0).item()} for name, v in scaled.items()}
 
 
 def load_generator(args, device, dtype):
@@ -428,53 +394,53 @@ def main_images(args):
     sources = rewards.sources_from_args(args)
     out_dir = args.out or args.run or os.path.join("runs", f"eval_{args.model}")
     try:  # everything that can be missing is looked up before the (slow) generation
-        sets = {}  # prompt file -> (prompts, records, n in file, sha256, scorer of its rewards)
         scorer = rewards.eval_rewards(sources, weights)
+        sets = {}  # prompt file -> (prompts, records, n in file, sha256, scorer of its rewards)
         for path, names in prompt_sets(list(weights), args.prompts, args.reward_prompts).items():
-            sets[path] = (*read_prompt_records(path, args.max_prompts),
-                          rewards.eval_rewards(sources, {n: 1.0 for n in names}, share=scorer))
-        for path, (ps, recs, *_, sc) in sets.items():  # prompt-set needs, checked before any work
-            for name in sc.weights:
+            ps, recs, n, sha = read_prompt_records(path, args.max_prompts)
+            for name in names:  # what each reward needs of its prompt set
                 rewards.check_metadata([name], recs, where=repr(path), fix=f"pass --reward-prompts "
                                        f"{name}={OFFICIAL_PROMPT_SETS.get(name)} (official repo)")
-            if "ocr" in sc.weights:
+            if "ocr" in names:
                 [rewards.ocr_target(p) for p in ps]
-        prompts = next(iter(sets.values()))[0]
+            sets[path] = (ps, recs, n, sha, rewards.eval_rewards(sources, dict.fromkeys(names, 1.0), share=scorer))
         rewards.preflight(scorer, device)  # loads every reward model
         bb, net, stage = load_generator(args, device, dtype)
     except (FileNotFoundError, NotImplementedError, ValueError, RuntimeError) as e:
         die(e)
+    print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else ""))
+    for path, (ps, *_, sc) in sets.items():
+        print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
+    print(f"{bb.resolution} px, seed {args.seed}")
     steps = len(bb.sigmas) - 1  # the table's rows: the sampler knobs, then images and scores
     rows = {"generator": dict(sampler="CPS", steps=steps, nfe=steps, eta=CPS_ETA, cfg=1.0, sigmas=bb.sigmas)}
+    gen = f"{os.path.basename(os.path.abspath(args.run))} stage {stage}" if args.run else \
+        f"{args.model} + {len(args.lora)} LoRA(s)" if args.lora else f"{args.model} base"
+    labels = {"generator": f"{gen} ({steps} NFE)"}
     if args.teacher:
         cfg = bb.guidance if args.teacher_cfg is None else args.teacher_cfg
-        rows["teacher"] = dict(sampler="Euler ODE (stock pipeline)", steps=args.teacher_steps, cfg=cfg,
-                               nfe=args.teacher_steps * (1 if cfg == 1.0 else 2),  # CFG: 2 forwards
+        nfe = args.teacher_steps * (1 if cfg == 1.0 else 2)  # CFG: 2 forwards
+        rows["teacher"] = dict(sampler="Euler ODE (stock pipeline)", steps=args.teacher_steps, cfg=cfg, nfe=nfe,
                                sigmas=bb.teacher_sigmas(args.teacher_steps))
-    res = {}  # row -> prompt file -> eval_images output
+        labels["teacher"] = f"teacher ({nfe} NFE, CFG {cfg:g})"
+    res, table, tag_lines = {}, [], []  # res: row -> prompt file -> eval_images output
     for name, r in rows.items():
         res[name] = {path: eval_images(bb, net, ps, sc, args.n_per_prompt, args.batch_size, args.seed,
                                        teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"], metadata=recs)
                      for path, (ps, recs, _, _, sc) in sets.items()}
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
-        r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+        s = r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
+        table.append([labels[name]] + [f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}" for c in s])
         by_tag = [t for out in res[name].values() if (t := geneval_by_tag(out["scores"], out["tags"]))]
         if by_tag:
-            r["geneval_by_tag"] = by_tag[0]
-    print(f"protocol {args.protocol}" + (f" with {args.overrides}" if args.overrides else ""))
-    for path, (ps, *_, sc) in sets.items():
-        print(f"{path}: {len(ps)} prompts x {args.n_per_prompt} for {', '.join(sc.weights)}")
-    print(f"{bb.resolution} px, seed {args.seed}")
-    gen = f"{os.path.basename(os.path.abspath(args.run))} stage {stage}" if args.run else \
-        f"{args.model} + {len(args.lora)} LoRA(s)" if args.lora else f"{args.model} base"
-    labels = [f"{gen} ({steps} NFE)"] + [f"teacher ({r['nfe']} NFE, CFG {r['cfg']:g})"
-                                         for n, r in rows.items() if n == "teacher"]
-    print_image_table({lab: r["summary_table_units"] for lab, r in zip(labels, rows.values())})
-    for lab, r in zip(labels, rows.values()):
-        if "geneval_by_tag" in r:
-            t = r["geneval_by_tag"]
-            print(f"{lab}: GenEval overall (mean over tags, the benchmark figure) {t['overall']:.4f}; "
-                  + ", ".join(f"{k} {v:.4f} (n {t['n'][k]})" for k, v in t["accuracy"].items()))
+            t = r["geneval_by_tag"] = by_tag[0]
+            tag_lines.append(f"{labels[name]}: GenEval overall (mean over tags, the benchmark figure) "
+                             f"{t['overall']:.4f}; " + ", ".join(f"{k} {v:.4f} (n {t['n'][k]})"
+                                                                 for k, v in t["accuracy"].items()))
+    print_table(["model"] + [c + (f" (x{TABLE_SCALE[c]:g})" if c in TABLE_SCALE else "") for c in s], table,
+                [-30] + [19] * len(s))  # one column per reward, "mean ± std"
+    for line in tag_lines:
+        print(line)
     per_image = [{"prompt": p, **({} if path == args.prompts else {"prompt_file": path}),
                   **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
                  for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]
@@ -486,7 +452,7 @@ def main_images(args):
            "resolution": bb.resolution, "seed": args.seed, "batch_size": args.batch_size,
            "n_per_prompt": args.n_per_prompt, "rows": rows,
            "prompts": {"file": first, "sha256": sets[first][3], "n_in_file": sets[first][2],
-                       "n_used": len(prompts), "max_prompts": args.max_prompts},
+                       "n_used": len(sets[first][0]), "max_prompts": args.max_prompts},
            "prompt_sets": {path: {"rewards": list(sc.weights), "sha256": sha, "n_in_file": n, "n_used": len(ps)}
                            for path, (ps, _, n, sha, sc) in sets.items()},
            "rewards": {"weights": weights, "quantize_uint8": True, "table_scale": TABLE_SCALE,
@@ -500,14 +466,6 @@ def die(e):
     """Bad input: one line on stderr, no traceback, exit status 1."""
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(1)
-
-
-def run_config(run):
-    """RUN/config.json (the run's train.py arguments), or a one-line error."""
-    try:
-        return models.read_run_config(run)
-    except FileNotFoundError as e:
-        die(e)
 
 
 def write_json(out, path, also, t0):
@@ -528,6 +486,12 @@ def write_json(out, path, also, t0):
 #   - occupancy error against the tilted weights pi~_cj          (are the modes re-weighted right?)
 #   - mean reward next to the exact E_{p~_beta}[r]               (overshoot = reward hacking: the
 #     run bought reward by leaving the tilted target, e.g. collapsing onto the reward's optimum)
+# and the per-prompt reward gaps at the beta with the run's prompt-averaged reward (fit_beta_reward).
+
+
+def toy_reward(run):
+    """The toy reward a run trained with (its config.json's --reward)."""
+    return rewards.toy_reward(models.read_run_config(run).get("reward", "quadratic"))
 
 
 def toy_samples(bb, net, n, seed, euler=False):
@@ -561,19 +525,13 @@ def fit_beta(samples, mixture, reward, grid=None, n=2000, seed=1):
     """The effective tilt of a run: argmin of the prompt-summed ED between (the first n of) its
     samples and exact samples of p~_beta, over a log grid (ratio 1.33), then refined 8x finer
     around the best grid point."""
-    def best(grid):
-        eds = []
-        for b in grid:
-            g, tilt = torch.Generator().manual_seed(seed), reward.tilt(mixture, b)
-            eds.append(sum(energy_distance(x[:n], tilt.sample(torch.full((min(n, len(x)),), ci, dtype=torch.long),
-                                                              generator=g))
-                           for ci, x in enumerate(samples.values())))
-        return min(range(len(grid)), key=eds.__getitem__)
+    def ed(b):  # the same exact draws (seed) at every beta
+        g, tilt = torch.Generator().manual_seed(seed), reward.tilt(mixture, b)
+        return sum(energy_distance(x[:n], tilt.sample(torch.full((min(n, len(x)),), ci, dtype=torch.long),
+                                                      generator=g)) for ci, x in enumerate(samples.values()))
     grid = grid if grid is not None else [0.0] + torch.logspace(-2, 1, 25).tolist()
-    i = best(grid)
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    fine = torch.linspace(lo, hi, 17).tolist()
-    return fine[best(fine)]
+    i = min(range(len(grid)), key=lambda j: ed(grid[j]))
+    return min(torch.linspace(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)], 17).tolist(), key=ed)
 
 
 def fit_beta_reward(samples, mixture, reward):
@@ -598,22 +556,21 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
     `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
     stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
     the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
-    (bb, net, stage), reward = models.load_run(run), rewards.toy_reward(run_config(run).get("reward", "quadratic"))
-    xs = {"RTDMD" if stage == 2 else "generator": toy_samples(bb, net, n, seed)}
-    fitted = fit_beta(next(iter(xs.values())), bb.mixture, reward)
+    (bb, net, stage), reward = models.load_run(run), toy_reward(run)
+    first = "RTDMD" if stage == 2 else "generator"
+    xs = {first: toy_samples(bb, net, n, seed)}
+    fitted = fit_beta(xs[first], bb.mixture, reward)
     beta = fitted if beta is None else beta
-    if stage == 2:
-        xs["stage 1"] = toy_samples(bb, models.load_run(run, 1)[1], n, seed)
-    for name, other in (others or {}).items():
-        xs[name] = toy_samples(bb, models.load_run(other)[1], n, seed)
+    rest = ({"stage 1": (run, 1)} if stage == 2 else {}) | {k: (o, None) for k, o in (others or {}).items()}
+    xs |= {name: toy_samples(bb, models.load_run(*where)[1], n, seed) for name, where in rest.items()}
     gen = torch.Generator().manual_seed(seed + 7)
     tilt = reward.tilt(bb.mixture, beta)
     xs["exact"] = {p: tilt.sample(torch.full((REF_SETS * n,), ci, dtype=torch.long), generator=gen)
                    for ci, p in enumerate(bb.prompts)}
     rows = {name: tilted_metrics(x, bb.mixture, reward, beta) for name, x in xs.items()}
-    beta_r = fit_beta_reward(xs[next(iter(xs))], bb.mixture, reward)
+    beta_r = fit_beta_reward(xs[first], bb.mixture, reward)
     exact_r = reward.exact_mean(reward.tilt(bb.mixture, beta_r))
-    gaps_r = {p: rows[next(iter(rows))][p]["reward"] - exact_r[ci].item() for ci, p in enumerate(bb.prompts)}
+    gaps_r = {p: rows[first][p]["reward"] - exact_r[ci].item() for ci, p in enumerate(bb.prompts)}
     if keep is not None:
         keep.update(xs)
     return {"stage": stage, "beta_fit": fitted, "beta": beta, "n": n, "ref_sets": REF_SETS,
@@ -665,8 +622,8 @@ def main_tilted(args, t0):
                     [[p, ms(r["ratio"], ".2f"), ms(r["occ_err"], ".3f"), ms(r["outliers"], ".3f"),
                       ms(r["reward_gap"], "+.3f"), ms(s["gaps"][p], "+.3f")] for p, r in s["rows"].items()],
                     [-7, 14, 14, 14, 15, 30])
-    bb, reward = models.load_run(args.run)[0], rewards.toy_reward(run_config(args.run).get("reward", "quadratic"))
-    png = toy_figure_stage2(bb, all_res[0], keep, reward, args.png or os.path.join(args.run, "eval_tilted.png"))
+    png = toy_figure_stage2(models.load_run(args.run)[0], all_res[0], keep, toy_reward(args.run),
+                            args.png or os.path.join(args.run, "eval_tilted.png"))
     print(f"wrote eval_tilted.json in {', '.join(runs)} and {png} ({time.time() - t0:.1f}s)")
     return all_res[0] if len(runs) == 1 else all_res
 
@@ -704,28 +661,27 @@ def ablation(root, seed=0, n=DEFAULT_N):
     nets = {"stage 1 (AC-DMD)": trained(s1, 1)} | {name: trained(os.path.join(root, name.replace(" ", "_")), 2, (
         "stage1.pt", "config.json"), flags) for name, flags in ABLATION_ROWS}  # every row trained first
     bb, reward = models.load_run(s1)[0], rewards.toy_reward()
-    samples = {name: toy_samples(bb, net, n, seed) for name, net in nets.items()}
-    samples["teacher 4-step Euler"] = toy_samples(bb, None, n, seed, euler=True)
+    samples = {"teacher 4-step Euler": toy_samples(bb, None, n, seed, euler=True)} | {
+        name: toy_samples(bb, net, n, seed) for name, net in nets.items()}
     beta = fit_beta(samples["RTDMD"], bb.mixture, reward)
     samples[f"reference: stage 1 on p~ (beta {beta:.3g})"] = toy_samples(
         bb, trained(os.path.join(root, "reference"), 1, (), ["--tilt-teacher", str(beta)]), n, seed)
     rows = {}
-    for name in ["teacher 4-step Euler", "stage 1 (AC-DMD)"] + [r for r, _ in ABLATION_ROWS] + list(samples)[-1:]:
-        per = tilted_metrics(samples[name], bb.mixture, reward, beta)
+    for name, x in samples.items():  # the mean over prompts of every metric
+        per = tilted_metrics(x, bb.mixture, reward, beta)
         m = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values()))}
-        rows[name] = m | {"beta_fit": fit_beta(samples[name], bb.mixture, reward)}
+        rows[name] = m | {"beta_fit": fit_beta(x, bb.mixture, reward)}
     exact = rows["RTDMD"]["reward_exact"]
-    lines = [f"Toy ablation (quadratic reward r = -|x - (2,0)|^2 / 2), every row against the exact tilted "
-             f"target p~ at beta* = {beta:.3g} (fitted to the RTDMD row); means over the 3 prompts, "
-             f"{n} samples each.", "",
-             "| row | fitted beta | ED / noise floor vs p~ | occupancy error vs p~ | mean reward | "
-             "exact E_p~[r] | overshoot |", "|---|---|---|---|---|---|---|"]
-    for name, m in rows.items():
-        lines.append(f"| {name} | {m['beta_fit']:.3g} | {m['ratio']:.1f} | {m['occ_err']:.3f} | "
-                     f"{m['reward']:.3f} | {exact:.3f} | {m['reward'] - exact:+.3f} |")
-    lines += ["", f"(overshoot > 0: more reward than the tilted target has = reward hacking; "
-              f"{time.time() - t0:.0f}s in total)"]
-    table = "\n".join(lines)
+    table = "\n".join([
+        f"Toy ablation (quadratic reward r = -|x - (2,0)|^2 / 2), every row against the exact tilted "
+        f"target p~ at beta* = {beta:.3g} (fitted to the RTDMD row); means over the 3 prompts, "
+        f"{n} samples each.", "",
+        "| row | fitted beta | ED / noise floor vs p~ | occupancy error vs p~ | mean reward | "
+        "exact E_p~[r] | overshoot |", "|---|---|---|---|---|---|---|"] + [
+        f"| {name} | {m['beta_fit']:.3g} | {m['ratio']:.1f} | {m['occ_err']:.3f} | "
+        f"{m['reward']:.3f} | {exact:.3f} | {m['reward'] - exact:+.3f} |" for name, m in rows.items()] + [
+        "", f"(overshoot > 0: more reward than the tilted target has = reward hacking; "
+        f"{time.time() - t0:.0f}s in total)"])
     print(table)
     with open(os.path.join(root, "ablation.md"), "w") as f:
         f.write(table + "\n")
@@ -751,10 +707,17 @@ def main_toy(args):
             die(e)
         per_run.append(eval_toy(bb, net, n=args.n, seed=args.seed, others=others, keep=keep if i == 0 else None,
                                 base_ode=args.base_ode))
-    summary = summarize_runs(per_run)
+    summary, R = summarize_runs(per_run), len(runs)
+    f = lambda ms, d: f"{ms[0]:.{d}f}" + (f"+-{ms[1]:.{d}f}" if R > 1 else "")  # mean +- spread
     print(f"stage-{stage} EMA generator of {', '.join(runs)}" + (f"; plain DMD: {', '.join(plain)}" if plain else ""))
-    print_toy_table(summary, bb.sigmas, args.n, len(runs))
-    png = toy_figure_stage1(bb, per_run[0], keep, args.png or os.path.join(args.run, f"eval_stage{stage}.png"), args.n)
+    print(f"ED/floor: mean ED of {REF_SETS} pairs of n = {args.n} samples and n exact ones per prompt, floor = "
+          f"2 E|X-X'| / n; {f'mean +- spread (half range) over {R} runs' if R > 1 else 'one run'}")
+    mids = " ".join(f"{float(s):.2f}" for s in bb.sigmas[1:-1])  # final samples, then every inner sigma
+    print_table(["prompt", "row", "ED/floor", "occ err", "outliers", "gap", f"  ED/floor at sigma {mids}"],
+                [[p, name, f(r["ratio"], 2), f(r["occ_err"], 3), f(r["outliers"], 3), f(r["gap"], 3),
+                  "  " + " ".join(f(v, 2) for v in r["ratio_steps"][:-1])]
+                 for p, rows in summary.items() for name, r in rows.items()], [-7, -15, 12, 12, 12, 12, -1])
+    png = toy_figure_stage1(bb, per_run[0], keep, args.png or os.path.join(args.run, f"eval_stage{stage}.png"))
     return write_json({"runs": runs, "plain_dmd_runs": plain, "stage": stage, "n": args.n, "ref_sets": REF_SETS,
                        "seed": args.seed, "per_run": per_run, "summary": summary},
                       os.path.join(args.run, f"eval_stage{stage}.json"), f"and {png}", t0)
@@ -763,49 +726,48 @@ def main_toy(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a run (toy: against the exact target; "
                                 "images: reward models), or a base --model.")
-    p.add_argument("--run", default=None, help="run folder written by train.py")
-    p.add_argument("--model", default=None, choices=list(models.SPECS), help="evaluate this base model instead")
-    p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
-    p.add_argument("--seed", type=int, default=None, help="toy: 0; images: 42 (official inference seed)")
+    p.add_argument("--run", help="run folder written by train.py")
+    p.add_argument("--model", choices=list(models.SPECS), help="evaluate this base model instead")
+    p.add_argument("--stage", type=int, help="1 or 2 (default: the latest)")
+    p.add_argument("--seed", type=int, help="toy: 0; images: 42 (official inference seed)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help="toy: samples per prompt and set")
-    p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
-                   help="toy: more runs of the same setting (other --seed): rows show mean +- spread")
-    p.add_argument("--plain-dmd-run", nargs="+", default=None, metavar="RUN",
-                   help="toy stage 1: --plain-dmd run(s), one more row and picture column")
-    p.add_argument("--no-dm-run", default=None, metavar="RUN",
-                   help="toy --tilted: a --w-dm 0 stage-2 run, one more row and picture column")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="toy: more runs of the same setting (other "
+                   "--seed): rows show mean +- spread")
+    p.add_argument("--plain-dmd-run", nargs="+", metavar="RUN", help="toy stage 1: --plain-dmd run(s), "
+                   "one more row and picture column")
+    p.add_argument("--no-dm-run", metavar="RUN", help="toy --tilted: a --w-dm 0 stage-2 run, one more "
+                   "row and picture column")
     p.add_argument("--base-ode", action="store_true", help="toy stage 1: add the base MLP as a 50-step ODE")
-    p.add_argument("--png", default=None, help="toy: the picture's path (default RUN/eval_stage*.png)")
+    p.add_argument("--png", help="toy: the picture's path (default RUN/eval_stage*.png)")
     p.add_argument("--tilted", action="store_true", help="toy stage 2: against the exact tilted target")
-    p.add_argument("--beta", type=float, default=None, help="with --tilted: this beta instead of the fit")
-    p.add_argument("--ablation", default=None, metavar="DIR", help="toy: train and evaluate the ablation rows")
+    p.add_argument("--beta", type=float, help="with --tilted: this beta instead of the fit")
+    p.add_argument("--ablation", metavar="DIR", help="toy: train and evaluate the ablation rows")
     g = p.add_argument_group("images")
     g.add_argument("--prompts", default="builtin",
                    help=".txt (a prompt a line), .jsonl (\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
     g.add_argument("--protocol", default="official", choices=tuple(PROTOCOLS),
                    help="official: the first 64 prompts, seed 42, batch 4, 1024 px, 4 NFE, no CFG (the official "
                    "inference configs); full: every prompt, otherwise the same")
-    g.add_argument("--max-prompts", type=int, default=None, help="first N prompts, 0 = all (default: protocol's)")
-    g.add_argument("--n-per-prompt", type=int, default=None, help="images per prompt (paper: 1)")
+    g.add_argument("--max-prompts", type=int, help="first N prompts, 0 = all (default: protocol's)")
+    g.add_argument("--n-per-prompt", type=int, help="images per prompt (paper: 1)")
     g.add_argument("--rewards", default=",".join(rewards.EVAL_WEIGHTS), help="comma-separated, each with "
                    "weight 1; also geneval, geneval2, ocr, hpsv3 (each on its own --reward-prompts)")
-    g.add_argument("--reward-prompts", default=None, metavar="NAME=FILE,...",
-                   help="score these rewards on their own prompt file; the official pairs: "
-                   + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
-    g.add_argument("--batch-size", type=int, default=None, help="images depend on it (one seed); default 4")
-    g.add_argument("--resolution", type=int, default=None, help=f"default {EVAL_RESOLUTION} (tiny twins: theirs)")
+    g.add_argument("--reward-prompts", metavar="NAME=FILE,...", help="score these rewards on their own "
+                   "prompt file; the official pairs: " + ",".join(f"{k}={v}" for k, v in OFFICIAL_PROMPT_SETS.items()))
+    g.add_argument("--batch-size", type=int, help="images depend on it (one seed); default 4")
+    g.add_argument("--resolution", type=int, help=f"default {EVAL_RESOLUTION} (tiny twins: theirs)")
     g.add_argument("--teacher", action="store_true", help="add the teacher's row")
     g.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS,
                    help="Euler steps; x2 forwards with CFG (SD3-M in the paper: 100 NFE)")
-    g.add_argument("--teacher-cfg", type=float, default=None, help="default: the backbone's g")
-    g.add_argument("--out", default=None, help="output folder (default: --run, else runs/eval_MODEL)")
-    g.add_argument("--pretrained", default=None, help="--model: hub id or local diffusers folder")
-    g.add_argument("--lora", nargs="+", default=None, metavar="PATH",
-                   help="--model: merge these LoRAs into its generator base, in order (a released model: its "
-                   "stage-1, then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
-    g.add_argument("--cache-dir", default=None, help="--model tiny-*: where the twin is built")
-    g.add_argument("--device", default=None, help="default: cuda if available (bf16), else cpu")
-    rewards.add_source_args(p.add_argument_group("reward checkpoints"))  # --clip-l-path, ...
+    g.add_argument("--teacher-cfg", type=float, help="default: the backbone's g")
+    g.add_argument("--out", help="output folder (default: --run, else runs/eval_MODEL)")
+    g.add_argument("--pretrained", help="--model: hub id or local diffusers folder")
+    g.add_argument("--lora", nargs="+", metavar="PATH", help="--model: merge these LoRAs into its generator "
+                   "base, in order (a released model: its stage-1, then stage-2 generator_ema.pt; .pt, "
+                   ".safetensors or peft folders)")
+    g.add_argument("--cache-dir", help="--model tiny-*: where the twin is built")
+    g.add_argument("--device", help="default: cuda if available (bf16), else cpu")
+    rewards.add_source_args(p.add_argument_group("reward checkpoints"))  # --reward-paths
     args = p.parse_args(argv)
     if args.ablation is None and (args.run is None) == (args.model is None):
         p.error("give exactly one of --run and --model (or --ablation DIR)")
@@ -818,7 +780,10 @@ def main(argv=None):
     args = get_args(argv)
     if args.ablation:
         return ablation(args.ablation, seed=args.seed or 0)
-    args.run_model = run_config(args.run)["model"] if args.run else None
+    try:
+        args.run_model = models.read_run_config(args.run)["model"] if args.run else None
+    except FileNotFoundError as e:
+        die(e)
     if (args.run_model or "").startswith("toy"):
         args.seed = 0 if args.seed is None else args.seed
         return main_toy(args)

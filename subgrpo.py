@@ -1,21 +1,8 @@
 """
 subgrpo.py -- Stage 2 math (RTDMD): the reward half of the tilted KL, the hybrid policy gradient,
 SubGRPO's step subsets with shared noise, and reward back-propagation through the final step.
-
-    cps_log_prob          log pi(x' | x) of one CPS step, "official" or "exact"      (section 4)
-    transition_log_prob   the same, recomputing v = G(x, sigma, c) with grad         (section 4)
-    select_steps          which stochastic steps this epoch trains (all ranks agree) (section 3)
-    shared_noise          the per-prompt noise of the steps that are not trained     (section 3)
-    rollout_with_logprob  the stage-2 sampler: states, next states, log-probs, velocities (3)
-    group_advantages      per-prompt mean, global std, weighted over rewards          (section 5)
-    clip_advantages       A clipped to [-5, 5]                                        (section 5)
-    ppo_loss              clipped surrogate on the selected steps                      (section 5)
-    final_step_x0         x0_hat = x^(3) - sigma_3 v, the deterministic last step, with grad (2)
-    bp_loss               reward back-prop hinge through the final step                (section 2)
-    stationary_mean_gauss where stage 2 settles on toy-gauss, in closed form           (section 7)
-    draw_prompts          M distinct prompts x K copies per sampling iteration   (official sampler)
-    drop_zero_advantages  keep A != 0, padded to a multiple of the sub-batches   (official trainer)
-    stage2_ema_decays     the official stage-2 EMA schedule (ema_decay: its warm-up decay)
+The epoch bookkeeping after section 7 (draw_prompts, drop_zero_advantages, stage2_ema_decays)
+reproduces the official sampler and trainer; each function cites its source.
 
 Paper sections cited: App. G (hybrid policy gradient), App. H (GRPO background), App. I (the
 algorithm). "Official code" is github.com/Harahan/RTDMD (README); its stage-2 trainer is
@@ -24,21 +11,17 @@ rtdmd/trainers/bp_mixin.py (reward back-prop) and rtdmd/trainers/ac_dmd_mixin.py
 Its settings are in configs/rtdmd/*.yaml.
 
 1. The reward term of the reward-tilted KL
-   The target is the tilted teacher  p~(x|c) = p(x|c) exp(beta r(x,c)) / Z_beta(c).  Then
-
-       KL(p_theta || p~) = E_{p_theta}[ log p_theta - log p - beta r + log Z_beta ]
-                         = KL(p_theta || p)  -  beta E_{p_theta}[r]  +  log Z_beta(c).
-
-   log Z_beta does not depend on theta, so the gradient splits into distribution matching (stage 1,
+   For the tilted teacher p~(x|c) = p(x|c) exp(beta r(x,c)) / Z_beta(c) (derived in acdmd.py,
+   section 1),  KL(p_theta || p~) = KL(p_theta || p) - beta E_{p_theta}[r] + log Z_beta(c),  and
+   log Z_beta does not depend on theta: the gradient splits into distribution matching (stage 1,
    acdmd.py; in stage 2 applied to the final step only) and  -beta grad E_{p_theta}[r],  the part
    this file implements. beta has no knob of its own: the loss weights set it (section 6).
    tests/test_rewards_toy.py checks the split numerically.
 
-2. The hybrid policy gradient (paper App. G)
+2. The hybrid policy gradient (paper App. G)                           `final_step_x0`, `bp_loss`
    The 4-step sampler draws x^(0) ~ N(0, I) (no theta), takes three stochastic CPS steps
        pi_theta(x^(k+1) | x^(k)) = N(x^(k+1); mu_theta(x^(k)), rho_k^2 I),     k = 0, 1, 2,
-   (x^(k) is the state at sigma_k; x0, without brackets, is the clean sample) and ends with the
-   deterministic step
+   (x^(k): the state at sigma_k; x0: the clean sample) and ends with the deterministic step
        x0 = F_theta(x^(3)) = x^(3) - sigma_3 G_theta(x^(3), sigma_3, c)           (rho_3 = 0).
    With the path density q_theta(x^(0..3)) = N(x^(0)) prod_k pi_theta(x^(k+1)|x^(k)),
        E[r] = integral q_theta(x^(0..3)) r(F_theta(x^(3))),
@@ -48,10 +31,10 @@ Its settings are in configs/rtdmd/*.yaml.
    - The score-function identity needs a density, which steps 0-2 have and step 3 (a delta) has
      not: there the log-prob is constant, the PPO ratio is 1 and PPO gives no gradient.
    - Step 3 is a differentiable map of a fixed x^(3), so the path-wise term is plain back-prop of a
-     differentiable reward through x0_hat = x^(3) - sigma_3 v with x^(3) a stored constant
-     (final_step_x0, bp_loss). Gradients never flow back into steps 0-2 through x^(3).
-     The hinge relu(3 - R_w) of the official code (rtdmd/trainers/bp_mixin.py, margin 3.0) is
-     always active for its rewards (R_w ~ 1.5), so it is plain reward maximisation.
+     differentiable reward through x0_hat = x^(3) - sigma_3 v with x^(3) a stored constant: no
+     gradient flows into steps 0-2 through x^(3). The hinge relu(3 - R_w) of the official code
+     (rtdmd/trainers/bp_mixin.py, margin 3.0) is always active for its rewards (R_w ~ 1.5), so it
+     is plain reward maximisation.
    - A baseline does not move the mean (E[grad log pi] = 0), so r is replaced by the group
      advantage A (group_advantages), and the on-policy PPO surrogate (ppo_loss; ratio = 1 at the
      sampling parameters) has gradient  -mean_b A grad log pi: GRPO (App. H).
@@ -62,17 +45,17 @@ Its settings are in configs/rtdmd/*.yaml.
 3. SubGRPO: two of the three stochastic steps per epoch, shared noise on the third
    Each epoch trains only S = select_steps(epoch) (2 of {0, 1, 2}):
        g = mean_i A_i sum_{k in S} grad log pi(x^(k+1)_i | x^(k)_i).
-   Each step is in S with probability 2/3, so over epochs g estimates 2/3 of the PG part (a
-   constant factor). On the steps not in S, all K copies of a prompt use the same noise z_k.
+   Each step is in S with probability 2/3, so over epochs g estimates 2/3 of the PG part. On the
+   steps not in S, all K copies of a prompt use the same noise z_k.
    (Official code: rtdmd/trainers/grpo_trainer.py, `_sample_selected_steps` and
    `_make_shared_noise`; the seeds below are theirs, so every rank agrees without communication.)
    - No bias: each sample's path still has its usual law (shared z_k is still N(0, I)); the
      score grad log pi_k(i) for k in S is zero-mean given everything except sample i's own fresh
      z_k, which stays independent, so E[(r_i - rbar) grad log pi(i)] is unchanged.
-   - Less variance (usually): the group mean rbar now shares z_k with r_i, so the advantage
-     r_i - rbar subtracts (an estimate of) E[r | prompt, shared z] instead of E[r | prompt]: a
-     control variate that removes the reward spread caused by the untrained steps, which
-     carries no information about the trained ones.
+   - Less variance (usually): the group mean rbar now shares z_k with r_i, so r_i - rbar
+     subtracts (an estimate of) E[r | prompt, shared z] instead of E[r | prompt]: a control
+     variate that removes the reward spread the untrained steps cause, which carries no
+     information about the trained ones.
    - Not a free lunch: sharing also correlates the K copies' gradient terms through
      grad E[r | shared z]. It pays off when the shared noise acts on the reward roughly
      additively and after the trained steps; in the toy with a quadratic reward, or with the
@@ -103,10 +86,9 @@ Its settings are in configs/rtdmd/*.yaml.
    Divide it by w_dm: the DM term then stands for grad KL(p_theta || p) and the two reward terms
    for -beta grad E[r]. Each term's expected gradient is a known multiple of the exact one:
    - DM: the surrogate's gradient is g / (B D) (acdmd.py, section 3), and E[g] is a positive
-     multiple of the data-space KL gradient. For the final step of a Gaussian generator N(m, sd^2 I)
-     against a teacher N(m_T, sd^2 I): E[g] = C (m - m_T) = C sd^2 grad_m KL, with
-     C = E_t[ t^2 / ((1-t)^2 sd^2 + t^2) ] over the law of t. So the DM term is
-     (w_dm C sd^2 / D) grad KL.
+     multiple of the data-space KL gradient: for the final step of a Gaussian generator
+     N(m, sd^2 I) against a teacher N(m_T, sd^2 I), E[g] = C (m - m_T) = C sd^2 grad_m KL with
+     C = E_t[ t^2 / ((1-t)^2 sd^2 + t^2) ] (section 7b): the DM term is (w_dm C sd^2 / D) grad KL.
    - BP: with the hinge active, exactly -w_bp times the path-wise part of grad E[r].
    - PG: with the exact log-prob and un-normalised advantages r - (group mean), -w_pg (1 - 1/N) f
      times the score-function part (N = group size: the group mean includes the sample itself;
@@ -114,31 +96,26 @@ Its settings are in configs/rtdmd/*.yaml.
      multiplies step k's share by 2 rho_k^2 / D and the standardised advantages divide by the
      reward's std.
    When the two reward parts get the same multiple w_r, the update is proportional to
-   grad KL - beta_eff grad E[r] with
-
-       beta_eff = D w_r / (w_dm C sd^2).
-
+   grad KL - beta_eff grad E[r] with   beta_eff = D w_r / (w_dm C sd^2).
    So beta_eff is not a property of the weights alone: it scales with D (16 x 64 x 64 for SD3.5-M
    latents at 512 px, 2 in the toy) and with the teacher's spread through C sd^2, and the official
    log-prob and standardised advantages add the factors 2 rho_k^2 / D and 1 / std(r). Weights
    tuned for SD3 latents therefore do not carry over to the 2-D toy, which has its own (train.py).
-   With gradient normalisation (official) g is further divided by the per-sample
-   mean|x - x_real|, which changes during training: beta_eff is then defined only up to that
-   scale, and a run's beta is read off by fitting (eval.py, fit_beta).
+   With gradient normalisation (official) g is further divided by the per-sample mean|x - x_real|,
+   which changes during training: beta_eff is then defined only up to that scale, and a run's beta
+   is read off by fitting (eval.py, fit_beta).
 
 7. The stage-2 stationary point on toy-gauss, in closed form                `stationary_mean_gauss`
    Set-up ("toy-gauss", train.py --exact-decomposition): teacher p = N(m_T, sd^2 I) in D = 2 dims,
    linear reward r = a^T x, generator G = v_T + b (models.ShiftVelocity: it can only move its
    output mean), un-normalised DM direction, exact Gaussian log-prob, advantages A = r - (group
-   mean), no clipping. Weights w_pg, w_dm, w_bp; N = samples per prompt per epoch (one prompt:
-   the whole epoch); f = probability that a stochastic step is trained in an epoch (2/3 for
-   SubGRPO's 2 of 3, 1 with --all-steps).
+   mean), no clipping. Weights w_pg, w_dm, w_bp; N and f as in section 6 (one prompt: N is the
+   whole epoch; f = 1 with --all-steps).
    a. How b moves the output mean. The exact velocity of a Gaussian is affine in x:
           v_T(x, sigma) = (x - E[x0|x]) / sigma,  slope lambda = (1 - (1-sigma) sd^2 / V) / sigma,
       V = (1-sigma)^2 sd^2 + sigma^2. The CPS mean
       (1-s')(x - sigma v) + s' cos(theta)(x + (1-sigma) v)  (sample.cps_mean_std; s' = next sigma)
-      moves by  c_k b  for a velocity shift b and by
-      J_k delta for an input shift delta:
+      moves by  c_k b  for a velocity shift b and by  J_k delta  for an input shift delta:
           c_k = -(1-s') sigma + s' cos(theta) (1-sigma),
           J_k = (1-s')(1 - sigma lambda) + s' cos(theta) (1 + (1-sigma) lambda).
       So the output mean is  m = m_T + sum_k gamma_k b,  gamma_k = c_k prod_{j>k} J_j  (the exact
@@ -149,8 +126,8 @@ Its settings are in configs/rtdmd/*.yaml.
         fake equal to the velocity of the generator's output law N(m, sd_g^2), the tower rule gives
         E[x0_hat_fake] = m while E[x0_hat_real] = m_T + (1-t)^2 sd^2 / V(t) (m - m_T), so
             E[g] = C (m - m_T),   C = E_t[ t^2 / ((1-t)^2 sd^2 + t^2) ]
-        over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], with its point masses);
-        sd_g does not enter.
+        over the stage-2 law of t (tau = 10 + 990 u clamped to [20, 980], point masses included;
+        sd_g does not enter).
       - PG, -w_pg mean_i A_i sum_{k in S} grad_b log pi_k(i): the score identity gives
         E[r grad log pi_k] = d E[r] / d b_k = gamma_k a (b_k: the copy of b used at step k), and a
         group mean that includes sample i itself scales it by (1 - 1/N):
@@ -173,9 +150,7 @@ import torch
 from models import timestep_to_sigma, x0_from_velocity
 from sample import cps_mean_std, cps_step, full
 
-# ---------------------------------------------------------------------------------------------
-# Transition log-probability (section 4)
-# ---------------------------------------------------------------------------------------------
+# --- Transition log-probability (section 4) --------------------------------------------------
 
 
 def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
@@ -185,10 +160,9 @@ def cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form="official"):
     mu, rho = sample.cps_mean_std(x, v, sigma, sigma_next, eta) and, with D = numel per sample,
         form "official":  l = -mean_{non-batch}(x_next - mu)^2
         form "exact":     l = -|x_next - mu|^2 / (2 rho^2) - D log rho - (D/2) log(2 pi)
-    Log-ratios of the two forms differ by the factor 2 rho^2 / D (module docstring, section 4).
-    x_next is detached (the action is data); gradient flows through v only. Float32.
-    Deterministic steps (rho = 0: sigma_next = 0 or eta = 0) return 0.
-    Returns Tensor[B]."""
+    (their log-ratios differ by the factor 2 rho^2 / D, section 4). x_next is detached (the action
+    is data); gradient flows through v only. Float32. Deterministic steps (rho = 0: sigma_next = 0
+    or eta = 0) return 0. Returns Tensor[B]."""
     # --- exercise cps_log_prob: begin ---
     assert form in ("official", "exact"), form
     assert x.dim() >= 2, "x must be [B, ...] with at least one non-batch dim"
@@ -217,9 +191,7 @@ def transition_log_prob(bb, net, x, x_next, sigma, sigma_next, cond, eta=0.9, fo
     return cps_log_prob(x_next, x, v, sigma, sigma_next, eta, form)
 
 
-# ---------------------------------------------------------------------------------------------
-# SubGRPO: step selection and shared noise (section 3)
-# ---------------------------------------------------------------------------------------------
+# --- SubGRPO: step selection and shared noise (section 3), the stage-2 rollout ---------------
 
 
 def select_steps(epoch, seed, num_stochastic=3, num_train=2):
@@ -253,11 +225,6 @@ def shared_noise(prompts, step, epoch, shape, device="cpu"):
     # --- exercise select_steps: end ---
 
 
-# ---------------------------------------------------------------------------------------------
-# The stage-2 rollout: what sections 2, 4 and 5 need, stored
-# ---------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9, share_noise=True,
                          form="official", sigmas=None, generator=None):
@@ -266,16 +233,15 @@ def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9,
         k in train_steps           -> fresh, independent per sample (from `generator` if given);
         other stochastic k         -> shared_noise(prompts, k, epoch) if share_noise, else fresh;
         deterministic k (sigma'=0) -> none (rho = 0).
-    The log-prob of each transition is computed at the sampling parameters (l_old).
     Returns a dict (N = number of steps, 4):
         latents      [B, N, ...]  x_{sigma_k}          next_latents [B, N, ...]  x_{sigma_{k+1}}
         velocities   [B, N, ...]  v_k (the fake score's stage-2 step uses them)
-        log_probs    [B, N]       l_old (0 on deterministic steps)
+        log_probs    [B, N]       l_old, at the sampling parameters (0 on deterministic steps)
         sigmas       [N + 1]      the sampler sigmas
         x0           [B, ...]     the sample = next_latents[:, -1]"""
     sigmas = bb.sigmas if sigmas is None else sigmas
     x = x.float()
-    latents, next_latents, velocities, log_probs = [], [], [], []
+    steps = []  # (x, x_next, v, l_old) of every step
     for k in range(len(sigmas) - 1):
         s, s_next = float(sigmas[k]), float(sigmas[k + 1])
         v = bb.velocity(net, x, full(s, x), cond).float()
@@ -287,19 +253,14 @@ def rollout_with_logprob(bb, net, x, cond, prompts, train_steps, epoch, eta=0.9,
             z = torch.randn_like(x) if generator is None else torch.randn(
                 x.shape, generator=generator, device=generator.device).to(x.device)
         x_next = cps_step(x, v, s, s_next, eta, z)
-        latents.append(x)
-        next_latents.append(x_next)
-        velocities.append(v)
-        log_probs.append(cps_log_prob(x_next, x, v, s, s_next, eta, form))
+        steps.append((x, x_next, v, cps_log_prob(x_next, x, v, s, s_next, eta, form)))
         x = x_next
-    return dict(latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
-                velocities=torch.stack(velocities, 1), log_probs=torch.stack(log_probs, 1),
-                sigmas=torch.as_tensor(sigmas).float(), x0=x)
+    latents, next_latents, velocities, log_probs = (torch.stack(t, 1) for t in zip(*steps))
+    return dict(latents=latents, next_latents=next_latents, velocities=velocities,
+                log_probs=log_probs, sigmas=torch.as_tensor(sigmas).float(), x0=x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Advantages (section 5)
-# ---------------------------------------------------------------------------------------------
+# --- Advantages and PPO (section 5), reward back-prop on the final step (section 2) ----------
 
 
 def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
@@ -312,7 +273,7 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
     std is the population std (divide by N). normalize=False skips both std divisions, giving
     A = sum_R w_R (r_R - per-prompt mean): plain REINFORCE with a group baseline, whose expected
     update is an exact multiple of grad E[r] (sections 6, 7: "exact decomposition mode").
-    Returns float32 Tensor[N]."""
+    Returns float32 [N]."""
     # --- exercise group_advantages: begin ---
     N = len(prompts)
     groups = {}
@@ -334,11 +295,6 @@ def group_advantages(rewards, prompts, weights, eps=1e-4, normalize=True):
 def clip_advantages(advantages, clip_max=5.0):
     """A clipped to [-clip_max, clip_max] before the policy loss (section 5; adv_clip_max = 5)."""
     return advantages.clamp(-clip_max, clip_max)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses: PPO on the stochastic steps (section 5), reward back-prop on the final step (section 2)
-# ---------------------------------------------------------------------------------------------
 
 
 def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
@@ -366,8 +322,7 @@ def ppo_loss(log_prob_new, log_prob_old, advantages, clip_range=1e-5):
 def final_step_x0(bb, net, x3, sigma3, cond):
     """The deterministic last step (section 2): x0_hat = x^(3) - sigma_3 G_theta(x^(3), sigma_3, c),
     with grad through the network only; x^(3) [B, ...] is a stored rollout state (a constant), so
-    reward gradients reach the generator through this one call and never through steps 0-2.
-    Returns float32 [B, ...]."""
+    reward gradients reach the generator through this one call, never through steps 0-2. float32."""
     # --- exercise final_step_x0: begin ---
     x3 = x3.detach()
     v = bb.velocity(net, x3, full(sigma3, x3), cond)
@@ -379,8 +334,7 @@ def bp_loss(rewards_weighted_sum, margin=3.0):
     """Reward back-prop hinge of the final step (section 2):  L_BP = mean_b relu(margin - R_w),
     R_w [B] = sum_k w_k r_k(decode(x0_hat)), differentiable. While R_w < margin (always, in
     practice) grad L_BP = -mean_b grad R_w: the path-wise part of the hybrid gradient. The caller
-    applies the weight bp_grad_scale = 1e-4.
-    Returns (scalar loss, {reward_mean, hinge_active} as floats)."""
+    applies the weight bp_grad_scale = 1e-4. Returns (loss, {reward_mean, hinge_active} floats)."""
     # --- exercise final_step_x0: begin ---
     R = rewards_weighted_sum.float()
     loss = torch.relu(margin - R).mean()
@@ -389,20 +343,18 @@ def bp_loss(rewards_weighted_sum, margin=3.0):
     # --- exercise final_step_x0: end ---
 
 
-# ---------------------------------------------------------------------------------------------
-# Epoch bookkeeping: which prompts, which samples, when the EMA moves (official trainer)
-# ---------------------------------------------------------------------------------------------
+# --- Epoch bookkeeping: which prompts, which samples, when the EMA moves (official trainer) ---
 
 
 def draw_prompts(num_prompts, m, k, generator):
-    """Prompt indices of one sampling iteration, for all ranks at once [m k]: m distinct prompts,
-    the first m of a random permutation (without replacement), each repeated k times (a GRPO
-    group), then shuffled so that a group's copies spread over the ranks (official code:
-    rtdmd/trainers/grpo_utils.py, DistributedKRepeatSampler). `generator` is seeded alike on every
-    rank, so every rank draws the same list and knows every group without communicating.
-    Without replacement keeps m groups of distinct prompts: two groups of one prompt would merge
-    into one 2k-sample group. Only when m > num_prompts (a toy with few prompts) are
-    permutations concatenated, each prompt then appearing at most ceil(m / num_prompts) times."""
+    """Prompt indices of one sampling iteration, for all ranks at once [m k]: the first m of a
+    random permutation, each repeated k times (a GRPO group), then shuffled so that a group's
+    copies spread over the ranks (official code: rtdmd/trainers/grpo_utils.py,
+    DistributedKRepeatSampler). `generator` is seeded alike on every rank: every rank draws the
+    same list and knows every group without communicating. Without replacement, because two
+    groups of one prompt would merge into one 2k-sample group; only when m > num_prompts (a toy
+    with few prompts) are permutations concatenated (each prompt at most ceil(m / num_prompts)
+    times)."""
     perms = [torch.randperm(num_prompts, generator=generator) for _ in range(-(-m // num_prompts))]
     idx = torch.cat(perms)[:m].repeat_interleave(k)
     return idx[torch.randperm(m * k, generator=generator)]
@@ -411,13 +363,12 @@ def draw_prompts(num_prompts, m, k, generator):
 def drop_zero_advantages(advantages, num_batches, epoch, rank=0):
     """Indices (sorted) of the local samples the policy update keeps (official code:
     rtdmd/trainers/grpo_trainer.py, _grpo_compute_advantages):
-      1. every sample whose advantage is not exactly 0 (a group with equal rewards has A = 0 and
-         no policy gradient, so it would only dilute the sub-batches);
+      1. every sample with A != 0 (a group with equal rewards has A = 0 and no policy gradient: it
+         would only dilute the sub-batches);
       2. if none is left, num_batches random samples (an update is never empty);
-      3. if the count is not a multiple of num_batches, random dropped samples are added back
-         until it is (if enough exist), so the kept samples split into num_batches equal
-         sub-batches. Those padded samples carry A = 0: no PPO gradient, but their final-step DM
-         and back-prop terms still count.
+      3. random dropped samples added back (if enough exist) up to a multiple of num_batches, so
+         the kept samples split into equal sub-batches; these carry A = 0: no PPO gradient, but
+         their final-step DM and back-prop terms still count.
     The random picks use CPU generators seeded 1000003 epoch + rank (step 2) and + 17 (step 3),
     as the official trainer does, so a resumed run repeats them.
     advantages: Tensor[N] (this rank's). Returns LongTensor[<= N]."""
@@ -442,15 +393,15 @@ def ema_decay(step, max_decay=0.9):
 
 def stage2_ema_decays(step, num_batches, every=8, max_decay=0.9):
     """The EMA updates of the epoch that starts after `step` optimiser steps, as the official
-    trainer makes them: it calls the EMA after EVERY one of the num_batches sub-batches (official
-    code: rtdmd/trainers/rtdmd_trainer.py, _grpo_dmd_training_stage), with the step counter of
-    that moment, and a call updates only when (counter + 1) % every == 0 (rtdmd/utils/ema.py):
-      calls 1 .. nb-1, before the optimiser step, counter = step      -> fire if (step + 1) % every == 0
-      call nb, after it,                          counter = step + 1  -> fire if (step + 2) % every == 0
-    Returns (before, after): the decays to apply, in order, to the parameters before and after
-    this epoch's optimiser step (ema <- d ema + (1 - d) theta each).
-    Net effect, with g = 8j + 7 and theta_g the parameters after g steps (the last call of one
-    epoch and the first nb - 1 of the next see the same theta_g and the same d):
+    trainer makes them: an EMA call after EVERY one of the num_batches sub-batches (official code:
+    rtdmd/trainers/rtdmd_trainer.py, _grpo_dmd_training_stage) with the step counter of that
+    moment, which updates only when (counter + 1) % every == 0 (rtdmd/utils/ema.py):
+      calls 1 .. nb-1, before the optimiser step: counter = step,    fire if (step + 1) % every == 0
+      call nb, after it:                         counter = step + 1, fire if (step + 2) % every == 0
+    Returns (before, after): the decays to apply, in order, before and after this epoch's
+    optimiser step (ema <- d ema + (1 - d) theta each). Net effect, with g = 8j + 7 and theta_g
+    the parameters after g steps (the last call of one epoch and the first nb - 1 of the next see
+    the same theta_g and the same d):
         ema <- d^nb ema + (1 - d^nb) theta_g,     d = min((1 + g) / (10 + g), 0.9),
     once every 8 steps: d^16 ~ 0.19 at steady state, not the nominal 0.9."""
     fire = lambda counter: (counter + 1) % every == 0  # noqa: E731
@@ -459,9 +410,7 @@ def stage2_ema_decays(step, num_batches, every=8, max_decay=0.9):
     return before, after
 
 
-# ---------------------------------------------------------------------------------------------
-# The stage-2 stationary point on toy-gauss (sections 6, 7)
-# ---------------------------------------------------------------------------------------------
+# --- The stage-2 stationary point on toy-gauss (sections 6, 7) -------------------------------
 
 
 def stationary_mean_gauss(bb, w_pg, w_dm, w_bp, N, f=2 / 3, a=(1.0, 0.0), eta=0.9):
