@@ -34,12 +34,9 @@ github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
    similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
    BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
    The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
-   from the transformers processors: GenEval (objects, counts, colours and positions of the
-   prompt's GenEval metadata, from a Mask2Former detector and CLIP colours;
-   rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit distance to the prompt's quoted
-   text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL preference model;
-   rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
-   rtdmd/rewards/geneval2_scorer.py). Each scorer's comment says how it differs from the official.
+   from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR
+   (Florence-2), HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it
+   scores and how it differs from the official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
 
 3. The weighted multi-reward
    GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
@@ -296,6 +293,19 @@ def _frozen(module):
     return module.eval().requires_grad_(False)
 
 
+class Lazy:
+    """A scorer part whose frozen network, `build()`, loads on first use (a missing checkpoint
+    fails only then) and follows the images' device (a no-op once it is there)."""
+    model = None
+
+    def load(self, device=None):
+        if self.model is None:
+            self.model = _frozen(self.build())
+        if device is not None:
+            self.model.to(device)
+        return self.model
+
+
 def _not_found(what, src, slot):
     return FileNotFoundError(f"{what} not found at {src!r}; download it from the hub repo {DEFAULT_SOURCES[slot]} "
                              f"and pass its path as sources['{slot}'] (--reward-paths {slot}=PATH)")
@@ -309,27 +319,27 @@ def _pretrained(cls, src, slot, what):
         raise _not_found(what, src, slot) from e
 
 
-def _resolve_file(src, filenames, slot, what):
-    """A raw checkpoint file: `src` is the file, a folder holding it, or a hub repo id."""
-    if os.path.isfile(src):
-        return src
-    for name in filenames:
-        if os.path.isfile(os.path.join(src, name)):
-            return os.path.join(src, name)
-    if not os.path.exists(src):  # maybe a hub id (HF_HUB_OFFLINE=1 allows the local cache only)
+def _checkpoint(src, filenames, slot, what):
+    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a
+    hub repo id. torch.load with weights_only=True (a checkpoint is data, never code), unwrapping
+    {'state_dict': ...}; a .safetensors file through safetensors."""
+    candidates = (src, *(os.path.join(src, n) for n in filenames))
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None and not os.path.exists(src):  # a hub id? (HF_HUB_OFFLINE=1: the cache only)
         from huggingface_hub import hf_hub_download
         for name in filenames:
             try:
-                return hf_hub_download(src, name)
+                path = hf_hub_download(src, name)
+                break
             except Exception:
                 pass
-    raise _not_found(f"{what} '{filenames[0]}'", src, slot)
-
-
-def _state_dict(path):
-    """weights_only=True: a checkpoint is data, never code. Unwraps {'state_dict': ...}."""
+    if path is None:
+        raise _not_found(f"{what} '{filenames[0]}'", src, slot)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return path, load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd)
+    return path, sd.get("state_dict", sd)
 
 
 def _load_strict(net, sd, what):
@@ -370,27 +380,22 @@ class MLPHead(nn.Module):
 
 # --- CLIP-family scorers: CLIPScore, PickScore, Aesthetic, HPSv2.1 ------------------------------
 
-class CLIPBackbone:
+class CLIPBackbone(Lazy):
     """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic
     share one CLIP-L/14 instance; PickScore and HPSv2.1 each hold a ViT-H/14 one.
-    `build`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
+    `make`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
 
-    def __init__(self, model_src, tokenizer_src=None, slot="clip_l", build=None):
-        self.model_src, self.tokenizer_src, self.slot, self.build = model_src, tokenizer_src, slot, build
-        self.model = self.tokenizer = None
+    def __init__(self, model_src, tokenizer_src=None, slot="clip_l", make=None):
+        self.model_src, self.tokenizer_src, self.slot, self.make = model_src, tokenizer_src, slot, make
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoTokenizer, CLIPModel
-            model = self.build() if self.build else _pretrained(
-                CLIPModel, self.model_src, self.slot, "CLIP model")
-            tok_src = self.tokenizer_src or self.model_src
-            tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
-            self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
-            self.model = _frozen(model)
-        if device is not None:
-            self.model.to(device)  # follows the images' device; a no-op once it is there
-        return self.model
+    def build(self):
+        from transformers import AutoTokenizer, CLIPModel
+        model = self.make() if self.make else _pretrained(
+            CLIPModel, self.model_src, self.slot, "CLIP model")
+        tok_src = self.tokenizer_src or self.model_src
+        tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
+        self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
+        return model
 
     def embed(self, images, prompts, fit="crop", mode="bicubic", crop="floor"):
         """L2-normalised projected (image [B,D], text [B,D]) embeddings; text None if no prompts."""
@@ -461,8 +466,7 @@ class Aesthetic:
     def __call__(self, images, prompts=None):
         img, _ = self.backbone.embed(images, None, self.fit, self.mode, self.crop)
         if self.head is None:
-            path = _resolve_file(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
-            sd = _state_dict(path)
+            path, sd = _checkpoint(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
             self.head = _frozen(_load_strict(MLPHead(sd["layers.0.weight"].shape[1]), sd, path))
         return {self.name: self.head.to(img.device)(img)}
 
@@ -499,40 +503,50 @@ _OC_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
-def openclip_to_hf(sd):
-    """open_clip CLIP state dict -> transformers CLIPModel state dict. Raises on unknown keys."""
+def _convert(sd, rename, what, prefixes=("module.",)):
+    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key:
+    tensor}, {} to drop the key, or None for a key it does not know, an error (never dropped)."""
     out, unknown = {}, []
     for k, v in sd.items():
-        k = k.removeprefix("module.")
+        for p in prefixes:
+            k = k.removeprefix(p)
+        new = rename(k, v)
+        if new is None:
+            unknown.append(k)
+        else:
+            out.update(new)
+    if unknown:
+        raise ValueError(f"{what}: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
+    return out
+
+
+def openclip_to_hf(sd):
+    """open_clip CLIP state dict -> transformers CLIPModel state dict. Raises on unknown keys."""
+    def rename(k, v):
         block = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
         fused = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
         if k in _OC_TOP:
-            out[_OC_TOP[k]] = v
-        elif k in _OC_PROJ:
-            out[_OC_PROJ[k]] = v.t().contiguous()
-        elif fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
+            return {_OC_TOP[k]: v}
+        if k in _OC_PROJ:
+            return {_OC_PROJ[k]: v.t().contiguous()}
+        if fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
             pre = f"{'vision' if fused[1] else 'text'}_model.encoder.layers.{fused[2]}.self_attn."
-            for name, part in zip("qkv", v.chunk(3, dim=0)):
-                out[f"{pre}{name}_proj.{fused[3]}"] = part.contiguous()
-        elif block and block[3] in _OC_BLOCK:
+            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous()
+                    for n, p in zip("qkv", v.chunk(3, dim=0))}
+        if block and block[3] in _OC_BLOCK:
             tower = "vision" if block[1] else "text"
-            out[f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}"] = v
-        elif k.endswith("attn_mask"):
-            pass  # the causal-mask buffer; HF builds its own
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"openclip_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}": v}
+        return {} if k.endswith("attn_mask") else None  # the causal-mask buffer: HF builds its own
+    return _convert(sd, rename, "openclip_to_hf")
 
 
 def load_hpsv2(src, config=None):
     """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
     laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
-    path = _resolve_file(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
-    sd = openclip_to_hf(_state_dict(path))  # fp16 in the file; load_state_dict casts to fp32
-    return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), sd, path)
+    path, sd = _checkpoint(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
+    net = CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config))
+    return _load_strict(net, openclip_to_hf(sd), path)  # fp16 in the file; loading casts to fp32
 
 
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
@@ -584,28 +598,23 @@ _BLIP_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self
 
 def blip_to_hf(sd):
     """ImageReward.pt state dict -> BlipReward state dict. Raises on unknown keys."""
-    out, unknown = {}, []
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("blip.")
+    def rename(k, v):
         block = re.match(r"visual_encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
         if k in _BLIP_TOP:
-            out[_BLIP_TOP[k]] = v
-        elif block and block[2] in _BLIP_BLOCK:
-            out[f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}"] = v
-        elif k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
-            pass  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
-        elif k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
-            out["text." + k.removeprefix("text_encoder.")] = v  # same names
-        elif k.startswith("mlp.layers."):
-            out["head." + k.removeprefix("mlp.")] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"blip_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {_BLIP_TOP[k]: v}
+        if block and block[2] in _BLIP_BLOCK:
+            return {f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}": v}
+        if k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
+            return {}  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
+        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
+            return {"text." + k.removeprefix("text_encoder."): v}  # same names
+        if k.startswith("mlp.layers."):
+            return {"head." + k.removeprefix("mlp."): v}
+        return None
+    return _convert(sd, rename, "blip_to_hf", ("module.", "blip."))
 
 
-class ImageReward:
+class ImageReward(Lazy):
     """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
     Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
     Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
@@ -615,21 +624,16 @@ class ImageReward:
 
     def __init__(self, src, tokenizer_src, config=None):
         self.src, self.tokenizer_src, self.config = src, tokenizer_src, config
-        self.net = self.tokenizer = None
 
-    def load(self, device=None):
-        if self.net is None:
-            from transformers import AutoTokenizer, BlipConfig
-            path = _resolve_file(self.src, ("ImageReward.pt",), "imagereward", "ImageReward checkpoint")
-            net = BlipReward(_config(BlipConfig, self.config, imagereward_blip_config))
-            self.net = _frozen(_load_strict(net, blip_to_hf(_state_dict(path)), path))
-            tok = _pretrained(AutoTokenizer, self.tokenizer_src, "imagereward_tokenizer", "BERT tokenizer")
-            tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer: the two extra
-            tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # ids 30522, 30523
-            self.tokenizer = tok
-        if device is not None:
-            self.net.to(device)
-        return self.net
+    def build(self):
+        from transformers import AutoTokenizer, BlipConfig
+        path, sd = _checkpoint(self.src, ("ImageReward.pt",), "imagereward", "ImageReward checkpoint")
+        net = BlipReward(_config(BlipConfig, self.config, imagereward_blip_config))
+        tok = _pretrained(AutoTokenizer, self.tokenizer_src, "imagereward_tokenizer", "BERT tokenizer")
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer: the two extra
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # ids 30522, 30523
+        self.tokenizer = tok
+        return _load_strict(net, blip_to_hf(sd), path)
 
     def __call__(self, images, prompts):
         net = self.load(images.device)
@@ -807,7 +811,7 @@ def check_coco_order(id2label, src):
                          f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i, _ in wrong[:3]]}")
 
 
-class Mask2FormerDetector:
+class Mask2FormerDetector(Lazy):
     """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
     resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
     multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
@@ -820,21 +824,17 @@ class Mask2FormerDetector:
     KEEP_ABOVE = min(GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD)
 
     def __init__(self, src):
-        self.src, self.model = src, None
+        self.src = src
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import Mask2FormerForUniversalSegmentation
-            model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
-                                "Mask2Former COCO instance model")
-            if model.config.num_labels != len(GENEVAL_OBJECTS):
-                raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
-                                 f"model has {model.config.num_labels} labels")
-            check_coco_order(model.config.id2label, self.src)
-            self.model = _frozen(model)
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import Mask2FormerForUniversalSegmentation
+        model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
+                            "Mask2Former COCO instance model")
+        if model.config.num_labels != len(GENEVAL_OBJECTS):
+            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
+                             f"model has {model.config.num_labels} labels")
+        check_coco_order(model.config.id2label, self.src)
+        return model
 
     @torch.no_grad()
     def __call__(self, images):
@@ -961,7 +961,7 @@ def ocr_score(read, target):
     return 1 - dist / len(target)
 
 
-class OCR:
+class OCR(Lazy):
     """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
     gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
     Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
@@ -969,16 +969,12 @@ class OCR:
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
         self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
-        self.model = self.processor = None
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoProcessor, Florence2ForConditionalGeneration
-            self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
-            self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+        model = _pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model")
+        self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
+        return model
 
     @torch.no_grad()
     def read(self, images):
@@ -1067,24 +1063,17 @@ class HPSv3Net(nn.Module):
 def hpsv3_to_hf(sd):
     """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
     lm_head is dropped: the reward reads hidden states, never next-token logits."""
-    out, unknown = {}, []
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
+    def rename(k, v):
         if k.startswith("rm_head."):
-            out[k] = v
-        elif k.startswith(("visual.", "model.visual.")):
-            out["backbone.visual." + k.split("visual.", 1)[1]] = v
-        elif k.startswith("model.language_model."):
-            out["backbone.language_model." + k.removeprefix("model.language_model.")] = v
-        elif k.startswith("model."):  # the older layout: model.* is the language model
-            out["backbone.language_model." + k.removeprefix("model.")] = v
-        elif k.startswith("lm_head."):
-            pass
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"hpsv3_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {k: v}
+        if k.startswith(("visual.", "model.visual.")):
+            return {"backbone.visual." + k.split("visual.", 1)[1]: v}
+        if k.startswith("model.language_model."):
+            return {"backbone.language_model." + k.removeprefix("model.language_model."): v}
+        if k.startswith("model."):  # the older layout: model.* is the language model
+            return {"backbone.language_model." + k.removeprefix("model."): v}
+        return {} if k.startswith("lm_head.") else None
+    return _convert(sd, rename, "hpsv3_to_hf")
 
 
 def qwen_chat(tokenizer, n_img, texts, device):
@@ -1104,7 +1093,7 @@ def qwen_image(processor, images):
     return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
-class HPSv3:
+class HPSv3(Lazy):
     """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6). No gradient here:
     an evaluation metric in RTDMD. bf16 weights on CUDA (as the hpsv3 package runs), float32 on
     CPU; the head always in float32."""
@@ -1113,34 +1102,35 @@ class HPSv3:
 
     def __init__(self, src, base_src, config=None, template_src=None):
         self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
-        self.net = self.tokenizer = None
+
+    def build(self):
+        from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
+        self.template = hpsv3_template(self.template_src)
+        path, sd = _checkpoint(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
+        sd = hpsv3_to_hf(sd)
+        config = _config(Qwen2VLConfig, self.config,
+                         lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
+        tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+        tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
+        tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+        self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+        # the package resized the embedding table to the tokenizer plus <|Reward|>
+        config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
+        net = _load_strict(HPSv3Net(config, sd["rm_head.5.weight"].shape[0]), sd, path)
+        self.tokenizer = tok
+        vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
+        self.processor = Qwen2VLImageProcessorPil(
+            min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
+            merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
+        return net
 
     def load(self, device=None):
-        if self.net is None:
-            from safetensors.torch import load_file
-            from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
-            self.template = hpsv3_template(self.template_src)
-            path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
-            sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
-            config = _config(Qwen2VLConfig, self.config,
-                             lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
-            tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
-            tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
-            tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-            self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
-            # the package resized the embedding table to the tokenizer plus <|Reward|>
-            config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
-            net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
-            self.net = _frozen(_load_strict(net, sd, path))
-            self.tokenizer = tok
-            vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
-            self.processor = Qwen2VLImageProcessorPil(
-                min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
-                merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
-        if device is not None and next(self.net.parameters()).device != torch.device(device):
-            self.net.to(device)
-            self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        return self.net
+        """As Lazy.load, and the backbone in bf16 on CUDA, float32 elsewhere."""
+        net = super().load()
+        if device is not None and next(net.parameters()).device != torch.device(device):
+            net.to(device)
+            net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return net
 
     def inputs(self, images, prompts):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
@@ -1206,7 +1196,7 @@ def _chat_template(src, slot="geneval2"):
                             f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES[slot]}")
 
 
-class GenEval2:
+class GenEval2(Lazy):
     """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
     probability of the expected one-word answer. Needs each prompt's record with its vqa_list
     (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
@@ -1214,18 +1204,15 @@ class GenEval2:
     SUFFIX = " Answer in one word."
 
     def __init__(self, src):
-        self.src, self.model, self.tokenizer = src, None, None
+        self.src = src
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
-            self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
-            self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
-            self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
-            self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+        model = _pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model")
+        self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
+        self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
+        self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
+        return model
 
     def image_inputs(self, image):
         """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
@@ -1287,7 +1274,7 @@ def make_scorers(names, sources=None, cache=None):
             src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
         "hpsv2": lambda: HPSv2(CLIPBackbone(
             src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
-            build=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
+            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
         "imagereward": lambda: ImageReward(
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
