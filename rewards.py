@@ -192,8 +192,8 @@ from sample import to_pil  # the 8-bit PIL images the no-gradient scorers' proce
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables report PickScore raw
-# ImageReward's z-score of the raw head output (the image-reward package's constants, which
-# rtdmd/rewards/imagereward_scorer.py uses through that package)
+# ImageReward's z-score of its raw head output: the image-reward package's constants, which
+# rtdmd/rewards/imagereward_scorer.py uses through that package
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
 # slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
@@ -233,9 +233,8 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
 def check_metadata(names, records, n=None, where="the records given",
                    fix="read them from its .jsonl (the official {official})"):
     """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
-    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS). `fix`:
-    what the message tells the user to do ({name} and {official} are filled in). The one check
-    of rewards.py, train.py and eval.py."""
+    hold the field (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name},
+    {official} filled in) says what to do. The one check of rewards.py, train.py and eval.py."""
     for name in names:
         if name in METADATA_FIELDS:
             field, official = METADATA_FIELDS[name]
@@ -288,19 +287,15 @@ def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
 
 # --- loading helpers ---------------------------------------------------------------------------
 
-def _frozen(module):
-    """eval() turns dropout off; requires_grad_(False) keeps every scorer weight out of autograd."""
-    return module.eval().requires_grad_(False)
-
-
 class Lazy:
-    """A scorer part whose frozen network, `build()`, loads on first use (a missing checkpoint
-    fails only then) and follows the images' device (a no-op once it is there)."""
+    """A scorer part whose network, `build()`, loads on first use and follows the images' device
+    (a no-op once it is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps
+    every scorer weight out of autograd."""
     model = None
 
     def load(self, device=None):
         if self.model is None:
-            self.model = _frozen(self.build())
+            self.model = self.build().eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
         return self.model
@@ -417,9 +412,8 @@ class CLIPBackbone(Lazy):
 
 class CLIPScore:
     """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
-    2.5*max(cos,0) of the CLIPScore paper), ~0.28-0.32. `mode` bilinear: RTDMD's tensor path uses
-    torchvision Resize's default, for eval and back-prop alike; `crop` round: its CenterCrop
-    (official code: rtdmd/rewards/clip_scorer.py)."""
+    2.5*max(cos,0) of the CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's
+    default and CenterCrop in rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
     name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
@@ -434,11 +428,9 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """Section 2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
-    returned DIVIDED BY 26 (~0.86-0.92) as RTDMD trains and logs it, so weights 1:1:1 with the
-    two cosines make sense. Tables: multiply by PICKSCORE_TABLE_SCALE. `mode` bicubic: its eval
-    numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart).
-    `crop` floor: the transformers CLIP processor floors an odd margin."""
+    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26,
+    as RTDMD trains and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor:
+    its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
     name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
@@ -447,16 +439,14 @@ class PickScore(CLIPScore):
 
 
 class HPSv2(CLIPScore):
-    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
-    ~0.27-0.35; image resized on its longest side and zero-padded (never cropped)."""
+    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune."""
     name, fit, mode = "hpsv2", "pad", "bicubic"
 
 
 class Aesthetic:
-    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
-    ~5-6 on the AVA 1-10 scale. Ignores the prompt. RTDMD uses it only as a (no-grad) metric; the
-    torch preprocessing makes it differentiable anyway. `crop` round: the original predictor
-    preprocesses with OpenAI CLIP's torchvision CenterCrop."""
+    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding); ignores
+    the prompt. A no-grad metric in RTDMD, differentiable here anyway. `crop` round: the original
+    predictor preprocesses with OpenAI CLIP's torchvision CenterCrop."""
     name, fit, mode, crop = "aesthetic", "crop", "bicubic", "round"
     FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")  # original, trl mirror name
 
@@ -467,7 +457,8 @@ class Aesthetic:
         img, _ = self.backbone.embed(images, None, self.fit, self.mode, self.crop)
         if self.head is None:
             path, sd = _checkpoint(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
-            self.head = _frozen(_load_strict(MLPHead(sd["layers.0.weight"].shape[1]), sd, path))
+            head = _load_strict(MLPHead(sd["layers.0.weight"].shape[1]), sd, path)
+            self.head = head.eval().requires_grad_(False)  # frozen, as Lazy
         return {self.name: self.head.to(img.device)(img)}
 
 
@@ -615,11 +606,10 @@ def blip_to_hf(sd):
 
 
 class ImageReward(Lazy):
-    """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
-    Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
-    Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
-    squashed to 224x224 without antialias instead; identical for square images up to antialias).
-    `crop` round: the image-reward package's torchvision CenterCrop."""
+    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text:
+    bert-base-uncased + [DEC], [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path,
+    `crop` round its torchvision CenterCrop (RTDMD's BP fallback squashed to 224x224 without
+    antialias instead; identical for square images up to antialias)."""
     name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
 
     def __init__(self, src, tokenizer_src, config=None):
@@ -645,13 +635,11 @@ class ImageReward(Lazy):
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
 #
 # The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
-# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here the detector is
-# transformers' Mask2FormerForUniversalSegmentation with the Mask2Former authors' own Swin-S COCO
-# model (facebook/mask2former-swin-small-coco-instance): same architecture, backbone and data, but
-# trained separately (Detectron2, not mmdet), so a borderline object can fall on the other side
-# of the 0.3 / 0.9 thresholds. Colours: openai/clip-vit-large-patch14, CLIPScore's own instance.
-# Then the official rules, rewritten: thresholds, top-16 per class, no NMS, box-centre relations,
-# and the partial-credit reward GRPO trains on. A prompt's metadata (one line of the .jsonl):
+# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former
+# authors' own Swin-S COCO model in transformers (same architecture and data, trained separately
+# with Detectron2, so a borderline object can fall on the other side of the 0.3 / 0.9 thresholds)
+# and CLIPScore's CLIP-L/14 instance; then the official rules, rewritten: thresholds, top-16 per
+# class, no NMS, box-centre relations, the partial-credit GRPO reward. A prompt's metadata:
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
 #    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
 # "color" may accompany an include entry; "position" = [relation, index of the reference entry].
@@ -703,18 +691,17 @@ def geneval_verdict(objects, metadata, colors_of):
       count     1 - |expected - found| / expected         (negative if found > 2 * expected)
       colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
       position  0 or 1 per failed/passed check            (0 if the count was already wrong)
-    strict_correct needs every count exact, every colour and relation right. Two details follow
-    the official code exactly: a colour or position entry whose count is wrong adds ONE zero
-    term; a failed relation adds a 0 and then the 1 the loop appends after it ends, so it costs
-    half a term; and a colour failure skips that entry's position check (no term)."""
+    strict_correct needs every count exact, every colour and relation right. As in the official
+    code: a colour or position entry whose count is wrong adds ONE zero term; a failed relation
+    adds a 0 and then the 1 the loop appends after it ends (half a term lost); a colour failure
+    skips that entry's position check (no term)."""
     correct, terms, reasons, groups = True, [], [], []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
         found = objects.get(name, [])
-        ok = True
+        ok = len(found) == n
         terms.append(1 - abs(n - len(found)) / n)
-        if len(found) != n:
-            ok = False
+        if not ok:
             reasons.append(f"expected {n} {name}, found {len(found)}")
             if "color" in req or "position" in req:
                 terms.append(0.0)
@@ -753,8 +740,7 @@ def geneval_correct(objects, metadata, colors_of):
     needs at least `count` objects, and its colour and relation are judged on the first `count`
     detections only. Stricter on one point: each `exclude` entry {"class", "count"} fails the
     image when `count` or more of that class are detected (counting prompts: "exactly n")."""
-    groups = []
-    correct = True
+    correct, groups = True, []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
         found = objects.get(name, [])[:n]
@@ -803,12 +789,11 @@ def check_coco_order(id2label, src):
     if all(n.startswith("LABEL_") for n in names):
         return
     short = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
-    norm = [short.get(n.lower().replace("-", " ").replace("_", " "), n.lower().replace("-", " ").replace("_", " "))
-            for n in names]
-    wrong = [(i, n) for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if n != want]
+    norm = [n.lower().replace("-", " ").replace("_", " ") for n in names]
+    wrong = [i for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if short.get(n, n) != want]
     if len(wrong) > 3:
         raise ValueError(f"{src}: its labels are not the COCO-80 order GenEval expects, e.g. "
-                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i, _ in wrong[:3]]}")
+                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i in wrong[:3]]}")
 
 
 class Mask2FormerDetector(Lazy):
@@ -867,11 +852,10 @@ class Mask2FormerDetector(Lazy):
 
 
 class GenEval:
-    """GenEval's partial-credit score per image, at most 1 (every check passed) and below 0 only
-    when more than twice the expected objects are found (down to 1 - 15 with 16 found for 1
-    expected), "geneval_strict" in {0, 1}, the strict verdict, and "geneval_accuracy" in {0, 1},
-    GenEval's own verdict (geneval_correct, with `exclude`). Needs each prompt's GenEval
-    metadata. No gradient: GRPO and evaluation only."""
+    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with
+    over twice the expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and
+    "geneval_accuracy" in {0, 1}: the strict verdict and GenEval's own (geneval_correct). Needs
+    each prompt's GenEval metadata. No gradient: GRPO and evaluation only."""
     name, needs_metadata = "geneval", True
     TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
 
@@ -906,7 +890,7 @@ class GenEval:
     def __call__(self, images, prompts, metadata=None):
         check_metadata([self.name], metadata, len(images))
         self.detector.load(images.device)
-        self.clip.load(images.device)
+        self.clip.load(images.device)  # even if nothing is detected (preflight loads it all)
         score, strict, acc = [], [], []
         for img, dets, meta in zip(images, self.detector(images), metadata):
             objects = geneval_objects(*dets, meta.get("tag"))
@@ -929,11 +913,10 @@ class GenEval:
 #
 # The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
 # recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
-# pair of double quotes. Here the reader is Florence-2 (florence-community/Florence-2-base, 0.23 B)
-# with its "<OCR>" task: one generate call reads a natural image's text, no separate detector,
-# trained on scene text and documents. (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and
-# for documents, the PP-OCR ports need torchvision and OpenCV.) Another reader misreads
-# differently, so per-image scores can differ from PaddleOCR's either way.
+# pair of double quotes. Here Florence-2-base (0.23 B) with its "<OCR>" task reads a natural
+# image's text in one generate call, no separate detector (TrOCR reads one pre-cropped line,
+# GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need torchvision and OpenCV). Another
+# reader misreads differently, so per-image scores can differ from PaddleOCR's either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -992,19 +975,16 @@ class OCR(Lazy):
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
 #
 # The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference score;
-# the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
-# Qwen2VLRewardModelBT, rm_head_type "ranknet", output_dim 2, reward_token "special"):
-# Qwen2-VL-7B-Instruct plus one token <|Reward|> (embedding table resized), the last hidden state
-# at <|Reward|> -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)
-# (keys 0, 3, 5). Its forward calls the language model on input embeddings without position ids,
-# so every token, image tokens included, gets plain sequential rotary positions; we do the same.
-# Input (hpsv3/inference.py, hpsv3/dataset/data_collator_qwen.py): the image at exactly
-# 256 * 28 * 28 pixels through Qwen2-VL's image processor, one user message "<image>" + the
-# package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template.
-# HPSv3.safetensors (hub MizzenAI/HPSv3) has the older transformers layout ("visual.*", "model.*",
-# "lm_head.*"); hpsv3_to_hf maps it, or the newer "model.visual.*" / "model.language_model.*" one.
-# The instruction is the HPSv3 authors' prose: read from the package's source, never copied here.
+# HPSv3RewardInferencer and keeps mu, the first of its two outputs (a Gaussian preference score
+# and its uncertainty). The network (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT,
+# "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus a token <|Reward|>, whose last hidden
+# state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2) (keys 0,
+# 3, 5). Its forward passes no position ids, so every token, image tokens included, gets plain
+# sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the
+# image at exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction
+# (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the
+# HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
+# either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
@@ -1017,14 +997,12 @@ def hpsv3_template(src=None):
     if src is None:
         spec = importlib.util.find_spec("hpsv3")  # locates the package without importing it
         src = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else ""
-    text = None
-    if os.path.isfile(src) and src.endswith(".whl"):
-        with zipfile.ZipFile(src) as z:
+    path, text = (src if os.path.isfile(src) else os.path.join(src, rel)), None
+    if path.endswith(".whl"):
+        with zipfile.ZipFile(path) as z:
             text = z.read(rel).decode() if rel in z.namelist() else None
-    elif os.path.isfile(src):
-        text = open(src, encoding="utf-8").read()
-    elif os.path.isfile(os.path.join(src, rel)):
-        text = open(os.path.join(src, rel), encoding="utf-8").read()
+    elif os.path.isfile(path):
+        text = open(path, encoding="utf-8").read()
     found = {t.id: n.value.value for n in (ast.parse(text).body if text else ())
              if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) for t in n.targets
              if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token")}
@@ -1088,15 +1066,15 @@ def qwen_chat(tokenizer, n_img, texts, device):
 
 def qwen_image(processor, images):
     """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
-    image processor (its smart_resize, normalisation and patch order)."""
-    x = processor(images=to_pil(images), return_tensors="pt")
+    image processor (its smart_resize, normalisation and patch order), on the images' device."""
+    x = processor(images=to_pil(images), return_tensors="pt").to(images.device)
     return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
 class HPSv3(Lazy):
-    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6). No gradient here:
-    an evaluation metric in RTDMD. bf16 weights on CUDA (as the hpsv3 package runs), float32 on
-    CPU; the head always in float32."""
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an
+    evaluation metric in RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head
+    always float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
 
@@ -1138,7 +1116,7 @@ class HPSv3(Lazy):
         instruction, closing = self.template
         tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
                         images.device)
-        return tok.input_ids, tok.attention_mask, px.to(images.device), grid.to(images.device)
+        return tok.input_ids, tok.attention_mask, px, grid
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1148,19 +1126,17 @@ class HPSv3(Lazy):
 
 # --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
 #
-# The official scorer (official code: rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct
-# one question per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are
-# in the image?", "one"], ["Is the backpack green?", "Yes"]), as "<question> Answer in one word."
-# with the image, and takes the probability mass of the expected answer on the first answer
-# token: the sum, over a list of spellings, of the probability of each spelling's first token
-# (so two spellings that share a first token count it twice, as the official code does):
+# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question
+# per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the
+# image?", "one"], ["Is the backpack green?", "Yes"]) as "<question> Answer in one word." with the
+# image; an atom scores the sum, over a list of spellings of the expected answer, of the
+# probability of each spelling's first token (a first token shared by two spellings counts twice):
 #   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
 #                         one..ten, else the word "other")
 #   every other question: "Yes", "yes", " Yes", " yes"
-# The prompt's score is the geometric mean of its atoms' probabilities (0 if any is 0; -10 for a
-# record without atoms). The official code reads these probabilities off a one-token greedy
-# generate; a single forward pass gives the same next-token distribution as long as the
-# checkpoint's generation config applies no logits processor (such as a repetition penalty).
+# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without
+# atoms). The official code reads the probabilities off a one-token greedy generate; one forward
+# pass gives the same distribution while the generation config has no logits processor.
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
@@ -1216,8 +1192,7 @@ class GenEval2(Lazy):
 
     def image_inputs(self, image):
         """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
-        px, grid, n = qwen_image(self.processor, image[None])
-        return px.to(image.device), grid.to(image.device), n
+        return qwen_image(self.processor, image[None])
 
     @torch.no_grad()
     def atom_probabilities(self, image, vqa_list):
@@ -1246,9 +1221,9 @@ class GenEval2(Lazy):
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# Two combinations (section 3): GRPO scores uint8 images without gradient and takes advantages PER
-# REWARD before weighting (subgrpo.py), so the per-reward tensors come with their weighted sum;
-# reward back-prop scores float images WITH gradient, the weighted differentiable subset.
+# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting
+# (subgrpo.py), so MultiReward returns the per-reward tensors with their weighted sum; reward
+# back-prop scores float images WITH gradient, the weighted differentiable subset.
 # The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 # what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
@@ -1295,10 +1270,9 @@ class MultiReward:
 
     weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
     for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (and so its models and its sources) for every name they have in common. records: a .jsonl
-    prompt file's records; a call without metadata then looks each prompt's record up by its
-    text (as the official GenEval2 scorer looks up its questions), so a training loop that passes
-    prompts alone can still score geneval and geneval2."""
+    (models, sources) for every name they have in common. records: a .jsonl prompt file's
+    records; a call without metadata looks each prompt's record up by its text (as the official
+    GenEval2 scorer does), so a loop that passes prompts alone can score geneval and geneval2."""
 
     def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
@@ -1333,19 +1307,18 @@ def parse_reward_paths(text):
     return out
 
 
-def _checked_reward_paths(text):
-    import argparse
-    try:
-        parse_reward_paths(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def add_source_args(parser):
     """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
-    train.py and eval.py share this one definition."""
-    parser.add_argument("--reward-paths", default=None, type=_checked_reward_paths, metavar="SLOT=PATH,...",
+    train.py and eval.py share this one definition. A bad item is a usage error naming the slots."""
+    import argparse
+
+    def checked(text):
+        try:
+            parse_reward_paths(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    parser.add_argument("--reward-paths", default=None, type=checked, metavar="SLOT=PATH,...",
                         help="reward checkpoints as hub ids or local paths, e.g. clip_l=ckpt/clip,"
                         f"hpsv2=ckpt/HPS_v2.1_compressed.pt; slots: {', '.join(DEFAULT_SOURCES)}")
 
@@ -1369,8 +1342,7 @@ def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
     the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
     rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
-    under torch.no_grad(). records: the training prompt file's .jsonl records, which geneval needs
-    (MultiReward)."""
+    under torch.no_grad(). records: the prompt file's .jsonl records geneval needs (MultiReward)."""
     grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp
