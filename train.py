@@ -72,8 +72,6 @@ def phase(name):
 def main(argv=None):
     args = get_args(argv)
     if args.memory_plan:
-        if args.model not in PAPER_GPUS:
-            sys.exit(f"error: --memory-plan needs a real backbone, one of {', '.join(PAPER_GPUS)}")
         sys.exit(memory_plan(args))
     ctx = setup(args)  # resolve_defaults: args are fixed from here on
     prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
@@ -84,9 +82,6 @@ def main(argv=None):
     if ctx.master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args) | {"world_size": ctx.world, "prompt_files": prompt_files}, f, indent=2)
-        if prompts is not None:
-            rec = prompt_files[f"stage{args.stage}"]
-            print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(ctx.bb, args)
     if args.cache_text_embeddings:
@@ -268,18 +263,14 @@ def micro_batch_streams(seed, rank, accum, device):
     prompts from the global RNG seeded seed + rank (main); micro-batch a of rank r gets its own
     state seeded seed + r accum + a, the stream of rank r accum + a of a run with accum x the
     ranks, so 1 rank x 2 micro-batches sees the samples of 2 ranks x 1 (the grad-accum test).
-    None for accum 1. Each entry: [CPU state, CUDA state or None], updated by on_stream."""
-    if accum == 1:
-        return None
-    out = []
-    for a in range(accum):
-        with seeded(device, seed + rank * accum + a):
-            out.append(rng_now(device))
-    return out
+    None for accum 1. Each entry: rng_now's [CPU state, CUDA state or None], kept by on_stream."""
+    return [rng_now(device, seed + rank * accum + a) for a in range(accum)] if accum > 1 else None
 
 
-def rng_now(device):
-    return [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+def rng_now(device, seed=None):
+    """[CPU state, CUDA state or None] of the global RNG, or with a seed of one seeded so (in a fork)."""
+    with seeded(device, seed) if seed is not None else contextlib.nullcontext():
+        return [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
 
 
 @contextlib.contextmanager
@@ -665,15 +656,17 @@ DEFAULTS = {
                   group_size=24, num_batches_per_epoch=16, w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8,
                   bp_batch_size=0),
 }
-# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml): SD3-M 16 GPUs x 2 = 2
-# prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; a whole
-# sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3 backbones
-# back-propagate one image at a time (the same gradient). The tiny twins take their family's values.
-STAGE2_PER_BACKBONE = {
-    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
-    "sd3.5-medium": dict(bp_batch_size=1),
-    "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
-    "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
+# Per-backbone differences, by (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16
+# GPUs x 2 = 2 prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank;
+# a whole sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3
+# backbones back-propagate one image at a time (the same gradient). The tiny twins take their
+# family's values. FLUX.2-klein stage 1: lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml).
+PER_BACKBONE = {
+    ("sd3-medium", 2): dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
+    ("sd3.5-medium", 2): dict(bp_batch_size=1),
+    ("tiny-sd3", 2): dict(group_size=16, batch_size=32, fake_batch_size=2),
+    ("flux2", 2): dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
+    ("flux2", 1): dict(lr_gen=1e-6, lr_fake=1e-6),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}  # stage 2; stage 1 plans 8 x 9
@@ -791,12 +784,9 @@ def resolve_defaults(args, cuda):
     if toy:
         d = d | dict(fake_batch_size=0, bp_batch_size=0, guidance=1.0)  # g = 1: the CFG teacher is p(x|c)
     else:
-        d = d | dict(guidance=models.SPECS[args.model][3], resolution=models.SPECS[args.model][4])
-        family = models.SPECS[args.model][0]
-        if args.stage == 2:
-            d = d | STAGE2_PER_BACKBONE.get(args.model, STAGE2_PER_BACKBONE.get(family, {}))
-        elif family == "flux2":  # FLUX.2-klein: stage-1 lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml)
-            d = d | dict(lr_gen=1e-6, lr_fake=1e-6)
+        spec = models.SPECS[args.model]  # (family, ..., guidance, resolution)
+        d = d | dict(guidance=spec[3], resolution=spec[4])
+        d = d | PER_BACKBONE.get((args.model, args.stage), PER_BACKBONE.get((spec[0], args.stage), {}))
     # polar input features for the mixture on a circle (models.ToyMLP)
     d |= dict(toy_angles=8 if args.model == "toy" else 0, bf16=int(cuda), grad_ckpt=int(cuda),
               # bf16 on CUDA: the official LoRA is created in the bf16 base's dtype (diffusers
@@ -912,15 +902,15 @@ def read_training_prompts(args):
         prompts, metadata = models.read_prompt_file(args.prompts)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --prompts: {e}")
-    this_file = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
-    key = f"stage{args.stage}"
+    new, key = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}, f"stage{args.stage}"
     files = (models.read_run_config(args.out, required=False) or {}).get("prompt_files") or {}
     old = files.get(key)
-    if args.resume and old and old["sha256"] != this_file["sha256"]:
-        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {this_file['sha256'][:12]}), but stage "
+    if args.resume and old and old["sha256"] != new["sha256"]:
+        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {new['sha256'][:12]}), but stage "
                  f"{args.stage} of {args.out} started with {old['file']} (sha256 {old['sha256'][:12]}); "
                  "pass that file to continue this run")
-    return prompts, metadata, files | {key: this_file}
+    print0(f"stage {args.stage} prompts: {args.prompts} ({len(prompts):,} prompts, sha256 {new['sha256']})")
+    return prompts, metadata, files | {key: new}
 
 
 def tilt_toy_teacher(bb, args):
