@@ -34,12 +34,9 @@ github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
    similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
    BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
    The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
-   from the transformers processors: GenEval (objects, counts, colours and positions of the
-   prompt's GenEval metadata, from a Mask2Former detector and CLIP colours;
-   rtdmd/rewards/geneval_scorer.py), OCR (1 - normalised edit distance to the prompt's quoted
-   text; rtdmd/rewards/ocr_scorer.py), HPSv3 (a Qwen2-VL preference model;
-   rtdmd/rewards/hpsv3_scorer.py) and GenEval2 (Soft-TIFA with Qwen3-VL;
-   rtdmd/rewards/geneval2_scorer.py). Each scorer's comment says how it differs from the official.
+   from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR
+   (Florence-2), HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it
+   scores and how it differs from the official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
 
 3. The weighted multi-reward
    GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
@@ -195,8 +192,8 @@ from sample import to_pil  # the 8-bit PIL images the no-gradient scorers' proce
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP normalisation, used by all 5 scorers
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables report PickScore raw
-# ImageReward's z-score of the raw head output (the image-reward package's constants, which
-# rtdmd/rewards/imagereward_scorer.py uses through that package)
+# ImageReward's z-score of its raw head output: the image-reward package's constants, which
+# rtdmd/rewards/imagereward_scorer.py uses through that package
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
 # slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
@@ -236,9 +233,8 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
 def check_metadata(names, records, n=None, where="the records given",
                    fix="read them from its .jsonl (the official {official})"):
     """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
-    holds, for each reward of `names` that reads metadata, its field (METADATA_FIELDS). `fix`:
-    what the message tells the user to do ({name} and {official} are filled in). The one check
-    of rewards.py, train.py and eval.py."""
+    hold the field (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name},
+    {official} filled in) says what to do. The one check of rewards.py, train.py and eval.py."""
     for name in names:
         if name in METADATA_FIELDS:
             field, official = METADATA_FIELDS[name]
@@ -291,9 +287,18 @@ def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
 
 # --- loading helpers ---------------------------------------------------------------------------
 
-def _frozen(module):
-    """eval() turns dropout off; requires_grad_(False) keeps every scorer weight out of autograd."""
-    return module.eval().requires_grad_(False)
+class Lazy:
+    """A scorer part whose network, `build()`, loads on first use and follows the images' device
+    (a no-op once it is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps
+    every scorer weight out of autograd."""
+    model = None
+
+    def load(self, device=None):
+        if self.model is None:
+            self.model = self.build().eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        return self.model
 
 
 def _not_found(what, src, slot):
@@ -309,27 +314,27 @@ def _pretrained(cls, src, slot, what):
         raise _not_found(what, src, slot) from e
 
 
-def _resolve_file(src, filenames, slot, what):
-    """A raw checkpoint file: `src` is the file, a folder holding it, or a hub repo id."""
-    if os.path.isfile(src):
-        return src
-    for name in filenames:
-        if os.path.isfile(os.path.join(src, name)):
-            return os.path.join(src, name)
-    if not os.path.exists(src):  # maybe a hub id (HF_HUB_OFFLINE=1 allows the local cache only)
+def _checkpoint(src, filenames, slot, what):
+    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a
+    hub repo id. torch.load with weights_only=True (a checkpoint is data, never code), unwrapping
+    {'state_dict': ...}; a .safetensors file through safetensors."""
+    candidates = (src, *(os.path.join(src, n) for n in filenames))
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None and not os.path.exists(src):  # a hub id? (HF_HUB_OFFLINE=1: the cache only)
         from huggingface_hub import hf_hub_download
         for name in filenames:
             try:
-                return hf_hub_download(src, name)
+                path = hf_hub_download(src, name)
+                break
             except Exception:
                 pass
-    raise _not_found(f"{what} '{filenames[0]}'", src, slot)
-
-
-def _state_dict(path):
-    """weights_only=True: a checkpoint is data, never code. Unwraps {'state_dict': ...}."""
+    if path is None:
+        raise _not_found(f"{what} '{filenames[0]}'", src, slot)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return path, load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd)
+    return path, sd.get("state_dict", sd)
 
 
 def _load_strict(net, sd, what):
@@ -370,27 +375,22 @@ class MLPHead(nn.Module):
 
 # --- CLIP-family scorers: CLIPScore, PickScore, Aesthetic, HPSv2.1 ------------------------------
 
-class CLIPBackbone:
+class CLIPBackbone(Lazy):
     """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic
     share one CLIP-L/14 instance; PickScore and HPSv2.1 each hold a ViT-H/14 one.
-    `build`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
+    `make`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
 
-    def __init__(self, model_src, tokenizer_src=None, slot="clip_l", build=None):
-        self.model_src, self.tokenizer_src, self.slot, self.build = model_src, tokenizer_src, slot, build
-        self.model = self.tokenizer = None
+    def __init__(self, model_src, tokenizer_src=None, slot="clip_l", make=None):
+        self.model_src, self.tokenizer_src, self.slot, self.make = model_src, tokenizer_src, slot, make
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoTokenizer, CLIPModel
-            model = self.build() if self.build else _pretrained(
-                CLIPModel, self.model_src, self.slot, "CLIP model")
-            tok_src = self.tokenizer_src or self.model_src
-            tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
-            self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
-            self.model = _frozen(model)
-        if device is not None:
-            self.model.to(device)  # follows the images' device; a no-op once it is there
-        return self.model
+    def build(self):
+        from transformers import AutoTokenizer, CLIPModel
+        model = self.make() if self.make else _pretrained(
+            CLIPModel, self.model_src, self.slot, "CLIP model")
+        tok_src = self.tokenizer_src or self.model_src
+        tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
+        self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
+        return model
 
     def embed(self, images, prompts, fit="crop", mode="bicubic", crop="floor"):
         """L2-normalised projected (image [B,D], text [B,D]) embeddings; text None if no prompts."""
@@ -412,9 +412,8 @@ class CLIPBackbone:
 
 class CLIPScore:
     """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
-    2.5*max(cos,0) of the CLIPScore paper), ~0.28-0.32. `mode` bilinear: RTDMD's tensor path uses
-    torchvision Resize's default, for eval and back-prop alike; `crop` round: its CenterCrop
-    (official code: rtdmd/rewards/clip_scorer.py)."""
+    2.5*max(cos,0) of the CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's
+    default and CenterCrop in rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
     name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
@@ -429,11 +428,9 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """Section 2: logit_scale.exp() * cos on PickScore_v1 (~22-24, the paper's table value),
-    returned DIVIDED BY 26 (~0.86-0.92) as RTDMD trains and logs it, so weights 1:1:1 with the
-    two cosines make sense. Tables: multiply by PICKSCORE_TABLE_SCALE. `mode` bicubic: its eval
-    numbers come from the bicubic PIL processor (RTDMD's BP path used bilinear; < 1% apart).
-    `crop` floor: the transformers CLIP processor floors an odd margin."""
+    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26,
+    as RTDMD trains and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor:
+    its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
     name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
@@ -442,16 +439,14 @@ class PickScore(CLIPScore):
 
 
 class HPSv2(CLIPScore):
-    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune,
-    ~0.27-0.35; image resized on its longest side and zero-padded (never cropped)."""
+    """Section 2: HPSv2.1 = cosine (no logit scale) of an open_clip ViT-H/14 fine-tune."""
     name, fit, mode = "hpsv2", "pad", "bicubic"
 
 
 class Aesthetic:
-    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding),
-    ~5-6 on the AVA 1-10 scale. Ignores the prompt. RTDMD uses it only as a (no-grad) metric; the
-    torch preprocessing makes it differentiable anyway. `crop` round: the original predictor
-    preprocesses with OpenAI CLIP's torchvision CenterCrop."""
+    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding); ignores
+    the prompt. A no-grad metric in RTDMD, differentiable here anyway. `crop` round: the original
+    predictor preprocesses with OpenAI CLIP's torchvision CenterCrop."""
     name, fit, mode, crop = "aesthetic", "crop", "bicubic", "round"
     FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")  # original, trl mirror name
 
@@ -461,9 +456,9 @@ class Aesthetic:
     def __call__(self, images, prompts=None):
         img, _ = self.backbone.embed(images, None, self.fit, self.mode, self.crop)
         if self.head is None:
-            path = _resolve_file(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
-            sd = _state_dict(path)
-            self.head = _frozen(_load_strict(MLPHead(sd["layers.0.weight"].shape[1]), sd, path))
+            path, sd = _checkpoint(self.head_src, self.FILES, "aesthetic_head", "LAION aesthetic head")
+            head = _load_strict(MLPHead(sd["layers.0.weight"].shape[1]), sd, path)
+            self.head = head.eval().requires_grad_(False)  # frozen, as Lazy
         return {self.name: self.head.to(img.device)(img)}
 
 
@@ -499,40 +494,50 @@ _OC_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
-def openclip_to_hf(sd):
-    """open_clip CLIP state dict -> transformers CLIPModel state dict. Raises on unknown keys."""
+def _convert(sd, rename, what, prefixes=("module.",)):
+    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key:
+    tensor}, {} to drop the key, or None for a key it does not know, an error (never dropped)."""
     out, unknown = {}, []
     for k, v in sd.items():
-        k = k.removeprefix("module.")
+        for p in prefixes:
+            k = k.removeprefix(p)
+        new = rename(k, v)
+        if new is None:
+            unknown.append(k)
+        else:
+            out.update(new)
+    if unknown:
+        raise ValueError(f"{what}: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
+    return out
+
+
+def openclip_to_hf(sd):
+    """open_clip CLIP state dict -> transformers CLIPModel state dict. Raises on unknown keys."""
+    def rename(k, v):
         block = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
         fused = re.match(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
         if k in _OC_TOP:
-            out[_OC_TOP[k]] = v
-        elif k in _OC_PROJ:
-            out[_OC_PROJ[k]] = v.t().contiguous()
-        elif fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
+            return {_OC_TOP[k]: v}
+        if k in _OC_PROJ:
+            return {_OC_PROJ[k]: v.t().contiguous()}
+        if fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
             pre = f"{'vision' if fused[1] else 'text'}_model.encoder.layers.{fused[2]}.self_attn."
-            for name, part in zip("qkv", v.chunk(3, dim=0)):
-                out[f"{pre}{name}_proj.{fused[3]}"] = part.contiguous()
-        elif block and block[3] in _OC_BLOCK:
+            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous()
+                    for n, p in zip("qkv", v.chunk(3, dim=0))}
+        if block and block[3] in _OC_BLOCK:
             tower = "vision" if block[1] else "text"
-            out[f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}"] = v
-        elif k.endswith("attn_mask"):
-            pass  # the causal-mask buffer; HF builds its own
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"openclip_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}": v}
+        return {} if k.endswith("attn_mask") else None  # the causal-mask buffer: HF builds its own
+    return _convert(sd, rename, "openclip_to_hf")
 
 
 def load_hpsv2(src, config=None):
     """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
     laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
-    path = _resolve_file(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
-    sd = openclip_to_hf(_state_dict(path))  # fp16 in the file; load_state_dict casts to fp32
-    return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), sd, path)
+    path, sd = _checkpoint(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
+    net = CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config))
+    return _load_strict(net, openclip_to_hf(sd), path)  # fp16 in the file; loading casts to fp32
 
 
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
@@ -584,52 +589,41 @@ _BLIP_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self
 
 def blip_to_hf(sd):
     """ImageReward.pt state dict -> BlipReward state dict. Raises on unknown keys."""
-    out, unknown = {}, []
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("blip.")
+    def rename(k, v):
         block = re.match(r"visual_encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
         if k in _BLIP_TOP:
-            out[_BLIP_TOP[k]] = v
-        elif block and block[2] in _BLIP_BLOCK:
-            out[f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}"] = v
-        elif k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
-            pass  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
-        elif k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
-            out["text." + k.removeprefix("text_encoder.")] = v  # same names
-        elif k.startswith("mlp.layers."):
-            out["head." + k.removeprefix("mlp.")] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"blip_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {_BLIP_TOP[k]: v}
+        if block and block[2] in _BLIP_BLOCK:
+            return {f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}": v}
+        if k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
+            return {}  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
+        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
+            return {"text." + k.removeprefix("text_encoder."): v}  # same names
+        if k.startswith("mlp.layers."):
+            return {"head." + k.removeprefix("mlp."): v}
+        return None
+    return _convert(sd, rename, "blip_to_hf", ("module.", "blip."))
 
 
-class ImageReward:
-    """Section 2: ImageReward v1.0, a z-scored preference score, ~-2..2 (paper 0.78-1.37).
-    Text: bert-base-uncased + [DEC], [ENC] (vocab 30524), max 35 tokens, [CLS] kept first.
-    Image: bicubic shortest side 224 + centre crop, like its PIL eval path (RTDMD's BP fallback
-    squashed to 224x224 without antialias instead; identical for square images up to antialias).
-    `crop` round: the image-reward package's torchvision CenterCrop."""
+class ImageReward(Lazy):
+    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text:
+    bert-base-uncased + [DEC], [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path,
+    `crop` round its torchvision CenterCrop (RTDMD's BP fallback squashed to 224x224 without
+    antialias instead; identical for square images up to antialias)."""
     name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
 
     def __init__(self, src, tokenizer_src, config=None):
         self.src, self.tokenizer_src, self.config = src, tokenizer_src, config
-        self.net = self.tokenizer = None
 
-    def load(self, device=None):
-        if self.net is None:
-            from transformers import AutoTokenizer, BlipConfig
-            path = _resolve_file(self.src, ("ImageReward.pt",), "imagereward", "ImageReward checkpoint")
-            net = BlipReward(_config(BlipConfig, self.config, imagereward_blip_config))
-            self.net = _frozen(_load_strict(net, blip_to_hf(_state_dict(path)), path))
-            tok = _pretrained(AutoTokenizer, self.tokenizer_src, "imagereward_tokenizer", "BERT tokenizer")
-            tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer: the two extra
-            tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # ids 30522, 30523
-            self.tokenizer = tok
-        if device is not None:
-            self.net.to(device)
-        return self.net
+    def build(self):
+        from transformers import AutoTokenizer, BlipConfig
+        path, sd = _checkpoint(self.src, ("ImageReward.pt",), "imagereward", "ImageReward checkpoint")
+        net = BlipReward(_config(BlipConfig, self.config, imagereward_blip_config))
+        tok = _pretrained(AutoTokenizer, self.tokenizer_src, "imagereward_tokenizer", "BERT tokenizer")
+        tok.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer: the two extra
+        tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})  # ids 30522, 30523
+        self.tokenizer = tok
+        return _load_strict(net, blip_to_hf(sd), path)
 
     def __call__(self, images, prompts):
         net = self.load(images.device)
@@ -641,13 +635,11 @@ class ImageReward:
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
 #
 # The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
-# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here the detector is
-# transformers' Mask2FormerForUniversalSegmentation with the Mask2Former authors' own Swin-S COCO
-# model (facebook/mask2former-swin-small-coco-instance): same architecture, backbone and data, but
-# trained separately (Detectron2, not mmdet), so a borderline object can fall on the other side
-# of the 0.3 / 0.9 thresholds. Colours: openai/clip-vit-large-patch14, CLIPScore's own instance.
-# Then the official rules, rewritten: thresholds, top-16 per class, no NMS, box-centre relations,
-# and the partial-credit reward GRPO trains on. A prompt's metadata (one line of the .jsonl):
+# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former
+# authors' own Swin-S COCO model in transformers (same architecture and data, trained separately
+# with Detectron2, so a borderline object can fall on the other side of the 0.3 / 0.9 thresholds)
+# and CLIPScore's CLIP-L/14 instance; then the official rules, rewritten: thresholds, top-16 per
+# class, no NMS, box-centre relations, the partial-credit GRPO reward. A prompt's metadata:
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
 #    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
 # "color" may accompany an include entry; "position" = [relation, index of the reference entry].
@@ -699,18 +691,17 @@ def geneval_verdict(objects, metadata, colors_of):
       count     1 - |expected - found| / expected         (negative if found > 2 * expected)
       colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
       position  0 or 1 per failed/passed check            (0 if the count was already wrong)
-    strict_correct needs every count exact, every colour and relation right. Two details follow
-    the official code exactly: a colour or position entry whose count is wrong adds ONE zero
-    term; a failed relation adds a 0 and then the 1 the loop appends after it ends, so it costs
-    half a term; and a colour failure skips that entry's position check (no term)."""
+    strict_correct needs every count exact, every colour and relation right. As in the official
+    code: a colour or position entry whose count is wrong adds ONE zero term; a failed relation
+    adds a 0 and then the 1 the loop appends after it ends (half a term lost); a colour failure
+    skips that entry's position check (no term)."""
     correct, terms, reasons, groups = True, [], [], []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
         found = objects.get(name, [])
-        ok = True
+        ok = len(found) == n
         terms.append(1 - abs(n - len(found)) / n)
-        if len(found) != n:
-            ok = False
+        if not ok:
             reasons.append(f"expected {n} {name}, found {len(found)}")
             if "color" in req or "position" in req:
                 terms.append(0.0)
@@ -749,8 +740,7 @@ def geneval_correct(objects, metadata, colors_of):
     needs at least `count` objects, and its colour and relation are judged on the first `count`
     detections only. Stricter on one point: each `exclude` entry {"class", "count"} fails the
     image when `count` or more of that class are detected (counting prompts: "exactly n")."""
-    groups = []
-    correct = True
+    correct, groups = True, []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
         found = objects.get(name, [])[:n]
@@ -799,15 +789,14 @@ def check_coco_order(id2label, src):
     if all(n.startswith("LABEL_") for n in names):
         return
     short = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
-    norm = [short.get(n.lower().replace("-", " ").replace("_", " "), n.lower().replace("-", " ").replace("_", " "))
-            for n in names]
-    wrong = [(i, n) for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if n != want]
+    norm = [n.lower().replace("-", " ").replace("_", " ") for n in names]
+    wrong = [i for i, (n, want) in enumerate(zip(norm, GENEVAL_OBJECTS)) if short.get(n, n) != want]
     if len(wrong) > 3:
         raise ValueError(f"{src}: its labels are not the COCO-80 order GenEval expects, e.g. "
-                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i, _ in wrong[:3]]}")
+                         f"{[(i, names[i], GENEVAL_OBJECTS[i]) for i in wrong[:3]]}")
 
 
-class Mask2FormerDetector:
+class Mask2FormerDetector(Lazy):
     """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
     resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
     multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
@@ -820,21 +809,17 @@ class Mask2FormerDetector:
     KEEP_ABOVE = min(GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD)
 
     def __init__(self, src):
-        self.src, self.model = src, None
+        self.src = src
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import Mask2FormerForUniversalSegmentation
-            model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
-                                "Mask2Former COCO instance model")
-            if model.config.num_labels != len(GENEVAL_OBJECTS):
-                raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
-                                 f"model has {model.config.num_labels} labels")
-            check_coco_order(model.config.id2label, self.src)
-            self.model = _frozen(model)
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import Mask2FormerForUniversalSegmentation
+        model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
+                            "Mask2Former COCO instance model")
+        if model.config.num_labels != len(GENEVAL_OBJECTS):
+            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
+                             f"model has {model.config.num_labels} labels")
+        check_coco_order(model.config.id2label, self.src)
+        return model
 
     @torch.no_grad()
     def __call__(self, images):
@@ -867,11 +852,10 @@ class Mask2FormerDetector:
 
 
 class GenEval:
-    """GenEval's partial-credit score per image, at most 1 (every check passed) and below 0 only
-    when more than twice the expected objects are found (down to 1 - 15 with 16 found for 1
-    expected), "geneval_strict" in {0, 1}, the strict verdict, and "geneval_accuracy" in {0, 1},
-    GenEval's own verdict (geneval_correct, with `exclude`). Needs each prompt's GenEval
-    metadata. No gradient: GRPO and evaluation only."""
+    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with
+    over twice the expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and
+    "geneval_accuracy" in {0, 1}: the strict verdict and GenEval's own (geneval_correct). Needs
+    each prompt's GenEval metadata. No gradient: GRPO and evaluation only."""
     name, needs_metadata = "geneval", True
     TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
 
@@ -906,7 +890,7 @@ class GenEval:
     def __call__(self, images, prompts, metadata=None):
         check_metadata([self.name], metadata, len(images))
         self.detector.load(images.device)
-        self.clip.load(images.device)
+        self.clip.load(images.device)  # even if nothing is detected (preflight loads it all)
         score, strict, acc = [], [], []
         for img, dets, meta in zip(images, self.detector(images), metadata):
             objects = geneval_objects(*dets, meta.get("tag"))
@@ -929,11 +913,10 @@ class GenEval:
 #
 # The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
 # recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
-# pair of double quotes. Here the reader is Florence-2 (florence-community/Florence-2-base, 0.23 B)
-# with its "<OCR>" task: one generate call reads a natural image's text, no separate detector,
-# trained on scene text and documents. (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and
-# for documents, the PP-OCR ports need torchvision and OpenCV.) Another reader misreads
-# differently, so per-image scores can differ from PaddleOCR's either way.
+# pair of double quotes. Here Florence-2-base (0.23 B) with its "<OCR>" task reads a natural
+# image's text in one generate call, no separate detector (TrOCR reads one pre-cropped line,
+# GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need torchvision and OpenCV). Another
+# reader misreads differently, so per-image scores can differ from PaddleOCR's either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -961,7 +944,7 @@ def ocr_score(read, target):
     return 1 - dist / len(target)
 
 
-class OCR:
+class OCR(Lazy):
     """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
     gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
     Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
@@ -969,16 +952,12 @@ class OCR:
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
         self.src, self.max_new_tokens, self.num_beams = src, max_new_tokens, num_beams
-        self.model = self.processor = None
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoProcessor, Florence2ForConditionalGeneration
-            self.model = _frozen(_pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model"))
-            self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+        model = _pretrained(Florence2ForConditionalGeneration, self.src, "ocr", "Florence-2 model")
+        self.processor = _pretrained(AutoProcessor, self.src, "ocr", "Florence-2 processor")
+        return model
 
     @torch.no_grad()
     def read(self, images):
@@ -996,19 +975,16 @@ class OCR:
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
 #
 # The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps the first of its two outputs (mu of a Gaussian preference score;
-# the second is its uncertainty). The network (hpsv3 package: hpsv3/model/qwen2vl_trainer.py,
-# Qwen2VLRewardModelBT, rm_head_type "ranknet", output_dim 2, reward_token "special"):
-# Qwen2-VL-7B-Instruct plus one token <|Reward|> (embedding table resized), the last hidden state
-# at <|Reward|> -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2)
-# (keys 0, 3, 5). Its forward calls the language model on input embeddings without position ids,
-# so every token, image tokens included, gets plain sequential rotary positions; we do the same.
-# Input (hpsv3/inference.py, hpsv3/dataset/data_collator_qwen.py): the image at exactly
-# 256 * 28 * 28 pixels through Qwen2-VL's image processor, one user message "<image>" + the
-# package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template.
-# HPSv3.safetensors (hub MizzenAI/HPSv3) has the older transformers layout ("visual.*", "model.*",
-# "lm_head.*"); hpsv3_to_hf maps it, or the newer "model.visual.*" / "model.language_model.*" one.
-# The instruction is the HPSv3 authors' prose: read from the package's source, never copied here.
+# HPSv3RewardInferencer and keeps mu, the first of its two outputs (a Gaussian preference score
+# and its uncertainty). The network (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT,
+# "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus a token <|Reward|>, whose last hidden
+# state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2) (keys 0,
+# 3, 5). Its forward passes no position ids, so every token, image tokens included, gets plain
+# sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the
+# image at exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction
+# (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the
+# HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
+# either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
@@ -1021,14 +997,12 @@ def hpsv3_template(src=None):
     if src is None:
         spec = importlib.util.find_spec("hpsv3")  # locates the package without importing it
         src = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else ""
-    text = None
-    if os.path.isfile(src) and src.endswith(".whl"):
-        with zipfile.ZipFile(src) as z:
+    path, text = (src if os.path.isfile(src) else os.path.join(src, rel)), None
+    if path.endswith(".whl"):
+        with zipfile.ZipFile(path) as z:
             text = z.read(rel).decode() if rel in z.namelist() else None
-    elif os.path.isfile(src):
-        text = open(src, encoding="utf-8").read()
-    elif os.path.isfile(os.path.join(src, rel)):
-        text = open(os.path.join(src, rel), encoding="utf-8").read()
+    elif os.path.isfile(path):
+        text = open(path, encoding="utf-8").read()
     found = {t.id: n.value.value for n in (ast.parse(text).body if text else ())
              if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) for t in n.targets
              if isinstance(t, ast.Name) and t.id in ("INSTRUCTION", "prompt_with_special_token")}
@@ -1067,24 +1041,17 @@ class HPSv3Net(nn.Module):
 def hpsv3_to_hf(sd):
     """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
     lm_head is dropped: the reward reads hidden states, never next-token logits."""
-    out, unknown = {}, []
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
+    def rename(k, v):
         if k.startswith("rm_head."):
-            out[k] = v
-        elif k.startswith(("visual.", "model.visual.")):
-            out["backbone.visual." + k.split("visual.", 1)[1]] = v
-        elif k.startswith("model.language_model."):
-            out["backbone.language_model." + k.removeprefix("model.language_model.")] = v
-        elif k.startswith("model."):  # the older layout: model.* is the language model
-            out["backbone.language_model." + k.removeprefix("model.")] = v
-        elif k.startswith("lm_head."):
-            pass
-        else:
-            unknown.append(k)
-    if unknown:
-        raise ValueError(f"hpsv3_to_hf: {len(unknown)} unknown keys, e.g. {unknown[:6]}")
-    return out
+            return {k: v}
+        if k.startswith(("visual.", "model.visual.")):
+            return {"backbone.visual." + k.split("visual.", 1)[1]: v}
+        if k.startswith("model.language_model."):
+            return {"backbone.language_model." + k.removeprefix("model.language_model."): v}
+        if k.startswith("model."):  # the older layout: model.* is the language model
+            return {"backbone.language_model." + k.removeprefix("model."): v}
+        return {} if k.startswith("lm_head.") else None
+    return _convert(sd, rename, "hpsv3_to_hf")
 
 
 def qwen_chat(tokenizer, n_img, texts, device):
@@ -1099,48 +1066,49 @@ def qwen_chat(tokenizer, n_img, texts, device):
 
 def qwen_image(processor, images):
     """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
-    image processor (its smart_resize, normalisation and patch order)."""
-    x = processor(images=to_pil(images), return_tensors="pt")
+    image processor (its smart_resize, normalisation and patch order), on the images' device."""
+    x = processor(images=to_pil(images), return_tensors="pt").to(images.device)
     return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
-class HPSv3:
-    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6). No gradient here:
-    an evaluation metric in RTDMD. bf16 weights on CUDA (as the hpsv3 package runs), float32 on
-    CPU; the head always in float32."""
+class HPSv3(Lazy):
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an
+    evaluation metric in RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head
+    always float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
 
     def __init__(self, src, base_src, config=None, template_src=None):
         self.src, self.base_src, self.config, self.template_src = src, base_src, config, template_src
-        self.net = self.tokenizer = None
+
+    def build(self):
+        from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
+        self.template = hpsv3_template(self.template_src)
+        path, sd = _checkpoint(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
+        sd = hpsv3_to_hf(sd)
+        config = _config(Qwen2VLConfig, self.config,
+                         lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
+        tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
+        tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
+        tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+        self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
+        # the package resized the embedding table to the tokenizer plus <|Reward|>
+        config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
+        net = _load_strict(HPSv3Net(config, sd["rm_head.5.weight"].shape[0]), sd, path)
+        self.tokenizer = tok
+        vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
+        self.processor = Qwen2VLImageProcessorPil(
+            min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
+            merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
+        return net
 
     def load(self, device=None):
-        if self.net is None:
-            from safetensors.torch import load_file
-            from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLImageProcessorPil
-            self.template = hpsv3_template(self.template_src)
-            path = _resolve_file(self.src, ("HPSv3.safetensors",), "hpsv3", "HPSv3 checkpoint")
-            sd = hpsv3_to_hf(load_file(path) if path.endswith(".safetensors") else _state_dict(path))
-            config = _config(Qwen2VLConfig, self.config,
-                             lambda: _pretrained(Qwen2VLConfig, self.base_src, "hpsv3_base", "Qwen2-VL config"))
-            tok = _pretrained(AutoTokenizer, self.base_src, "hpsv3_base", "Qwen2-VL tokenizer")
-            tok.chat_template = tok.chat_template or _chat_template(self.base_src, "hpsv3_base")
-            tok.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-            self.reward_id = tok.convert_tokens_to_ids("<|Reward|>")
-            # the package resized the embedding table to the tokenizer plus <|Reward|>
-            config.text_config.vocab_size = sd["backbone.language_model.embed_tokens.weight"].shape[0]
-            net = HPSv3Net(config, sd["rm_head.5.weight"].shape[0])
-            self.net = _frozen(_load_strict(net, sd, path))
-            self.tokenizer = tok
-            vc = config.vision_config  # Qwen2-VL's processor at the package's fixed pixel budget
-            self.processor = Qwen2VLImageProcessorPil(
-                min_pixels=self.PIXELS, max_pixels=self.PIXELS, patch_size=vc.patch_size,
-                merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
-        if device is not None and next(self.net.parameters()).device != torch.device(device):
-            self.net.to(device)
-            self.net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        return self.net
+        """As Lazy.load, and the backbone in bf16 on CUDA, float32 elsewhere."""
+        net = super().load()
+        if device is not None and next(net.parameters()).device != torch.device(device):
+            net.to(device)
+            net.backbone.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return net
 
     def inputs(self, images, prompts):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
@@ -1148,7 +1116,7 @@ class HPSv3:
         instruction, closing = self.template
         tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
                         images.device)
-        return tok.input_ids, tok.attention_mask, px.to(images.device), grid.to(images.device)
+        return tok.input_ids, tok.attention_mask, px, grid
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -1158,19 +1126,17 @@ class HPSv3:
 
 # --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
 #
-# The official scorer (official code: rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct
-# one question per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are
-# in the image?", "one"], ["Is the backpack green?", "Yes"]), as "<question> Answer in one word."
-# with the image, and takes the probability mass of the expected answer on the first answer
-# token: the sum, over a list of spellings, of the probability of each spelling's first token
-# (so two spellings that share a first token count it twice, as the official code does):
+# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question
+# per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the
+# image?", "one"], ["Is the backpack green?", "Yes"]) as "<question> Answer in one word." with the
+# image; an atom scores the sum, over a list of spellings of the expected answer, of the
+# probability of each spelling's first token (a first token shared by two spellings counts twice):
 #   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
 #                         one..ten, else the word "other")
 #   every other question: "Yes", "yes", " Yes", " yes"
-# The prompt's score is the geometric mean of its atoms' probabilities (0 if any is 0; -10 for a
-# record without atoms). The official code reads these probabilities off a one-token greedy
-# generate; a single forward pass gives the same next-token distribution as long as the
-# checkpoint's generation config applies no logits processor (such as a repetition penalty).
+# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without
+# atoms). The official code reads the probabilities off a one-token greedy generate; one forward
+# pass gives the same distribution while the generation config has no logits processor.
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
@@ -1206,7 +1172,7 @@ def _chat_template(src, slot="geneval2"):
                             f"chat_template.json); download the whole hub repo {DEFAULT_SOURCES[slot]}")
 
 
-class GenEval2:
+class GenEval2(Lazy):
     """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
     probability of the expected one-word answer. Needs each prompt's record with its vqa_list
     (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
@@ -1214,23 +1180,19 @@ class GenEval2:
     SUFFIX = " Answer in one word."
 
     def __init__(self, src):
-        self.src, self.model, self.tokenizer = src, None, None
+        self.src = src
 
-    def load(self, device=None):
-        if self.model is None:
-            from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
-            self.model = _frozen(_pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model"))
-            self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
-            self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
-            self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
-        if device is not None:
-            self.model.to(device)
-        return self.model
+    def build(self):
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+        model = _pretrained(Qwen3VLForConditionalGeneration, self.src, "geneval2", "Qwen3-VL model")
+        self.tokenizer = _pretrained(AutoTokenizer, self.src, "geneval2", "Qwen3-VL tokenizer")
+        self.tokenizer.chat_template = self.tokenizer.chat_template or _chat_template(self.src)
+        self.processor = _pretrained(AutoImageProcessor, self.src, "geneval2", "Qwen3-VL image processor")
+        return model
 
     def image_inputs(self, image):
         """One [3, H, W] image -> (pixel_values, grid_thw [1, 3], number of image tokens)."""
-        px, grid, n = qwen_image(self.processor, image[None])
-        return px.to(image.device), grid.to(image.device), n
+        return qwen_image(self.processor, image[None])
 
     @torch.no_grad()
     def atom_probabilities(self, image, vqa_list):
@@ -1259,9 +1221,9 @@ class GenEval2:
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# Two combinations (section 3): GRPO scores uint8 images without gradient and takes advantages PER
-# REWARD before weighting (subgrpo.py), so the per-reward tensors come with their weighted sum;
-# reward back-prop scores float images WITH gradient, the weighted differentiable subset.
+# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting
+# (subgrpo.py), so MultiReward returns the per-reward tensors with their weighted sum; reward
+# back-prop scores float images WITH gradient, the weighted differentiable subset.
 # The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
 # what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
@@ -1287,7 +1249,7 @@ def make_scorers(names, sources=None, cache=None):
             src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
         "hpsv2": lambda: HPSv2(CLIPBackbone(
             src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
-            build=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
+            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
         "imagereward": lambda: ImageReward(
             src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
@@ -1308,10 +1270,9 @@ class MultiReward:
 
     weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
     for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (and so its models and its sources) for every name they have in common. records: a .jsonl
-    prompt file's records; a call without metadata then looks each prompt's record up by its
-    text (as the official GenEval2 scorer looks up its questions), so a training loop that passes
-    prompts alone can still score geneval and geneval2."""
+    (models, sources) for every name they have in common. records: a .jsonl prompt file's
+    records; a call without metadata looks each prompt's record up by its text (as the official
+    GenEval2 scorer does), so a loop that passes prompts alone can score geneval and geneval2."""
 
     def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
@@ -1346,19 +1307,18 @@ def parse_reward_paths(text):
     return out
 
 
-def _checked_reward_paths(text):
-    import argparse
-    try:
-        parse_reward_paths(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def add_source_args(parser):
     """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
-    train.py and eval.py share this one definition."""
-    parser.add_argument("--reward-paths", default=None, type=_checked_reward_paths, metavar="SLOT=PATH,...",
+    train.py and eval.py share this one definition. A bad item is a usage error naming the slots."""
+    import argparse
+
+    def checked(text):
+        try:
+            parse_reward_paths(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    parser.add_argument("--reward-paths", default=None, type=checked, metavar="SLOT=PATH,...",
                         help="reward checkpoints as hub ids or local paths, e.g. clip_l=ckpt/clip,"
                         f"hpsv2=ckpt/HPS_v2.1_compressed.pt; slots: {', '.join(DEFAULT_SOURCES)}")
 
@@ -1382,8 +1342,7 @@ def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
     """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
     the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
     rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
-    under torch.no_grad(). records: the training prompt file's .jsonl records, which geneval needs
-    (MultiReward)."""
+    under torch.no_grad(). records: the prompt file's .jsonl records geneval needs (MultiReward)."""
     grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp

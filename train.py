@@ -72,8 +72,6 @@ def phase(name):
 def main(argv=None):
     args = get_args(argv)
     if args.memory_plan:
-        if args.model not in PAPER_GPUS:
-            sys.exit(f"error: --memory-plan needs a real backbone, one of {', '.join(PAPER_GPUS)}")
         sys.exit(memory_plan(args))
     ctx = setup(args)  # resolve_defaults: args are fixed from here on
     prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
@@ -84,9 +82,6 @@ def main(argv=None):
     if ctx.master:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args) | {"world_size": ctx.world, "prompt_files": prompt_files}, f, indent=2)
-        if prompts is not None:
-            rec = prompt_files[f"stage{args.stage}"]
-            print(f"stage {args.stage} prompts: {rec['file']} ({rec['count']:,} prompts, sha256 {rec['sha256']})")
     if args.tilt_teacher is not None:
         tilt_toy_teacher(ctx.bb, args)
     if args.cache_text_embeddings:
@@ -268,18 +263,14 @@ def micro_batch_streams(seed, rank, accum, device):
     prompts from the global RNG seeded seed + rank (main); micro-batch a of rank r gets its own
     state seeded seed + r accum + a, the stream of rank r accum + a of a run with accum x the
     ranks, so 1 rank x 2 micro-batches sees the samples of 2 ranks x 1 (the grad-accum test).
-    None for accum 1. Each entry: [CPU state, CUDA state or None], updated by on_stream."""
-    if accum == 1:
-        return None
-    out = []
-    for a in range(accum):
-        with seeded(device, seed + rank * accum + a):
-            out.append(rng_now(device))
-    return out
+    None for accum 1. Each entry: rng_now's [CPU state, CUDA state or None], kept by on_stream."""
+    return [rng_now(device, seed + rank * accum + a) for a in range(accum)] if accum > 1 else None
 
 
-def rng_now(device):
-    return [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+def rng_now(device, seed=None):
+    """[CPU state, CUDA state or None] of the global RNG, or with a seed of one seeded so (in a fork)."""
+    with seeded(device, seed) if seed is not None else contextlib.nullcontext():
+        return [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
 
 
 @contextlib.contextmanager
@@ -665,15 +656,17 @@ DEFAULTS = {
                   group_size=24, num_batches_per_epoch=16, w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8,
                   bp_batch_size=0),
 }
-# Stage-2 differences between the real backbones (configs/rtdmd/*.yaml): SD3-M 16 GPUs x 2 = 2
-# prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank; a whole
-# sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3 backbones
-# back-propagate one image at a time (the same gradient). The tiny twins take their family's values.
-STAGE2_PER_BACKBONE = {
-    "sd3-medium": dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
-    "sd3.5-medium": dict(bp_batch_size=1),
-    "tiny-sd3": dict(group_size=16, batch_size=32, fake_batch_size=2),
-    "flux2": dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
+# Per-backbone differences, by (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16
+# GPUs x 2 = 2 prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank;
+# a whole sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3
+# backbones back-propagate one image at a time (the same gradient). The tiny twins take their
+# family's values. FLUX.2-klein stage 1: lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml).
+PER_BACKBONE = {
+    ("sd3-medium", 2): dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
+    ("sd3.5-medium", 2): dict(bp_batch_size=1),
+    ("tiny-sd3", 2): dict(group_size=16, batch_size=32, fake_batch_size=2),
+    ("flux2", 2): dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
+    ("flux2", 1): dict(lr_gen=1e-6, lr_fake=1e-6),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PAPER_GPUS = {"sd3-medium": 16, "sd3.5-medium": 8, "flux2-klein-4b": 16}  # stage 2; stage 1 plans 8 x 9
@@ -791,12 +784,9 @@ def resolve_defaults(args, cuda):
     if toy:
         d = d | dict(fake_batch_size=0, bp_batch_size=0, guidance=1.0)  # g = 1: the CFG teacher is p(x|c)
     else:
-        d = d | dict(guidance=models.SPECS[args.model][3], resolution=models.SPECS[args.model][4])
-        family = models.SPECS[args.model][0]
-        if args.stage == 2:
-            d = d | STAGE2_PER_BACKBONE.get(args.model, STAGE2_PER_BACKBONE.get(family, {}))
-        elif family == "flux2":  # FLUX.2-klein: stage-1 lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml)
-            d = d | dict(lr_gen=1e-6, lr_fake=1e-6)
+        spec = models.SPECS[args.model]  # (family, ..., guidance, resolution)
+        d = d | dict(guidance=spec[3], resolution=spec[4])
+        d = d | PER_BACKBONE.get((args.model, args.stage), PER_BACKBONE.get((spec[0], args.stage), {}))
     # polar input features for the mixture on a circle (models.ToyMLP)
     d |= dict(toy_angles=8 if args.model == "toy" else 0, bf16=int(cuda), grad_ckpt=int(cuda),
               # bf16 on CUDA: the official LoRA is created in the bf16 base's dtype (diffusers
@@ -912,15 +902,15 @@ def read_training_prompts(args):
         prompts, metadata = models.read_prompt_file(args.prompts)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: --prompts: {e}")
-    this_file = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}
-    key = f"stage{args.stage}"
+    new, key = {"file": args.prompts, "sha256": models.file_sha256(args.prompts), "count": len(prompts)}, f"stage{args.stage}"
     files = (models.read_run_config(args.out, required=False) or {}).get("prompt_files") or {}
     old = files.get(key)
-    if args.resume and old and old["sha256"] != this_file["sha256"]:
-        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {this_file['sha256'][:12]}), but stage "
+    if args.resume and old and old["sha256"] != new["sha256"]:
+        sys.exit(f"error: --resume with --prompts {args.prompts} (sha256 {new['sha256'][:12]}), but stage "
                  f"{args.stage} of {args.out} started with {old['file']} (sha256 {old['sha256'][:12]}); "
                  "pass that file to continue this run")
-    return prompts, metadata, files | {key: this_file}
+    print0(f"stage {args.stage} prompts: {args.prompts} ({len(prompts):,} prompts, sha256 {new['sha256']})")
+    return prompts, metadata, files | {key: new}
 
 
 def tilt_toy_teacher(bb, args):
@@ -1226,8 +1216,6 @@ def write_samples_and_exports(args, bb, ema, stage, master):
     sample.save_grid(images, os.path.join(args.out, f"samples_stage{stage}.png"), nrow=2)
 
 
-
-
 # --- profiler (--profile N): where the time of a training step goes ---------------------------
 
 PROFILE_WARMUP = 2  # steps run before profiling starts (allocator, caches, lazy initialisation)
@@ -1235,25 +1223,21 @@ PROFILE_WARMUP = 2  # steps run before profiling starts (allocator, caches, lazy
 
 def profiled_steps(ctx, m, start, end):
     """The loop's counter, start .. end - 1. With --profile N: PROFILE_WARMUP steps, then N steps
-    under torch.profiler, each timed between device syncs, with every forward call of the
-    networks (profiled_networks) marked as a range "call K" (K: its kind, call_ranges); then the
-    table (profile_report). The phases are the functions decorated with phase()."""
+    under torch.profiler, timed between device syncs, every forward call of the networks a range
+    "call K" (call_ranges); then the table (profile_report)."""
+    yield from range(start, start + PROFILE_WARMUP if ctx.args.profile else end)
     if not ctx.args.profile:
-        yield from range(start, end)
         return
-    yield from range(start, start + PROFILE_WARMUP)
-    cuda, calls, times = ctx.device.type == "cuda", {}, []
-    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
-    # the networks whose calls are counted and replayed bare (text encoders, VAE decoder: image backbones)
     nets = dict(generator=raw(m.generator), fake=raw(m.fake), teacher=ctx.bb.teacher)
-    if hasattr(ctx.bb, "pipe"):
+    if hasattr(ctx.bb, "pipe"):  # image backbones: the text encoders and the VAE decoder too
         nets |= {k: v for k, v in ctx.bb.pipe.components.items() if k.startswith("text_encoder")}
         nets["vae decoder"] = ctx.bb.pipe.vae.decoder
+    calls, times, cuda = {}, [], ctx.device.type == "cuda"
     hooks = [h for name, net in nets.items() for h in call_ranges(name, net, calls)]
+    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
         for step in range(start + PROFILE_WARMUP, end):
             sync(ctx.device)
             t0 = time.perf_counter()
@@ -1266,27 +1250,25 @@ def profiled_steps(ctx, m, start, end):
 
 
 def call_ranges(name, net, calls):
-    """Hooks marking each forward call of `net` as the range "call K", K the index in `calls` of
-    its kind (name, with grad, input shapes); calls keeps one copy of each kind's inputs."""
-    ranges = []
+    """Hooks making each forward call of `net` a range "call K", K the index in `calls` of its
+    kind (name, with grad, input shapes), which keeps a copy of that kind's first inputs."""
+    ranges, keep = [], lambda x: x.detach().clone().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
 
     def enter(module, a, kw):
         xs = [x for x in (*a, *kw.values()) if torch.is_tensor(x)]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*module.parameters(), *xs))
-        key, keep = (name, grad, tuple(tuple(x.shape) for x in xs)), lambda x: (  # noqa: E731
-            x.detach().clone().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x)
-        calls.setdefault(key, (module, [keep(x) for x in a], {k: keep(v) for k, v in kw.items()}))
-        ranges.append(torch.profiler.record_function(f"call {list(calls).index(key)}"))
-        ranges[-1].__enter__()
+        key = (name, grad, tuple(tuple(x.shape) for x in xs))
+        if key not in calls:
+            calls[key] = (module, [keep(x) for x in a], {k: keep(v) for k, v in kw.items()})
+        ranges.append(torch.profiler.record_function(f"call {list(calls).index(key)}").__enter__())
     return [net.register_forward_pre_hook(enter, with_kwargs=True),
             net.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None), with_kwargs=True)]
 
 
-def bare_seconds(call, grad, autocast):
-    """One recorded kind of call replayed bare: forward, plus the backward of its output's sum
-    when it ran with grad; the median of torch.utils.benchmark's blocked_autorange."""
+def bare_seconds(module, a, kw, grad, autocast):
+    """One kind of call replayed bare on its inputs: forward, and with grad the backward of its
+    output's sum; the median of torch.utils.benchmark's blocked_autorange."""
     from torch.utils import benchmark
-    module, a, kw = call
 
     def run():
         with torch.set_grad_enabled(grad):
@@ -1295,24 +1277,21 @@ def bare_seconds(call, grad, autocast):
             if grad:
                 (out[0] if isinstance(out, (tuple, list)) else out).float().sum().backward()
         module.zero_grad(set_to_none=True)
-        for x in (*a, *kw.values()):
-            if torch.is_tensor(x):
-                x.grad = None
-    return benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads()) \
-        .blocked_autorange(min_run_time=0.1).median
+    timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.1).median
 
 
 def profile_report(ctx, prof, calls, times):
-    """The --profile table: each phase's own time (its range minus the phases nested in it; what
-    no phase covers is "other", so the rows add up to the step), its share, its network calls
-    per step (fwd; bwd: those with grad) and the seconds the same calls take bare. The reward
-    models are not replayed, so a second ratio leaves out their phases ("rewards", "back-prop
-    term"). Rank 0 writes profile_stage{1,2}.json and a Chrome trace beside it."""
+    """The --profile table, from the profiler's event tree: per phase its own time (its range minus
+    the phases nested in it; what no phase covers is "other", so the rows add up to the step), its
+    share, its network calls per step (fwd; bwd: those with grad) and the seconds the same calls
+    take bare. The reward models are not replayed, so a second ratio leaves out their phases
+    ("rewards", "back-prop term"). Rank 0 writes profile_stage{1,2}.json and a Chrome trace."""
     a, n, kinds = ctx.args, len(times), list(calls)
-    bare = [bare_seconds(calls[k], k[1], ctx.autocast) for k in kinds]
+    bare = [bare_seconds(*calls[k], k[1], ctx.autocast) for k in kinds]
     own, made = {"other": sum(times)}, {}  # seconds per phase; {phase: [call K, ...]}
 
-    def walk(e, ph):
+    def walk(e, ph):  # ph: the innermost phase around e
         if e.name in PHASES:
             own[e.name], own[ph] = own.get(e.name, 0.0) + e.cpu_time_total / 1e6, own[ph] - e.cpu_time_total / 1e6
             ph = e.name
@@ -1329,30 +1308,24 @@ def profile_report(ctx, prof, calls, times):
             for p, t in sorted(own.items(), key=lambda kv: -kv[1])]
     ratio = lambda rs: sum(r["seconds_per_step"] for r in rs) / max(sum(r["bare_seconds_per_step"] for r in rs), 1e-12)  # noqa: E731
     backbone = [r for r in rows if r["phase"] not in ("rewards", "back-prop term")]
-    cuda = ctx.device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = dict(stage=a.stage, model=a.model, world_size=ctx.world, batch_size=a.batch_size, steps_profiled=n,
-               warmup=PROFILE_WARMUP, step_seconds=sum(times) / n, bare_seconds=sum(r["bare_seconds_per_step"] for r in rows),
-               step_over_bare=ratio(rows), backbone_phases_over_bare=ratio(backbone), peak_memory_gib=peak / 2 ** 30,
-               peak_memory_is="CUDA max_memory_allocated" if cuda else "peak resident set of this process",
-               device=str(ctx.device), bf16=bool(a.bf16), grad_ckpt=bool(a.grad_ckpt), phases=rows,
-               bare_calls={f"{k[0]} {'fwd+bwd' if k[1] else 'fwd'} {list(k[2][:1])}": b for k, b in zip(kinds, bare)})
+    peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # on CPU: the peak resident set
+    out = dict(stage=a.stage, model=a.model, steps_profiled=n, warmup=PROFILE_WARMUP, step_seconds=sum(times) / n,
+               bare_seconds=sum(r["bare_seconds_per_step"] for r in rows), step_over_bare=ratio(rows),
+               backbone_phases_over_bare=ratio(backbone), peak_memory_gib=peak / 2 ** 30, phases=rows)
     if not ctx.master:
-        return out
-    print0(f"\nprofile, stage {a.stage}, {a.model}: {n} steps after {PROFILE_WARMUP} warm-up, {out['step_seconds']:.4f} "
-           f"s/step on {ctx.device}\n{'phase':<26}{'s/step':>10}{'share':>8}{'fwd':>7}{'bwd':>7}{'bare s/step':>13}")
+        return
+    print(f"\nprofile, stage {a.stage}, {a.model}: {n} steps after {PROFILE_WARMUP} warm-up, {out['step_seconds']:.4f} "
+          f"s/step on {ctx.device}\n{'phase':<26}{'s/step':>10}{'share':>8}{'fwd':>7}{'bwd':>7}{'bare s/step':>13}")
     for r in rows:
-        print0(f"{r['phase']:<26}{r['seconds_per_step']:>10.4f}{r['share']:>8.1%}{r['forward_calls']:>7.1f}"
-               f"{r['backward_calls']:>7.1f}{r['bare_seconds_per_step']:>13.4f}")
-    print0(f"step time / bare network passes: {out['step_seconds']:.4f} / {out['bare_seconds']:.4f} = "
-           f"{out['step_over_bare']:.2f}x" + (f" (without the reward-model phases: {out['backbone_phases_over_bare']:.2f}x)"
-                                              if len(backbone) < len(rows) else "")
-           + f"\npeak memory {out['peak_memory_gib']:.2f} GiB ({out['peak_memory_is']})")
-    path = os.path.join(a.out, f"profile_stage{a.stage}")
-    with open(path + ".json", "w") as f:
+        print(f"{r['phase']:<26}{r['seconds_per_step']:>10.4f}{r['share']:>8.1%}{r['forward_calls']:>7.1f}"
+              f"{r['backward_calls']:>7.1f}{r['bare_seconds_per_step']:>13.4f}")
+    without = f" (without the reward-model phases: {ratio(backbone):.2f}x)" if len(backbone) < len(rows) else ""
+    print(f"step time / bare network passes: {out['step_seconds']:.4f} / {out['bare_seconds']:.4f} = "
+          f"{out['step_over_bare']:.2f}x{without}\npeak memory {out['peak_memory_gib']:.2f} GiB", flush=True)
+    with open(os.path.join(a.out, f"profile_stage{a.stage}.json"), "w") as f:
         json.dump(out, f, indent=2)
-    prof.export_chrome_trace(path + ".trace.json")  # chrome://tracing or ui.perfetto.dev
-    return out
+    prof.export_chrome_trace(os.path.join(a.out, f"profile_stage{a.stage}.trace.json"))  # chrome://tracing, Perfetto
 
 
 # --- memory plan (--memory-plan) ----------------------------------------------------------------

@@ -69,7 +69,7 @@ def assets(tmp_path_factory):
 def nets(scorer):
     """The torch modules a scorer holds (after its first call)."""
     out = []
-    for attr in ("backbone", "head", "net"):
+    for attr in ("backbone", "head", "model"):
         m = getattr(scorer, attr, None)
         m = m.model if isinstance(m, R.CLIPBackbone) else m
         if m is not None:
@@ -326,7 +326,7 @@ def test_scorer_crop_odd_margin_as_original(assets, name, offset):
 
     with torch.no_grad():
         scorer(torch.rand(1, 3, 224, 224), PROMPTS[:1])  # loads the networks
-        vision = scorer.net.vision if name == "imagereward" else scorer.backbone.model.vision_model
+        vision = scorer.model.vision if name == "imagereward" else scorer.backbone.model.vision_model
         vision.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values", a[0] if a else None)),
                                          with_kwargs=True)
         wide = torch.rand(1, 3, 224, 299, generator=torch.Generator().manual_seed(3))
