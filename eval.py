@@ -375,7 +375,7 @@ def load_generator(args, device, dtype):
     """(backbone, generator net, stage): a run's trained generator, or --model's base model
     (FLUX.2: the distilled klein, the generator's starting point; SD3.x: the teacher itself)."""
     name = args.model or args.run_model
-    res = models.SPECS[name][4] if name.startswith("tiny-") and "resolution" not in args.overrides \
+    res = models.SPECS[name][4] if name.startswith(("tiny-", "mini-")) and "resolution" not in args.overrides \
         else args.resolution
     kw = dict(resolution=res, device=device, dtype=dtype)
     if args.run:

@@ -488,6 +488,7 @@ SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, t
     "tiny-sd3": ("sd3", None, None, 7.0, 32),
     "tiny-sd35": ("sd3", None, None, 4.5, 32),
     "tiny-flux2": ("flux2", None, None, 4.0, 32),
+    "mini-sd3": ("sd3", None, None, 2.0, 32),  # section 7: `python models.py --pretrain mini-sd3` builds it
 }
 DEFAULT_PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a lighthouse at sunset",
                    "an astronaut riding a horse", "a bowl of ramen, studio lighting",
@@ -817,6 +818,8 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
             text_layers = text_layers or (1, 2, 3)  # the tiny Qwen3 has 3 layers
         else:
             default = folder
+    if name == "mini-sd3":  # section 7; a missing folder names the command that builds it
+        default = mini_folder(pretrained)
     pretrained = pretrained or default
     common = dict(guidance=guidance or g, resolution=resolution or res, device=device, dtype=dtype, **kw)
     if family == "sd3":
@@ -1163,3 +1166,270 @@ def file_sha256(path):
     """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+# --- 7. mini-sd3: the real SD3 classes, tiny, pretrained on drawn shapes ---------------------
+# A middle world between the toy and SD3: a StableDiffusion3Pipeline of stock diffusers classes,
+# small enough to pretrain on a laptop CPU (`python models.py --pretrain mini-sd3`), on 32-px
+# pictures of coloured shapes drawn with Pillow, so that a detector can tell whether a picture
+# shows its prompt (rewards.py, section 4). Stage 1, stage 2, sample.py and eval.py then run on
+# it through SD3Backbone, the very code path of SD3-M. The parts, each the smallest that works:
+#   VAE          AutoencoderKL (16, 32, 64), 4x down, 8 latent channels, no mid attention
+#   text         frozen *random* CLIP-L / CLIP-G / T5 twins: the transformer learns to read their
+#                features, which only need to tell the ~105 prompts apart; word-level tokenizers
+#                of 8 tokens (6 words at most, plus CLIP's start / end or T5's end), so no prompt is
+#                truncated and text is 8 + 8 of the 24 tokens the transformer attends over
+#                (the stock pipeline needs max_sequence_length=8)
+#   transformer  SD3Transformer2DModel, 4 layers, hidden 128, patch 2, rectified flow
+MINI_SHAPES = ("circle", "square", "triangle")
+MINI_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+                "yellow": (240, 200, 20), "purple": (140, 40, 180)}
+MINI_BACKGROUND = (255, 255, 255)  # plain white: every non-white pixel belongs to a shape
+MINI_COUNTS = ("a", "two", "three")
+# position -> (axis, low, high): the shape's box lies inside [low, high) of that axis in pixels
+# of a 32-px image; the detector's rule (its centre in the outer 40%) holds for every such box
+MINI_POSITIONS = {"on the left": (0, 1, 14), "on the right": (0, 18, 31),
+                  "at the top": (1, 1, 14), "at the bottom": (1, 18, 31)}
+MINI_SIZE, MINI_DEFAULT = 32, os.path.join(os.path.expanduser("~"), ".cache", "rtdmd", "mini-sd3")
+
+
+def mini_prompt(n, colour, shape, position=None):
+    """(1, "red", "circle", None) -> "a red circle"; (2, "blue", "square") -> "two blue squares"."""
+    text = f"{MINI_COUNTS[n - 1]} {colour} {shape}{'s' if n > 1 else ''}"
+    return text + (f" {position}" if position else "")
+
+
+MINI_PROMPTS = [mini_prompt(n, c, s) for n in (1, 2, 3) for c in MINI_COLOURS for s in MINI_SHAPES] + \
+    [mini_prompt(1, c, s, p) for p in MINI_POSITIONS for c in MINI_COLOURS for s in MINI_SHAPES]  # 45 + 60
+MINI_GRAMMAR = re.compile(rf"^({'|'.join(MINI_COUNTS)}) ({'|'.join(MINI_COLOURS)}) ({'|'.join(MINI_SHAPES)})s?"
+                          rf"(?: ({'|'.join(MINI_POSITIONS)}))?$")
+
+
+def parse_mini_prompt(prompt):
+    """"two blue squares" -> (2, "blue", "square", None); None for a prompt outside the grammar."""
+    m = MINI_GRAMMAR.match(prompt.strip().lower())
+    return m and (MINI_COUNTS.index(m.group(1)) + 1, m.group(2), m.group(3), m.group(4))
+
+
+def draw_mini(prompt, rng, size=MINI_SIZE):
+    """The picture of a prompt (a PIL image): its shapes, 8-11 px each, at random places at least
+    2 px apart (so no two touch, and the detector's connected components are the shapes), without
+    anti-aliasing (so a clean drawing holds palette colours only). "" draws the empty background:
+    blank pictures are in the VAE's data, and CFG's null branch learns the unconditional mix."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size, size), MINI_BACKGROUND)
+    spec = parse_mini_prompt(prompt) if prompt else None
+    if spec is None:
+        return img
+    n, colour, shape, pos = spec
+    draw, boxes = ImageDraw.Draw(img), []
+    while len(boxes) < n:  # rejection sampling: 3 boxes of <= 11 px always fit
+        s = rng.randint(8, 11)
+        lo = [1, 1]
+        hi = [size - 1, size - 1]
+        if pos:
+            axis, a, b = MINI_POSITIONS[pos]
+            lo[axis], hi[axis] = a * size // 32, b * size // 32
+        x, y = rng.randint(lo[0], hi[0] - s), rng.randint(lo[1], hi[1] - s)
+        if all(x + s + 2 <= X or X + S + 2 <= x or y + s + 2 <= Y or Y + S + 2 <= y for X, Y, S in boxes):
+            boxes.append((x, y, s))
+    for x, y, s in boxes:
+        e, fill = s - 1, MINI_COLOURS[colour]
+        if shape == "square":
+            draw.rectangle([x, y, x + e, y + e], fill=fill)
+        elif shape == "circle":
+            draw.ellipse([x, y, x + e, y + e], fill=fill)
+        else:  # apex up
+            draw.polygon([(x + e / 2, y), (x, y + e), (x + e, y + e)], fill=fill)
+    return img
+
+
+def mini_batch(prompts, rng):
+    """Pictures of `prompts` as a float tensor [B, 3, H, W] in [-1, 1] (the VAE's range)."""
+    import numpy as np
+    arr = np.stack([np.asarray(draw_mini(p, rng)) for p in prompts])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def word_merges(words):
+    """BPE merges learned the standard way (merge the most frequent adjacent pair, repeat) until
+    every word of `words` is one token. Encoding a learned word with them in rank order retraces
+    the learning, so CLIP's BPE tokenizer becomes word-level on this vocabulary; any other word
+    still falls apart into letters."""
+    seqs, merges = [list(w[:-1]) + [w[-1] + "</w>"] for w in words], []
+    while any(len(s) > 1 for s in seqs):
+        pairs = {}
+        for s in seqs:
+            for p in zip(s, s[1:]):
+                pairs[p] = pairs.get(p, 0) + 1
+        best = max(pairs, key=pairs.get)  # ties: the first pair seen (deterministic)
+        merges.append(best)
+        for k, s in enumerate(seqs):
+            out = []
+            for t in s:
+                if out and (out[-1], t) == best:  # left to right, as BPE merges
+                    out[-1] = out[-1] + t
+                else:
+                    out.append(t)
+            seqs[k] = out
+    return merges
+
+
+def mini_parts(seed=0):
+    """Every component of the mini StableDiffusion3Pipeline, untrained (random, fixed seeds).
+    Widths: the two CLIPs' 64 + 64 features are padded to T5's 128 (the pipeline's rule), which
+    is the transformer's joint_attention_dim; their pooled 64 + 64 = pooled_projection_dim."""
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5Tokenizer)
+    import diffusers as D
+    words = sorted({w for p in MINI_PROMPTS for w in p.split()})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    merges = word_merges(words)
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]
+    vocab += list(dict.fromkeys(a + b for a, b in merges))  # every merge's product is a token
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=8)
+    # T5 (sentencepiece unigram): a whole word scores 0, a letter -4, so the best split of a known
+    # word is the word itself
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + \
+        [("\u2581" + w, 0.0) for w in words] + [(c, -4.0) for c in letters]
+    tok3 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=8)
+    clip = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=8, projection_dim=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    te1 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = D.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
+                          layers_per_block=1, latent_channels=8, norm_num_groups=8, sample_size=MINI_SIZE,
+                          mid_block_add_attention=False)
+    tr = D.SD3Transformer2DModel(sample_size=MINI_SIZE // 4, patch_size=2, in_channels=8, out_channels=8, num_layers=4,
+                                 attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                                 caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=MINI_SIZE // 4)
+    return dict(transformer=tr, vae=vae, text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                text_encoder_3=te3, tokenizer_3=tok3, scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def cpu_clock(minutes):
+    """Fraction of a budget of `minutes` of *process CPU time* used so far, from now: CPU time
+    (time.process_time) rather than wall time, so that other jobs on the same cores change how
+    long a pretraining takes, not how much it trains (results then shift only a little)."""
+    import time
+    start, budget = time.process_time(), 60.0 * minutes
+    return lambda: (time.process_time() - start) / budget if budget > 0 else 1.0
+
+
+def cosine_lr(opt, lr, frac):
+    """Learning rate lr * (1 + cos(pi frac)) / 2, frac the share of the budget spent: a schedule
+    that ends at 0 whatever the number of steps the budget buys."""
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def pretrain_mini(folder=MINI_DEFAULT, minutes=10.0, vae_share=0.3, seed=0, batch=64, log=print):
+    """Pretrain mini-sd3 for `minutes` of CPU time (vae_share of it on the VAE, the rest on the
+    transformer) and save it with save_pretrained as a diffusers folder (plus prompts.txt, the
+    training prompts, and pretrain.json, what was measured). Pictures are drawn on the fly, a
+    fresh batch every step, 1 in 10 of the VAE's blank; the transformer sees 1 in 10 prompts as
+    "" (CFG's null branch). Atomic, as build_tiny."""
+    import random
+    import diffusers as D
+    rng = random.Random(seed)
+    parts = mini_parts(seed)
+    vae, tr = parts["vae"], parts["transformer"]
+    pipe = D.StableDiffusion3Pipeline(**parts)
+    # VAE: reconstruction MSE + a small KL that keeps the latents a smooth, bounded cloud
+    # batch 8 at lr 2e-3: in a CPU budget, more small steps beat fewer large ones (25.9 dB after
+    # 1.5 CPU minutes, against 18.8 dB at batch 32 and lr 1e-3)
+    opt, clock, steps = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0), cpu_clock(minutes * vae_share), 0
+    while clock() < 1:
+        x = mini_batch([rng.choice(MINI_PROMPTS) if rng.random() > 0.1 else "" for _ in range(8)], rng)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        cosine_lr(opt, 2e-3, clock())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # SD3's latent normalisation z' = (z - shift) * scaling, from the data
+        x = mini_batch([rng.choice(MINI_PROMPTS + [""]) for _ in range(256)], rng)
+        z = vae.encode(x).latent_dist.mean
+        mse = nn.functional.mse_loss(vae.decode(z).sample.clamp(-1, 1), x).item()
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+    report = dict(minutes=minutes, seed=seed, vae_steps=steps, vae_psnr_db=round(10 * math.log10(4 / mse), 2))
+    log(f"mini-sd3 VAE: {steps} steps of batch 8, PSNR {report['vae_psnr_db']} dB")
+    # transformer: rectified flow on the normalised latents, sigma ~ U(0, 1), v = eps - x0
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=MINI_PROMPTS + [""], prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, max_sequence_length=8)
+    opt, clock, steps, avg = torch.optim.AdamW(tr.parameters(), lr=2e-3, weight_decay=0.0), \
+        cpu_clock(minutes * (1 - vae_share)), 0, None
+    # a pool of encoded pictures (posterior mean and std), a quarter of a batch redrawn per step:
+    # each picture serves ~4 times, and the VAE encoder costs a quarter of what it would
+    def encode(n):
+        idx = torch.tensor([rng.randrange(len(MINI_PROMPTS)) for _ in range(n)])
+        with torch.no_grad():
+            post = vae.encode(mini_batch([MINI_PROMPTS[i] for i in idx], rng)).latent_dist
+        return idx, post.mean, post.std
+    pool = [torch.cat(t) for t in zip(*[encode(batch) for _ in range(16)])]  # 16 batches
+    while clock() < 1:
+        new, slots = encode(batch // 4), torch.randint(0, len(pool[0]), (batch // 4,))
+        for t, v in zip(pool, new):
+            t[slots] = v
+        pick = torch.randint(0, len(pool[0]), (batch,))
+        idx, mean, std = (t[pick] for t in pool)
+        text = torch.where(torch.rand(batch) < 0.1, len(MINI_PROMPTS), idx)  # the last row is ""
+        x0 = (mean + std * torch.randn_like(std) - vae.config.shift_factor) * vae.config.scaling_factor
+        eps, sigma = torch.randn_like(x0), torch.rand(batch)
+        v = tr(hidden_states=add_noise(x0, eps, sigma), timestep=sigma_to_timestep(sigma),
+               encoder_hidden_states=pe[text], pooled_projections=pooled[text], return_dict=False)[0]
+        loss = nn.functional.mse_loss(v, velocity_target(x0, eps))
+        cosine_lr(opt, 2e-3, clock())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        steps, avg = steps + 1, loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
+        if steps % 500 == 0:
+            log(f"mini-sd3 transformer: step {steps}, loss {avg:.4f}, {100 * clock():.0f}% of its budget")
+    report |= dict(transformer_steps=steps, transformer_loss=round(avg or float("nan"), 4), batch=batch)
+    log(f"mini-sd3 transformer: {steps} steps of batch {batch}, flow loss {report['transformer_loss']}")
+    tmp = f"{folder}.tmp{os.getpid()}"
+    pipe.save_pretrained(tmp)
+    with open(os.path.join(tmp, "prompts.txt"), "w") as f:
+        f.write("\n".join(MINI_PROMPTS) + "\n")
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    if os.path.isdir(folder):  # a rebuild replaces the old folder
+        import shutil
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return report
+
+
+def mini_folder(pretrained=None):
+    """The mini-sd3 folder to load: --pretrained, else ~/.cache/rtdmd/mini-sd3; missing, it says
+    which command builds it (one line, no traceback)."""
+    folder = pretrained or MINI_DEFAULT
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise SystemExit(f"error: no mini-sd3 pipeline in {folder}: build it (10 CPU minutes) with "
+                         f"`python models.py --pretrain mini-sd3{'' if folder == MINI_DEFAULT else ' --out ' + folder}`")
+    return folder
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Pretrain a backbone that is built here (section 7).")
+    p.add_argument("--pretrain", required=True, choices=("mini-sd3",))
+    p.add_argument("--out", default=MINI_DEFAULT, help=f"diffusers folder to write (default {MINI_DEFAULT})")
+    p.add_argument("--minutes", type=float, default=10.0, help="process CPU time: 30%% VAE, 70%% transformer")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # one core: CPU time = wall time
+    print(json.dumps(pretrain_mini(a.out, a.minutes, seed=a.seed)))
+
+
+if __name__ == "__main__":
+    main()

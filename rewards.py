@@ -1256,6 +1256,7 @@ def make_scorers(names, sources=None, cache=None):
         "ocr": lambda: OCR(src["ocr"]),
         "geneval2": lambda: GenEval2(src["geneval2"]),
         "hpsv3": lambda: HPSv3(src["hpsv3"], src["hpsv3_base"], src["hpsv3_config"], src["hpsv3_template"]),
+        **SHAPES_SCORERS,  # mini-sd3's (section 4)
     }
     for n in names:
         if n not in builders:
@@ -1351,3 +1352,121 @@ def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
 def eval_rewards(sources=None, weights=EVAL_WEIGHTS, share=None):
     """All metrics on uint8 images (section 2). Tables: pickscore * PICKSCORE_TABLE_SCALE."""
     return MultiReward(weights, sources, quantize=True, share=share)
+
+# ---------------------------------------------------------------------------------------------
+# 4. mini-sd3's rewards: a detector verdict on drawn shapes, and its soft, differentiable twin
+# ---------------------------------------------------------------------------------------------
+
+# mini-sd3 (models.py, section 7) draws 1-3 shapes of one colour on white, so a detector needs no
+# network: each pixel takes the nearest colour of the palette (white included), each colour's
+# pixels split into 8-connected components (the shapes: drawings keep them >= 2 px apart), and a
+# component's fill ratio area / bounding-box area names its shape: square 1, circle ~0.78,
+# triangle ~0.53 on the drawings, split at the midpoints 0.9 and 0.66. Components smaller than a
+# third of the smallest drawn shape (36 px of 1024) are decoding noise, not objects.
+SHAPE_UNIT_AREA = {"square": 0.089, "circle": 0.070, "triangle": 0.047}  # mean drawn area / H W
+
+
+def shapes_objects(image):
+    """The shapes in one picture [3, H, W] in [0, 1]: [(colour, shape, cx, cy)], centres in [0, 1]."""
+    palette = torch.tensor([models.MINI_BACKGROUND] + list(models.MINI_COLOURS.values()),
+                           dtype=torch.float32, device=image.device) / 255
+    H, W = image.shape[-2:]
+    near = ((image.float()[None] - palette[:, :, None, None]) ** 2).sum(1).argmin(0)  # [H, W]
+    masks = (near[None] == torch.arange(1, len(palette), device=image.device)[:, None, None]).float()
+    # connected components by label propagation: every pixel takes the largest label among its 8
+    # neighbours of the same colour until nothing changes; then a component = one label
+    lab = masks * torch.arange(1, H * W + 1, device=image.device, dtype=torch.float32).view(1, H, W)
+    while True:
+        new = F.max_pool2d(lab[:, None], 3, 1, 1)[:, 0] * masks
+        if torch.equal(new, lab):
+            break
+        lab = new
+    found = []
+    for k, colour in enumerate(models.MINI_COLOURS):
+        for i in lab[k].unique()[1:]:  # 0 is "not this colour"
+            ys, xs = torch.nonzero(lab[k] == i, as_tuple=True)
+            if len(ys) * 85 < H * W:  # under 12 px of 1024
+                continue
+            fill = len(ys) / float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
+            found.append((colour, shape, (xs.float().mean().item() + 0.5) / W, (ys.float().mean().item() + 0.5) / H))
+    return found
+
+
+def in_region(cx, cy, position):
+    """The verdict's position rule: the shape's centre in the outer 40% on that side."""
+    return {"on the left": cx < 0.4, "on the right": cx > 0.6, "at the top": cy < 0.4, "at the bottom": cy > 0.6}[position]
+
+
+def shapes_verdict(objects, prompt):
+    """(strict, score) of one picture's objects against its prompt, GenEval-style (section 2):
+    strict needs exactly the prompt's shapes and nothing else (count, colour, shape and, if the
+    prompt has one, position of every object); score is the partial credit, the mean of one
+    term per check, each clamped to [0, 1] (GenEval's count term may go negative; not here):
+      count 1 - |n - objects| / n,  colour 1 - |n - of that colour| / n,
+      shape 1 - |n - of that colour and shape| / n,  position: the share of those n in place.
+    A prompt outside mini-sd3's grammar scores (False, 0.0)."""
+    spec = models.parse_mini_prompt(prompt)
+    if spec is None:
+        return False, 0.0
+    n, colour, shape, pos = spec
+    right = [o for o in objects if o[:2] == (colour, shape)]
+    placed = [o for o in right if pos is None or in_region(o[2], o[3], pos)]
+    terms = [1 - abs(n - m) / n for m in (len(objects), sum(o[0] == colour for o in objects), len(right))]
+    terms += [min(len(placed), n) / n] if pos else []
+    strict = len(objects) == n and len(placed) == n
+    return strict, sum(max(0.0, t) for t in terms) / len(terms)
+
+
+class Shapes:
+    """mini-sd3's detector reward, no gradient (GRPO, eval): "shapes" the partial credit,
+    "shapes_strict" the 0/1 verdict (the accuracy in the README's tables)."""
+
+    def __init__(self, name="shapes"):
+        self.name = name
+
+    def __call__(self, images, prompts):
+        with torch.no_grad():
+            verdicts = [shapes_verdict(shapes_objects(im), p) for im, p in zip(images, prompts)]
+        k = int(self.name == "shapes")  # the score, else the strict verdict
+        return {self.name: torch.tensor([float(v[k]) for v in verdicts], device=images.device)}
+
+
+class ShapesSoft:
+    """"shapes_soft", differentiable (the back-prop term): a soft count by colour mass. Each
+    pixel's soft membership of the palette, softmax(-|rgb - colour|^2 / 0.01), summed per colour
+    and divided by the prompt shape's mean drawn area, counts shapes; the score is
+        1 - |n - soft count of the colour| / n - (soft count of the other colours) / n
+    and, for a position prompt, minus 2 x how far the colour's mass centre lies outside the
+    verdict's region. It sees colour, count (by area) and place; the shape only through its area."""
+
+    def __call__(self, images, prompts):
+        palette = torch.tensor([models.MINI_BACKGROUND] + list(models.MINI_COLOURS.values()),
+                               dtype=images.dtype, device=images.device) / 255
+        d2 = ((images[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # [B, 6, H, W]
+        member = torch.softmax(-d2 / 0.01, dim=1)[:, 1:]  # [B, 5, H, W], white dropped
+        mass = member.mean((2, 3))  # share of the image per colour
+        H, W = images.shape[-2:]
+        ys, xs = ((torch.arange(H, device=images.device) + 0.5) / H), ((torch.arange(W, device=images.device) + 0.5) / W)
+        out = []
+        for b, prompt in enumerate(prompts):
+            spec = models.parse_mini_prompt(prompt)
+            if spec is None:
+                out.append(images[b].sum() * 0)
+                continue
+            n, colour, shape, pos = spec
+            k = list(models.MINI_COLOURS).index(colour)
+            count = mass[b] / SHAPE_UNIT_AREA[shape]
+            r = 1 - (n - count[k]).abs() / n - (count.sum() - count[k]) / n
+            if pos:
+                m = member[b, k] / member[b, k].sum().clamp_min(1e-6)
+                cx, cy = (m.sum(0) * xs).sum(), (m.sum(1) * ys).sum()
+                r = r - 2 * {"on the left": F.relu(cx - 0.4), "on the right": F.relu(0.6 - cx),
+                             "at the top": F.relu(cy - 0.4), "at the bottom": F.relu(0.6 - cy)}[pos]
+            out.append(r)
+        return {"shapes_soft": torch.stack(out)}
+
+
+SHAPES_SCORERS = {"shapes": lambda: Shapes("shapes"), "shapes_strict": lambda: Shapes("shapes_strict"),
+                  "shapes_soft": ShapesSoft}  # make_scorers' builders include these
+BP_CAPABLE = BP_CAPABLE + ("shapes_soft",)  # training_rewards back-propagates it
