@@ -1363,7 +1363,7 @@ def eval_rewards(sources=None, weights=EVAL_WEIGHTS, share=None):
 # component's fill ratio area / bounding-box area names its shape: square 1, circle ~0.78,
 # triangle ~0.53 on the drawings, split at the midpoints 0.9 and 0.66. Components smaller than a
 # third of the smallest drawn shape (36 px of 1024) are decoding noise, not objects.
-SHAPE_UNIT_AREA = {"square": 0.089, "circle": 0.070, "triangle": 0.047}  # mean drawn area / H W
+SHAPE_AREA = {"square": (64, 121), "circle": (52, 97), "triangle": (36, 61)}  # drawn px of 32 x 32, sizes 8-11
 
 
 def shapes_objects(image):
@@ -1434,18 +1434,19 @@ class Shapes:
 
 class ShapesSoft:
     """"shapes_soft", differentiable (the back-prop term): a soft count by colour mass. Each
-    pixel's soft membership of the palette, softmax(-|rgb - colour|^2 / 0.01), summed per colour
-    and divided by the prompt shape's mean drawn area, counts shapes; the score is
-        1 - |n - soft count of the colour| / n - (soft count of the other colours) / n
-    and, for a position prompt, minus 2 x how far the colour's mass centre lies outside the
-    verdict's region. It sees colour, count (by area) and place; the shape only through its area."""
+    pixel's soft membership of the palette, softmax(-|rgb - colour|^2 / 0.01), summed per colour,
+    is that colour's area A_c. n drawn shapes cover between n lo and n hi pixels (SHAPE_AREA), so
+        1 - (distance of A_colour from [n lo, n hi] + A_other colours) / (n (lo + hi) / 2)
+    is 1 on a clean drawing and falls by ~1 per shape missing, extra or of another colour; for a
+    position prompt minus 2 x how far the colour's mass centre lies outside the verdict's region.
+    It sees colour, count (by area) and place; the shape only through its area."""
 
     def __call__(self, images, prompts):
         palette = torch.tensor([models.MINI_BACKGROUND] + list(models.MINI_COLOURS.values()),
                                dtype=images.dtype, device=images.device) / 255
         d2 = ((images[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # [B, 6, H, W]
         member = torch.softmax(-d2 / 0.01, dim=1)[:, 1:]  # [B, 5, H, W], white dropped
-        mass = member.mean((2, 3))  # share of the image per colour
+        mass = member.mean((2, 3)) * 1024  # area per colour, in pixels of a 32 x 32 image
         H, W = images.shape[-2:]
         ys, xs = ((torch.arange(H, device=images.device) + 0.5) / H), ((torch.arange(W, device=images.device) + 0.5) / W)
         out = []
@@ -1456,8 +1457,9 @@ class ShapesSoft:
                 continue
             n, colour, shape, pos = spec
             k = list(models.MINI_COLOURS).index(colour)
-            count = mass[b] / SHAPE_UNIT_AREA[shape]
-            r = 1 - (n - count[k]).abs() / n - (count.sum() - count[k]) / n
+            lo, hi = SHAPE_AREA[shape]
+            off = F.relu(n * lo - mass[b, k]) + F.relu(mass[b, k] - n * hi) + mass[b].sum() - mass[b, k]
+            r = 1 - off / (n * (lo + hi) / 2)
             if pos:
                 m = member[b, k] / member[b, k].sum().clamp_min(1e-6)
                 cx, cy = (m.sum(0) * xs).sum(), (m.sum(1) * ys).sum()

@@ -1,0 +1,107 @@
+"""mini-sd3 (models.py section 7, rewards.py section 4): the drawn shapes world, its detector and
+soft rewards, a seconds-long pretraining through the same code as the 10-minute one, the saved
+folder in the stock StableDiffusion3Pipeline, and train.py stages 1 and 2 on that folder."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import models
+import rewards
+import train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A mini-sd3 folder pretrained for 3 CPU seconds (untrained in effect, but every line runs)."""
+    folder = str(tmp_path_factory.mktemp("mini") / "mini-sd3")
+    report = models.pretrain_mini(folder, minutes=0.05, log=lambda *_: None)
+    return folder, report
+
+
+def picture(prompt, seed=0):
+    """One clean drawing [3, H, W] in [0, 1]."""
+    return (models.mini_batch([prompt], random.Random(seed))[0] + 1) / 2
+
+
+def test_prompts_grammar_and_word_level_tokenizers():
+    assert len(models.MINI_PROMPTS) == 105 and len(set(models.MINI_PROMPTS)) == 105
+    assert models.parse_mini_prompt("two blue squares") == (2, "blue", "square", None)
+    assert models.parse_mini_prompt("a red circle on the left") == (1, "red", "circle", "on the left")
+    assert models.parse_mini_prompt("a photo of a dog") is None
+    parts = models.mini_parts()
+    for p in models.MINI_PROMPTS:  # one token a word: nothing is truncated at 8 tokens
+        assert len(parts["tokenizer"](p).input_ids) == len(p.split()) + 2 <= 8
+        assert len(parts["tokenizer_3"](p).input_ids) == len(p.split()) + 1 <= 8
+
+
+def test_detector_is_exact_on_clean_drawings():
+    """Every prompt, 3 random layouts each: strict verdict and full partial credit; blanks empty."""
+    for seed in range(3):
+        for p in models.MINI_PROMPTS:
+            assert rewards.shapes_verdict(rewards.shapes_objects(picture(p, seed)), p) == (True, 1.0), (p, seed)
+    assert rewards.shapes_objects(picture("")) == []
+
+
+def test_detector_partial_credit_by_hand():
+    objs = rewards.shapes_objects(picture("two blue squares"))
+    assert rewards.shapes_verdict(objs, "three blue squares") == (False, pytest.approx(2 / 3))  # 3 terms of 1 - 1/3
+    assert rewards.shapes_verdict(objs, "two red squares") == (False, pytest.approx(1 / 3))  # count only
+    assert rewards.shapes_verdict(objs, "two blue circles") == (False, pytest.approx(2 / 3))  # shape wrong
+    one = rewards.shapes_objects(picture("a green triangle on the right"))
+    assert rewards.shapes_verdict(one, "a green triangle on the left") == (False, 0.75)  # position wrong
+    assert rewards.shapes_verdict(one, "a dog") == (False, 0.0)
+
+
+def test_scorers_registered_and_soft_score_differentiable():
+    prompts = ["two blue squares", "a red circle on the left"]
+    images = torch.stack([picture(p) for p in prompts]).requires_grad_(True)
+    grpo, bp = rewards.training_rewards(weights={"shapes": 1.0, "shapes_soft": 1.0})
+    assert list(bp.weights) == ["shapes_soft"]  # the detector is GRPO only
+    with torch.no_grad():
+        out = grpo(images, prompts)
+    assert out["shapes"].tolist() == [1.0, 1.0]
+    soft = bp(images, prompts)["shapes_soft"]
+    assert soft.min() > 0.8  # a clean drawing of the prompt
+    wrong = bp(images, ["three green squares", "a red circle on the right"])["shapes_soft"]
+    assert (wrong < soft - 0.5).all()
+    soft.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert rewards.make_scorers(["shapes_strict"])["shapes_strict"](images.detach(), prompts)["shapes_strict"].tolist() == [1.0, 1.0]
+
+
+def test_pretraining_writes_a_folder_the_stock_pipeline_draws_from(mini):
+    from diffusers import StableDiffusion3Pipeline
+    folder, report = mini
+    assert report["vae_steps"] > 0 and report["transformer_steps"] > 0
+    assert json.load(open(os.path.join(folder, "pretrain.json"))) == report
+    assert open(os.path.join(folder, "prompts.txt")).read().split("\n")[:-1] == models.MINI_PROMPTS
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("two blue squares", num_inference_steps=2, height=32, width=32, guidance_scale=2.0,
+               max_sequence_length=8, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    bb = models.load("mini-sd3", pretrained=folder)
+    assert bb.latent_shape == (8, 8, 8) and bb.resolution == 32 and bb.guidance == 2.0
+
+
+def test_missing_folder_names_the_command(tmp_path):
+    with pytest.raises(SystemExit, match="python models.py --pretrain mini-sd3"):
+        models.load("mini-sd3", pretrained=str(tmp_path / "nowhere"))
+
+
+def test_train_stage1_and_stage2_on_mini(mini, tmp_path):
+    folder, _ = mini
+    common = ["--model", "mini-sd3", "--pretrained", folder, "--prompts", os.path.join(folder, "prompts.txt"),
+              "--out", str(tmp_path / "run"), "--log-every", "1"]
+    train.main(["--stage", "1", "--steps", "2", "--batch-size", "2", "--fake-update-ratio", "1"] + common)
+    train.main(["--stage", "2", "--steps", "1", "--batch-size", "4", "--group-size", "2",
+                "--num-batches-per-epoch", "1", "--rewards", "shapes,shapes_soft"] + common)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    s2 = [r for r in log if r["stage"] == 2]
+    assert s2 and all(torch.isfinite(torch.tensor(v)) for r in s2 for v in r.values() if isinstance(v, float))
+    assert os.path.isfile(tmp_path / "run" / "stage2.pt")
