@@ -1428,7 +1428,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))  # one core: CPU time = wall time
-    print(json.dumps(pretrain_mini(a.out, a.minutes, seed=a.seed)))
+    print(json.dumps(pretrain_mini(a.out, a.minutes, seed=a.seed, log=lambda s: print(s, flush=True))))
 
 
 if __name__ == "__main__":

@@ -665,6 +665,9 @@ PER_BACKBONE = {
     ("sd3-medium", 2): dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
     ("sd3.5-medium", 2): dict(bp_batch_size=1),
     ("tiny-sd3", 2): dict(group_size=16, batch_size=32, fake_batch_size=2),
+    # mini-sd3 (models.py, section 7): CPU-sized, a few minutes per stage on one core
+    ("mini-sd3", 1): dict(steps=600, batch_size=16, lr_gen=1e-4, lr_fake=1e-4, fake_update_ratio=5, ema_decay=0.95, log_every=20),
+    ("mini-sd3", 2): dict(steps=40, batch_size=32, group_size=8, num_batches_per_epoch=2, lr_gen=3e-5, lr_fake=1e-4),
     ("flux2", 2): dict(group_size=24, batch_size=96, lr_fake=1e-6, fake_batch_size=2, bp_batch_size=2),
     ("flux2", 1): dict(lr_gen=1e-6, lr_fake=1e-6),
 }
