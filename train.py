@@ -601,11 +601,9 @@ def allreduce_grads(params, world):
 # Infrastructure: arguments, set-up, checkpoints, update guard, log, exports, profiler, memory plan
 # =============================================================================================
 
-# Paper values (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
-# configs/rtdmd/*.yaml for stage 2; "real2" = SD3.5-M) and CPU-sized values for the toy. Stage 2:
-# steps = epochs, batch_size = images per sampling iteration (prompts x K, global). The toy's
-# stage-2 weights are tuned to be stable: the paper's assume D ~ 65k latent numbers per sample,
-# the toy has D = 2 (subgrpo.py, section 6, explains the balance).
+# Paper values (official code: configs/cold_start/*.yaml, stage 1; configs/rtdmd/*.yaml, stage 2;
+# "real2" = SD3.5-M), CPU-sized for the toy. Stage 2: steps = epochs, batch_size = prompts x K per
+# sampling iteration. The toy's stage-2 weights suit D = 2, not the paper's ~65k (subgrpo.py, section 6).
 DEFAULTS = {
     "toy": dict(steps=9000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5, ema_decay=0.999, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10, ema_decay=0.99, log_every=10),
@@ -615,11 +613,9 @@ DEFAULTS = {
                   group_size=24, num_batches_per_epoch=16, w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8,
                   bp_batch_size=0),
 }
-# Per-backbone differences, by (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16
-# GPUs x 2 = 2 prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank;
-# a whole sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3
-# backbones back-propagate one image at a time (the same gradient). The tiny twins take their
-# family's values. FLUX.2-klein stage 1: lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml).
+# By (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16 GPUs x 2 = 2 prompts x 16,
+# SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunks are per rank; a VAE decode saves ~4 GiB per
+# 512-px image (--memory-plan), so real SD3 back-propagates one image at a time (same gradient).
 PER_BACKBONE = {
     ("sd3-medium", 2): dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
     ("sd3.5-medium", 2): dict(bp_batch_size=1),
@@ -746,12 +742,10 @@ def resolve_defaults(args, cuda):
         spec = models.SPECS[args.model]  # (family, ..., guidance, resolution)
         d = d | dict(guidance=spec[3], resolution=spec[4])
         d = d | PER_BACKBONE.get((args.model, args.stage), PER_BACKBONE.get((spec[0], args.stage), {}))
-    # polar input features for the mixture on a circle (models.ToyMLP)
+    # toy_angles: polar input features (models.ToyMLP). LoRA bf16 on CUDA: the official LoRA takes
+    # the bf16 base's dtype (diffusers add_adapter) and the paper's learning rates were tuned so;
+    # fp32 on CPU (slow bf16 matmuls) and for the toy (tuned in fp32).
     d |= dict(toy_angles=8 if args.model == "toy" else 0, bf16=int(cuda), grad_ckpt=int(cuda),
-              # bf16 on CUDA: the official LoRA is created in the bf16 base's dtype (diffusers
-              # add_adapter), so its masters, AdamW steps and EMA are bf16, and the paper's learning
-              # rates were tuned so (an update below half a bf16 step is lost). fp32 on CPU, where bf16
-              # matmuls are slow, and for the toy, whose learning rates were tuned in fp32.
               lora_dtype="bf16" if cuda and not toy else "fp32")
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -767,9 +761,7 @@ def print0(*a, **k):
 
 
 def setup(args):
-    """Process group, device, resolved defaults and the run context every phase reads: args, bb
-    (set once loaded), rank, world, device, autocast, shared_rng, guard. DDP is on when torchrun
-    sets RANK (nanoGPT's rule)."""
+    """Process group, device, resolved defaults, the run context. DDP when torchrun sets RANK (nanoGPT)."""
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
     if args.cache_text_embeddings and args.model.startswith("toy"):
@@ -782,9 +774,8 @@ def setup(args):
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-        # TF32 matmuls and convolutions, as the official trainer sets them (official code:
-        # rtdmd/trainers/base_trainer.py): the float32 parts (LoRA branches, CPS and log-prob math)
-        # run on tensor cores with a 10-bit mantissa, still finer than the bf16 of the autocast.
+        # TF32, as the official rtdmd/trainers/base_trainer.py: the float32 parts (LoRA, CPS and
+        # log-prob math) on tensor cores with a 10-bit mantissa, still finer than the autocast's bf16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     args = resolve_defaults(args, cuda)
@@ -796,10 +787,9 @@ def setup(args):
 
 
 def run_context(args, device, rank=0, world=1, ddp=False):
-    """The state every phase function reads (its first parameter). Draws that every rank must
-    agree on (random stop, renoise levels, consistency deltas, stage-2 prompts) come from
-    shared_rng, seeded identically everywhere: the same numbers as a broadcast from rank 0,
-    without the communication (README, "Deviations and choices")."""
+    """The state every phase function reads (its first parameter). Draws all ranks agree on (stop,
+    renoise levels, consistency deltas, stage-2 prompts) come from shared_rng, seeded alike
+    everywhere: a broadcast from rank 0 without the communication (README, "Deviations and choices")."""
     return SimpleNamespace(args=args, device=device, rank=rank, world=world, ddp=ddp, master=rank == 0, bb=None,
                            autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)),
                            shared_rng=torch.Generator().manual_seed(args.seed + 12345), guard=UpdateGuard(args),
@@ -807,10 +797,9 @@ def run_context(args, device, rank=0, world=1, ddp=False):
 
 
 def load_backbone(ctx, prompts, metadata):
-    """The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder;
-    the other ranks load after it, at a barrier under the --timeout-hours process-group timeout.
-    Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; the
-    trainable masters (LoRA, or the full copy) are --lora-dtype (models.LoRALinear)."""
+    """Rank 0 loads first (building and caching the toy's base or a tiny twin in the run folder);
+    the others after a barrier. Frozen weights bf16 on CUDA with --bf16, else float32; the
+    trainable masters --lora-dtype (models.LoRALinear)."""
     a = ctx.args
     kw = dict(cache_dir=a.out, device=ctx.device, dtype=torch.bfloat16 if a.bf16 and ctx.device.type == "cuda"
               else torch.float32, pretrained=a.pretrained, generator_pretrained=a.generator_pretrained,
@@ -846,10 +835,8 @@ def check_run_folder(args, master):
 
 
 def read_training_prompts(args):
-    """(prompts, metadata, prompt_files) of the required --prompts file (models.read_prompt_file;
-    the toy knows its own: None, None, {}). prompt_files records each stage's file {"stage1":
-    {file, sha256, count}, ...} in config.json; --resume refuses a file whose sha256 changed.
-    Every problem exits with one line, before anything is written."""
+    """(prompts, metadata, prompt_files) of --prompts (the toy: None, None, {}). prompt_files, in
+    config.json, records each stage's {file, sha256, count}; --resume refuses a changed file."""
     if args.model.startswith("toy"):
         if args.prompts:
             sys.exit(f"error: --model {args.model} has its own prompts; drop --prompts")
@@ -873,9 +860,8 @@ def read_training_prompts(args):
 
 
 def tilt_toy_teacher(bb, args):
-    """Reference mode: the toy teacher becomes the exact tilted teacher p(x|c) exp(beta r(x)) /
-    Z_beta(c), in closed form (rewards.py). Stage 1 then converges to the tilted target with no
-    reward term at all, since the DMD fixed point is "generator = teacher"."""
+    """Reference mode: the toy teacher becomes p(x|c) exp(beta r(x)) / Z_beta(c) in closed form
+    (rewards.py), so stage 1 alone converges to the tilted target (DMD's fixed point is the teacher)."""
     if not args.model.startswith("toy") or args.stage != 1:
         sys.exit("error: --tilt-teacher is a toy, stage-1 option (the tilt is closed-form only there)")
     bb.mixture = make_reward(args)[0].tilt(bb.mixture, args.tilt_teacher)
@@ -926,8 +912,7 @@ def seeded(device, seed):
 
 
 def ema_copy(net):
-    """The EMA model: a copy of `net` whose trainable tensors are new and whose frozen ones are
-    shared (a LoRA student's base weights are the teacher's; copying them would double memory)."""
+    """A copy of `net` with new trainable tensors and shared frozen ones (a LoRA base is the teacher's)."""
     frozen = [p for p in net.parameters() if not p.requires_grad] + list(net.buffers())
     ema = copy.deepcopy(net, {id(t): t for t in frozen})
     return ema.eval().requires_grad_(False)
@@ -948,10 +933,9 @@ def run_end(args, start):
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-# Everything an exact --resume needs: each net's trainable tensors, the optimisers, the counter,
-# every rank's RNG state, the shared generator, the config and one checksum per rank of the
-# generator (the DDP tests compare the replicas). Only tensors and plain types: it loads with
-# torch.load(weights_only=True). The loops gather the ranks' parts (rank_state); rank 0 writes.
+# What an exact --resume needs: each net's trainable tensors, optimisers, counter, every rank's RNG
+# state, shared_rng, config and a generator checksum per rank (the DDP tests compare replicas).
+# Tensors and plain types only (torch.load weights_only=True). Rank 0 writes the gathered parts.
 
 NETS, OPTS = ("generator", "fake", "ema"), ("opt_g", "opt_f")
 
@@ -964,9 +948,8 @@ def saved_names(m):
 
 
 def rank_state(ctx, m, counter):
-    """This rank's part of a checkpoint: its RNG states and its generator checksum. Weights that
-    are not finite are never written: every rank (all hold the same weights) stops here, and the
-    checkpoint on disk stays the last good one."""
+    """This rank's part of a checkpoint: RNG states and generator checksum. Non-finite weights are
+    never written: every rank stops here, the checkpoint on disk stays the last good one."""
     bad = [k for k, names in saved_names(m).items()
            if not all(torch.isfinite(raw(getattr(m, k)).get_parameter(n)).all() for n in names)]
     if bad:
@@ -989,11 +972,9 @@ def gather_objects(obj, world):
 
 @phase("checkpoint")
 def save_checkpoint(path, extra, m, ranks, args, shared_rng):
-    """Rank 0 writes the checkpoint: `extra` (the counter, and stage 2's stage-1 weights), the
-    nets and optimisers of m, the gathered rank states. A run is never lost: the new file is
-    written and synced under a temporary name first, and the previous checkpoint stays beside it
-    as stage{1,2}.prev.pt (a hard link made before the rename), so at every moment `path` is one
-    complete checkpoint, even if the process is killed mid-save."""
+    """Rank 0 writes `extra` (counter; stage 2's stage-1 weights), m's nets and optimisers and the
+    gathered rank states, synced under a temporary name, then renamed; the previous one stays as
+    stage{1,2}.prev.pt (a hard link). `path` is always one complete checkpoint, even if killed."""
     ck = {"replica_checksums": [r["checksum"] for r in ranks]}
     for key, names in saved_names(m).items():
         sd = raw(getattr(m, key)).state_dict()
@@ -1017,9 +998,7 @@ def save_checkpoint(path, extra, m, ranks, args, shared_rng):
 
 
 def load_checkpoint(path, m, shared_rng, rank):
-    """Restore what save_checkpoint wrote into m, this rank's RNG state and the shared generator
-    (read with models.load_checkpoint: weights_only, a pickle that carries code is refused).
-    Returns the checkpoint dict (for the counter)."""
+    """Restore save_checkpoint's file into m, this rank's RNG and shared_rng; returns the dict."""
     ck = read_checkpoint(path)
     for key in NETS:
         raw(getattr(m, key)).load_state_dict(ck[key], strict=False)
@@ -1033,7 +1012,6 @@ def load_checkpoint(path, m, shared_rng, rank):
 
 
 def previous_checkpoint(path):
-    """Where save_checkpoint keeps the checkpoint that `path` replaced: stage1.pt -> stage1.prev.pt."""
     return path[:-len(".pt")] + ".prev.pt"
 
 
@@ -1051,9 +1029,8 @@ def read_checkpoint(path):
 
 
 class UpdateGuard:
-    """A loss or gradient that is not finite (on any rank) skips the update (weights and optimiser
-    state unchanged; the log records "skipped" and "skipped_total"); --max-bad-updates of one
-    network in a row stop the run in one line, before anything is saved."""
+    """A non-finite loss or gradient (on any rank) skips the update (logged as "skipped");
+    --max-bad-updates of one network in a row stop the run in one line, before anything is saved."""
 
     def __init__(self, args):
         self.limit, self.ckpt_path = args.max_bad_updates, os.path.join(args.out, f"stage{args.stage}.pt")
@@ -1061,9 +1038,8 @@ class UpdateGuard:
 
     @phase("optimiser step")
     def step(self, name, opt, params, loss, grad_clip):
-        """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
-        gradient norm is not finite. Returns the gradient norm (a tensor, before clipping). The
-        one host sync of an update is `if ok` (a skip must be decided before the step)."""
+        """Clip to grad_clip and step, unless loss or norm is not finite; returns the norm before
+        clipping. `if ok` is the update's one host sync (a skip is decided before the step)."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         loss = torch.as_tensor(loss.detach() if torch.is_tensor(loss) else loss, device=norm.device)
         ok = torch.isfinite(norm) & torch.isfinite(loss)
@@ -1089,8 +1065,7 @@ class UpdateGuard:
         return rec
 
     def stop_if_stuck(self, where):
-        """Exit (one line) once a network has had --max-bad-updates skipped updates in a row.
-        where: "iteration 57" / "epoch 3", for the message."""
+        """Exit once a network had --max-bad-updates skipped updates in a row (where: "epoch 3")."""
         for name, n in self.in_a_row.items():
             if n >= self.limit:
                 sys.exit(f"error: {n} {name} updates in a row had a non-finite loss or gradient (the last at "
@@ -1113,9 +1088,8 @@ class RunLog:
 
     @staticmethod
     def drop_records_after(path, stage, start):
-        """A resumed run continues from its checkpoint at `start`: the records this stage wrote
-        after it (a killed run's last ones, maybe a half-written line) are dropped, so that the
-        log reads as one uninterrupted run. Rewritten under a temporary name, then renamed."""
+        """On resume from `start`: drop this stage's later records (a killed run's, maybe a cut
+        line), so the log reads as one run. Rewritten under a temporary name, then renamed."""
         key, kept = ("step" if stage == 1 else "epoch"), []
         with open(path) as f:
             for line in f:
@@ -1130,10 +1104,8 @@ class RunLog:
         os.replace(path + ".tmp", path)
 
     def record(self, rec, step, **postfix):
-        """After every iteration / epoch: advance the bar; every log_every-th (and the last)
-        appends the record to log.jsonl and shows `postfix` ({label: key of rec}) on the bar.
-        The loops leave their numbers as device tensors; they reach the host here, on log steps
-        only, in one transfer."""
+        """Advance the bar; every log_every-th step (and the last) append rec to log.jsonl and show
+        `postfix` ({label: key}). Device tensors reach the host here, on log steps, in one transfer."""
         if not self.master:
             return
         self.bar.update(1)
@@ -1155,12 +1127,11 @@ class RunLog:
 
 
 def write_samples_and_exports(args, bb, ema, stage, master):
-    """Rank 0, after the last step: samples_stage{1,2}.png of the EMA generator (toy: a scatter of
-    every step; images: a grid) and, for the real backbones, the EMA generator as a file a stock
-    pipeline loads: stage 1 generator_ema_lora.safetensors (pipe.load_lora_weights on the
-    generator's base: FLUX.2's distilled klein-4B), stage 2 generator_ema_stage2_lora.safetensors,
-    the stage-2 LoRA alone, trained on the *merged* stage-1 LoRA: merge stage 1, then stage 2
-    (models.load_run(run, 2)). A full fine-tune (lora_rank 0) uses save_pretrained."""
+    """Rank 0, at the end: samples_stage{1,2}.png of the EMA generator (toy: scatter; images: grid)
+    and, for real backbones, a file a stock pipeline loads (pipe.load_lora_weights on the
+    generator's base): generator_ema_lora.safetensors (stage 1), generator_ema_stage2_lora
+    .safetensors (the stage-2 LoRA alone, on the merged stage 1: models.load_run(run, 2)); a full
+    fine-tune (lora_rank 0) uses save_pretrained."""
     if not master or args.model == "toy-gauss":  # toy-gauss: nothing to draw or export
         return
     if args.model == "toy":
@@ -1278,9 +1249,8 @@ def profile_report(ctx, prof, calls, times):
 
 
 # --- memory plan (--memory-plan) ----------------------------------------------------------------
-# Every network built on the meta device from configs/architectures.json (shapes, no weights,
-# offline); activations counted as the bytes autograd saves, by running the same bb.velocity /
-# bb.decode / reward-tower calls as training under saved_tensors_hooks.
+# Networks on the meta device from configs/architectures.json (offline); activations = the bytes
+# autograd saves in the training calls (bb.velocity, bb.decode, reward towers), saved_tensors_hooks.
 
 GiB = 2 ** 30
 ARCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "architectures.json")
@@ -1288,8 +1258,7 @@ REWARD_TOWERS = {"clipscore": "clip-vit-l-14", "hpsv2": "clip-vit-h-14", "picksc
 
 
 def build_meta(cfg, dtype, device="meta"):
-    """A diffusers / transformers module from a config dict {"class": ..., **kwargs}, on meta (or,
-    random-init, on `device`: tests/test_cuda.py)."""
+    """A diffusers / transformers module from {"class": ..., **kwargs}, on meta (or `device`)."""
     import diffusers
     import transformers
     cfg = dict(cfg)
@@ -1305,10 +1274,9 @@ def build_meta(cfg, dtype, device="meta"):
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Sums numel * element_size of the unique storages autograd saves (parameters excluded).
-    Installed as the students' gradient-checkpointing function, it runs each block plainly but
-    books it apart, so one forward gives both figures: without checkpointing, outside + all blocks;
-    with it, outside + the kept block inputs + the largest block (recomputed during backward)."""
+    """Bytes of the unique storages autograd saves (not parameters). As the students' checkpointing
+    function it runs blocks plainly but books them apart: without checkpointing outside + all
+    blocks; with it outside + kept block inputs + the largest block (recomputed in backward)."""
 
     def __init__(self, *nets):
         super().__init__(self.pack, lambda t: t)
@@ -1338,8 +1306,7 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
 
 class FlashAttention(torch.autograd.Function):
-    """On meta, F.scaled_dot_product_attention takes the math path and would count the L x L
-    scores; the CUDA (and CPU) fused kernels save q, k, v, the output and a float32 log-sum-exp."""
+    """Fused attention's saved tensors (q, k, v, out, float32 log-sum-exp), not meta's L x L scores."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -1354,8 +1321,7 @@ def plan_sdpa(*a, **kw):
 
 
 def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True, lora_dtype=torch.float32):
-    """A backbone without pipeline: enough for make_student, velocity, decode, noise and the
-    sampler (the conditioning comes from meta_cond)."""
+    """A backbone without pipeline: make_student, velocity, decode, noise, sampler (cond: meta_cond)."""
     family = models.SPECS[name][0]
     bb = object.__new__(models.SD3Backbone if family == "sd3" else models.Flux2Backbone)
     vae = build_meta(arch["vae-" + family], dtype, device)
@@ -1407,8 +1373,8 @@ def bp_bytes(bb, towers, n):
 
 
 def plan_phases(args, bb, b, towers):
-    """Activation bytes per phase of one rank's step, b samples per micro-batch, on the meta
-    backbone: the fake score at b (+ the consistency pair at 2b), the generator's last step."""
+    """Activation bytes per phase of one rank's step, b samples per micro-batch (the fake score at b
+    and its consistency pair at 2b, the generator's last step)."""
     gen, fake = bb.make_student("generator", stage=args.stage), bb.make_student("fake", stage=args.stage)
     fwd = lambda net, k: velocity_bytes(bb, net, k, bool(args.grad_ckpt))  # noqa: E731
     fake_bytes = lambda k: fwd(fake, k) + (fwd(fake, 2 * k) if args.consistency_weight else 0)  # noqa: E731
