@@ -1,21 +1,20 @@
 """
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
-Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in
-`samples` where the method back-propagates through it (subgrpo.py, section 2). "Official code" is
-github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
+Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in `samples` where the
+method back-propagates through it (subgrpo.py, section 2). "Official code" is github.com/Harahan/RTDMD (README);
+its scorers are in rtdmd/rewards/*.py.
 
 1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
-   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
-   toy mixture (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed
-   form (derivation at the code).
+   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the toy mixture
+   (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed form (derivation at the code).
 
 2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
-   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
-   Evaluation and GRPO score the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py);
-   reward back-prop scores the float image with its gradient (rtdmd/trainers/bp_mixin.py). The
-   first five preprocess in torch (F.interpolate with antialias, crop by slicing, the OpenAI CLIP
-   mean/std they all use), so every score is differentiable; PIL's processors differ by < 1%.
+   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1). Evaluation and GRPO score
+   the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with
+   its gradient (rtdmd/trainers/bp_mixin.py). The first five preprocess in torch (F.interpolate with antialias,
+   crop by slicing, the OpenAI CLIP mean/std they all use), so every score is differentiable; PIL's processors
+   differ by < 1%.
 
        scorer       network (hub id)                         preprocessing                  score
        clipscore    CLIP ViT-L/14 (openai/clip-vit-large-    shortest side 224 (bilinear),  cosine, ~0.3
@@ -29,19 +28,18 @@ github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
        imagereward  ImageReward v1.0, BLIP ViT-L/16 + BERT   shortest side 224 (bicubic),   (raw - 0.16717)
                     with cross-attention (THUDM/ImageReward) centre crop; text <= 35 tokens / 1.03334
 
-   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables
-   report; the official code trains and logs PickScore / 26 so the three training rewards have
-   similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
-   BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
-   The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
-   from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR
-   (Florence-2), HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it
-   scores and how it differs from the official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
+   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables report; the official
+   code trains and logs PickScore / 26 so the three training rewards have similar scales (PICKSCORE_TABLE_SCALE).
+   HPSv2.1 and ImageReward exist only in their open_clip / BLIP layouts and are converted key by key
+   (`openclip_to_hf`, `blip_to_hf`). The paper's other metrics have no gradient (GRPO and evaluation only) and take
+   their inputs from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR (Florence-2),
+   HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it scores and how it differs from the
+   official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
 
 3. The weighted multi-reward
-   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
-   are per reward (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the
-   same rewards with the same weights. Evaluation reports every metric with weight 1.
+   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages are per reward
+   (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the same rewards with the same
+   weights. Evaluation reports every metric with weight 1.
 """
 import torch
 
@@ -51,16 +49,16 @@ import models
 # 1. Toy rewards and their exact tilts
 # ---------------------------------------------------------------------------------------------
 
-# The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both
-# rewards ignore the prompt, are differentiable in x, and tilt an isotropic mixture
+# The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both rewards ignore the
+# prompt, are differentiable in x, and tilt an isotropic mixture
 #     p(x|c) = sum_j pi_cj N(x; mu_j, s_j^2 I)
-# into another isotropic mixture, in closed form, because a Gaussian times
-# exp(linear or quadratic) is again a Gaussian times a constant:
+# into another isotropic mixture, in closed form, because a Gaussian times exp(linear or quadratic) is again a
+# Gaussian times a constant:
 #     N(x; mu_j, s_j^2 I) exp(beta r(x)) = f_j  N(x; mu~_j, s~_j^2 I),
-# so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),
-# with  Z_beta(c) = sum_j pi_cj f_j.  Every row of the weight table is tilted this way, the null
-# row "" included: its tilt is the tilt of p(x|null), which in general is *not* the mean of the
-# tilted conditional rows (irrelevant for the exactness checks, which use g = 1).
+# so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),  with
+# Z_beta(c) = sum_j pi_cj f_j.  Every row of the weight table is tilted this way, the null row "" included: its
+# tilt is the tilt of p(x|null), which in general is *not* the mean of the tilted conditional rows (irrelevant
+# for the exactness checks, which use g = 1).
 
 
 def tilted_weights(weights, log_f):
@@ -83,37 +81,38 @@ def tilt_linear(mixture, a, beta):
 
 
 def quadratic_log_f(mixture, gamma, m, beta):
-    """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant:
-        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)
-             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const,
-    with bg = beta gamma.
-    The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c))
-    and stays finite at beta = 0."""
+    """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant, with bg = beta gamma:
+        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/bg) I) = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2)))
+    The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c)), finite at beta = 0."""
     m = torch.as_tensor(m, dtype=torch.float64)
-    bg = beta * gamma
-    s2 = mixture.stds ** 2
+    bg, s2 = beta * gamma, mixture.stds ** 2
     assert bool((1 + bg * s2 > 0).all()), "beta * gamma too negative: the tilt is not normalisable"
-    d = mixture.means.shape[1]
     dist2 = ((mixture.means - m) ** 2).sum(1)
-    return -0.5 * d * torch.log1p(bg * s2) - bg * dist2 / (2 * (1 + bg * s2))
+    return -0.5 * mixture.means.shape[1] * torch.log1p(bg * s2) - bg * dist2 / (2 * (1 + bg * s2))
 
 
 def tilt_quadratic(mixture, gamma, m, beta):
     """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (section 1):
         precision 1/s~_j^2 = 1/s_j^2 + beta gamma,   i.e. s~_j^2 = s_j^2 / (1 + beta gamma s_j^2),
         mu~_j = (mu_j / s_j^2 + beta gamma m) / (1/s_j^2 + beta gamma),
-        pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f).
-    Returns a new models.Mixture."""
+        pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f)."""
     m = torch.as_tensor(m, dtype=torch.float64)
-    bg = beta * gamma
-    s2 = mixture.stds ** 2
+    bg, s2 = beta * gamma, mixture.stds ** 2
     prec = 1 / s2 + bg
     means = (mixture.means / s2[:, None] + bg * m[None]) / prec[:, None]
     log_f = quadratic_log_f(mixture, gamma, m, beta)
     return models.Mixture(means, (1 / prec).sqrt(), tilted_weights(mixture.weights, log_f))
 
 
-class LinearReward:
+class ToyReward:
+    """Either toy reward; a subclass gives r, its tilt, its log f_j and E_{p(x|c)}[r] in closed form."""
+
+    def log_partition(self, mixture, beta):
+        """log Z_beta(c) = log E_{p(x|c)}[exp(beta r)] = logsumexp_j(log pi_cj + log f_j), [C]."""
+        return torch.logsumexp(torch.log(mixture.weights) + self.log_f(mixture, beta)[None], dim=1)
+
+
+class LinearReward(ToyReward):
     """r(x) = a^T x. Callable (samples [B, d], prompts) -> {name: Tensor[B]}, differentiable."""
 
     def __init__(self, a=(1.0, 0.0), name="linear"):
@@ -127,18 +126,15 @@ class LinearReward:
         """The exact tilted mixture p(x|c) exp(beta r(x)) / Z_beta(c)."""
         return tilt_linear(mixture, self.a, beta)
 
+    def log_f(self, mixture, beta):
+        return beta * mixture.means @ self.a + 0.5 * beta ** 2 * mixture.stds ** 2 * (self.a @ self.a)
+
     def exact_mean(self, mixture):
         """E_{p(x|c)}[r] = sum_j pi_cj a^T mu_j, Tensor[C] (float64)."""
         return mixture.weights @ (mixture.means @ self.a)
 
-    def log_partition(self, mixture, beta):
-        """log Z_beta(c) = log E_{p(x|c)}[exp(beta r)] = logsumexp_j(log pi_cj + log f_j), [C]."""
-        a, s2 = self.a, mixture.stds ** 2
-        log_f = beta * mixture.means @ a + 0.5 * beta ** 2 * s2 * (a @ a)
-        return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
-
-class QuadraticReward:
+class QuadraticReward(ToyReward):
     """r(x) = -(gamma/2) |x - m|^2. Callable (samples [B, d], prompts) -> {name: Tensor[B]}."""
 
     def __init__(self, gamma=1.0, m=(2.0, 0.0), name="quadratic"):
@@ -152,21 +148,18 @@ class QuadraticReward:
     def tilt(self, mixture, beta):
         return tilt_quadratic(mixture, self.gamma, self.m, beta)
 
+    def log_f(self, mixture, beta):
+        return quadratic_log_f(mixture, self.gamma, self.m, beta)
+
     def exact_mean(self, mixture):
         """E_{p(x|c)}[r] = -(gamma/2) sum_j pi_cj (|mu_j - m|^2 + d s_j^2), Tensor[C]."""
-        d = mixture.means.shape[1]
-        per_j = ((mixture.means - self.m) ** 2).sum(1) + d * mixture.stds ** 2
+        per_j = ((mixture.means - self.m) ** 2).sum(1) + mixture.means.shape[1] * mixture.stds ** 2
         return -0.5 * self.gamma * mixture.weights @ per_j
-
-    def log_partition(self, mixture, beta):
-        """log Z_beta(c) = logsumexp_j(log pi_cj + log f_j), f_j exact (quadratic_log_f)."""
-        log_f = quadratic_log_f(mixture, self.gamma, self.m, beta)
-        return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
 
 def toy_reward(name="quadratic"):
-    """The toy's stage-2 reward, train.py --reward quadratic|linear: a bowl centred on the ring
-    mode at (2, 0), or the linear reward along the first axis (train.py and eval.py both)."""
+    """The toy's stage-2 reward, train.py --reward quadratic|linear: a bowl centred on the ring mode at (2, 0), or
+    the linear reward along the first axis (train.py and eval.py both)."""
     return QuadraticReward(1.0, (2.0, 0.0)) if name == "quadratic" else LinearReward((1.0, 0.0))
 
 # ---------------------------------------------------------------------------------------------
