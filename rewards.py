@@ -166,13 +166,13 @@ def toy_reward(name="quadratic"):
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only
-# (pairs, never ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in
-# eval mode, and load on first use, so the generator is all reward back-prop can move and a run
-# never loads a checkpoint it does not score with. `sources` maps a slot to a hub id or a local
-# path (DEFAULT_SOURCES); a key a checkpoint converter does not know is an error, never dropped.
-# GenEval and GenEval2 also take each prompt's .jsonl record: scorer(images, prompts, metadata).
-# Imports live here so the toy section stays light; transformers is imported inside the loaders.
+# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only (pairs, never
+# ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in eval mode, and load on first
+# use, so the generator is all reward back-prop can move and a run never loads a checkpoint it does not score
+# with. `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES); a key a checkpoint converter does not
+# know is an error, never dropped. GenEval and GenEval2 also take each prompt's .jsonl record:
+# scorer(images, prompts, metadata). Imports live here so the toy section stays light; transformers is imported
+# inside the loaders.
 import math
 import os
 import re
@@ -189,8 +189,8 @@ PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables repor
 # rtdmd/rewards/imagereward_scorer.py uses through that package
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
-# slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
-# A "*_config" slot may be a transformers config object (tests use tiny ones); None = real size.
+# slot -> hub id or local path; a raw-file slot may also be a local file or a folder holding it. A "*_config"
+# slot may be a transformers config object (tests use tiny ones); None = real size.
 DEFAULT_SOURCES = {
     "clip_l": "openai/clip-vit-large-patch14",  # CLIPScore + Aesthetic backbone (shared)
     "pickscore": "yuvalkirstain/PickScore_v1",
@@ -213,8 +213,8 @@ DEFAULT_SOURCES = {
 
 
 def quantize_uint8(images):
-    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
-    Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
+    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2). Piecewise constant, so its
+    gradient is zero: never use it on the back-prop path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
@@ -225,36 +225,37 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
 
 def check_metadata(names, records, n=None, where="the records given",
                    fix="read them from its .jsonl (the official {official})"):
-    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
-    hold the field (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name},
-    {official} filled in) says what to do. The one check of rewards.py, train.py and eval.py."""
-    for name in names:
-        if name in METADATA_FIELDS:
-            field, official = METADATA_FIELDS[name]
-            if not records or (n is not None and len(records) != n) or not all(
-                    isinstance(r, dict) and field in r for r in records):
-                raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
-                                 f"metadata record with '{field}' per prompt, not found in {where}: "
-                                 + fix.format(name=name, official=official))
+    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given) hold the field
+    (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name}, {official} filled in) says what to
+    do. The one check of rewards.py, train.py and eval.py."""
+    for name in filter(METADATA_FIELDS.__contains__, names):
+        field, official = METADATA_FIELDS[name]
+        if not records or (n is not None and len(records) != n) or not all(
+                isinstance(r, dict) and field in r for r in records):
+            raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} metadata record "
+                             f"with '{field}' per prompt, not found in {where}: "
+                             + fix.format(name=name, official=official))
 
 
 def crop_offset(margin, rounding):
     """Top (or left) offset of a centred crop that leaves `margin` pixels out.
-    "round": torchvision's CenterCrop, int(round(margin / 2)) with Python's round-half-to-even
-             (margin 75 -> 38, 3 -> 2, 1 -> 0); the original ImageReward, LAION aesthetic and
-             CLIPScore pipelines crop this way.
+    "round": torchvision's CenterCrop, int(round(margin / 2)) with Python's round-half-to-even (margin 75 -> 38,
+             3 -> 2, 1 -> 0); the original ImageReward, LAION aesthetic and CLIPScore pipelines crop this way.
     "floor": transformers' image processors, margin // 2 (75 -> 37): PickScore's CLIP processor."""
     return int(round(margin / 2.0)) if rounding == "round" else margin // 2
 
 
+def normalise(x, mean, std):
+    """(x - mean) / std per channel of [B, 3, H, W]."""
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+
 def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
     """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
-
-    fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision
-                Resize + CenterCrop in RTDMD's tensor path); `crop` is crop_offset's rounding
-                of an odd margin, one pixel that moves a score by ~1e-2 on a 1000x749 image.
-    fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize").
-    """
+    fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision Resize + CenterCrop in RTDMD's
+                tensor path); `crop` is crop_offset's rounding of an odd margin, one pixel that moves a score by
+                ~1e-2 on a 1000x749 image.
+    fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize")."""
     h, w = images.shape[-2:]
     if fit == "crop":  # long side truncated with int(), as both the HF processor and torchvision do
         nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
@@ -262,28 +263,24 @@ def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
         nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
     x = images
     if (nh, nw) != (h, w):
-        # antialias=True: PIL always low-pass filters when it shrinks (512 -> 224); without it
-        # the kernel aliases and scores drift. clamp: PIL's uint8 output cannot overshoot [0,1]
-        # the way a bicubic kernel does (this zeroes the gradient only of saturated pixels).
-        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
-        x = x.clamp(0, 1)
+        # antialias=True: PIL always low-pass filters when it shrinks (512 -> 224); without it the kernel aliases
+        # and scores drift. clamp: PIL's uint8 output cannot overshoot [0,1] the way a bicubic kernel does (this
+        # zeroes the gradient only of saturated pixels).
+        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
     if fit == "crop":
         top, left = crop_offset(nh - size, crop), crop_offset(nw - size, crop)
         x = x[..., top:top + size, left:left + size]
     else:  # pad with black *before* normalising, as HPSv2 pads the PIL image
         ph, pw = size - nh, size - nw
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
-    mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(x, OPENAI_MEAN, OPENAI_STD)
 
 
 # --- loading helpers ---------------------------------------------------------------------------
 
 class Lazy:
-    """A scorer part whose network, `build()`, loads on first use and follows the images' device
-    (a no-op once it is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps
-    every scorer weight out of autograd."""
+    """A scorer part whose network, `build()`, loads on first use and follows the images' device (a no-op once it
+    is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps every scorer weight out of autograd."""
     model = None
 
     def load(self, device=None):
@@ -308,9 +305,9 @@ def _pretrained(cls, src, slot, what):
 
 
 def _checkpoint(src, filenames, slot, what):
-    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a
-    hub repo id. torch.load with weights_only=True (a checkpoint is data, never code), unwrapping
-    {'state_dict': ...}; a .safetensors file through safetensors."""
+    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a hub repo id.
+    torch.load with weights_only=True (a checkpoint is data, never code), unwrapping {'state_dict': ...}; a
+    .safetensors file through safetensors."""
     candidates = (src, *(os.path.join(src, n) for n in filenames))
     path = next((p for p in candidates if os.path.isfile(p)), None)
     if path is None and not os.path.exists(src):  # a hub id? (HF_HUB_OFFLINE=1: the cache only)
@@ -352,15 +349,14 @@ def _pooled(out):
 
 
 class MLPHead(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic
-    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2).
-    In eval mode it is a single affine map; we keep the layers so the checkpoints load as is."""
+    """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic head and
+    ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2). In eval mode it is a single affine
+    map; we keep the layers so the checkpoints load as is."""
 
     def __init__(self, in_dim=768):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        self.layers = nn.Sequential(nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, x):
         return self.layers(x).squeeze(-1)
