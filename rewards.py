@@ -365,17 +365,16 @@ class MLPHead(nn.Module):
 # --- CLIP-family scorers: CLIPScore, PickScore, Aesthetic, HPSv2.1 ------------------------------
 
 class CLIPBackbone(Lazy):
-    """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic
-    share one CLIP-L/14 instance; PickScore and HPSv2.1 each hold a ViT-H/14 one.
-    `make`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
+    """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic share one CLIP-L/14
+    instance; PickScore and HPSv2.1 each hold a ViT-H/14 one. `make` makes the model instead of from_pretrained
+    (HPSv2.1's converted weights)."""
 
     def __init__(self, model_src, tokenizer_src=None, slot="clip_l", make=None):
         self.model_src, self.tokenizer_src, self.slot, self.make = model_src, tokenizer_src, slot, make
 
     def build(self):
         from transformers import AutoTokenizer, CLIPModel
-        model = self.make() if self.make else _pretrained(
-            CLIPModel, self.model_src, self.slot, "CLIP model")
+        model = self.make() if self.make else _pretrained(CLIPModel, self.model_src, self.slot, "CLIP model")
         tok_src = self.tokenizer_src or self.model_src
         tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
         self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
@@ -389,9 +388,8 @@ class CLIPBackbone(Lazy):
         return img, None if prompts is None else self.embed_text(prompts, images.device)
 
     def embed_text(self, texts, device):
-        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled
-        at the EOS token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip)
-        == padding=True (PickScore eval)."""
+        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled at the EOS
+        token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip) == padding=True (PickScore)."""
         m = self.load(device)
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt",
                              max_length=m.config.text_config.max_position_embeddings).to(device)
@@ -400,9 +398,9 @@ class CLIPBackbone(Lazy):
 
 
 class CLIPScore:
-    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
-    2.5*max(cos,0) of the CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's
-    default and CenterCrop in rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
+    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no 2.5*max(cos,0) of the
+    CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's default and CenterCrop in
+    rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
     name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
@@ -417,9 +415,9 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26,
-    as RTDMD trains and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor:
-    its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
+    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26, as RTDMD trains
+    and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor: its eval numbers come from the PIL
+    CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
     name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
@@ -484,8 +482,8 @@ _OC_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
 
 
 def _convert(sd, rename, what, prefixes=("module.",)):
-    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key:
-    tensor}, {} to drop the key, or None for a key it does not know, an error (never dropped)."""
+    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key: tensor}, {} to drop the
+    key, or None for a key it does not know, an error (never dropped)."""
     out, unknown = {}, []
     for k, v in sd.items():
         for p in prefixes:
@@ -511,8 +509,7 @@ def openclip_to_hf(sd):
             return {_OC_PROJ[k]: v.t().contiguous()}
         if fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
             pre = f"{'vision' if fused[1] else 'text'}_model.encoder.layers.{fused[2]}.self_attn."
-            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous()
-                    for n, p in zip("qkv", v.chunk(3, dim=0))}
+            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous() for n, p in zip("qkv", v.chunk(3, dim=0))}
         if block and block[3] in _OC_BLOCK:
             tower = "vision" if block[1] else "text"
             return {f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}": v}
@@ -521,19 +518,18 @@ def openclip_to_hf(sd):
 
 
 def load_hpsv2(src, config=None):
-    """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
-    laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
+    """HPSv2.1 as a frozen transformers CLIPModel (fp16 in the file, loaded as fp32). The HPS file holds the whole
+    model, so the laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
     path, sd = _checkpoint(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
-    net = CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config))
-    return _load_strict(net, openclip_to_hf(sd), path)  # fp16 in the file; loading casts to fp32
+    return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), openclip_to_hf(sd), path)
 
 
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
 
 def imagereward_blip_config():
-    """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image
-    tokens (BlipConfig copies vision hidden_size into text encoder_hidden_size)."""
+    """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image tokens (BlipConfig
+    copies vision hidden_size into text encoder_hidden_size)."""
     from transformers import BlipConfig
     return BlipConfig(vision_config=dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -543,8 +539,8 @@ def imagereward_blip_config():
 
 
 class BlipReward(nn.Module):
-    """ImageReward's network: image tokens -> text encoder cross-attends to them -> [CLS] -> MLP
-    -> z-score. The ITC heads of BLIP (vision_proj, text_proj) are not used by the reward."""
+    """ImageReward's network: image tokens -> text encoder cross-attends to them -> [CLS] -> MLP -> z-score. The ITC
+    heads of BLIP (vision_proj, text_proj) are not used by the reward."""
 
     def __init__(self, config):
         super().__init__()
@@ -556,8 +552,8 @@ class BlipReward(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask):
         # HF's last_hidden_state is post-layernormed: the same final norm BLIP's ViT applies
         tokens = self.vision(pixel_values=pixel_values).last_hidden_state
-        # is_decoder=False: bidirectional self-attention (BLIP "multimodal" mode); no encoder
-        # mask = every image token visible (ImageReward passes an all-ones mask)
+        # is_decoder=False: bidirectional self-attention (BLIP "multimodal" mode); no encoder mask = every image
+        # token visible (ImageReward passes an all-ones mask)
         h = self.text(input_ids=input_ids, attention_mask=attention_mask,
                       encoder_hidden_states=tokens, is_decoder=False).last_hidden_state
         return (self.head(h[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
@@ -586,8 +582,8 @@ def blip_to_hf(sd):
             return {f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}": v}
         if k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
             return {}  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
-        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
-            return {"text." + k.removeprefix("text_encoder."): v}  # same names
+        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py: same names
+            return {"text." + k.removeprefix("text_encoder."): v}
         if k.startswith("mlp.layers."):
             return {"head." + k.removeprefix("mlp."): v}
         return None
@@ -595,10 +591,9 @@ def blip_to_hf(sd):
 
 
 class ImageReward(Lazy):
-    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text:
-    bert-base-uncased + [DEC], [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path,
-    `crop` round its torchvision CenterCrop (RTDMD's BP fallback squashed to 224x224 without
-    antialias instead; identical for square images up to antialias)."""
+    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text: bert-base-uncased + [DEC],
+    [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path, `crop` round its torchvision CenterCrop (RTDMD's
+    BP fallback squashed to 224x224 without antialias instead; identical for square images up to antialias)."""
     name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
 
     def __init__(self, src, tokenizer_src, config=None):
