@@ -618,29 +618,28 @@ class ImageReward(Lazy):
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
 #
-# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
-# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former
-# authors' own Swin-S COCO model in transformers (same architecture and data, trained separately
-# with Detectron2, so a borderline object can fall on the other side of the 0.3 / 0.9 thresholds)
-# and CLIPScore's CLIP-L/14 instance; then the official rules, rewritten: thresholds, top-16 per
-# class, no NMS, box-centre relations, the partial-credit GRPO reward. A prompt's metadata:
+# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO instance
+# segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former authors' own Swin-S COCO
+# model in transformers (same architecture and data, trained separately with Detectron2, so a borderline object can
+# fall on the other side of the 0.3 / 0.9 thresholds) and CLIPScore's CLIP-L/14 instance; then the official rules,
+# rewritten: thresholds, top-16 per class, no NMS, box-centre relations, the partial-credit GRPO reward. Metadata:
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
 #    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
 # "color" may accompany an include entry; "position" = [relation, index of the reference entry].
 
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with
-# GenEval's names for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
+# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with GenEval's names
+# for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
 GENEVAL_OBJECTS = tuple(
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
-    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
-    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
-    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,"
-    "tv remote,computer keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,"
-    "scissors,teddy bear,hair drier,toothbrush".split(","))
-# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
-# counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,parking meter,"
+    "bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,"
+    "skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,"
+    "wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,"
+    "chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,tv remote,computer keyboard,"
+    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,"
+    "toothbrush".split(","))
+# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for counting prompts; at
+# most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
 GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
 GENEVAL_MAX_OBJECTS, GENEVAL_POSITION_MARGIN = 16, 0.1
 GENEVAL_TOPK = 100  # mmdet Mask2Former test_cfg max_per_image: candidates kept per image
@@ -648,10 +647,10 @@ GENEVAL_GREY = 0x99 / 255  # the "#999" background the colour crops are composit
 
 
 def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
-    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2;
-    y points down). The centre offset is shrunk on each axis by margin * (sum of the two boxes'
-    sizes on that axis), then divided by the unshrunk offset's length; a relation holds where
-    that direction's component exceeds 0.5. Overlapping, similar-sized boxes relate to nothing."""
+    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2; y points down).
+    The centre offset is shrunk on each axis by margin * (sum of the two boxes' sizes on that axis), then divided
+    by the unshrunk offset's length; a relation holds where that direction's component exceeds 0.5. Overlapping,
+    similar-sized boxes relate to nothing."""
     a, b = torch.as_tensor(box_a[:4], dtype=torch.float64), torch.as_tensor(box_b[:4], dtype=torch.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     size = (a[2:] - a[:2]).abs() + (b[2:] - b[:2]).abs()
@@ -665,20 +664,17 @@ def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
 
 def geneval_verdict(objects, metadata, colors_of):
     """One image's GenEval result: (strict_correct, score, reasons).
-
-    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score
-               first, already thresholded (geneval_objects).
+    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score first, already
+               thresholded (geneval_objects).
     metadata   the prompt's GenEval record (see above).
     colors_of  (objects of one class, class name) -> one colour name per object.
-
     score is the official partial credit (the GRPO reward): the mean of one term per check,
       count     1 - |expected - found| / expected         (negative if found > 2 * expected)
       colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
       position  0 or 1 per failed/passed check            (0 if the count was already wrong)
-    strict_correct needs every count exact, every colour and relation right. As in the official
-    code: a colour or position entry whose count is wrong adds ONE zero term; a failed relation
-    adds a 0 and then the 1 the loop appends after it ends (half a term lost); a colour failure
-    skips that entry's position check (no term)."""
+    strict_correct needs every count exact, every colour and relation right. As in the official code: a colour or
+    position entry whose count is wrong adds ONE zero term; a failed relation adds a 0 and then the 1 the loop
+    appends after it ends (half a term lost); a colour failure skips that entry's position check (no term)."""
     correct, terms, reasons, groups = True, [], [], []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
@@ -689,41 +685,37 @@ def geneval_verdict(objects, metadata, colors_of):
             reasons.append(f"expected {n} {name}, found {len(found)}")
             if "color" in req or "position" in req:
                 terms.append(0.0)
-        else:
-            if "color" in req:
-                hits = list(colors_of(found, name)).count(req["color"])
-                terms.append(1 - abs(n - hits) / n)
-                if hits != n:
-                    ok = False
-                    reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
-            if "position" in req and ok:
-                rel, target = req["position"]
-                if groups[target] is None:
-                    ok = False
-                    reasons.append(f"no reference object for {name} to be {rel}")
+        if ok and "color" in req:
+            hits = list(colors_of(found, name)).count(req["color"])
+            terms.append(1 - abs(n - hits) / n)
+            if hits != n:
+                ok = False
+                reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
+        if ok and "position" in req:
+            rel, target = req["position"]
+            ref = groups[target]  # None: the reference entry failed
+            bad = ref and next(((o, t) for o in found for t in ref if rel not in relative_position(o[0], t[0])), None)
+            if ref is None:
+                reasons.append(f"no reference object for {name} to be {rel}")
+                terms.append(0.0)
+            else:
+                if bad:
+                    reasons.append(f"expected {name} {rel} the reference, found "
+                                   f"{' and '.join(sorted(relative_position(bad[0][0], bad[1][0]))) or 'no relation'}")
                     terms.append(0.0)
-                else:
-                    for obj in found:
-                        bad = next((t for t in groups[target] if rel not in relative_position(obj[0], t[0])), None)
-                        if bad is not None:
-                            ok = False
-                            reasons.append(f"expected {name} {rel} the reference, found "
-                                           f"{' and '.join(sorted(relative_position(obj[0], bad[0]))) or 'no relation'}")
-                            terms.append(0.0)
-                            break
-                    terms.append(1.0)  # official: appended after the loop, failure or not
+                terms.append(1.0)  # official: appended after the loop, failure or not
+            ok = ref is not None and not bad
         correct = correct and ok
         groups.append(found if ok else None)
     return correct, (sum(terms) / len(terms) if terms else 0.0), reasons
 
 
 def geneval_correct(objects, metadata, colors_of):
-    """GenEval's own verdict (the benchmark's `correct`; official code: rtdmd/rewards/geneval_scorer.py,
-    `evaluate`, the value the official inference reports as `accuracy` with only_strict=False).
-    Arguments as geneval_verdict. Looser than the strict verdict on counts: an include entry
-    needs at least `count` objects, and its colour and relation are judged on the first `count`
-    detections only. Stricter on one point: each `exclude` entry {"class", "count"} fails the
-    image when `count` or more of that class are detected (counting prompts: "exactly n")."""
+    """GenEval's own verdict (the benchmark's `correct`; official code: rtdmd/rewards/geneval_scorer.py, `evaluate`,
+    the value the official inference reports as `accuracy` with only_strict=False). Arguments as geneval_verdict.
+    Looser than the strict verdict on counts: an include entry needs at least `count` objects, and its colour and
+    relation are judged on the first `count` detections only. Stricter on one point: each `exclude` entry
+    {"class", "count"} fails the image when `count` or more of that class are detected (counting: "exactly n")."""
     correct, groups = True, []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
@@ -741,8 +733,8 @@ def geneval_correct(objects, metadata, colors_of):
 
 
 def geneval_objects(labels, scores, boxes, masks, tag):
-    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9
-    for counting prompts), highest first, at most 16 per class (no NMS)."""
+    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9 for counting
+    prompts), highest first, at most 16 per class (no NMS)."""
     threshold = GENEVAL_COUNTING_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
     objects = {}
     for i in torch.argsort(torch.as_tensor(scores), descending=True, stable=True).tolist():
@@ -755,8 +747,8 @@ def geneval_objects(labels, scores, boxes, masks, tag):
 
 
 def masks_to_boxes(masks):
-    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty
-    mask: how mmdet's Mask2Former derives its boxes from its masks."""
+    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty mask: how mmdet's
+    Mask2Former derives its boxes from its masks."""
     def span(hit):  # hit [N, L]: first and one past the last set index, on the masks' device
         at = torch.arange(hit.shape[1], device=hit.device)
         return torch.where(hit, at, hit.shape[1]).amin(1), torch.where(hit, at, -1).amax(1) + 1
@@ -766,9 +758,9 @@ def masks_to_boxes(masks):
 
 
 def check_coco_order(id2label, src):
-    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the
-    Detectron2 short names), and a few differing spellings pass; an order that is off (nearly
-    every name differs) is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
+    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the Detectron2 short names),
+    and a few differing spellings pass; an order that is off (nearly every name differs) is an error. Unnamed
+    labels (LABEL_i, random test models) are trusted."""
     names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(GENEVAL_OBJECTS))]
     if all(n.startswith("LABEL_") for n in names):
         return
@@ -781,15 +773,14 @@ def check_coco_order(id2label, src):
 
 
 class Mask2FormerDetector(Lazy):
-    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
-    resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
-    multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
-    scored class probability x mean mask probability inside its binary mask (mask logit > 0 at
-    full image size), its box the mask's bounding box."""
+    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe: resize so the short
+    side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a multiple of 32; then per image the top-100
+    (query, class) pairs by class probability, each scored class probability x mean mask probability inside its
+    binary mask (mask logit > 0 at full image size), its box the mask's bounding box."""
     MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     SHORT, LONG, DIVISOR = 800, 1333, 32
-    # candidates at or below the lowest GenEval threshold can never count (geneval_objects): they
-    # are dropped on the device, so only the survivors' masks move to the host
+    # candidates at or below the lowest GenEval threshold can never count (geneval_objects): they are dropped on
+    # the device, so only the survivors' masks move to the host
     KEEP_ABOVE = min(GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD)
 
     def __init__(self, src):
@@ -800,35 +791,31 @@ class Mask2FormerDetector(Lazy):
         model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
                             "Mask2Former COCO instance model")
         if model.config.num_labels != len(GENEVAL_OBJECTS):
-            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
-                             f"model has {model.config.num_labels} labels")
+            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this model has "
+                             f"{model.config.num_labels} labels")
         check_coco_order(model.config.id2label, self.src)
         return model
 
     @torch.no_grad()
     def __call__(self, images):
-        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4],
-        masks [K, H, W] bool)."""
+        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4], masks [K, H, W] bool)."""
         model = self.load(images.device)
         h, w = images.shape[-2:]
         s = min(self.SHORT / min(h, w), self.LONG / max(h, w))
         nh, nw = round(h * s), round(w * s)
-        x = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False)
-        x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) / x.new_tensor(self.STD).view(1, 3, 1, 1)
-        ph, pw = -nh % self.DIVISOR, -nw % self.DIVISOR
-        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        x = normalise(F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False),
+                      self.MEAN, self.STD)
+        x = F.pad(x, (0, -nw % self.DIVISOR, 0, -nh % self.DIVISOR), value=0.0)
         out = model(pixel_values=x.to(model.dtype))
         results = []
         for cls, mask in zip(out.class_queries_logits.float(), out.masks_queries_logits.float()):
             prob = cls.softmax(-1)[:, :-1]  # the last class is "no object"
-            n_cls = prob.shape[1]
             top, idx = prob.flatten().topk(min(GENEVAL_TOPK, prob.numel()))
-            labels, query = idx % n_cls, idx // n_cls
+            labels, query = idx % prob.shape[1], idx // prob.shape[1]
             m = F.interpolate(mask[query][None], size=x.shape[-2:], mode="bilinear", align_corners=False)
             m = F.interpolate(m[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]
             binary = m > 0
-            mask_score = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            score = top * mask_score
+            score = top * ((m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6))
             keep = score > self.KEEP_ABOVE  # order kept: geneval_objects sorts stably
             binary = binary[keep]
             results.append((labels[keep].cpu(), score[keep].cpu(), masks_to_boxes(binary).cpu(), binary.cpu()))
@@ -836,10 +823,10 @@ class Mask2FormerDetector(Lazy):
 
 
 class GenEval:
-    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with
-    over twice the expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and
-    "geneval_accuracy" in {0, 1}: the strict verdict and GenEval's own (geneval_correct). Needs
-    each prompt's GenEval metadata. No gradient: GRPO and evaluation only."""
+    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with over twice the
+    expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and "geneval_accuracy" in {0, 1}: the strict
+    verdict and GenEval's own (geneval_correct). Needs each prompt's GenEval metadata. No gradient: GRPO and
+    evaluation only."""
     name, needs_metadata = "geneval", True
     TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
 
@@ -847,18 +834,17 @@ class GenEval:
         self.detector, self.clip, self.classifiers = detector, clip, {}
 
     def color_classifier(self, name, device):
-        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
-        templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
+        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three templates'
+        normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
         if name not in self.classifiers:
-            emb = self.clip.embed_text([t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES],
-                                       device)
-            self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
-                                                 .mean(1), dim=-1).t()
+            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
+            emb = self.clip.embed_text(texts, device).view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
+            self.classifiers[name] = F.normalize(emb.mean(1), dim=-1).t()
         return self.classifiers[name]
 
     def colors(self, image, found, name):
-        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
-        best-matching colour (official: ImageCrops + zero-shot classification)."""
+        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's best-matching colour
+        (official: ImageCrops + zero-shot classification)."""
         clf = self.color_classifier(name, image.device)
         out = []
         for box, mask in found:
@@ -888,8 +874,8 @@ class GenEval:
             score.append(s)
             strict.append(float(ok))
             acc.append(float(geneval_correct(objects, meta, colors_of)))
-        # geneval: partial credit (GRPO); geneval_strict: the official `strict_accuracy`;
-        # geneval_accuracy: GenEval's rule, the official `accuracy` (per tag: eval.geneval_by_tag)
+        # geneval: partial credit (GRPO); geneval_strict: the official `strict_accuracy`; geneval_accuracy:
+        # GenEval's rule, the official `accuracy` (per tag: eval.geneval_by_tag)
         return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict),
                 "geneval_accuracy": images.new_tensor(acc)}
 
