@@ -881,12 +881,11 @@ class GenEval:
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
 #
-# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
-# recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
-# pair of double quotes. Here Florence-2-base (0.23 B) with its "<OCR>" task reads a natural
-# image's text in one generate call, no separate detector (TrOCR reads one pre-cropped line,
-# GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need torchvision and OpenCV). Another
-# reader misreads differently, so per-image scores can differ from PaddleOCR's either way.
+# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line recogniser) and
+# rewards 1 - normalised edit distance to the text between the prompt's first pair of double quotes. Here
+# Florence-2-base (0.23 B) with its "<OCR>" task reads a natural image's text in one generate call, no separate
+# detector (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need
+# torchvision and OpenCV). Another reader misreads differently, so per-image scores can differ either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -907,17 +906,17 @@ def ocr_target(prompt):
 
 
 def ocr_score(read, target):
-    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs
-    in what was read, else 1 - edit distance / target length, floored at 0."""
+    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs in what was read,
+    else 1 - edit distance / target length, floored at 0."""
     read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
     dist = 0 if target in read else min(edit_distance(read, target), len(target))
     return 1 - dist / len(target)
 
 
 class OCR(Lazy):
-    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
-    gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
-    Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
+    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No gradient: an evaluation
+    metric (GRPO-usable). Inputs come from the checkpoint's own Florence2Processor (image squashed to its square
+    size; image tokens, then <s> task </s>)."""
     name = "ocr"
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
@@ -944,22 +943,21 @@ class OCR(Lazy):
 
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
 #
-# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps mu, the first of its two outputs (a Gaussian preference score
-# and its uncertainty). The network (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT,
-# "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus a token <|Reward|>, whose last hidden
-# state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2) (keys 0,
-# 3, 5). Its forward passes no position ids, so every token, image tokens included, gets plain
-# sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the
-# image at exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction
-# (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the
-# HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
-# either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
+# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's HPSv3RewardInferencer and keeps mu,
+# the first of its two outputs (a Gaussian preference score and its uncertainty). The network
+# (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT, "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus
+# a token <|Reward|>, whose last hidden state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU
+# Linear(16, 2) (keys 0, 3, 5). Its forward passes no position ids, so every token, image tokens included, gets
+# plain sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the image at
+# exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction (with the prompt) +
+# "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the HPSv3 authors' prose: read from the
+# package's source, never copied here. hpsv3_to_hf maps either key layout (HPSv3.safetensors: the older
+# "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
-    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the
-    package's .whl, or None for the installed package. Read with ast, never imported."""
+    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the package's .whl, or
+    None for the installed package. Read with ast, never imported."""
     import ast
     import importlib.util
     import zipfile
@@ -1009,24 +1007,22 @@ class HPSv3Net(nn.Module):
 
 
 def hpsv3_to_hf(sd):
-    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
-    lm_head is dropped: the reward reads hidden states, never next-token logits."""
+    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict. lm_head is dropped: the
+    reward reads hidden states, never next-token logits."""
     def rename(k, v):
         if k.startswith("rm_head."):
             return {k: v}
         if k.startswith(("visual.", "model.visual.")):
             return {"backbone.visual." + k.split("visual.", 1)[1]: v}
-        if k.startswith("model.language_model."):
-            return {"backbone.language_model." + k.removeprefix("model.language_model."): v}
-        if k.startswith("model."):  # the older layout: model.* is the language model
-            return {"backbone.language_model." + k.removeprefix("model."): v}
+        if k.startswith("model."):  # model.language_model.*, or the older layout's model.*: the language model
+            return {"backbone.language_model." + k.removeprefix("model.").removeprefix("language_model."): v}
         return {} if k.startswith("lm_head.") else None
     return _convert(sd, rename, "hpsv3_to_hf")
 
 
 def qwen_chat(tokenizer, n_img, texts, device):
-    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template
-    (Qwen2-VL's adds its default system message), tokenised and right-padded."""
+    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template (Qwen2-VL's adds
+    its default system message), tokenised and right-padded."""
     image = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": image + t}], tokenize=False,
                                            add_generation_prompt=True) for t in texts]
@@ -1035,16 +1031,15 @@ def qwen_chat(tokenizer, n_img, texts, device):
 
 
 def qwen_image(processor, images):
-    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
-    image processor (its smart_resize, normalisation and patch order), on the images' device."""
+    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL image processor
+    (its smart_resize, normalisation and patch order), on the images' device."""
     x = processor(images=to_pil(images), return_tensors="pt").to(images.device)
     return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
 class HPSv3(Lazy):
-    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an
-    evaluation metric in RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head
-    always float32."""
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an evaluation metric in
+    RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head always float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
 
@@ -1084,29 +1079,27 @@ class HPSv3(Lazy):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
         px, grid, n_img = qwen_image(self.processor, images)
         instruction, closing = self.template
-        tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
-                        images.device)
+        texts = [instruction.format(text_prompt=p) + closing for p in prompts]
+        tok = qwen_chat(self.tokenizer, n_img, texts, images.device)
         return tok.input_ids, tok.attention_mask, px, grid
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        net = self.load(images.device)
-        out = net(*self.inputs(images, prompts), self.reward_id)
+        out = self.load(images.device)(*self.inputs(images, prompts), self.reward_id)
         return {self.name: out[:, 0].to(images.dtype)}
 
 # --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
 #
-# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question
-# per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the
-# image?", "one"], ["Is the backpack green?", "Yes"]) as "<question> Answer in one word." with the
-# image; an atom scores the sum, over a list of spellings of the expected answer, of the
-# probability of each spelling's first token (a first token shared by two spellings counts twice):
-#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
-#                         one..ten, else the word "other")
+# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question per "atom" of the
+# prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the image?", "one"], ["Is the backpack
+# green?", "Yes"]) as "<question> Answer in one word." with the image; an atom scores the sum, over a list of
+# spellings of the expected answer, of the probability of each spelling's first token (a first token shared by
+# two spellings counts twice):
+#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of one..ten, else "other")
 #   every other question: "Yes", "yes", " Yes", " yes"
-# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without
-# atoms). The official code reads the probabilities off a one-token greedy generate; one forward
-# pass gives the same distribution while the generation config has no logits processor.
+# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without atoms). The official
+# code reads the probabilities off a one-token greedy generate; one forward pass gives the same distribution
+# while the generation config has no logits processor.
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
@@ -1143,9 +1136,9 @@ def _chat_template(src, slot="geneval2"):
 
 
 class GenEval2(Lazy):
-    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
-    probability of the expected one-word answer. Needs each prompt's record with its vqa_list
-    (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
+    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's probability of the
+    expected one-word answer. Needs each prompt's record with its vqa_list (the official dataset/geneval2 .jsonl
+    files). No gradient: an evaluation metric."""
     name, needs_metadata = "geneval2", True
     SUFFIX = " Answer in one word."
 
@@ -1191,21 +1184,21 @@ class GenEval2(Lazy):
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting
-# (subgrpo.py), so MultiReward returns the per-reward tensors with their weighted sum; reward
-# back-prop scores float images WITH gradient, the weighted differentiable subset.
+# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting (subgrpo.py), so
+# MultiReward returns the per-reward tensors with their weighted sum; reward back-prop scores float images WITH
+# gradient, the weighted differentiable subset.
 # The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
-# what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
-# _supported_bp_training_rewards); other GRPO rewards are left out of the back-prop term
+# what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py, _supported_bp_training_rewards);
+# other GRPO rewards are left out of the back-prop term
 BP_CAPABLE = ("clipscore", "pickscore", "hpsv2")
 EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward")}
 
 
 def make_scorers(names, sources=None, cache=None):
-    """{name: scorer} for the requested names. Nothing loads yet (scorers are lazy). `cache`
-    (a dict) shares scorer objects, so the CLIP-L/14 of clipscore and aesthetic, and every model
-    used by both the GRPO and the back-prop reward sets, exists once."""
+    """{name: scorer} for the requested names. Nothing loads yet (scorers are lazy). `cache` (a dict) shares scorer
+    objects, so the CLIP-L/14 of clipscore and aesthetic, and every model used by both the GRPO and the back-prop
+    reward sets, exists once."""
     src = {**DEFAULT_SOURCES, **(sources or {})}
     cache = {} if cache is None else cache
 
@@ -1215,13 +1208,10 @@ def make_scorers(names, sources=None, cache=None):
     builders = {
         "clipscore": lambda: CLIPScore(clip_l()),
         "aesthetic": lambda: Aesthetic(clip_l(), src["aesthetic_head"]),
-        "pickscore": lambda: PickScore(CLIPBackbone(
-            src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
-        "hpsv2": lambda: HPSv2(CLIPBackbone(
-            src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
-            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
-        "imagereward": lambda: ImageReward(
-            src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
+        "pickscore": lambda: PickScore(CLIPBackbone(src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
+        "hpsv2": lambda: HPSv2(CLIPBackbone(src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
+                                            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
+        "imagereward": lambda: ImageReward(src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
         "ocr": lambda: OCR(src["ocr"]),
         "geneval2": lambda: GenEval2(src["geneval2"]),
@@ -1237,12 +1227,11 @@ def make_scorers(names, sources=None, cache=None):
 
 class MultiReward:
     """reward(images, prompts) -> {name: Tensor[B] for each weighted name, "weighted": Tensor[B]}
-
-    weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
-    for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (models, sources) for every name they have in common. records: a .jsonl prompt file's
-    records; a call without metadata looks each prompt's record up by its text (as the official
-    GenEval2 scorer does), so a loop that passes prompts alone can score geneval and geneval2."""
+    weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False for back-prop,
+    whose gradient it would zero. share=another MultiReward: reuse its scorers (models, sources) for every name they
+    have in common. records: a .jsonl prompt file's records; a call without metadata looks each prompt's record up
+    by its text (as the official GenEval2 scorer does), so a loop that passes prompts alone can score geneval and
+    geneval2."""
 
     def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
@@ -1251,8 +1240,8 @@ class MultiReward:
         self.records = {r["prompt"]: r for r in records} if records else None
 
     def __call__(self, images, prompts, metadata=None):
-        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the
-        scorers that declare needs_metadata receive it."""
+        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the scorers that declare
+        needs_metadata receive it."""
         if metadata is None and self.records is not None:
             metadata = [self.records.get(p) for p in prompts]
         if self.quantize:
@@ -1278,8 +1267,8 @@ def parse_reward_paths(text):
 
 
 def add_source_args(parser):
-    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
-    train.py and eval.py share this one definition. A bad item is a usage error naming the slots."""
+    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group; train.py and eval.py
+    share this one definition. A bad item is a usage error naming the slots."""
     import argparse
 
     def checked(text):
@@ -1299,8 +1288,8 @@ def sources_from_args(args):
 
 
 def preflight(reward_set, device):
-    """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
-    checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
+    """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing checkpoint fails
+    before any generation or training. Raises the loaders' one-line errors."""
     prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
     meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt,
             "vqa_list": [["Is there a dog in the image?", "Yes"]]}  # geneval2's atoms
@@ -1309,10 +1298,10 @@ def preflight(reward_set, device):
 
 
 def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
-    """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
-    the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
-    rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
-    under torch.no_grad(). records: the prompt file's .jsonl records geneval needs (MultiReward)."""
+    """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of the GRPO rewards with
+    the same weights (the official default, "training_reward_fn" mode of rtdmd/trainers/bp_mixin.py): {clipscore,
+    hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad(). records: the prompt file's .jsonl
+    records geneval needs (MultiReward)."""
     grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp
