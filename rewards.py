@@ -82,7 +82,8 @@ def tilt_linear(mixture, a, beta):
 
 def quadratic_log_f(mixture, gamma, m, beta):
     """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant, with bg = beta gamma:
-        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/bg) I) = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2)))
+        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/bg) I)
+             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const.
     The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c)), finite at beta = 0."""
     m = torch.as_tensor(m, dtype=torch.float64)
     bg, s2 = beta * gamma, mixture.stds ** 2
@@ -95,7 +96,8 @@ def tilt_quadratic(mixture, gamma, m, beta):
     """Exact tilt of an isotropic mixture by exp(-beta gamma/2 |x - m|^2) (section 1):
         precision 1/s~_j^2 = 1/s_j^2 + beta gamma,   i.e. s~_j^2 = s_j^2 / (1 + beta gamma s_j^2),
         mu~_j = (mu_j / s_j^2 + beta gamma m) / (1/s_j^2 + beta gamma),
-        pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f)."""
+        pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f).
+    Returns a new models.Mixture."""
     m = torch.as_tensor(m, dtype=torch.float64)
     bg, s2 = beta * gamma, mixture.stds ** 2
     prec = 1 / s2 + bg
@@ -197,16 +199,13 @@ DEFAULT_SOURCES = {
     "pickscore_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # PickScore's processor
     "aesthetic_head": "trl-lib/ddpo-aesthetic-predictor",  # or the .pth file itself
     "hpsv2": "xswu/HPSv2",  # holds HPS_v2.1_compressed.pt
-    "hpsv2_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # same BPE as open_clip
-    "hpsv2_config": None,
+    "hpsv2_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "hpsv2_config": None,  # same BPE as open_clip
     "imagereward": "THUDM/ImageReward",  # holds ImageReward.pt
-    "imagereward_tokenizer": "google-bert/bert-base-uncased",
-    "imagereward_config": None,
+    "imagereward_tokenizer": "google-bert/bert-base-uncased", "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
     "ocr": "florence-community/Florence-2-base",  # model and its Florence2Processor
     "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
-    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
-    "hpsv3_config": None,
+    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct", "hpsv3_config": None,  # its config and tokenizer
     "hpsv3_template": None,  # the hpsv3 package (installed, its .whl, or data_collator_qwen.py)
     "geneval2": "Qwen/Qwen3-VL-8B-Instruct",  # Soft-TIFA's question answerer
 }
@@ -253,8 +252,7 @@ def normalise(x, mean, std):
 def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
     """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
     fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision Resize + CenterCrop in RTDMD's
-                tensor path); `crop` is crop_offset's rounding of an odd margin, one pixel that moves a score by
-                ~1e-2 on a 1000x749 image.
+                tensor path); `crop`: crop_offset's rounding of an odd margin (1 px, ~1e-2 on a 1000x749 image).
     fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize")."""
     h, w = images.shape[-2:]
     if fit == "crop":  # long side truncated with int(), as both the HF processor and torchvision do
@@ -885,7 +883,8 @@ class GenEval:
 # rewards 1 - normalised edit distance to the text between the prompt's first pair of double quotes. Here
 # Florence-2-base (0.23 B) with its "<OCR>" task reads a natural image's text in one generate call, no separate
 # detector (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need
-# torchvision and OpenCV). Another reader misreads differently, so per-image scores can differ either way.
+# torchvision and OpenCV). Another reader misreads differently, so per-image scores can differ from PaddleOCR's
+# either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -946,13 +945,12 @@ class OCR(Lazy):
 # The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's HPSv3RewardInferencer and keeps mu,
 # the first of its two outputs (a Gaussian preference score and its uncertainty). The network
 # (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT, "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus
-# a token <|Reward|>, whose last hidden state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU
-# Linear(16, 2) (keys 0, 3, 5). Its forward passes no position ids, so every token, image tokens included, gets
-# plain sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the image at
-# exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction (with the prompt) +
-# "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the HPSv3 authors' prose: read from the
-# package's source, never copied here. hpsv3_to_hf maps either key layout (HPSv3.safetensors: the older
-# "visual.*", "model.*", "lm_head.*").
+# a token <|Reward|>, whose last hidden state feeds rm_head, an MLP 3584 -> 1024 -> 16 -> 2 (HPSv3Net). Its forward
+# passes no position ids, so every token, image tokens included, gets plain sequential rotary positions; so do we.
+# Input (hpsv3/inference.py, data_collator_qwen.py): the image at exactly 256 * 28 * 28 pixels, one user message
+# "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The
+# instruction is the HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
+# either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
     """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
@@ -1101,8 +1099,7 @@ class HPSv3(Lazy):
 # code reads the probabilities off a one-token greedy generate; one forward pass gives the same distribution
 # while the generation config has no logits processor.
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("one two three four five six seven eight nine ten".split(), 1)}
 
 
 def soft_tifa_answers(question, answer):
