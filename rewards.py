@@ -160,8 +160,8 @@ class QuadraticReward(ToyReward):
 
 
 def toy_reward(name="quadratic"):
-    """The toy's stage-2 reward, train.py --reward quadratic|linear: a bowl centred on the ring mode at (2, 0), or
-    the linear reward along the first axis (train.py and eval.py both)."""
+    """The toy's stage-2 reward (train.py --reward quadratic|linear; eval.py too): a bowl at the ring mode (2, 0),
+    or the linear reward along the first axis."""
     return QuadraticReward(1.0, (2.0, 0.0)) if name == "quadratic" else LinearReward((1.0, 0.0))
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +212,7 @@ DEFAULT_SOURCES = {
 
 
 def quantize_uint8(images):
-    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2). Piecewise constant, so its
-    gradient is zero: never use it on the back-prop path."""
+    """round(255 x) / 255, the 8-bit image eval and GRPO score (section 2). Zero gradient: never on the BP path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
@@ -224,9 +223,8 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
 
 def check_metadata(names, records, n=None, where="the records given",
                    fix="read them from its .jsonl (the official {official})"):
-    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given) hold the field
-    (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name}, {official} filled in) says what to
-    do. The one check of rewards.py, train.py and eval.py."""
+    """One-line ValueError unless `records` (a .jsonl file's records, n if given) hold the METADATA_FIELDS field of
+    each reward of `names` that reads one; `fix` ({name}, {official}) says what to do. Used by train.py, eval.py."""
     for name in filter(METADATA_FIELDS.__contains__, names):
         field, official = METADATA_FIELDS[name]
         if not records or (n is not None and len(records) != n) or not all(
@@ -303,9 +301,8 @@ def _pretrained(cls, src, slot, what):
 
 
 def _checkpoint(src, filenames, slot, what):
-    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a hub repo id.
-    torch.load with weights_only=True (a checkpoint is data, never code), unwrapping {'state_dict': ...}; a
-    .safetensors file through safetensors."""
+    """(path, state dict) of a raw checkpoint: `src` the file, a folder holding it, or a hub id. torch.load with
+    weights_only=True (data, never code), unwrapping {'state_dict': ...}; a .safetensors file through safetensors."""
     candidates = (src, *(os.path.join(src, n) for n in filenames))
     path = next((p for p in candidates if os.path.isfile(p)), None)
     if path is None and not os.path.exists(src):  # a hub id? (HF_HUB_OFFLINE=1: the cache only)
@@ -347,9 +344,8 @@ def _pooled(out):
 
 
 class MLPHead(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic head and
-    ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2). In eval mode it is a single affine
-    map; we keep the layers so the checkpoints load as is."""
+    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts, NO activations: the LAION aesthetic and ImageReward heads (keys
+    layers.{0,2,4,6,7}). In eval mode one affine map; the layers are kept so the checkpoints load as is."""
 
     def __init__(self, in_dim=768):
         super().__init__()
@@ -363,9 +359,8 @@ class MLPHead(nn.Module):
 # --- CLIP-family scorers: CLIPScore, PickScore, Aesthetic, HPSv2.1 ------------------------------
 
 class CLIPBackbone(Lazy):
-    """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic share one CLIP-L/14
-    instance; PickScore and HPSv2.1 each hold a ViT-H/14 one. `make` makes the model instead of from_pretrained
-    (HPSv2.1's converted weights)."""
+    """A frozen CLIPModel + tokenizer, loaded on first use: one CLIP-L/14 shared by CLIPScore and Aesthetic, a ViT-H/14
+    each for PickScore and HPSv2.1. `make` builds the model instead of from_pretrained (HPSv2.1's converted weights)."""
 
     def __init__(self, model_src, tokenizer_src=None, slot="clip_l", make=None):
         self.model_src, self.tokenizer_src, self.slot, self.make = model_src, tokenizer_src, slot, make
@@ -396,9 +391,8 @@ class CLIPBackbone(Lazy):
 
 
 class CLIPScore:
-    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no 2.5*max(cos,0) of the
-    CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's default and CenterCrop in
-    rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
+    """Cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no 2.5*max(cos,0) of the CLIPScore paper).
+    bilinear, crop round: torchvision Resize + CenterCrop of rtdmd/rewards/clip_scorer.py's tensor path (eval, BP)."""
     name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
@@ -413,9 +407,8 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26, as RTDMD trains
-    and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor: its eval numbers come from the PIL
-    CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
+    """logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26, as RTDMD trains and logs it.
+    bicubic, crop floor: its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
     name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
@@ -429,9 +422,8 @@ class HPSv2(CLIPScore):
 
 
 class Aesthetic:
-    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding); ignores
-    the prompt. A no-grad metric in RTDMD, differentiable here anyway. `crop` round: the original
-    predictor preprocesses with OpenAI CLIP's torchvision CenterCrop."""
+    """LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding), prompt ignored; a no-grad metric in
+    RTDMD, differentiable here. crop round: the original predictor uses OpenAI CLIP's torchvision CenterCrop."""
     name, fit, mode, crop = "aesthetic", "crop", "bicubic", "round"
     FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")  # original, trl mirror name
 
@@ -480,8 +472,8 @@ _OC_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
 
 
 def _convert(sd, rename, what, prefixes=("module.",)):
-    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key: tensor}, {} to drop the
-    key, or None for a key it does not know, an error (never dropped)."""
+    """sd renamed key by key: rename(key less `prefixes`, tensor) -> {new key: tensor}, {} to drop it, or None for a
+    key it does not know, an error (never dropped)."""
     out, unknown = {}, []
     for k, v in sd.items():
         for p in prefixes:
@@ -526,8 +518,8 @@ def load_hpsv2(src, config=None):
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
 
 def imagereward_blip_config():
-    """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image tokens (BlipConfig
-    copies vision hidden_size into text encoder_hidden_size)."""
+    """BLIP ViT-L/16 + BERT-base 'med' text encoder cross-attending to the 1024-d image tokens (BlipConfig copies
+    vision hidden_size into text encoder_hidden_size)."""
     from transformers import BlipConfig
     return BlipConfig(vision_config=dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -537,8 +529,8 @@ def imagereward_blip_config():
 
 
 class BlipReward(nn.Module):
-    """ImageReward's network: image tokens -> text encoder cross-attends to them -> [CLS] -> MLP -> z-score. The ITC
-    heads of BLIP (vision_proj, text_proj) are not used by the reward."""
+    """ImageReward: image tokens -> text encoder cross-attends -> [CLS] -> MLP -> z-score. BLIP's ITC heads
+    (vision_proj, text_proj) are not used."""
 
     def __init__(self, config):
         super().__init__()
@@ -589,7 +581,7 @@ def blip_to_hf(sd):
 
 
 class ImageReward(Lazy):
-    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text: bert-base-uncased + [DEC],
+    """ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text: bert-base-uncased + [DEC],
     [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path, `crop` round its torchvision CenterCrop (RTDMD's
     BP fallback squashed to 224x224 without antialias instead; identical for square images up to antialias)."""
     name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
@@ -731,8 +723,8 @@ def geneval_correct(objects, metadata, colors_of):
 
 
 def geneval_objects(labels, scores, boxes, masks, tag):
-    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9 for counting
-    prompts), highest first, at most 16 per class (no NMS)."""
+    """One image's detections -> {class: [(box + score, mask), ...]}: score > 0.3 (0.9 for counting prompts), best
+    first, at most 16 per class (no NMS)."""
     threshold = GENEVAL_COUNTING_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
     objects = {}
     for i in torch.argsort(torch.as_tensor(scores), descending=True, stable=True).tolist():
@@ -745,8 +737,7 @@ def geneval_objects(labels, scores, boxes, masks, tag):
 
 
 def masks_to_boxes(masks):
-    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty mask: how mmdet's
-    Mask2Former derives its boxes from its masks."""
+    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels (empty: zeros), as mmdet's Mask2Former."""
     def span(hit):  # hit [N, L]: first and one past the last set index, on the masks' device
         at = torch.arange(hit.shape[1], device=hit.device)
         return torch.where(hit, at, hit.shape[1]).amin(1), torch.where(hit, at, -1).amax(1) + 1
@@ -756,9 +747,8 @@ def masks_to_boxes(masks):
 
 
 def check_coco_order(id2label, src):
-    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the Detectron2 short names),
-    and a few differing spellings pass; an order that is off (nearly every name differs) is an error. Unnamed
-    labels (LABEL_i, random test models) are trusted."""
+    """Label id i must be GENEVAL_OBJECTS[i], compared loosely (case, "-"/"_", Detectron2's short names, <= 3 other
+    spellings); an order that is off is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
     names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(GENEVAL_OBJECTS))]
     if all(n.startswith("LABEL_") for n in names):
         return
@@ -905,17 +895,16 @@ def ocr_target(prompt):
 
 
 def ocr_score(read, target):
-    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs in what was read,
-    else 1 - edit distance / target length, floored at 0."""
+    """Official OCR reward, on lower-cased texts without spaces: 1 if `read` contains the target, else
+    1 - edit distance / target length, floored at 0."""
     read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
     dist = 0 if target in read else min(edit_distance(read, target), len(target))
     return 1 - dist / len(target)
 
 
 class OCR(Lazy):
-    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No gradient: an evaluation
-    metric (GRPO-usable). Inputs come from the checkpoint's own Florence2Processor (image squashed to its square
-    size; image tokens, then <s> task </s>)."""
+    """Text accuracy in [0, 1] (ocr_score of what Florence-2 reads); no gradient (eval, GRPO-usable). Inputs: the
+    checkpoint's Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
     name = "ocr"
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
@@ -953,9 +942,8 @@ class OCR(Lazy):
 # either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
-    """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
-    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the package's .whl, or
-    None for the installed package. Read with ast, never imported."""
+    """(instruction with {text_prompt}, closing with <|Reward|>) from hpsv3/dataset/data_collator_qwen.py, read with
+    ast, never imported. `src`: that file, a folder holding the package, its .whl, or None (the installed one)."""
     import ast
     import importlib.util
     import zipfile
@@ -1005,8 +993,7 @@ class HPSv3Net(nn.Module):
 
 
 def hpsv3_to_hf(sd):
-    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict. lm_head is dropped: the
-    reward reads hidden states, never next-token logits."""
+    """HPSv3 state dict (either key layout) -> HPSv3Net's; lm_head dropped (the reward reads hidden states only)."""
     def rename(k, v):
         if k.startswith("rm_head."):
             return {k: v}
@@ -1133,9 +1120,8 @@ def _chat_template(src, slot="geneval2"):
 
 
 class GenEval2(Lazy):
-    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's probability of the
-    expected one-word answer. Needs each prompt's record with its vqa_list (the official dataset/geneval2 .jsonl
-    files). No gradient: an evaluation metric."""
+    """Soft-TIFA in [0, 1]: geometric mean over the prompt's atoms of Qwen3-VL's P(expected one-word answer). Needs
+    each prompt's record with its vqa_list (official dataset/geneval2 .jsonl). No gradient: an evaluation metric."""
     name, needs_metadata = "geneval2", True
     SUFFIX = " Answer in one word."
 
@@ -1193,9 +1179,8 @@ EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2",
 
 
 def make_scorers(names, sources=None, cache=None):
-    """{name: scorer} for the requested names. Nothing loads yet (scorers are lazy). `cache` (a dict) shares scorer
-    objects, so the CLIP-L/14 of clipscore and aesthetic, and every model used by both the GRPO and the back-prop
-    reward sets, exists once."""
+    """{name: scorer}, nothing loaded yet. `cache` (a dict) shares scorers, so the CLIP-L/14 of clipscore and
+    aesthetic, and every model of both the GRPO and the back-prop reward sets, exists once."""
     src = {**DEFAULT_SOURCES, **(sources or {})}
     cache = {} if cache is None else cache
 
@@ -1237,8 +1222,7 @@ class MultiReward:
         self.records = {r["prompt"]: r for r in records} if records else None
 
     def __call__(self, images, prompts, metadata=None):
-        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the scorers that declare
-        needs_metadata receive it."""
+        """metadata: None or one .jsonl record per prompt, passed to the scorers with needs_metadata."""
         if metadata is None and self.records is not None:
             metadata = [self.records.get(p) for p in prompts]
         if self.quantize:
@@ -1285,8 +1269,8 @@ def sources_from_args(args):
 
 
 def preflight(reward_set, device):
-    """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing checkpoint fails
-    before any generation or training. Raises the loaders' one-line errors."""
+    """Score one random image, so every model of a (lazy) reward set loads now and a missing checkpoint fails
+    before any generation or training, with the loaders' one-line errors."""
     prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
     meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt,
             "vqa_list": [["Is there a dog in the image?", "Yes"]]}  # geneval2's atoms
