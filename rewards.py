@@ -118,8 +118,7 @@ class LinearReward(ToyReward):
     """r(x) = a^T x. Callable (samples [B, d], prompts) -> {name: Tensor[B]}, differentiable."""
 
     def __init__(self, a=(1.0, 0.0), name="linear"):
-        self.a = torch.as_tensor(a, dtype=torch.float64)
-        self.name = name
+        self.a, self.name = torch.as_tensor(a, dtype=torch.float64), name
 
     def __call__(self, samples, prompts=None):
         return {self.name: samples @ self.a.to(samples)}
@@ -140,9 +139,7 @@ class QuadraticReward(ToyReward):
     """r(x) = -(gamma/2) |x - m|^2. Callable (samples [B, d], prompts) -> {name: Tensor[B]}."""
 
     def __init__(self, gamma=1.0, m=(2.0, 0.0), name="quadratic"):
-        self.gamma = float(gamma)
-        self.m = torch.as_tensor(m, dtype=torch.float64)
-        self.name = name
+        self.gamma, self.m, self.name = float(gamma), torch.as_tensor(m, dtype=torch.float64), name
 
     def __call__(self, samples, prompts=None):
         return {self.name: -0.5 * self.gamma * ((samples - self.m.to(samples)) ** 2).sum(1)}
@@ -607,7 +604,6 @@ class ImageReward(Lazy):
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
-#
 # The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO instance
 # segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former authors' own Swin-S COCO
 # model in transformers (same architecture and data, trained separately with Detectron2, so a borderline object can
@@ -868,7 +864,6 @@ class GenEval:
                 "geneval_accuracy": images.new_tensor(acc)}
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
-#
 # The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line recogniser) and
 # rewards 1 - normalised edit distance to the text between the prompt's first pair of double quotes. Here
 # Florence-2-base (0.23 B) with its "<OCR>" task reads a natural image's text in one generate call, no separate
@@ -930,7 +925,6 @@ class OCR(Lazy):
         return {self.name: images.new_tensor([ocr_score(r, t) for r, t in zip(self.read(images), targets)])}
 
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
-#
 # The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's HPSv3RewardInferencer and keeps mu,
 # the first of its two outputs (a Gaussian preference score and its uncertainty). The network
 # (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT, "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus
@@ -1074,7 +1068,6 @@ class HPSv3(Lazy):
         return {self.name: out[:, 0].to(images.dtype)}
 
 # --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
-#
 # The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question per "atom" of the
 # prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the image?", "one"], ["Is the backpack
 # green?", "Yes"]) as "<question> Answer in one word." with the image; an atom scores the sum, over a list of
