@@ -809,13 +809,13 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
 # --- 4. LoRA, hand-written (no peft at run time) ---------------------------------------------
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
-    # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
-    # self-attention (attn2, MMDiT-X) out, as the target list of configs/cold_start/sd35m.yaml does.
+    # SD3.x: every block's joint-attention projections; "attn." keeps SD3.5's second self-attention (attn2,
+    # MMDiT-X) out, as configs/cold_start/sd35m.yaml's target list does.
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
-    # single-stream output projection of blocks 0-19 only, in both stages, for the generator and
-    # the fake score alike (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
+    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the single-stream
+    # output projection of blocks 0-19 only, in both stages, for generator and fake score alike
+    # (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
               "to_add_out", "to_qkv_mlp_proj")
              + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
@@ -823,10 +823,9 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 
 
 class LoRALinear(nn.Linear):
-    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-
-    dict names) and adds `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name).
-    A, B are `dtype`: float32, or bf16 as the official code's (diffusers' add_adapter makes them
-    in the base layer's dtype); the branch is cast back to the output dtype."""
+    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-dict names) and adds
+    `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name). A, B are `dtype`: float32, or bf16 as
+    the official code's (diffusers' add_adapter makes them in the base layer's dtype); the branch is cast back."""
 
     def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
@@ -884,9 +883,9 @@ def lora_modules(sd):
 
 
 def merge_lora(net, in_place=False):
-    """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
-    back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
-    writes the same numbers into W itself (for a base nothing else reads: no second copy)."""
+    """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear back. The merged
+    weight is a *new* tensor, so a teacher sharing W stays untouched; in_place writes the same numbers into W itself
+    (for a base nothing else reads: no second copy)."""
     for n, m in lora_layers(net).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device="meta", dtype=m.weight.dtype)
@@ -903,8 +902,8 @@ def merge_lora(net, in_place=False):
 
 
 def save_lora(lora, path, alpha=None):
-    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the
-    file layout of section 4. alpha: the net's, else 2 r."""
+    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the file layout of
+    section 4. alpha: the net's, else 2 r."""
     from safetensors.torch import save_file
     if isinstance(lora, nn.Module):
         m0 = next(iter(lora_layers(lora).values()))
@@ -916,8 +915,8 @@ def save_lora(lora, path, alpha=None):
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
-# Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the
-# official loader strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
+# Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the official loader
+# strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
 LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.model.", "transformer.")
 LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
 
@@ -932,8 +931,9 @@ def read_lora(src):
     scale, sd = 64 / 32, src
     if isinstance(src, (str, os.PathLike)):
         path = str(src)
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isdir(path + "/transformer"):
-            path = os.path.join(path, "transformer")
+        sub = os.path.join(path, "transformer")  # a pipeline folder holding a peft folder
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isdir(sub):
+            path = sub
         if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):  # a peft folder
             with open(cfg_file) as f:
                 cfg = json.load(f)
@@ -973,10 +973,9 @@ def load_lora(net, lora):
     """Wrap the modules named in `lora` (anything read_lora reads) with LoRALinear, load it."""
     sd, alpha = read_lora(lora)
     names, r = lora_modules(sd)
-    unknown = [n for n in names if n not in dict(net.named_modules())]
-    if unknown:
-        raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: "
-                         "is it a LoRA of another model?")
+    if unknown := [n for n in names if n not in dict(net.named_modules())]:
+        raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: is it a LoRA of "
+                         "another model?")
     trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
     inject_lora(net, names, r, alpha)
     for p in trainable:
@@ -987,9 +986,9 @@ def load_lora(net, lora):
 
 
 def merged_generator(bb, loras):
-    """The generator base with each LoRA of `loras` merged into its weights, in order (official
-    code: rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1
-    LoRA, then its stage-2 LoRA. The base's own tensors stay untouched (merge_lora)."""
+    """The generator base with each LoRA of `loras` merged into its weights, in order (official code:
+    rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1 LoRA, then its stage-2
+    LoRA. The base's own tensors stay untouched (merge_lora)."""
     net = shared_copy(bb.generator_base)
     for lora in loras:
         merge_lora(load_lora(net, lora))
@@ -997,11 +996,10 @@ def merged_generator(bb, loras):
 
 
 def stack_loras(loras):
-    """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the
-    rank axis, B = [B1 c1, B2 c2, ...] with c_i = s_i / s (s_i = alpha_i / r_i, s the stack's
-    scale, that of the first), so s B A = sum_i s_i B_i A_i exactly. A module missing from one
-    LoRA gets zero rows there, so every module has the summed rank. Two stacked rank-32 LoRAs
-    become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
+    """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the rank axis,
+    B = [B1 c1, B2 c2, ...] with c_i = s_i / s (s_i = alpha_i / r_i, s the stack's scale, that of the first), so
+    s B A = sum_i s_i B_i A_i exactly. A module missing from one LoRA gets zero rows there, so every module has the
+    summed rank: two rank-32 LoRAs become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
     read = [read_lora(x) for x in loras]
     ranks = [lora_modules(sd)[1] for sd, _ in read]
     scales = [a / r for (_, a), r in zip(read, ranks)]
@@ -1024,9 +1022,8 @@ def export_stacked_lora(loras, path):
 
 
 def export_merged(net, folder):
-    """Save `net` with its LoRA merged, as a plain transformer folder (save_pretrained) that a
-    stock pipeline loads with no extra library:
-        Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
+    """Save `net` with its LoRA merged as a plain transformer folder (save_pretrained) that a stock pipeline loads
+    with no extra library: Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
 # --- 5. load(name) ---------------------------------------------------------------------------
 
@@ -1045,8 +1042,8 @@ def load(name, **kw):
 
 
 def read_run_config(run_dir, required=True):
-    """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it
-    here). A missing file raises a one-line FileNotFoundError, or gives None when not required."""
+    """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it here). A missing file
+    raises a one-line FileNotFoundError, or gives None when not required."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         if not required:
@@ -1057,14 +1054,14 @@ def read_run_config(run_dir, required=True):
 
 
 def load_run(run_dir, stage=None, which="ema", **kw):
-    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the
-    latest present; which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw
-    override load()'s arguments. The backbone is rebuilt from config.json (a tiny twin is built in
-    the run folder). The checkpoints hold only the trainable tensors, under the student's names:
-    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and
-               lora_rank 0); net = make_student("generator") + ck[which].
-    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"],
-               the stage-1 EMA LoRA the stage-2 student merged into its base (sections 3, 4):
+    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the latest present;
+    which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw override load()'s arguments.
+    The backbone is rebuilt from config.json (a tiny twin is built in the run folder). The checkpoints hold only
+    the trainable tensors, under the student's names:
+    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and lora_rank 0);
+               net = make_student("generator") + ck[which].
+    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"], the stage-1 EMA
+               LoRA the stage-2 student merged into its base (sections 3, 4):
                net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which]."""
     cfg = read_run_config(run_dir)
     stages = [k for k in (2, 1) if os.path.exists(os.path.join(run_dir, f"stage{k}.pt"))]
@@ -1073,11 +1070,11 @@ def load_run(run_dir, stage=None, which="ema", **kw):
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
     ck = load_checkpoint(os.path.join(run_dir, f"stage{stage}.pt"))
-    args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
-                generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
-                lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
-                width=cfg.get("toy_width", 128), angles=cfg.get("toy_angles", 0),
-                exact_prefix=cfg.get("toy_exact_prefix", False), per_step=cfg.get("toy_per_step", False))
+    rank = cfg.get("lora_rank", 32)
+    args = dict(cache_dir=run_dir, lora_rank=rank, lora_alpha=2 * rank, width=cfg.get("toy_width", 128),
+                **{k: cfg.get(k) for k in ("pretrained", "generator_pretrained", "resolution")},
+                angles=cfg.get("toy_angles", 0), exact_prefix=cfg.get("toy_exact_prefix", False),
+                per_step=cfg.get("toy_per_step", False))
     bb = load(cfg["model"], **(args | kw))
     merged = dict(stage=2, merge=ck["stage1_ema"]) if stage == 2 and "stage1_ema" in ck else {}
     net = bb.make_student("generator", **merged)
@@ -1090,31 +1087,30 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 
 
 def load_checkpoint(path):
-    """torch.load(path) that never executes code from the file (a run folder may come from someone
-    else): weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py
-    writes (RNG states are uint8 tensors); anything else is refused with one ValueError line."""
+    """torch.load(path) that never executes code from the file (a run folder may come from someone else):
+    weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
+    are uint8 tensors); anything else is refused with one ValueError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))  # torch names the culprit
         what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors"
-        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when "
-                         "unpickled; it was not written by train.py (or was changed since); "
-                         "only open run folders you trust") from None
+        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when unpickled; it was "
+                         "not written by train.py (or was changed since); only open run folders you trust") from None
 
 
 def read_prompt_file(path):
-    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code:
-    rtdmd/data/prompt_dataset.py): .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR
-    sets; metadata {}); .jsonl, one JSON object a line with a "prompt" field, its other fields that
-    prompt's metadata (GenEval's train/test_metadata.jsonl: tag, include, ...), which a reward gets
-    as reward(images, prompts, metadata). Blank lines are skipped; bad files raise one line."""
+    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code: rtdmd/data/prompt_dataset.py):
+    .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets; metadata {}); .jsonl, one JSON object a
+    line with a "prompt" field, its other fields that prompt's metadata (GenEval's train/test_metadata.jsonl: tag,
+    include, ...), which a reward gets as reward(images, prompts, metadata). Blank lines are skipped; bad files
+    raise one line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
-                                ".jsonl (a \"prompt\" field a line)")
+        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a .jsonl "
+                                "(a \"prompt\" field a line)")
     if path.endswith(".json"):
-        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or "
-                         ".jsonl (one JSON object with a \"prompt\" field a line)")
+        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or .jsonl (one "
+                         "JSON object with a \"prompt\" field a line)")
     with open(path, encoding="utf-8") as f:
         lines = [(i + 1, line.strip()) for i, line in enumerate(f) if line.strip()]
     if not lines:
@@ -1128,8 +1124,8 @@ def read_prompt_file(path):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl "
-                             "line must be an object like {\"prompt\": \"a photo of a cat\", ...}")
+            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl line must be an "
+                             "object like {\"prompt\": \"a photo of a cat\", ...}")
         prompts.append(rec.pop("prompt"))
         metadata.append(rec)
     return prompts, metadata
