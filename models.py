@@ -344,10 +344,8 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
     return net.eval()
 
 class ToyBackbone:
-    """The toy world behind the backbone interface: the teacher is the *exact* mixture velocity, generator and
-    fake score start from pretrain_toy_base, cached as `toy_base_w<width>[_a<K>].pt` in `cache_dir` (a cached
-    file wins over pretrain_steps / pretrain_batch / depth). The base takes seconds; what limits the 4-step
-    generator is elsewhere (README)."""
+    """The toy world of section 2 behind the backbone interface; pretrain_toy_base is cached as
+    `toy_base_w<width>[_a<K>].pt` in `cache_dir` (a cached file wins over pretrain_steps / pretrain_batch / depth)."""
 
     name = "toy"
     latent_shape = (2,)
@@ -406,9 +404,8 @@ class ToyBackbone:
         return x
 
 class ShiftVelocity(ExactVelocity):
-    """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, b learnable: it only moves its
-    output mean (linearly in b), so the stage-2 exact-decomposition stationary point is closed form (subgrpo.py,
-    section 7)."""
+    """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, b learnable: it moves its output mean
+    only, linearly in b (so its stage-2 stationary point is closed form, subgrpo.py, section 7)."""
 
     def __init__(self, mixture, dim=2):
         super().__init__(mixture)
@@ -444,16 +441,14 @@ class ToyGaussBackbone(ToyBackbone):
 SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, train resolution)
     "sd3-medium": ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None, 7.0, 1024),
     "sd3.5-medium": ("sd3", "stabilityai/stable-diffusion-3.5-medium", None, 4.5, 512),
-    "flux2-klein-4b": ("flux2", "black-forest-labs/FLUX.2-klein-base-4B",
-                       "black-forest-labs/FLUX.2-klein-4B", 4.0, 512),
+    "flux2-klein-4b": ("flux2", "black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-4B", 4.0, 512),
     "tiny-sd3": ("sd3", None, None, 7.0, 32),
     "tiny-sd35": ("sd3", None, None, 4.5, 32),
     "tiny-flux2": ("flux2", None, None, 4.0, 32),
 }
 DEFAULT_PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a lighthouse at sunset",
-                   "an astronaut riding a horse", "a bowl of ramen, studio lighting",
-                   "a watercolor painting of a fox", "two dogs playing in the snow",
-                   "a city skyline at night"]
+                   "an astronaut riding a horse", "a bowl of ramen, studio lighting", "a watercolor painting of a fox",
+                   "two dogs playing in the snow", "a city skyline at night"]
 
 def shared_copy(net):
     """A copy of `net` sharing its parameters and buffers (deepcopy with a pre-filled memo): wrapping its Linears
@@ -577,8 +572,7 @@ class DiffusersBackbone:
     @torch.no_grad()
     def pipeline_latents(self, prompts, x, steps, guidance=None):
         """The stock pipeline (the teacher, `steps` Euler steps with CFG `guidance`, default g) from our latents x,
-        on self.encode's embeddings: its VAE latents (output_type="latent", what to_vae_latents maps our samples
-        to; decode_vae decodes them)."""
+        on self.encode's embeddings: its VAE latents (output_type="latent"), which decode_vae decodes."""
         c, null = self.encode(prompts), self.encode([""] * len(prompts))
         kw = dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
         if self.family == "sd3":

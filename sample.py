@@ -256,8 +256,7 @@ def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
     batches = initial_noise(bb, prompts, n, seed)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if bb.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu()
-                          for x, ps in batches])
+        return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu() for x, ps in batches])
 
 @torch.no_grad()
 def teacher_batch(bb, x, prompts, steps=28, guidance=None):
@@ -271,8 +270,7 @@ def teacher_batch(bb, x, prompts, steps=28, guidance=None):
 @torch.no_grad()
 def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     """Images [P*n, 3, H, W] from the frozen teacher (teacher_batch), one batch per prompt."""
-    return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu()
-                      for x, ps in initial_noise(bb, prompts, n, seed)])
+    return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu() for x, ps in initial_noise(bb, prompts, n, seed)])
 
 def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
     """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher (`steps` Euler steps
@@ -358,12 +356,11 @@ def main(argv=None):
             p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
         r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
         print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
-              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:\n  generator, "
-              f"{r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
-              f"{r['generator_end_to_end_images_per_s']:.3f}\n  teacher, {r['teacher_steps']} steps, CFG "
-              f"{r['teacher_cfg']} ({r['teacher_nfe']} NFE): {r['teacher_sampler_images_per_s']:.3f} | "
-              f"{r['teacher_end_to_end_images_per_s']:.3f}\n  speed-up: {r['speedup_sampler']:.1f}x | "
-              f"{r['speedup_end_to_end']:.1f}x")
+              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:")
+        for who, what in (("generator", f"{r['generator_nfe']} NFE"),
+                          ("teacher", f"{r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE)")):
+            print(f"  {who}, {what}: {r[who + '_sampler_images_per_s']:.3f} | {r[who + '_end_to_end_images_per_s']:.3f}")
+        print(f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
         out = args.out or os.path.join(root, "speed.json")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
@@ -391,10 +388,9 @@ def main(argv=None):
     wall, out = time.time() - t0, args.out or os.path.join(root, "samples", name)
     save_images(images, out)
     grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
-    print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s "
-          f"(+{t_load:.1f}s loading) -> {out}/000000.png ... and {grid}")
-    for i, pr in enumerate(prompts):
-        print(f"  row {i}: {pr!r}")
+    print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s (+{t_load:.1f}s loading) -> "
+          f"{out}/000000.png ... and {grid}")
+    print("\n".join(f"  row {i}: {pr!r}" for i, pr in enumerate(prompts)))
     return out
 
 if __name__ == "__main__":
