@@ -135,42 +135,52 @@ from tqdm import tqdm
 
 # --- 1. Flow-matching conventions ------------------------------------------------------------
 
+
 def bcast(sigma, x):
     """Reshape a per-sample sigma [B] (or a float) so it broadcasts against x [B, ...]."""
     if not torch.is_tensor(sigma):
         return torch.tensor(float(sigma), dtype=x.dtype, device=x.device)
     return sigma.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
 
+
 def add_noise(x0, eps, sigma):
     """Forward path x_sigma = (1 - sigma) x0 + sigma eps (section 1)."""
     s = bcast(sigma, x0)
     return (1 - s) * x0 + s * eps
 
+
 def velocity_target(x0, eps):
     """Flow-matching regression target v = eps - x0 (velocity points data -> noise)."""
     return eps - x0
+
 
 def x0_from_velocity(x, v, sigma):
     """x0_hat = x - sigma v."""
     return x - bcast(sigma, x) * v
 
+
 def eps_from_velocity(x, v, sigma):
     """eps_hat = x + (1 - sigma) v."""
     return x + (1 - bcast(sigma, x)) * v
+
 
 def velocity_from_score(x, score, sigma):
     """v = -(x + sigma score) / (1 - sigma) from score = grad log p_sigma(x) (Tweedie, section 1)."""
     s = bcast(sigma, x)
     return -(x + s * score) / (1 - s)
 
+
 def sigma_to_timestep(sigma):
     """SD3-style model timestep tau = 1000 sigma (no shift here: shift is applied once, below)."""
     return sigma * 1000.0
 
+
 def timestep_to_sigma(tau):
     return tau / 1000.0
 
+
 DENOISING_STEP_LIST = (1000, 750, 500, 250)
+
 
 def sd3_sigmas(step_list=DENOISING_STEP_LIST, shift=3.0):
     """Static shift of SD3 / SD3.5: u = step/1000, sigma = shift u / (1 + (shift - 1) u).
@@ -179,6 +189,7 @@ def sd3_sigmas(step_list=DENOISING_STEP_LIST, shift=3.0):
     s = shift * u / (1 + (shift - 1) * u)
     s = torch.round(s * 1e6) / 1e6  # the official code rounds to 6 decimals
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+
 
 def flux2_empirical_mu(image_seq_len, num_steps):
     """FLUX.2's resolution-dependent shift mu (the FLUX.2 pipeline's): piecewise linear in the token
@@ -189,6 +200,7 @@ def flux2_empirical_mu(image_seq_len, num_steps):
     a = (m_200 - (8.73809524e-05 * image_seq_len + 1.89833333)) / 190.0
     return a * num_steps + (m_200 - 200.0 * a)
 
+
 def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
     """FLUX.2-klein dynamic shift: sigma = e^mu / (e^mu + (1/u - 1)), image_seq_len = (res/16)^2.
     512 px -> [1, .95809, .88398, .71750, 0]; 1024 px -> [1, .96738, .90814, .76720, 0]."""
@@ -196,6 +208,7 @@ def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
     u = timestep_to_sigma(torch.tensor(step_list, dtype=torch.float64))
     s = math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+
 
 def cfg_velocity(bb, net, x, sigma, cond, null_cond, g):
     """CFG v = v(null) + g (v(c) - v(null)), null = the encoded "", in one forward over [null; cond]."""
@@ -206,11 +219,14 @@ def cfg_velocity(bb, net, x, sigma, cond, null_cond, g):
     v_null, v_cond = v.chunk(2)
     return v_null + g * (v_cond - v_null)
 
+
 def cond_select(cond, idx):
     """Index every tensor of a condition dict along the batch dimension."""
     return {k: v[idx] for k, v in cond.items()}
 
+
 # --- 2. The toy backbone: a 2-D conditional Gaussian mixture ---------------------------------
+
 
 class Mixture:
     """An isotropic Gaussian mixture, closed form at every noise level (section 2). means [J, d], stds [J],
@@ -259,6 +275,7 @@ class Mixture:
         """Exact flow velocity v = (x - E[x0 | x]) / sigma (sigma clamped at 1e-4)."""
         return (x - self.posterior_x0(x, sigma, c)[0]) / bcast(sigma, x).clamp(min=1e-4)
 
+
 def toy_mixture(num_components=8, radius=2.0, std=0.3):
     """The toy world of section 2 ('top' has *unequal* weights, so mode occupancy is a real test)."""
     J = num_components
@@ -269,7 +286,9 @@ def toy_mixture(num_components=8, radius=2.0, std=0.3):
     weights = torch.cat([w, w.mean(0, keepdim=True)])
     return Mixture(means, torch.full((J,), std), weights)
 
+
 TOY_PROMPTS = ("top", "bottom", "ring")
+
 
 class ExactVelocity(nn.Module):
     """The toy teacher: the exact mixture velocity as a parameter-free module, net(x, sigma, c)."""
@@ -280,6 +299,7 @@ class ExactVelocity(nn.Module):
 
     def forward(self, x, sigma, c):
         return self.mixture.velocity(x, sigma, c)
+
 
 class ToyMLP(nn.Module):
     """Velocity MLP f(x, sigma, c): [x, Fourier(sigma), one-hot(c)] -> 3 x width SiLU -> d. angles=K adds polar
@@ -307,6 +327,7 @@ class ToyMLP(nn.Module):
             feats += [x.norm(dim=1, keepdim=True), phi.cos(), phi.sin()]
         return self.net(torch.cat(feats, 1))
 
+
 class ToySteps(nn.Module):
     """One ToyMLP copy per sampler step (train.py --toy-per-step, a diagnostic of interference between steps),
     picked by the call's sigma, which all its samples share (the fake score's sigmas never reach it)."""
@@ -319,6 +340,7 @@ class ToySteps(nn.Module):
     def forward(self, x, sigma, c):
         k = int((self.sigmas - sigma.reshape(-1)[0].float()).abs().argmin())
         return self.nets[k](x, sigma, c)
+
 
 def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False,
                       depth=3, angles=0):
@@ -342,6 +364,7 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
         opt.step()
         sched.step()
     return net.eval()
+
 
 class ToyBackbone:
     """The toy world of section 2 behind the backbone interface; pretrain_toy_base is cached as
@@ -403,6 +426,7 @@ class ToyBackbone:
         """The toy has no VAE: a 'sample' is the 2-D point itself (rewards score the point)."""
         return x
 
+
 class ShiftVelocity(ExactVelocity):
     """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, b learnable: it moves its output mean
     only, linearly in b (so its stage-2 stationary point is closed form, subgrpo.py, section 7)."""
@@ -413,6 +437,7 @@ class ShiftVelocity(ExactVelocity):
 
     def forward(self, x, sigma, c):
         return super().forward(x, sigma, c).to(x.dtype) + self.b
+
 
 class ToyGaussBackbone(ToyBackbone):
     """"toy-gauss": a one-Gaussian teacher, a shift-only generator (ShiftVelocity), the fake score still the
@@ -450,11 +475,13 @@ DEFAULT_PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a light
                    "an astronaut riding a horse", "a bowl of ramen, studio lighting", "a watercolor painting of a fox",
                    "two dogs playing in the snow", "a city skyline at night"]
 
+
 def shared_copy(net):
     """A copy of `net` sharing its parameters and buffers (deepcopy with a pre-filled memo): wrapping its Linears
     with LoRA leaves `net` untouched."""
     memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
     return copy.deepcopy(net, memo)
+
 
 def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
     """cls.from_pretrained; a missing / wrong id or folder exits with one actionable line (no traceback).
@@ -474,6 +501,7 @@ def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
                    f"({why}): log in with `huggingface-cli login`, accept the model's licence, and "
                    f"run `huggingface-cli download {p}`; or {fix}")
         raise SystemExit(f"error: {msg}") from None
+
 
 class DiffusersBackbone:
     """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, text, the stock pipeline, the VAE."""
@@ -598,6 +626,7 @@ class DiffusersBackbone:
         """Sampler latents -> the VAE's own latents (what output_type="latent" returns); SD3's are the same."""
         return x
 
+
 class SD3Backbone(DiffusersBackbone):
     """SD3-Medium / SD3.5-Medium (section 3): latents [B, 16, H/8, W/8]."""
     family, packing = "sd3", 1
@@ -623,6 +652,7 @@ class SD3Backbone(DiffusersBackbone):
         tau = sigma_to_timestep(sigma.to(self.device, torch.float32))
         return net(hidden_states=x.to(self.dtype), timestep=tau, encoder_hidden_states=cond["prompt_embeds"],
                    pooled_projections=cond["pooled_projections"], return_dict=False)[0].float()
+
 
 class Flux2Backbone(DiffusersBackbone):
     """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified VAE latent as an image
@@ -669,6 +699,7 @@ class Flux2Backbone(DiffusersBackbone):
         B, C, h, w = z.shape  # channel index = c*4 + 2*dy + dx (diffusers' _patchify_latents)
         z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
         return z.reshape(B, C // 4, 2 * h, 2 * w)
+
 
 def build_tiny(name, folder):
     """Random-init twin of a real pipeline (section 3), saved with save_pretrained into `folder`. Fixed seeds,
@@ -742,6 +773,7 @@ def build_tiny(name, folder):
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
+
 def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=None, device="cpu",
                    dtype=torch.float32, cache_dir=None, text_layers=None, guidance=None, **kw):
     """Load a real backbone, or a tiny twin (built into cache_dir if missing), from_pretrained."""
@@ -783,6 +815,7 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
              + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
 }
 
+
 class LoRALinear(nn.Linear):
     """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-dict names) and adds
     `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name). A, B are `dtype`: float32, or bf16 as
@@ -810,11 +843,13 @@ class LoRALinear(nn.Linear):
         """The merged update (alpha/r) B A, float32 [out, in]."""
         return self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()
 
+
 def lora_targets(net, family):
     """Names of the Linears of `net` that get a LoRA (section 4), the same in both stages."""
     suffixes = LORA_TARGETS[family]
     return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)
             and any(n == s or n.endswith("." + s) for s in suffixes)]
+
 
 def inject_lora(net, names, rank=32, alpha=64, init="gaussian", dtype=torch.float32):
     """Wrap the named Linears with LoRALinear; freeze everything else. Returns net."""
@@ -825,17 +860,21 @@ def inject_lora(net, names, rank=32, alpha=64, init="gaussian", dtype=torch.floa
         setattr(owner, child, LoRALinear(owner.get_submodule(child), rank, alpha, init, dtype))
     return net
 
+
 def lora_layers(net):
     return {n: m for n, m in net.named_modules() if isinstance(m, LoRALinear)}
+
 
 def lora_state_dict(net):
     """{module.lora_A.weight / .lora_B.weight: tensor} for checkpoints and EMA."""
     return {k: v for k, v in net.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
+
 def lora_modules(sd):
     """(sorted module names, rank) of a LoRA state dict {module.lora_A.weight: A, ...}."""
     names = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
     return names, next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]
+
 
 def merge_lora(net, in_place=False):
     """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear back. The merged
@@ -855,6 +894,7 @@ def merge_lora(net, in_place=False):
         setattr(net.get_submodule(parent) if parent else net, child, lin)
     return net
 
+
 def save_lora(lora, path, alpha=None):
     """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the file layout of
     section 4. alpha: the net's, else 2 r."""
@@ -868,10 +908,12 @@ def save_lora(lora, path, alpha=None):
     config = {"transformer.r": r, "transformer.lora_alpha": alpha or 2 * r, "transformer.target_modules": names}
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
+
 # Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the official loader
 # strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
 LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.model.", "transformer.")
 LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
+
 
 def read_lora(src):
     """A LoRA in any layout of the official loader (rtdmd/inference.py, _merge_lora_into_base_transformer) or of
@@ -920,6 +962,7 @@ def read_lora(src):
         raise ValueError(f"--lora {what}: no '...lora_A[.adapter].weight' / '...lora_B...' keys found")
     return out, scale * lora_modules(out)[1]
 
+
 def load_lora(net, lora):
     """Wrap the modules named in `lora` (anything read_lora reads) with LoRALinear, load it."""
     sd, alpha = read_lora(lora)
@@ -935,6 +978,7 @@ def load_lora(net, lora):
     assert not unexpected and not [k for k in missing if ".lora_" in k], (missing, unexpected)
     return net
 
+
 def merged_generator(bb, loras):
     """The generator base with each LoRA of `loras` merged into its weights, in order (official code:
     rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1 LoRA, then its stage-2
@@ -943,6 +987,7 @@ def merged_generator(bb, loras):
     for lora in loras:
         merge_lora(load_lora(net, lora))
     return net.eval().requires_grad_(False)
+
 
 def stack_loras(loras):
     """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the rank axis,
@@ -962,11 +1007,13 @@ def stack_loras(loras):
         out[n + ".lora_A.weight"], out[n + ".lora_B.weight"] = torch.cat(A), torch.cat(B, 1)
     return out, scales[0] * sum(ranks)
 
+
 def export_stacked_lora(loras, path):
     """stack_loras written by save_lora: a diffusers/peft file for `pipe.load_lora_weights`."""
     sd, alpha = stack_loras(loras)
     save_lora(sd, path, alpha=int(alpha) if float(alpha).is_integer() else alpha)
     return path
+
 
 def export_merged(net, folder):
     """Save `net` with its LoRA merged as a plain transformer folder (save_pretrained) that a stock pipeline loads
@@ -975,6 +1022,7 @@ def export_merged(net, folder):
 # --- 5. load(name) ---------------------------------------------------------------------------
 
 BACKBONES = ("toy", "toy-gauss") + tuple(SPECS)
+
 
 def load(name, **kw):
     """Return the backbone called `name` (see the interface in the module docstring)."""
@@ -986,6 +1034,7 @@ def load(name, **kw):
         return load_diffusers(name, **kw)  # cache_dir, gradient_checkpointing, lora_rank, ...
     raise ValueError(f"unknown --model {name!r}; choose one of: {', '.join(BACKBONES)}")
 
+
 def read_run_config(run_dir, required=True):
     """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it here). A missing file
     raises a one-line FileNotFoundError, or gives None when not required."""
@@ -996,6 +1045,7 @@ def read_run_config(run_dir, required=True):
         raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run folder written by train.py?")
     with open(path) as f:
         return json.load(f)
+
 
 def load_run(run_dir, stage=None, which="ema", **kw):
     """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the latest present;
@@ -1029,6 +1079,7 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 
 # --- 6. Run-folder checkpoints and prompt files ----------------------------------------------
 
+
 def load_checkpoint(path):
     """torch.load(path) that never executes code from the file (a run folder may come from someone else):
     weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
@@ -1040,6 +1091,7 @@ def load_checkpoint(path):
         what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors"
         raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when unpickled; it was "
                          "not written by train.py (or was changed since); only open run folders you trust") from None
+
 
 def read_prompt_file(path):
     """(prompts: list[str], metadata: list[dict]) of a prompt file (official code: rtdmd/data/prompt_dataset.py):
@@ -1071,6 +1123,7 @@ def read_prompt_file(path):
         prompts.append(rec.pop("prompt"))
         metadata.append(rec)
     return prompts, metadata
+
 
 def file_sha256(path):
     """Hex sha256 of a file's bytes: which prompt file a run or an evaluation used."""

@@ -56,6 +56,7 @@ from models import bcast, eps_from_velocity, x0_from_velocity
 
 # --- 1. The CPS step -------------------------------------------------------------------------
 
+
 def cps_mean_std(x, v, sigma, sigma_next, eta):
     """Mean mu and std rho of one CPS transition from level sigma to sigma_next < sigma (section 1): mu = (1 - sigma')
     x0_hat + sigma' cos(theta) eps_hat, rho = sigma' sin(theta), theta = eta pi / 2. sigma, sigma_next: float or
@@ -72,6 +73,7 @@ def cps_mean_std(x, v, sigma, sigma_next, eta):
     return mu, rho
     # --- exercise cps_step: end ---
 
+
 def cps_step(x, v, sigma, sigma_next, eta, noise=None):
     """x' = mu + rho z (z = `noise`, drawn fresh when None). Output in x's dtype."""
     # --- exercise cps_step: begin ---
@@ -81,11 +83,14 @@ def cps_step(x, v, sigma, sigma_next, eta, noise=None):
     return (mu + rho * noise.float()).to(x.dtype)
     # --- exercise cps_step: end ---
 
+
 def full(sigma, x):
     """A float sigma as a per-sample Tensor[B] on x's device."""
     return torch.full((x.shape[0],), float(sigma), device=x.device)
 
+
 # --- 2. Teacher ODE and generator rollout; 3. backward simulation ----------------------------
+
 
 def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
     """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when guidance != 1 (section
@@ -96,6 +101,7 @@ def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
         x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
     return x
 
+
 @torch.no_grad()
 def generator_steps(bb, net, x, cond, sigmas, eta, noises=None, first=0):
     """The generator's CPS steps k = first .. len(sigmas)-2 from x (no CFG): [x, x after step first, ...]."""
@@ -105,6 +111,7 @@ def generator_steps(bb, net, x, cond, sigmas, eta, noises=None, first=0):
         states.append(cps_step(states[-1], v, float(sigmas[k]), float(sigmas[k + 1]), eta,
                                None if noises is None else noises[k]))
     return states
+
 
 @torch.no_grad()
 def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
@@ -118,11 +125,13 @@ def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
     states = [x] + [bb.mixture.sample(cond["c"].cpu(), float(s)).float() for s in sigmas[1:-1]]
     return states[:-1] + generator_steps(bb, net, states[-1], cond, sigmas, eta, noises, len(sigmas) - 2)
 
+
 def random_stop(num_steps, rng):
     """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every step k = stop - 1 is trained
     equally often. `rng` is a torch.Generator every rank shares, so all ranks train the same step in an iteration
     (same numbers as a broadcast from rank 0)."""
     return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
+
 
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
     """Stage-1 backward simulation with random stop (section 3): steps k = 0 .. stop-1 of the sampler from x = eps,
@@ -141,10 +150,12 @@ def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
     return dict(x_in=x, v=v, sigma=s, sigma_next=s_next, x_next=x_next,
                 x0_hat=x0_from_velocity(x.float(), v.float(), s))
 
+
 # --- 4. Pictures (pillow) and images (diffusers.utils); the toy's per-prompt sampling loop ---
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # by prompt
 GREY = (200, 200, 200)
+
 
 def scatter_png(panels, path, size=260, lim=3.2, max_points=None):
     """The project's one scatter plotter. panels: one row [panel, ...] or rows [[panel, ...], ...]; a panel is
@@ -181,6 +192,7 @@ def scatter_png(panels, path, size=260, lim=3.2, max_points=None):
     img.save(path, optimize=True)
     return path
 
+
 @torch.no_grad()
 def toy_rollouts(bb, nets, n, noise_gen, cps_seed):
     """The toy's one per-prompt sampling loop: for every prompt ci, n initial points drawn from noise_gen(ci) (a
@@ -203,6 +215,7 @@ def toy_rollouts(bb, nets, n, noise_gen, cps_seed):
         out[prompt] = (x, cond, states)
     return out
 
+
 def toy_scatter_png(bb, net, path, n_per_prompt=600, seed=0):
     """Exact teacher samples next to each state of the 4-step generator, coloured by prompt."""
     g = torch.Generator().manual_seed(seed)
@@ -213,10 +226,12 @@ def toy_scatter_png(bb, net, path, n_per_prompt=600, seed=0):
         (f"generator after step {k} (sigma {float(bb.sigmas[k]):.2f})", states[k], c)
         for k in range(1, len(states))], path)
 
+
 def to_pil(images):
     """[B, 3, H, W] in [0, 1] (backbone.decode) -> PIL images, rounded to 8 bits."""
     from diffusers.utils import pt_to_pil
     return pt_to_pil(images.detach().float().clamp(0, 1) * 2 - 1)  # pt_to_pil takes [-1, 1]
+
 
 def save_images(images, path):
     """One PNG per image in the folder `path` (000000.png, ...); returns the file names."""
@@ -225,6 +240,7 @@ def save_images(images, path):
     for name, im in zip(names, to_pil(images)):
         im.save(name)
     return names
+
 
 def image_grid(images, nrow=None):
     """All images tiled in one PIL image, `nrow` per row (default: about square); empty cells white."""
@@ -235,12 +251,15 @@ def image_grid(images, nrow=None):
     rows = math.ceil(len(ims) / nrow)
     return make_image_grid(ims + [Image.new("RGB", ims[0].size, "white")] * (rows * nrow - len(ims)), rows, nrow)
 
+
 def save_grid(images, path, nrow=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image_grid(images, nrow).save(path)
     return path
 
+
 # --- Images from prompts: the few-step generator and the many-step teacher -------------------
+
 
 def initial_noise(bb, prompts, n, seed):
     """n initial latents per prompt from one seeded CPU generator, in prompt order (the same images on any device),
@@ -248,6 +267,7 @@ def initial_noise(bb, prompts, n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts) * n, *bb.latent_shape, generator=g).to(bb.device)
     return [(x[i * n:(i + 1) * n], [p] * n) for i, p in enumerate(prompts)]
+
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
@@ -258,6 +278,7 @@ def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
         torch.manual_seed(seed)
         return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu() for x, ps in batches])
 
+
 @torch.no_grad()
 def teacher_batch(bb, x, prompts, steps=28, guidance=None):
     """The real backbones' one teacher sampler: the stock pipeline (bb.pipeline_latents: Euler on
@@ -267,10 +288,12 @@ def teacher_batch(bb, x, prompts, steps=28, guidance=None):
     bb.pipe.set_progress_bar_config(disable=True)
     return bb.decode_vae(bb.pipeline_latents(list(prompts), x, steps, guidance))
 
+
 @torch.no_grad()
 def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     """Images [P*n, 3, H, W] from the frozen teacher (teacher_batch), one batch per prompt."""
     return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu() for x, ps in initial_noise(bb, prompts, n, seed)])
+
 
 def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
     """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher (`steps` Euler steps
@@ -298,7 +321,9 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
                 speedup_sampler=t["teacher_sampler"] / t["generator_sampler"],
                 speedup_end_to_end=t["teacher_end_to_end"] / t["generator_end_to_end"])
 
+
 # --- CLI -------------------------------------------------------------------------------------
+
 
 def get_parser():
     p = argparse.ArgumentParser(description="Draw samples from a trained run, from --model with --lora files merged "
@@ -325,6 +350,7 @@ def get_parser():
                    "exact diffusers/peft LoRA of the summed rank (.safetensors, for pipe.load_lora_weights) and exit; "
                    "needs no --model")
     return p
+
 
 def main(argv=None):
     p = get_parser()
@@ -392,6 +418,7 @@ def main(argv=None):
           f"{out}/000000.png ... and {grid}")
     print("\n".join(f"  row {i}: {pr!r}" for i, pr in enumerate(prompts)))
     return out
+
 
 if __name__ == "__main__":
     main()
