@@ -7,24 +7,16 @@ eval.py -- measure a run.
     python eval.py --model tiny-sd3 --rewards clipscore --max-prompts 4    # base model, smoke run
 
 1. Toy, stage 1 (`eval_toy`): per prompt, the 4-step EMA generator against exact samples of the
-teacher p(x|c) (models.py, section 2) with the metrics of "Metrics" below, and ED/floor at every
-intermediate state x_{sigma_k} against the exact marginal p_{sigma_k}(x|c), the defining property
-of AC-DMD (plain DMD matches only the last one). --runs: more seeds, mean +- spread. The picture:
-exact | teacher 4-step Euler | plain DMD | AC-DMD per prompt, and every sampler step.
-
+teacher p(x|c) (models.py, section 2), and ED/floor of every intermediate state x_{sigma_k} against
+the exact marginal p_{sigma_k}(x|c), AC-DMD's defining property (plain DMD matches only the last).
 2. Toy, stage 2 (`eval_stage2`, `--tilted`): against the exact reward-tilted mixture at the beta
-that fits the run best (the section's comment below). The picture: exact tilted target | stage 1 |
-RTDMD | without DM, with the reward's contours.
-
+that fits the run best (the section's comment below).
 3. Toy ablation (`ablation`, `--ablation DIR`): every stage-2 ablation row, and a stage-1 run on
-the exact tilted teacher, evaluated against the same tilted target.
-
+the exact tilted teacher, against the same tilted target.
 4. Images (`eval_images`): the official inference protocol (official code: rtdmd/inference.py,
-configs/inference/*.yaml). The generator (or, with --model, the base model used as one) draws one
-image per prompt line with the 4-NFE sampler; every requested reward scores the 8-bit image;
-optionally the teacher does the same with its multi-step CFG sampler (the stock pipeline). Prints
-a table like the paper's (its first line names the --protocol), writes eval.json (every knob +
-per-image scores) and eval.png.
+configs/inference/*.yaml): one image per prompt with the 4-NFE sampler (optionally the teacher's
+multi-step CFG sampler), every reward on the 8-bit image; a table like the paper's, eval.json
+(every knob, per-image scores) and eval.png.
 """
 import argparse
 import json
@@ -44,9 +36,8 @@ import sample
 
 
 def energy_distance(x, y):
-    """ED = 2 E|X-Y| - E|X-X'| - E|Y-Y'| with V-statistics (pairs with themselves included).
-    The V-statistic is positive with a small O(1/n) bias, so two exact sets give a stable
-    positive noise floor to compare against."""
+    """ED = 2 E|X-Y| - E|X-X'| - E|Y-Y'| with V-statistics (self pairs included): positive, with an
+    O(1/n) bias, so two exact sets give a stable positive noise floor."""
     # --- exercise energy_distance: begin ---
     x, y = x.double(), y.double()
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
@@ -90,8 +81,7 @@ def noise_floor(mixture, ci, n, gen, sigma=0.0, pairs=200_000):
 
 
 def outlier_fraction(x, mixture, sigma=0.0, k=3.0):
-    """Fraction of x farther than k standard deviations from every mode of p_sigma: component j
-    of p_sigma sits at (1 - sigma) mu_j with std sqrt(V_j(sigma)) (models.Mixture)."""
+    """Fraction of x beyond k stds of every mode of p_sigma: (1 - sigma) mu_j, std sqrt(V_j(sigma))."""
     s = float(sigma)
     centres = (1 - s) * mixture.means
     std = ((1 - s) ** 2 * mixture.stds ** 2 + s ** 2).sqrt()
@@ -109,9 +99,8 @@ def angular_gap(x, mixture, weights_row, width=GAP_ANGLE):
 
 
 class ExactReference:
-    """The exact side of every comparison for one prompt, drawn once and shared by all rows (common
-    random numbers: a row's numbers do not depend on which other rows are evaluated). For every
-    sigma: REF_SETS exact sets of p_sigma(x|c) of size n, their self terms, and the noise floor."""
+    """The exact side of every comparison for one prompt, drawn once per sigma and shared by all rows
+    (common random numbers): REF_SETS exact sets of p_sigma(x|c) of size n, self terms, floor."""
 
     def __init__(self, mixture, ci, n, seed):
         self.mixture, self.ci, self.n, self.seed = mixture, ci, n, seed
@@ -153,8 +142,7 @@ def mode_metrics(x, mixture, weights_row):
 
 
 def print_table(head, rows, widths):
-    """The one table printer: a header, a rule, one line per row; cells are strings, a column of
-    width w > 0 is right-aligned, w < 0 left-aligned to |w|."""
+    """The one table printer: header, rule, rows of strings; width w > 0 right-aligns, w < 0 left."""
     line = lambda cells: " ".join(f"{c:>{w}}" if w > 0 else f"{c:<{-w}}" for c, w in zip(cells, widths))
     print(line(head))
     print("-" * len(line(head)))
@@ -167,14 +155,11 @@ def print_table(head, rows, widths):
 
 @torch.no_grad()
 def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, base_ode=False):
-    """Per prompt, every row against the exact teacher p(x|c), REF_SETS sets of n samples each
-    (toy_metrics): "generator" (the 4-step CPS sampler of `net`, every state), each generator in
-    `others` ({name: net}, e.g. the plain-DMD run), "teacher_euler4" (the teacher's Euler ODE on
-    the same 4 sigmas), "teacher_ode50" (its 50-step ODE: what a good many-step sampler reaches),
-    "exact" (another exact set: what a perfect sampler reads) and, with base_ode, "base_ode50" (the
-    pretrained base MLP as a 50-step ODE: how well the network class fits the teacher's velocity).
-    Every row starts from the same noise and meets the same exact sets (ExactReference). keep
-    receives every row's states, keep[prompt][row] (pictures)."""
+    """Per prompt, every row against the exact teacher (toy_metrics, same noise, same exact sets):
+    "generator" (`net`'s 4-step CPS, every state), each of `others` ({name: net}), "teacher_euler4"
+    (Euler on the same 4 sigmas), "teacher_ode50" (50 Euler steps), "exact" (another exact set:
+    what a perfect sampler reads) and, with base_ode, "base_ode50" (the pretrained base MLP: how well
+    the network class fits). keep[prompt][row] receives the states (pictures)."""
     mix, P = bb.mixture, len(bb.prompts)
     fine = models.sd3_sigmas(step_list=torch.linspace(1000, 20, 50).tolist())
     gens = [torch.Generator().manual_seed(1000 * seed + ci) for ci in range(P)]
@@ -195,8 +180,7 @@ def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, base_ode=Fals
 
 
 def summarize_runs(per_run):
-    """Mean and spread (half the max - min range) over runs of every number of a list of results
-    (eval_toy's, ...): the same nesting with (mean, spread) pairs."""
+    """(mean, spread = half the range) over runs of every number, in the results' nesting."""
     def agg(vals):
         if isinstance(vals[0], dict):
             return {k: agg([v[k] for v in vals]) for k in vals[0]}
@@ -213,9 +197,8 @@ STAGE1_COLUMNS = (("exact", "exact teacher"), ("teacher_euler4", "teacher 4-step
 
 
 def toy_figure_stage1(bb, results, keep, path):
-    """(a) one row per prompt: exact teacher | teacher 4-step Euler | plain DMD | AC-DMD, each titled
-    with its ED/floor; then, for AC-DMD and plain DMD, the state after every sampler step (colour,
-    all prompts) over exact samples of that sigma's marginal (grey), titled with the mean ED/floor."""
+    """One row per prompt (the STAGE1_COLUMNS, titled with ED/floor); then per generator the state
+    after every sampler step (colour) over exact samples of that marginal (grey)."""
     C, P = sample.PALETTE, bb.prompts
     grid = [[{"title": f"{p}: {label} {results[p][key]['ratio']:.1f}x", "layers": [(keep[p][key][-1], C[ci])]}
              for key, label in STAGE1_COLUMNS if key in keep[p]] for ci, p in enumerate(P)]
@@ -236,16 +219,12 @@ def toy_figure_stage1(bb, results, keep, path):
 
 # --- 4. Image evaluation ---------------------------------------------------------------------
 
-# The official inference protocol (configs/inference/*.yaml): the generator samples 4 steps
-# [1000, 750, 500, 250] (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per
-# prompt line, at 1024 px for all three backbones (even SD3.5-M and FLUX.2, which trained at 512),
-# on the first 64 prompts of the set (num_media_images 64): --protocol official. --protocol full:
-# the same on every prompt (what a paper table presumably averages). An option given explicitly
-# overrides its protocol value and is listed under eval.json's protocol.overrides.
-# Teacher rows use "their standard multi-step settings" (the official README): SD3-M is reported at
-# 100 NFE with CFG, i.e. 50 Euler steps x 2 forwards (cond + uncond). We use 50 steps and the
-# backbone's CFG scale (7.0 / 4.5 / 4.0) for every backbone; FLUX.2's "50 NFE" is ambiguous
-# (50 steps with CFG are 100 forwards): pass --teacher-steps 25 for 50 forwards.
+# The official inference protocol (configs/inference/*.yaml): 4 steps [1000, 750, 500, 250]
+# (shifted), CPS eta 0.9, no CFG, seed 42 set once, batch 4, one image per prompt, 1024 px for all
+# three backbones (even those trained at 512), the first 64 prompts (num_media_images): --protocol
+# official; full: every prompt. Explicit options override it (eval.json's protocol.overrides).
+# Teachers (official README: "standard multi-step settings"; SD3-M at 100 NFE): 50 Euler steps x
+# CFG's 2 forwards at the backbone's scale (7.0 / 4.5 / 4.0); FLUX.2's "50 NFE": --teacher-steps 25.
 EVAL_RESOLUTION = 1024  # tiny twins keep their own (32 px)
 TEACHER_STEPS = 50
 CPS_ETA = 0.9
@@ -274,17 +253,15 @@ BUILTIN_PROMPTS = [
     "a futuristic train crossing a bridge over a canyon",
 ]
 
-# Each metric's own prompt set as the official evaluation pairs them (official code:
-# configs/inference/*.yaml, reward_dataset_map; files in the official repository's dataset/).
-# Other metrics score --prompts (DrawBench officially). geneval needs its .jsonl's metadata.
+# Each metric's prompt set as the official evaluation pairs them (configs/inference/*.yaml,
+# reward_dataset_map; the official dataset/); the others score --prompts (officially DrawBench).
 OFFICIAL_PROMPT_SETS = {"geneval": "dataset/geneval/test_metadata.jsonl", "ocr": "dataset/ocr/test.txt",
                         "hpsv3": "dataset/hpsv3/test.txt", "geneval2": "dataset/geneval2/test.jsonl"}
 
 
 def read_prompt_records(path, max_prompts=0):
-    """Prompts of a .txt / .jsonl file (models.read_prompt_file), or the built-in set for "builtin";
-    max_prompts > 0 keeps the first N, as the official `num_media_images` does. Returns (prompts,
-    records: a .jsonl line's whole record per prompt, else None; number in the file; sha256)."""
+    """(prompts, records (.jsonl: each line's record, else None), count in file, sha256) of a prompt
+    file or "builtin"; max_prompts > 0 keeps the first N (the official num_media_images)."""
     if path == "builtin":
         prompts, records = list(BUILTIN_PROMPTS), None
         sha = hashlib.sha256("\n".join(BUILTIN_PROMPTS).encode()).hexdigest()
@@ -297,8 +274,7 @@ def read_prompt_records(path, max_prompts=0):
 
 
 def prompt_sets(reward_names, default, routes):
-    """{prompt file: [reward names]}: each reward on routes[name] (--reward-prompts
-    "name=file,..."), else on the default file."""
+    """{prompt file: [reward names]}: each reward on its --reward-prompts file, else on `default`."""
     table = {}
     for item in filter(None, (routes or "").split(",")):
         name, sep, path = item.partition("=")
@@ -314,14 +290,11 @@ def prompt_sets(reward_names, default, routes):
 @torch.no_grad()
 def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42, teacher=False,
                 steps=TEACHER_STEPS, cfg=None, keep=16, progress=True, metadata=None):
-    """n_per_prompt images for every prompt, scored by `scorer` (a rewards.MultiReward, which
-    quantises to uint8 first): the generator `net` (4-step CPS, eta 0.9, no CFG: sample.rollout),
-    or with teacher=True the stock pipeline's Euler ODE for `steps` steps with CFG `cfg` (default
-    the backbone's g; sample.teacher_batch). One torch.Generator, seeded once, draws every batch's
-    initial noise in order (and the generator's CPS noises): an image depends on its position and
-    on batch_size, as in the official code (rtdmd/inference.py, seed set once). metadata: None or
-    one record per prompt (a .jsonl's lines) for the scorer.
-    Returns {"prompts": [N], "scores": {reward: Tensor[N]}, "images": uint8 [<=keep, 3, H, W], "tags"}."""
+    """n_per_prompt images per prompt, scored by `scorer` (rewards.MultiReward, on uint8 images):
+    the generator `net` (4-step CPS, eta 0.9, no CFG), or with teacher=True the stock pipeline's
+    `steps`-step Euler ODE with CFG `cfg`. One generator seeded once draws every batch's noise in
+    order: an image depends on its position and batch_size, as in rtdmd/inference.py.
+    Returns {"prompts": [N], "scores": {reward: [N]}, "images": uint8 [<=keep, 3, H, W], "tags"}."""
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     items = [p for p in prompts for _ in range(n_per_prompt)]
@@ -348,11 +321,9 @@ GENEVAL_EXTRA = ("geneval_strict", "geneval_accuracy")  # rewards.GenEval's verd
 
 
 def geneval_by_tag(scores, tags):
-    """Per-tag means of GenEval's verdicts, as the official inference reports them ({tag}_accuracy,
-    {tag}_strict_accuracy; official code: rtdmd/inference.py, _score_details_to_mean_metrics), and
-    "overall": the mean over tags of the per-tag accuracy, the GenEval benchmark's "Overall score
-    (avg. over tasks)" (GenEval's evaluation/summary_scores.py), which differs from the mean over
-    images when tags have unequal counts. None without geneval_accuracy scores or tags."""
+    """Per-tag means of GenEval's verdicts (official code: rtdmd/inference.py,
+    _score_details_to_mean_metrics), and "overall", the mean of the per-tag accuracies: GenEval's
+    "Overall score (avg. over tasks)" (its evaluation/summary_scores.py), not the mean over images."""
     if "geneval_accuracy" not in scores or not tags:
         return None
     out = {"accuracy": {}, "strict_accuracy": {}, "n": {}}
@@ -372,8 +343,7 @@ def summarize(scores):
 
 
 def load_generator(args, device, dtype):
-    """(backbone, generator net, stage): a run's trained generator, or --model's base model
-    (FLUX.2: the distilled klein, the generator's starting point; SD3.x: the teacher itself)."""
+    """(backbone, generator, stage): a run's, or --model's base (FLUX.2: klein; SD3.x: the teacher)."""
     name = args.model or args.run_model
     res = models.SPECS[name][4] if name.startswith(("tiny-", "mini-")) and "resolution" not in args.overrides \
         else args.resolution
@@ -478,15 +448,12 @@ def write_json(out, path, also, t0):
 
 # --- 2. Stage 2: against the exact reward-tilted target (rewards.py, section 1) --------------
 #
-# The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction
-# and the standardised advantages set an implicit tilt. So a run is compared with p~_beta at the
-# beta that fits it best (the energy distance summed over prompts, minimised over a grid of
-# beta), and three things are reported there:
-#   - ED / noise floor against exact samples of p~_beta(x|c)     (is it the tilted target?)
-#   - occupancy error against the tilted weights pi~_cj          (are the modes re-weighted right?)
-#   - mean reward next to the exact E_{p~_beta}[r]               (overshoot = reward hacking: the
-#     run bought reward by leaving the tilted target, e.g. collapsing onto the reward's optimum)
-# and the per-prompt reward gaps at the beta with the run's prompt-averaged reward (fit_beta_reward).
+# The stage-2 loss has no beta of its own (subgrpo.py, section 6): the normalised DM direction and
+# the standardised advantages set an implicit tilt. So a run meets p~_beta at the beta that fits it
+# best (prompt-summed ED over a grid), and there: ED/floor against p~_beta (the tilted target?),
+# occupancy error against pi~_cj (modes re-weighted right?), mean reward next to the exact
+# E_{p~_beta}[r] (overshoot = reward hacking), and the per-prompt reward gaps at the beta with the
+# run's prompt-averaged reward (fit_beta_reward).
 
 
 def toy_reward(run):
@@ -495,8 +462,8 @@ def toy_reward(run):
 
 
 def toy_samples(bb, net, n, seed, euler=False):
-    """{prompt: final samples [REF_SETS * n, 2]} of the 4-step generator (CPS), or of the teacher's
-    4-step Euler ODE when euler=True, from the same initial noise for every row."""
+    """{prompt: final samples [REF_SETS * n, 2]} of the generator (or euler: the teacher's 4-step
+    Euler), from the same noise for every row."""
     gen = torch.Generator().manual_seed(seed)
     runs = sample.toy_rollouts(bb, {"x": None if euler else net}, REF_SETS * n, lambda ci: gen, lambda ci: seed + ci)
     return {p: states["x"][-1] for p, (_, _, states) in runs.items()}
@@ -504,10 +471,8 @@ def toy_samples(bb, net, n, seed, euler=False):
 
 @torch.no_grad()
 def tilted_metrics(samples, mixture, reward, beta, seed=1):
-    """Per prompt: ED, floor and ED/floor vs p~_beta (the same definitions as stage 1: REF_SETS
-    sets of len(x) / REF_SETS samples), occupancy error vs pi~_beta (components assigned by their
-    *tilted* means), outliers (3 tilted stds from every tilted mode), angular gap (tilted mode
-    angles), mean reward (all samples) vs the exact tilted mean."""
+    """Per prompt, the stage-1 metrics against p~_beta (occupancy by the *tilted* means, outliers and
+    gap of the tilted modes) and the mean reward vs the exact tilted mean."""
     tilt = reward.tilt(mixture, beta)
     exact_r = reward.exact_mean(tilt)
     rows = {}
@@ -522,9 +487,8 @@ def tilted_metrics(samples, mixture, reward, beta, seed=1):
 
 @torch.no_grad()
 def fit_beta(samples, mixture, reward, grid=None, n=2000, seed=1):
-    """The effective tilt of a run: argmin of the prompt-summed ED between (the first n of) its
-    samples and exact samples of p~_beta, over a log grid (ratio 1.33), then refined 8x finer
-    around the best grid point."""
+    """A run's effective tilt: argmin of the prompt-summed ED between its first n samples and exact
+    ones of p~_beta, over a log grid (ratio 1.33), refined 8x around the best point."""
     def ed(b):  # the same exact draws (seed) at every beta
         g, tilt = torch.Generator().manual_seed(seed), reward.tilt(mixture, b)
         return sum(energy_distance(x[:n], tilt.sample(torch.full((min(n, len(x)),), ci, dtype=torch.long),
@@ -535,10 +499,9 @@ def fit_beta(samples, mixture, reward, grid=None, n=2000, seed=1):
 
 
 def fit_beta_reward(samples, mixture, reward):
-    """The beta whose exact tilted target has the same prompt-averaged mean reward as the samples
-    (E_{p~_beta}[r] increases with beta: its derivative is Var_{p~_beta}[r]); bisection on log beta.
-    At this beta the per-prompt reward gaps sum to zero, so their spread says whether ONE tilt
-    fits every prompt, whatever the samples' shape errors (which dominate the ED fit)."""
+    """The beta whose tilted target has the samples' prompt-averaged mean reward (E_{p~_beta}[r]
+    rises with beta: d/dbeta = Var[r]), by bisection on log beta. There the per-prompt gaps sum to
+    zero, so their spread says whether ONE tilt fits every prompt, whatever the shape errors."""
     P = len(samples)
     target = sum(reward(x.double())[reward.name].mean().item() for x in samples.values()) / P
     mean_at = lambda b: reward.exact_mean(reward.tilt(mixture, b))[:P].mean().item()
@@ -552,10 +515,8 @@ def fit_beta_reward(samples, mixture, reward):
 
 
 def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
-    """The stage-2 EMA generator of `run` (or a tilted-teacher stage-1 run) against p~_beta, at
-    `beta` (default: the one fitted to this generator), next to the rows "stage 1" (the run's own
-    stage-1 EMA generator, when stage2.pt exists), each run in `others` ({name: run folder}, e.g.
-    the no-DM ablation) and "exact" (another exact set of p~_beta). keep receives the samples."""
+    """The EMA generator of `run` against p~_beta at `beta` (default: fitted), next to "stage 1"
+    (when stage2.pt exists), each of `others` ({name: run folder}) and "exact" (another exact set)."""
     (bb, net, stage), reward = models.load_run(run), toy_reward(run)
     first = "RTDMD" if stage == 2 else "generator"
     xs = {first: toy_samples(bb, net, n, seed)}
@@ -578,9 +539,8 @@ def eval_stage2(run, n=DEFAULT_N, seed=0, beta=None, others=None, keep=None):
 
 
 def toy_figure_stage2(bb, res, keep, reward, path):
-    """(b) one row per prompt: exact tilted target | stage 1 | RTDMD | without DM, each titled with
-    its ED/floor against p~_beta at the fitted beta, with the reward's contours (quadratic: circles
-    of reward -1/2, -2, -9/2 around its optimum, drawn as a cross)."""
+    """One row per prompt: exact p~ | stage 1 | RTDMD | without DM, titled with ED/floor, over the
+    reward's contours (quadratic: reward -1/2, -2, -9/2 around its optimum, a cross)."""
     order = [("exact", "exact p~"), ("stage 1", "stage 1"), ("RTDMD", "RTDMD"), ("without DM", "without DM")]
     deco = {}
     if hasattr(reward, "m"):
@@ -640,9 +600,8 @@ ABLATION_ROWS = [  # (row name, extra stage-2 flags)
 
 
 def ablation(root, seed=0, n=DEFAULT_N):
-    """Train stage 1 once, every stage-2 row from it (train.main with argv lists), and the
-    reference-mode row (stage 1 against the exact tilted teacher at the RTDMD row's fitted beta*,
-    whose fixed point is p~ exactly). Evaluate every row against p~_{beta*}; write ablation.md/json."""
+    """Train stage 1 once, every stage-2 row from it, and the reference row (stage 1 on the exact
+    tilted teacher at RTDMD's fitted beta*: its fixed point is p~); all against p~_{beta*}."""
     import shutil
     import train
     torch.set_num_threads(1)  # 2-D points: threads only add overhead
@@ -791,8 +750,7 @@ def main(argv=None):
 
 
 def apply_protocol(args):
-    """Fill every image knob left unset from PROTOCOLS[args.protocol]; args.overrides records the
-    ones given explicitly with another value."""
+    """Unset image knobs from PROTOCOLS[args.protocol]; args.overrides: the ones set otherwise."""
     args.overrides = {}
     for k, v in PROTOCOLS[args.protocol].items():
         if getattr(args, k) is None:

@@ -1,9 +1,8 @@
 """
 models.py -- WHAT generates: flow-matching conventions, the backbones, LoRA.
 
-Read this file first; every other file uses its conventions. "Official code" is
-github.com/Harahan/RTDMD (README); its configs are configs/cold_start/*.yaml (stage 1),
-configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
+Read this file first; every other file uses its conventions. "Official code" is github.com/Harahan/RTDMD (README);
+its configs are configs/cold_start/*.yaml (stage 1), configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 
 1. Flow-matching conventions (SD3's rectified flow)
    ------------------------------------------------
@@ -11,20 +10,19 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 
        x_sigma = (1 - sigma) * x0 + sigma * eps,       eps ~ N(0, I)
 
-   A velocity network predicts v ~= E[eps - x0 | x_sigma]; the velocity points from data to
-   noise. From a velocity we recover both ends of the straight line through x:
+   A velocity network predicts v ~= E[eps - x0 | x_sigma]; the velocity points from data to noise. From a
+   velocity we recover both ends of the straight line through x:
 
        x0_hat  = x - sigma * v
        eps_hat = x + (1 - sigma) * v          check: (1-sigma) x0_hat + sigma eps_hat = x
 
-   With the score S = grad log p_sigma, Tweedie's formula E[(1-sigma) x0 | x] = x + sigma^2 S
-   gives v = (x - E[x0|x]) / sigma = -(x + sigma S) / (1 - sigma), and S = -(x + (1-sigma) v)/sigma.
-   The transformer's input is the *model timestep* tau = 1000 * sigma of an already shifted
-   sigma. The "shift" of SD3 / FLUX is applied exactly once, when the raw step list
-   [1000, 750, 500, 250] of the 4-step sampler is turned into sampler sigmas
-   (`sd3_sigmas`, `flux2_sigmas`; official code: rtdmd/models/sd35.py, `compute_sigmas_sd35`, and
-   rtdmd/models/flux2_klein.py, `compute_sigmas_flux2_klein`). Noise levels drawn *inside* the
-   losses are never shifted: tau is drawn in [0, 1000] and sigma = tau / 1000.
+   With the score S = grad log p_sigma, Tweedie's formula E[(1-sigma) x0 | x] = x + sigma^2 S gives
+   v = (x - E[x0|x]) / sigma = -(x + sigma S) / (1 - sigma), and S = -(x + (1-sigma) v)/sigma.
+   The transformer's input is the *model timestep* tau = 1000 * sigma of an already shifted sigma. The "shift"
+   of SD3 / FLUX is applied exactly once, when the 4-step sampler's raw step list [1000, 750, 500, 250] becomes
+   sampler sigmas (`sd3_sigmas`, `flux2_sigmas`; official code: rtdmd/models/sd35.py, `compute_sigmas_sd35`,
+   and rtdmd/models/flux2_klein.py, `compute_sigmas_flux2_klein`). Noise levels drawn *inside* the losses are
+   never shifted: tau is drawn in [0, 1000] and sigma = tau / 1000.
 
        backbone (resolution)          sampler sigmas sigma_0 .. sigma_3 (sigma_4 = 0)
        SD3-M, SD3.5-M (any)           1.0, 0.9, 0.75, 0.5            (static shift 3)
@@ -33,11 +31,10 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
 
 2. The toy world: a 2-D conditional Gaussian mixture, closed form at every level
    ------------------------------------------------------------------------------
-   J = 8 isotropic components with means mu_j on a circle of radius 2 and std s_j = 0.3;
-   prompt c picks weights pi_cj ("top": components 0-3 with weights .4 .3 .2 .1, "bottom": 4-7
-   uniformly, "ring": all 8 uniformly; the empty prompt, CFG's null branch, the mean of the three
-   rows). Noising a Gaussian component keeps it Gaussian, so with V_j(sigma) = (1-sigma)^2 s_j^2
-   + sigma^2:
+   J = 8 isotropic components with means mu_j on a circle of radius 2 and std s_j = 0.3; prompt c picks
+   weights pi_cj ("top": components 0-3 with weights .4 .3 .2 .1, "bottom": 4-7 uniformly, "ring": all 8
+   uniformly; the empty prompt, CFG's null branch, the mean of the three rows). Noising a Gaussian component
+   keeps it Gaussian, so with V_j(sigma) = (1-sigma)^2 s_j^2 + sigma^2:
 
        p_sigma(x | c) = sum_j pi_cj N(x; (1-sigma) mu_j, V_j I)             (`Mixture.log_prob`)
        w_j(x)         = pi_cj N(x; (1-sigma) mu_j, V_j I) / p_sigma(x | c)        posterior weights
@@ -46,19 +43,18 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        E[x0 | x]      = sum_j w_j m_j,     v(x) = (x - E[x0 | x]) / sigma      (`Mixture.velocity`)
        score(x)       = sum_j w_j (-(x - (1-sigma) mu_j) / V_j)                  (`Mixture.score`)
 
-   (sigma is clamped at 1e-4; weights are computed in log space.) The teacher is this exact
-   velocity with CFG scale 1, so the teacher *is* p(x|c) and every target is exact. Its
-   reward-tilted versions are mixtures again (rewards.py, section 1). The generator and the fake
-   score start from a small MLP flow-matched on exact samples (`pretrain_toy_base`), as the real
-   ones start from the teacher's weights. "toy-gauss" is a one-Gaussian variant with a
-   shift-only generator, whose stage-2 stationary point is closed form (subgrpo.py, section 7).
+   (sigma is clamped at 1e-4; weights are computed in log space.) The teacher is this exact velocity with CFG
+   scale 1, so the teacher *is* p(x|c) and every target is exact. Its reward-tilted versions are mixtures again
+   (rewards.py, section 1). The generator and the fake score start from a small MLP flow-matched on exact
+   samples (`pretrain_toy_base`), as the real ones start from the teacher's weights. "toy-gauss" is a
+   one-Gaussian variant with a shift-only generator, whose stage-2 stationary point is closed form (subgrpo.py,
+   section 7).
 
 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins
    ------------------------------------------------------------------------------
-   Each wraps a stock diffusers pipeline (`from_pretrained`, hub id or local folder): its text
-   encoders encode, its VAE decodes, its transformer is the frozen teacher. The official settings
-   per backbone (stage 1: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml; stage 2:
-   configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml):
+   Each wraps a stock diffusers pipeline (`from_pretrained`, hub id or local folder): its text encoders encode,
+   its VAE decodes, its transformer is the frozen teacher. The official settings per backbone (stage 1:
+   configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml; stage 2: configs/rtdmd/{sd3m,sd35m,flux2_4b}.yaml):
 
                                      SD3-M              SD3.5-M            FLUX.2-klein-4B
        teacher / fake-score base     sd3-medium         sd3.5-medium       klein-base-4B
@@ -78,49 +74,47 @@ configs/rtdmd/*.yaml (stage 2) and configs/inference/*.yaml.
        (the configs say num_epochs 100000, i.e. until stopped; the inference configs load the
        stage-2 checkpoint-1000 and the stage-1 checkpoint-15000).
 
-   Evaluation runs every backbone at 1024 px (configs/inference/*.yaml), so FLUX.2 is tested on
-   other sigmas than it trained on (section 1). The SD3 text condition is CLIP-L + CLIP-G + T5
-   ([B, 77 + 128, 4096]) plus pooled CLIP projections [B, 2048]; FLUX.2-klein's is Qwen3 hidden
-   states of layers 9, 18, 27 with text position ids. SD3 takes tau = 1000 sigma; FLUX.2's
-   transformer multiplies by 1000 itself, so it gets sigma. FLUX.2 latents are the VAE latents
-   BatchNorm-normalised and 2x2-patchified to 128 channels. The tiny twins (tiny-sd3, tiny-sd35,
-   tiny-flux2) are random-init pipelines of the same classes, written with `save_pretrained` and
-   loaded through the same `from_pretrained` path, so every line runs in the CPU tests.
+   Evaluation runs every backbone at 1024 px (configs/inference/*.yaml), so FLUX.2 is tested on other sigmas
+   than it trained on (section 1). The SD3 text condition is CLIP-L + CLIP-G + T5 ([B, 77 + 128, 4096]) plus
+   pooled CLIP projections [B, 2048]; FLUX.2-klein's is Qwen3 hidden states of layers 9, 18, 27 with text
+   position ids. SD3 takes tau = 1000 sigma; FLUX.2's transformer multiplies by 1000 itself, so it gets sigma.
+   FLUX.2 latents are the VAE latents BatchNorm-normalised and 2x2-patchified to 128 channels. The tiny twins
+   (tiny-sd3, tiny-sd35, tiny-flux2) are random-init pipelines of the same classes, written with
+   `save_pretrained` and loaded through the same `from_pretrained` path, so every line runs in the CPU tests.
 
 4. LoRA, hand-written (official code: rtdmd/utils/lora.py)
    ---------------------------------------------------------
-   W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init. Stage 1: A ~ N(0,
-   1/r^2) (peft's "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a
-   fresh LoRA with A ~ N(0, 1) (`inject_lora`). The trainable A, B are float32, or bf16 as in the
-   official code (train.py --lora-dtype). Files use the diffusers/PEFT layout,
-   `transformer.<module>.lora_A.weight` with r, lora_alpha and target_modules in the safetensors
-   metadata, so a stock pipeline's `load_lora_weights` (which needs peft) applies them with the
-   right alpha/r; `export_merged` needs no extra library. read_lora also reads the official files
-   (flat .pt, peft folders), and stack_loras writes a released model's two LoRAs as one exact
+   W x + b -> W x + b + (alpha / r) B A x, A [r, in], B [out, r] = 0 at init. Stage 1: A ~ N(0, 1/r^2) (peft's
+   "gaussian"). Stage 2 merges the stage-1 EMA LoRA into the weights and adds a fresh LoRA with A ~ N(0, 1)
+   (`inject_lora`). The trainable A, B are float32, or bf16 as in the official code (train.py --lora-dtype).
+   Files use the diffusers/PEFT layout, `transformer.<module>.lora_A.weight` with r, lora_alpha and
+   target_modules in the safetensors metadata, so a stock pipeline's `load_lora_weights` (which needs peft)
+   applies them with the right alpha/r; `export_merged` needs no extra library. read_lora also reads the
+   official files (flat .pt, peft folders), and stack_loras writes a released model's two LoRAs as one exact
    LoRA of rank 64 (rtdmd/inference.py merges them in order).
 
 5. The backbone interface, and `load(name)`
    ----------------------------------------
-   `load(name, ...)` returns a backbone object. The loss files (acdmd.py, subgrpo.py) and the
-   samplers (sample.py) only ever talk to a backbone through these members, so they never know
-   whether they run on the 2-D toy or on SD3:
+   `load(name, ...)` returns a backbone object. The loss files (acdmd.py, subgrpo.py) and the samplers
+   (sample.py) only talk to a backbone through these members, so they never know whether they run on the
+   2-D toy or on SD3:
 
        bb.name, bb.prompts      str; list[str], the default training prompts
        bb.latent_shape          tuple, shape of one sample's latent, e.g. (2,) or (16, 64, 64)
        bb.sigmas                Tensor[5], the 4-step sampler sigmas with sigma_4 = 0 appended
        bb.guidance              float, the teacher's CFG scale g used in the DMD losses
        bb.teacher               frozen velocity nn.Module (eval mode, requires_grad False)
-       bb.make_student(role)    trainable velocity nn.Module for role "generator" or "fake";
-                                its initial function equals the base model's
-       bb.encode(prompts)       list[str] -> cond, a dict of batch-first tensors;
-                                the empty prompt "" encodes the unconditional branch of CFG
+       bb.make_student(role)    trainable velocity nn.Module for role "generator" or "fake", initially
+                                equal to the base model
+       bb.encode(prompts)       list[str] -> cond, a dict of batch-first tensors; "" encodes CFG's
+                                unconditional branch
        bb.velocity(net, x, sigma, cond)
-                                net's velocity at latents x [B, *latent_shape] and noise levels
-                                sigma [B] (float, in [0, 1]), converted to the model timestep
+                                net's velocity at latents x [B, *latent_shape] and noise levels sigma [B]
+                                (float, in [0, 1]), converted to the model timestep
        bb.noise(n, generator)   Tensor[n, *latent_shape] of N(0, I) in float32
        bb.decode(x)             images [B, 3, H, W] in [0, 1], differentiable
-       bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each
-                                unless the prompts came from a .jsonl, see read_prompt_file)
+       bb.prompt_metadata       list[dict] aligned with bb.prompts (real backbones only; {} each unless the
+                                prompts came from a .jsonl, see read_prompt_file)
        bb.teacher_sigmas(steps) real backbones: the stock pipeline's sigmas for `steps` steps
        bb.pipeline_latents(prompts, x, steps, guidance)
                                 the stock pipeline itself from latents x (VAE latents out)
@@ -171,9 +165,7 @@ def eps_from_velocity(x, v, sigma):
 
 
 def velocity_from_score(x, score, sigma):
-    """v = -(x + sigma score) / (1 - sigma), from Tweedie's
-    E[x0|x] = (x + sigma^2 score) / (1 - sigma) and v = (x - E[x0|x]) / sigma (section 1).
-    score: grad log p_sigma at x, x's shape."""
+    """v = -(x + sigma score) / (1 - sigma) from score = grad log p_sigma(x) (Tweedie, section 1)."""
     s = bcast(sigma, x)
     return -(x + s * score) / (1 - s)
 
@@ -219,8 +211,7 @@ def flux2_sigmas(step_list=DENOISING_STEP_LIST, resolution=512):
 
 
 def cfg_velocity(bb, net, x, sigma, cond, null_cond, g):
-    """Classifier-free guidance: v = v(null) + g (v(c) - v(null)), null = the encoded empty prompt.
-    One batched forward over [null; cond]."""
+    """CFG v = v(null) + g (v(c) - v(null)), null = the encoded "", in one forward over [null; cond]."""
     if g == 1.0:
         return bb.velocity(net, x, sigma, cond)
     both = {k: torch.cat([null_cond[k], cond[k]]) for k in cond}
@@ -238,8 +229,8 @@ def cond_select(cond, idx):
 
 
 class Mixture:
-    """An isotropic Gaussian mixture in d dimensions, closed form at every noise level (section 2).
-    means [J, d], stds [J], weights [C, J] (one row per condition; rows sum to 1)."""
+    """An isotropic Gaussian mixture, closed form at every noise level (section 2). means [J, d], stds [J],
+    weights [C, J] (one row per condition; rows sum to 1)."""
 
     def __init__(self, means, stds, weights):
         self.means = torch.as_tensor(means, dtype=torch.float64)
@@ -255,8 +246,7 @@ class Mixture:
         return ((1 - sigma) * x0 + sigma * eps).float()
 
     def _posterior(self, x, sigma, c):
-        # log-weights of component j given x at level sigma, log pi_cj N(x; (1-sigma) mu_j, V_j I),
-        # and the posterior weights w_j (their softmax)
+        # log pi_cj N(x; (1-sigma) mu_j, V_j I) of each component j at level sigma, and their softmax w_j
         x = x.double()
         s = bcast(sigma, x).clamp(min=1e-4).double()  # [B, 1]
         V = (1 - s) ** 2 * self.stds[None] ** 2 + s ** 2  # [B, J]
@@ -312,10 +302,9 @@ class ExactVelocity(nn.Module):
 
 
 class ToyMLP(nn.Module):
-    """Velocity MLP f(x, sigma, c): input [x, Fourier(sigma), one-hot(c)] -> 3 x width SiLU -> d.
-    angles=K adds polar features of x, [r, cos k phi, sin k phi] for k = 1..K: the toy's modes
-    differ by angle only, and a plain MLP on (x, y) resolves 8 of them on a circle slowly
-    (README, "what limits the 4-step generator")."""
+    """Velocity MLP f(x, sigma, c): [x, Fourier(sigma), one-hot(c)] -> 3 x width SiLU -> d. angles=K adds polar
+    features [r, cos k phi, sin k phi], k = 1..K: the modes differ by angle only, and a plain MLP on (x, y)
+    resolves 8 of them on a circle slowly (README, "what limits the 4-step generator")."""
 
     def __init__(self, dim=2, num_cond=4, width=128, depth=3, angles=0):
         super().__init__()
@@ -340,9 +329,8 @@ class ToyMLP(nn.Module):
 
 
 class ToySteps(nn.Module):
-    """One ToyMLP per sampler step, all copies of one base (train.py --toy-per-step, a diagnostic
-    of interference between steps). A call picks the net by its sigma, which all samples of a
-    sampler call share; other sigmas (the fake score's) never reach the generator."""
+    """One ToyMLP copy per sampler step (train.py --toy-per-step, a diagnostic of interference between steps),
+    picked by the call's sigma, which all its samples share (the fake score's sigmas never reach it)."""
 
     def __init__(self, base, sigmas):
         super().__init__()
@@ -356,8 +344,8 @@ class ToySteps(nn.Module):
 
 def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0, progress=False,
                       depth=3, angles=0):
-    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples; it
-    initialises the generator and the fake score, as the teacher's weights do for real (section 3)."""
+    """The toy's "pretrained base model": plain flow matching (minRF-style) on exact samples; it initialises
+    the generator and the fake score, as the teacher's weights do for real (section 3)."""
     g, C = torch.Generator().manual_seed(seed), mixture.weights.shape[0]
     with torch.random.fork_rng():  # the init from `seed` too: torch seeds its global RNG at random
         torch.manual_seed(seed)
@@ -379,10 +367,8 @@ def pretrain_toy_base(mixture, steps=2000, batch=512, lr=1e-3, width=128, seed=0
 
 
 class ToyBackbone:
-    """The toy world behind the backbone interface: the teacher is the *exact* mixture velocity,
-    generator and fake score start from pretrain_toy_base, cached as `toy_base_w<width>[_a<K>].pt`
-    in `cache_dir` (a cached file wins over pretrain_steps / pretrain_batch / depth). The default
-    base takes seconds; what limits the 4-step generator is elsewhere (README)."""
+    """The toy world of section 2 behind the backbone interface; pretrain_toy_base is cached as
+    `toy_base_w<width>[_a<K>].pt` in `cache_dir` (a cached file wins over pretrain_steps / pretrain_batch / depth)."""
 
     name = "toy"
     latent_shape = (2,)
@@ -394,8 +380,8 @@ class ToyBackbone:
         self.prompts, self.device = list(TOY_PROMPTS), torch.device(device)
         self.guidance = guidance  # g = 1: the CFG teacher *is* p(x|c), so targets stay exact
         self.sigmas = sd3_sigmas()
-        # exact_prefix (train.py --toy-exact-prefix): the last step's input is an exact sample of
-        # p_{sigma_{K-1}}(x|c) instead of the generator's own steps 1..K-1 (prefix_state)
+        # exact_prefix (train.py --toy-exact-prefix): the last step's input is an exact sample of p_{sigma_{K-1}}(x|c)
+        # instead of the generator's own steps 1..K-1 (prefix_state)
         self.exact_prefix, self.per_step = exact_prefix, per_step
         self.teacher = ExactVelocity(self.mixture).eval().requires_grad_(False)
         path = cache_dir and os.path.join(cache_dir, f"toy_base_w{width}" + (f"_a{angles}" if angles else "") + ".pt")
@@ -423,8 +409,7 @@ class ToyBackbone:
         """Prompt strings -> condition index; "" is the unconditional (CFG null) branch."""
         names = self.prompts + [""]
         if not set(prompts) <= set(names):
-            raise ValueError(f"unknown toy prompt in {prompts!r}; the toy knows {self.prompts} "
-                             "and '' (unconditional)")
+            raise ValueError(f"unknown toy prompt in {prompts!r}; the toy knows {self.prompts} and '' (unconditional)")
         return {"c": torch.tensor([names.index(p) for p in prompts], dtype=torch.long, device=self.device)}
 
     def velocity(self, net, x, sigma, cond):
@@ -443,9 +428,8 @@ class ToyBackbone:
 
 
 class ShiftVelocity(ExactVelocity):
-    """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, one learnable
-    vector b: it can only move its output mean (linearly in b), which makes the stationary point
-    of the stage-2 exact-decomposition mode closed-form (subgrpo.py, section 7)."""
+    """The "toy-gauss" generator G(x, sigma, c) = v_teacher(x, sigma, c) + b, b learnable: it moves its output mean
+    only, linearly in b (so its stage-2 stationary point is closed form, subgrpo.py, section 7)."""
 
     def __init__(self, mixture, dim=2):
         super().__init__(mixture)
@@ -456,8 +440,8 @@ class ShiftVelocity(ExactVelocity):
 
 
 class ToyGaussBackbone(ToyBackbone):
-    """"toy-gauss": a single-Gaussian teacher, a shift-only generator (ShiftVelocity), the fake
-    score still the flow-matched MLP (the exact-decomposition check, subgrpo.py, section 7)."""
+    """"toy-gauss": a one-Gaussian teacher, a shift-only generator (ShiftVelocity), the fake score still the
+    flow-matched MLP (the exact-decomposition check, subgrpo.py, section 7)."""
 
     name = "toy-gauss"
 
@@ -474,45 +458,41 @@ class ToyGaussBackbone(ToyBackbone):
 
 # --- 3. Real backbones: SD3-M, SD3.5-M, FLUX.2-klein-4B, and their tiny offline twins --------
 
-# Memory: the teacher *is* pipe.transformer, and a LoRA student is a `shared_copy` of its base
-# (the teacher's own frozen tensors plus new LoRA parameters). Merging a LoRA (stage 2) writes new
-# tensors for the merged Linears only, so a shared teacher is never modified; only full fine-
-# tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one extra transformer, the distilled
-# generator base (klein-4B and klein-base-4B share text encoder and VAE).
+# Memory: the teacher *is* pipe.transformer, and a LoRA student is a `shared_copy` of its base (the teacher's own
+# frozen tensors plus new LoRA parameters). Merging a LoRA (stage 2) writes new tensors for the merged Linears only,
+# so a shared teacher is never modified; only full fine-tuning (lora_rank=0) pays for a real copy. FLUX.2 loads one
+# extra transformer, the distilled generator base (klein-4B and klein-base-4B share text encoder and VAE).
 
 SPECS = {  # name -> (family, default pretrained, generator pretrained, CFG g, train resolution)
     "sd3-medium": ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None, 7.0, 1024),
     "sd3.5-medium": ("sd3", "stabilityai/stable-diffusion-3.5-medium", None, 4.5, 512),
-    "flux2-klein-4b": ("flux2", "black-forest-labs/FLUX.2-klein-base-4B",
-                       "black-forest-labs/FLUX.2-klein-4B", 4.0, 512),
+    "flux2-klein-4b": ("flux2", "black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-4B", 4.0, 512),
     "tiny-sd3": ("sd3", None, None, 7.0, 32),
     "tiny-sd35": ("sd3", None, None, 4.5, 32),
     "tiny-flux2": ("flux2", None, None, 4.0, 32),
     "mini-sd3": ("sd3", None, None, 2.0, 32),  # section 7: `python models.py --pretrain mini-sd3` builds it
 }
 DEFAULT_PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a lighthouse at sunset",
-                   "an astronaut riding a horse", "a bowl of ramen, studio lighting",
-                   "a watercolor painting of a fox", "two dogs playing in the snow",
-                   "a city skyline at night"]
+                   "an astronaut riding a horse", "a bowl of ramen, studio lighting", "a watercolor painting of a fox",
+                   "two dogs playing in the snow", "a city skyline at night"]
 
 
 def shared_copy(net):
-    """A copy of `net` whose parameters and buffers are the *same tensors* as net's (deepcopy with
-    a pre-filled memo). Wrapping its Linears with LoRA leaves `net` itself untouched."""
+    """A copy of `net` sharing its parameters and buffers (deepcopy with a pre-filled memo): wrapping its Linears
+    with LoRA leaves `net` untouched."""
     memo = {id(t): t for t in list(net.parameters()) + list(net.buffers())}
     return copy.deepcopy(net, memo)
 
 
 def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
-    """cls.from_pretrained; a missing / wrong id or folder exits with one actionable line (no
-    traceback). low_cpu_mem_usage (with accelerate) loads the weights straight in `dtype`: no
-    float32 host copy of a multi-GB transformer per rank before the bf16 cast."""
+    """cls.from_pretrained; a missing / wrong id or folder exits with one actionable line (no traceback).
+    low_cpu_mem_usage (with accelerate) loads the weights straight in `dtype`: no float32 host copy of a
+    multi-GB transformer per rank before the bf16 cast."""
     try:
         return cls.from_pretrained(pretrained, low_cpu_mem_usage=True, **kw)
     except (OSError, ValueError) as e:
         p, why = str(pretrained), type(e).__name__
-        fix = (f"pass {flag} with a diffusers folder (written by save_pretrained or "
-               "`huggingface-cli download`) or a hub id")
+        fix = f"pass {flag} with a diffusers folder (by save_pretrained or `huggingface-cli download`) or a hub id"
         if os.path.isdir(p):
             msg = f"folder {p!r} holds no diffusers {cls.__name__} ({why}): {fix}"
         elif os.path.isabs(p) or p.startswith(".") or p.count("/") != 1:
@@ -525,8 +505,7 @@ def load_pipeline(cls, pretrained, flag="--pretrained", **kw):
 
 
 class DiffusersBackbone:
-    """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, text, the stock
-    pipeline and the VAE."""
+    """What SD3 and FLUX.2 share: loading, the frozen teacher, the students, text, the stock pipeline, the VAE."""
 
     text_cache = None  # {field: host tensor [P, ...]} after cache_text_embeddings
     text_device = None  # where the text encoders run: the backbone's device until cached
@@ -540,11 +519,11 @@ class DiffusersBackbone:
         self.gradient_checkpointing, self.lora_rank, self.lora_alpha = gradient_checkpointing, lora_rank, lora_alpha
         self.lora_dtype = lora_dtype  # the trainable (master) weights: LoRA, or the full copy
         self.prompts = list(prompts or DEFAULT_PROMPTS)
-        # one dict per training prompt (read_prompt_file), for the rewards that need it (GenEval)
+        # one dict per training prompt (read_prompt_file) for the rewards that need it (GenEval)
         self.prompt_metadata = list(prompt_metadata) if prompt_metadata else [{} for _ in self.prompts]
         assert len(self.prompt_metadata) == len(self.prompts), "one metadata dict per prompt"
-        # without accelerate, diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16)
-        # silently stays float32, so cast by hand (a no-op with low_cpu_mem_usage)
+        # diffusers 0.42.1's SD3Transformer2DModel.from_pretrained(dtype=bf16) without accelerate silently stays
+        # float32, so cast by hand (a no-op with low_cpu_mem_usage)
         pipe.transformer.to(dtype)
         pipe.to(self.device)
         for m in pipe.components.values():  # everything frozen; students get fresh trainables
@@ -560,16 +539,16 @@ class DiffusersBackbone:
         self.latent_shape = (pipe.transformer.config.in_channels, side, side)  # klein: 4 x 32 = 128
 
     def make_student(self, role, stage=1, merge=None):
-        """The trainable velocity net for role "generator" or "fake" (sections 3, 4): base + LoRA
-        of stage 1 (equal to the base at init), or base + `merge` (the previous stage's LoRA file /
-        state dict, or a list merged in order) folded into the weights + the fresh LoRA of stage 2.
-        lora_rank=0: full fine-tuning, every weight of a real copy trains, in self.lora_dtype."""
+        """The trainable velocity net for role "generator" or "fake" (sections 3, 4): base + LoRA of stage 1
+        (equal to the base at init), or base + `merge` (the previous stage's LoRA file / state dict, or a list
+        merged in order) folded into the weights + the fresh LoRA of stage 2. lora_rank=0: full fine-tuning,
+        every weight of a real copy trains, in self.lora_dtype."""
         base = self.generator_base if role == "generator" else self.teacher
         net = copy.deepcopy(base).to(self.lora_dtype).requires_grad_(True) if self.lora_rank == 0 \
             else shared_copy(base)
         merges = [] if merge is None else merge if isinstance(merge, (list, tuple)) else [merge]
-        # FLUX.2's generator base (the distilled klein-4B) is read by nothing but this student:
-        # merge into its own tensors, so the unmerged 5.3 GiB of Linear weights are not kept
+        # FLUX.2's generator base (klein-4B) is read by nothing but this student: merge into its own tensors,
+        # so the unmerged 5.3 GiB of Linear weights are not kept
         in_place = bool(merges) and base is not self.teacher and self.lora_rank > 0
         assert not (in_place and self.generator_base_merged), \
             "the generator base already holds a merged LoRA; load the backbone again"
@@ -586,18 +565,17 @@ class DiffusersBackbone:
     noise = ToyBackbone.noise
 
     def encode(self, prompts):
-        """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host
-        tensors moved to the device; a prompt outside it is encoded live where the encoders are."""
+        """Prompt strings -> cond (the subclass's encode_text). With the cache, rows of the host tensors moved
+        to the device; a prompt outside it is encoded live where the encoders are."""
         if self.text_cache is not None and all(p in self.text_rows for p in prompts):
             rows = torch.tensor([self.text_rows[p] for p in prompts], dtype=torch.long)
             return {k: v[rows].to(self.device) for k, v in self.text_cache.items()}
         return {k: v.to(self.device) for k, v in self.encode_text(prompts, self.text_device or self.device).items()}
 
     def cache_text_embeddings(self, batch=16):
-        """Encode the training prompts and "" once, keep the embeddings in host memory, and move
-        the text encoders (T5-XXL 8.9 GiB, Qwen3-4B 7.5 GiB in bf16) to the CPU: the training
-        loops then read rows of the cache instead of re-encoding every step. Host memory per
-        prompt: tokens x width x 2 bytes in bf16 (SD3 205 x 4096: 1.6 MiB; FLUX.2 512 x 7680:
+        """Encode the training prompts and "" once, keep the embeddings in host memory, and move the text encoders
+        (T5-XXL 8.9 GiB, Qwen3-4B 7.5 GiB in bf16) to the CPU: training reads cache rows instead of re-encoding.
+        Host memory per prompt: tokens x width x 2 bytes in bf16 (SD3 205 x 4096: 1.6 MiB; FLUX.2 512 x 7680:
         7.5 MiB), so it suits prompt sets of thousands, not the 25k of stage 1. Returns bytes."""
         prompts = list(dict.fromkeys([""] + self.prompts))
         parts = [self.encode_text(prompts[i:i + batch], self.device) for i in range(0, len(prompts), batch)]
@@ -610,8 +588,8 @@ class DiffusersBackbone:
         return sum(v.numel() * v.element_size() for v in self.text_cache.values())
 
     def teacher_sigmas(self, steps):
-        """The stock pipeline's sigmas for `steps` Euler steps (sigma = 0 appended; sample.py
-        --teacher), from a fresh copy of its scheduler."""
+        """The stock pipeline's sigmas for `steps` Euler steps (0 appended; sample.py --teacher), from a fresh
+        copy of its scheduler."""
         sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         if self.family == "sd3":  # `steps` timesteps from 1000 to 1000 sigma_min, static shift
             sched.set_timesteps(num_inference_steps=steps)
@@ -622,17 +600,16 @@ class DiffusersBackbone:
 
     @torch.no_grad()
     def pipeline_latents(self, prompts, x, steps, guidance=None):
-        """The stock pipeline (the teacher, `steps` Euler steps with CFG `guidance`, default g)
-        from our latents x, on the embeddings of self.encode: its VAE latents
-        (output_type="latent"), what to_vae_latents maps our samples to; decode_vae decodes them."""
+        """The stock pipeline (the teacher, `steps` Euler steps with CFG `guidance`, default g) from our latents x,
+        on self.encode's embeddings: its VAE latents (output_type="latent"), which decode_vae decodes."""
         c, null = self.encode(prompts), self.encode([""] * len(prompts))
         kw = dict(prompt_embeds=c["prompt_embeds"], negative_prompt_embeds=null["prompt_embeds"])
         if self.family == "sd3":
             kw.update(pooled_prompt_embeds=c["pooled_projections"],
                       negative_pooled_prompt_embeds=null["pooled_projections"])
-        return self.pipe(latents=x, num_inference_steps=steps, height=self.resolution,
-                         width=self.resolution, guidance_scale=self.guidance if guidance is None else guidance,
-                         output_type="latent", **kw).images
+        return self.pipe(latents=x, num_inference_steps=steps, height=self.resolution, width=self.resolution,
+                         guidance_scale=self.guidance if guidance is None else guidance, output_type="latent",
+                         **kw).images
 
     def decode(self, x):
         """Differentiable: our latents -> images [B, 3, H, W] in [0, 1] (section 3)."""
@@ -647,8 +624,7 @@ class DiffusersBackbone:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     def to_vae_latents(self, x):
-        """Sampler latents -> the VAE's own latents (what output_type="latent" returns); SD3's
-        are the same."""
+        """Sampler latents -> the VAE's own latents (what output_type="latent" returns); SD3's are the same."""
         return x
 
 
@@ -667,24 +643,22 @@ class SD3Backbone(DiffusersBackbone):
     @torch.no_grad()
     def encode_text(self, prompts, device):
         """pipe.encode_prompt with CFG off: "" gives exactly the pipeline's negative branch."""
-        pe, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
+                                                   do_classifier_free_guidance=False,
+                                                   max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": pe, "pooled_projections": pooled}
 
     def velocity(self, net, x, sigma, cond):
         """SD3 takes the model timestep tau = 1000 sigma (section 1)."""
         tau = sigma_to_timestep(sigma.to(self.device, torch.float32))
-        v = net(hidden_states=x.to(self.dtype), timestep=tau,
-                encoder_hidden_states=cond["prompt_embeds"],
-                pooled_projections=cond["pooled_projections"], return_dict=False)[0]
-        return v.float()
+        return net(hidden_states=x.to(self.dtype), timestep=tau, encoder_hidden_states=cond["prompt_embeds"],
+                   pooled_projections=cond["pooled_projections"], return_dict=False)[0].float()
 
 
 class Flux2Backbone(DiffusersBackbone):
-    """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified
-    VAE latent as an image [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128]
-    with position ids (0, h, w, 0), text ids (0, 0, 0, l), and unpacks the output again."""
+    """FLUX.2-klein (section 3). Our latent x is the BatchNorm-normalised, 2x2-patchified VAE latent as an image
+    [B, 128, H/16, W/16]; `velocity` packs it into tokens [B, h*w, 128] with position ids (0, h, w, 0), text ids
+    (0, 0, 0, l), and unpacks the output again."""
     family, packing = "flux2", 2
 
     def __init__(self, name, pipe, text_layers=(9, 18, 27), **kw):
@@ -700,14 +674,13 @@ class Flux2Backbone(DiffusersBackbone):
     @torch.no_grad()
     def encode_text(self, prompts, device):
         """Qwen3 hidden states of `text_layers` [B, L, 3 * hidden] and text ids [B, L, 4]."""
-        pe, ids = self.pipe.encode_prompt(
-            prompt=list(prompts), device=device, max_sequence_length=self.max_sequence_length,
-            text_encoder_out_layers=self.text_layers)
+        pe, ids = self.pipe.encode_prompt(prompt=list(prompts), device=device, text_encoder_out_layers=self.text_layers,
+                                          max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": pe, "txt_ids": ids}
 
     def velocity(self, net, x, sigma, cond):
-        """FLUX.2's transformer multiplies the timestep by 1000 itself, so it gets sigma
-        (diffusers' transformer_flux2.py: `timestep * 1000`; section 1)."""
+        """FLUX.2's transformer multiplies the timestep by 1000 itself, so it gets sigma (diffusers'
+        transformer_flux2.py: `timestep * 1000`; section 1)."""
         B, C, h, w = x.shape
         tokens = x.to(self.dtype).flatten(2).transpose(1, 2)  # [B, h*w, C], row-major
         img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w),
@@ -718,8 +691,8 @@ class Flux2Backbone(DiffusersBackbone):
         return v.transpose(1, 2).reshape(B, C, h, w).float()
 
     def to_vae_latents(self, x):
-        """Undo the BatchNorm normalisation (z std + mean with the VAE's running stats), then
-        un-patchify [B, 4c, h, w] -> [B, c, 2h, 2w] (section 3)."""
+        """Undo the BatchNorm normalisation (z std + mean, the VAE's running stats), then un-patchify
+        [B, 4c, h, w] -> [B, c, 2h, 2w] (section 3)."""
         vae = self.pipe.vae
         mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
@@ -730,15 +703,19 @@ class Flux2Backbone(DiffusersBackbone):
 
 
 def build_tiny(name, folder):
-    """Random-init twin of a real pipeline (section 3), saved with save_pretrained into `folder`.
-    Fixed seeds, in-memory tokenizers, no network. tiny-flux2 writes two pipelines, base/ and
-    distilled/ (another transformer seed), so that generator != teacher as for klein."""
+    """Random-init twin of a real pipeline (section 3), saved with save_pretrained into `folder`. Fixed seeds,
+    in-memory tokenizers, no network. tiny-flux2 writes two pipelines, base/ and distilled/ (another transformer
+    seed), so that generator != teacher as for klein."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
                               Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, T5Config,
                               T5EncoderModel, T5Tokenizer)
     import diffusers as D
     chars = sorted(ByteLevel.alphabet())
+
+    def seeded(seed, cls, *args, **kw):  # each module's random init from its own fixed seed
+        torch.manual_seed(seed)
+        return cls(*args, **kw)
     sched = dict(num_train_timesteps=1000, shift=3.0)
     vae_kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
@@ -753,22 +730,19 @@ def build_tiny(name, folder):
         clip_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=16, projection_dim=32,
                                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        torch.manual_seed(0); te1 = CLIPTextModelWithProjection(clip_cfg)
-        torch.manual_seed(1); te2 = CLIPTextModelWithProjection(clip_cfg)
-        torch.manual_seed(2)
-        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=2,
-                                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-                                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        te1, te2 = (seeded(i, CLIPTextModelWithProjection, clip_cfg) for i in (0, 1))
+        te3 = seeded(2, T5EncoderModel, T5Config(
+            vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
+            relative_attention_num_buckets=8, relative_attention_max_distance=32, decoder_start_token_id=0,
+            eos_token_id=1))
         extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if name == "tiny-sd35" else {}
-        torch.manual_seed(3)
-        tr = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                     caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
-        torch.manual_seed(4); vae = D.AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
-        D.StableDiffusion3Pipeline(
-            transformer=tr, scheduler=D.FlowMatchEulerDiscreteScheduler(**sched), vae=vae,
-            text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
-            text_encoder_3=te3, tokenizer_3=tok3).save_pretrained(tmp)
+        tr = seeded(3, D.SD3Transformer2DModel, sample_size=8, patch_size=2, in_channels=4, out_channels=4,
+                    num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                    caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16, **extra)
+        vae = seeded(4, D.AutoencoderKL, **vae_kw, shift_factor=0.0609, scaling_factor=1.5035)
+        D.StableDiffusion3Pipeline(transformer=tr, scheduler=D.FlowMatchEulerDiscreteScheduler(**sched), vae=vae,
+                                   text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                   text_encoder_3=te3, tokenizer_3=tok3).save_pretrained(tmp)
     elif name == "tiny-flux2":
         tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(["<|endoftext|>"] + chars)},
                              merges=[], model_max_length=64)
@@ -778,19 +752,17 @@ def build_tiny(name, folder):
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
             "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
             "{% endif %}{% endif %}")
-        torch.manual_seed(0)
-        te = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                          max_position_embeddings=128, tie_word_embeddings=True))
-        torch.manual_seed(1); vae = D.AutoencoderKLFlux2(**vae_kw)
+        te = seeded(0, Qwen3ForCausalLM, Qwen3Config(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8, max_position_embeddings=128, tie_word_embeddings=True))
+        vae = seeded(1, D.AutoencoderKLFlux2, **vae_kw)
         vae.bn.running_mean.copy_(0.3 * torch.randn(16))  # non-trivial stats, so a wrong
         vae.bn.running_var.copy_(0.5 + torch.rand(16))     # de-normalisation shows in tests
         for sub, seed, distilled in (("base", 2, False), ("distilled", 3, True)):
-            torch.manual_seed(seed)
-            tr = D.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                           timestep_guidance_channels=32, mlp_ratio=3.0,
-                                           axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+            tr = seeded(seed, D.Flux2Transformer2DModel, patch_size=1, in_channels=16, num_layers=1,
+                        num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                        timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
+                        guidance_embeds=False)
             sch = D.FlowMatchEulerDiscreteScheduler(**sched, use_dynamic_shifting=True, time_shift_type="exponential")
             D.Flux2KleinPipeline(scheduler=sch, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
                                  is_distilled=distilled).save_pretrained(os.path.join(tmp, sub))
@@ -834,13 +806,13 @@ def load_diffusers(name, pretrained=None, generator_pretrained=None, resolution=
 # --- 4. LoRA, hand-written (no peft at run time) ---------------------------------------------
 
 LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boundary)
-    # SD3.x: the joint-attention projections of every block. "attn." keeps SD3.5's second
-    # self-attention (attn2, MMDiT-X) out, as the target list of configs/cold_start/sd35m.yaml does.
+    # SD3.x: every block's joint-attention projections; "attn." keeps SD3.5's second self-attention (attn2,
+    # MMDiT-X) out, as configs/cold_start/sd35m.yaml's target list does.
     "sd3": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the
-    # single-stream output projection of blocks 0-19 only, in both stages, for the generator and
-    # the fake score alike (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
+    # FLUX.2: the double-stream projections, the single-stream fused qkv+mlp projection, and the single-stream
+    # output projection of blocks 0-19 only, in both stages, for generator and fake score alike
+    # (configs/cold_start/flux2_4b.yaml, configs/rtdmd/flux2_4b.yaml).
     "flux2": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
               "to_add_out", "to_qkv_mlp_proj")
              + tuple(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)),
@@ -848,10 +820,9 @@ LORA_TARGETS = {  # module-name suffixes, matched as peft matches them ("." boun
 
 
 class LoRALinear(nn.Linear):
-    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-
-    dict names) and adds `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name).
-    A, B are `dtype`: float32, or bf16 as the official code's (diffusers' add_adapter makes them
-    in the base layer's dtype); the branch is cast back to the output dtype."""
+    """A Linear with a LoRA branch that *shares* the wrapped layer's weight and bias (same state-dict names) and adds
+    `lora_A.weight`, `lora_B.weight` (peft's names minus its adapter name). A, B are `dtype`: float32, or bf16 as
+    the official code's (diffusers' add_adapter makes them in the base layer's dtype); the branch is cast back."""
 
     def __init__(self, base, rank, alpha, init="gaussian", dtype=torch.float32):
         nn.Module.__init__(self)
@@ -909,9 +880,9 @@ def lora_modules(sd):
 
 
 def merge_lora(net, in_place=False):
-    """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear
-    back. The merged weight is a *new* tensor, so a teacher sharing W stays untouched; in_place
-    writes the same numbers into W itself (for a base nothing else reads: no second copy)."""
+    """Fold every LoRA into its base weight, W <- W + (alpha/r) B A, and put a plain nn.Linear back. The merged
+    weight is a *new* tensor, so a teacher sharing W stays untouched; in_place writes the same numbers into W itself
+    (for a base nothing else reads: no second copy)."""
     for n, m in lora_layers(net).items():
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                         device="meta", dtype=m.weight.dtype)
@@ -928,8 +899,8 @@ def merge_lora(net, in_place=False):
 
 
 def save_lora(lora, path, alpha=None):
-    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the
-    file layout of section 4. alpha: the net's, else 2 r."""
+    """Write a LoRA (a net with LoRALinears, or a lora_state_dict such as an EMA copy) in the file layout of
+    section 4. alpha: the net's, else 2 r."""
     from safetensors.torch import save_file
     if isinstance(lora, nn.Module):
         m0 = next(iter(lora_layers(lora).values()))
@@ -941,36 +912,35 @@ def save_lora(lora, path, alpha=None):
     save_file(sd, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
 
 
-# Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the
-# official loader strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
+# Wrapper prefixes a saved state dict may carry (DDP, torch.compile, FSDP, peft, diffusers); the official loader
+# strips the first, second and fourth (rtdmd/inference.py, _strip_wrapper_prefixes).
 LORA_WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.model.", "transformer.")
 LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")  # optional peft adapter name
 
 
 def read_lora(src):
-    """A LoRA in any of the layouts of the official loader (rtdmd/inference.py,
-    _merge_lora_into_base_transformer) or of save_lora -> ({module.lora_A.weight: A,
-    module.lora_B.weight: B}, alpha for that state dict's rank). src: a state dict, a peft folder
-    (adapter_config.json + adapter_model.safetensors / .bin, or such a folder in transformer/), a
-    save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
-    generator_ema.pt files). Files are read with weights_only=True. Without a config the scale
-    is the official fallback alpha / rank = 64 / 32, whatever the tensors' rank."""
+    """A LoRA in any layout of the official loader (rtdmd/inference.py, _merge_lora_into_base_transformer) or of
+    save_lora -> ({module.lora_A.weight: A, module.lora_B.weight: B}, alpha for that state dict's rank). src: a
+    state dict, a peft folder (adapter_config.json + adapter_model.safetensors / .bin, or such a folder in
+    transformer/), a save_lora .safetensors (alpha in its metadata) or a flat .pt / .pth (the released
+    generator_ema.pt files), read with weights_only=True. Without a config the scale is the official fallback
+    alpha / rank = 64 / 32, whatever the tensors' rank."""
     scale, sd = 64 / 32, src
     if isinstance(src, (str, os.PathLike)):
         path = str(src)
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")) \
-                and os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
+        sub = os.path.join(path, "transformer")  # a pipeline folder holding a peft folder
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")) and os.path.isdir(sub):
+            path = sub
+        if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):  # a peft folder
+            with open(cfg_file) as f:
+                cfg = json.load(f)
+            scale = float(cfg.get("lora_alpha", 64)) / float(cfg.get("r", 32))
         if os.path.isdir(path):
-            if os.path.isfile(cfg_file := os.path.join(path, "adapter_config.json")):
-                with open(cfg_file) as f:
-                    cfg = json.load(f)
-                scale = float(cfg.get("lora_alpha", 64)) / float(cfg.get("r", 32))
             path = next((f for e in (".safetensors", ".bin", ".pt")
                          if os.path.isfile(f := os.path.join(path, "adapter_model" + e))), path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--lora {src}: no such file (a .pt / .safetensors LoRA, or "
-                                    "a peft folder with adapter_model.safetensors / .bin / .pt)")
+            raise FileNotFoundError(f"--lora {src}: no such file (a .pt / .safetensors LoRA, or a peft folder with "
+                                    "adapter_model.safetensors / .bin / .pt)")
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(path, "pt") as f:
@@ -982,8 +952,8 @@ def read_lora(src):
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"--lora {src}: not a tensor-only checkpoint ({type(e).__name__}); "
-                                 "only state dicts of tensors are read (weights_only=True)") from None
+                raise ValueError(f"--lora {src}: not a tensor-only checkpoint ({type(e).__name__}); only state "
+                                 "dicts of tensors are read (weights_only=True)") from None
     out = {}
     for k, v in sd.items():
         while (p := next((w for w in LORA_WRAPPERS if k.startswith(w)), None)):
@@ -991,8 +961,8 @@ def read_lora(src):
         if (m := LORA_KEY.match(k)) and torch.is_tensor(v):
             out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = v
     if not out:
-        raise ValueError(f"--lora {src if not isinstance(src, dict) else 'state dict'}: no "
-                         "'...lora_A[.adapter].weight' / '...lora_B...' keys found")
+        what = "state dict" if isinstance(src, dict) else src
+        raise ValueError(f"--lora {what}: no '...lora_A[.adapter].weight' / '...lora_B...' keys found")
     return out, scale * lora_modules(out)[1]
 
 
@@ -1000,10 +970,9 @@ def load_lora(net, lora):
     """Wrap the modules named in `lora` (anything read_lora reads) with LoRALinear, load it."""
     sd, alpha = read_lora(lora)
     names, r = lora_modules(sd)
-    unknown = [n for n in names if n not in dict(net.named_modules())]
-    if unknown:
-        raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: "
-                         "is it a LoRA of another model?")
+    if unknown := [n for n in names if n not in dict(net.named_modules())]:
+        raise ValueError(f"LoRA names modules this backbone does not have, e.g. {unknown[0]!r}: is it a LoRA of "
+                         "another model?")
     trainable = [p for p in net.parameters() if p.requires_grad]  # full fine-tune stays trainable
     inject_lora(net, names, r, alpha)
     for p in trainable:
@@ -1014,9 +983,9 @@ def load_lora(net, lora):
 
 
 def merged_generator(bb, loras):
-    """The generator base with each LoRA of `loras` merged into its weights, in order (official
-    code: rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1
-    LoRA, then its stage-2 LoRA. The base's own tensors stay untouched (merge_lora)."""
+    """The generator base with each LoRA of `loras` merged into its weights, in order (official code:
+    rtdmd/inference.py, lora_paths [distilled, rl]): a released RTDMD model is its stage-1 LoRA, then its stage-2
+    LoRA. The base's own tensors stay untouched (merge_lora)."""
     net = shared_copy(bb.generator_base)
     for lora in loras:
         merge_lora(load_lora(net, lora))
@@ -1024,11 +993,10 @@ def merged_generator(bb, loras):
 
 
 def stack_loras(loras):
-    """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the
-    rank axis, B = [B1 c1, B2 c2, ...] with c_i = s_i / s (s_i = alpha_i / r_i, s the stack's
-    scale, that of the first), so s B A = sum_i s_i B_i A_i exactly. A module missing from one
-    LoRA gets zero rows there, so every module has the summed rank. Two stacked rank-32 LoRAs
-    become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
+    """One LoRA whose delta is the sum of the deltas of `loras`: A = [A1; A2; ...] stacked on the rank axis,
+    B = [B1 c1, B2 c2, ...] with c_i = s_i / s (s_i = alpha_i / r_i, s the stack's scale, that of the first), so
+    s B A = sum_i s_i B_i A_i exactly. A module missing from one LoRA gets zero rows there, so every module has the
+    summed rank: two rank-32 LoRAs become one rank-64 LoRA that stock pipelines load. Returns (state dict, alpha)."""
     read = [read_lora(x) for x in loras]
     ranks = [lora_modules(sd)[1] for sd, _ in read]
     scales = [a / r for (_, a), r in zip(read, ranks)]
@@ -1051,9 +1019,8 @@ def export_stacked_lora(loras, path):
 
 
 def export_merged(net, folder):
-    """Save `net` with its LoRA merged, as a plain transformer folder (save_pretrained) that a
-    stock pipeline loads with no extra library:
-        Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
+    """Save `net` with its LoRA merged as a plain transformer folder (save_pretrained) that a stock pipeline loads
+    with no extra library: Pipeline.from_pretrained(base, transformer=<TransformerClass>.from_pretrained(folder))"""
     merge_lora(shared_copy(net)).save_pretrained(folder)
 # --- 5. load(name) ---------------------------------------------------------------------------
 
@@ -1072,8 +1039,8 @@ def load(name, **kw):
 
 
 def read_run_config(run_dir, required=True):
-    """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it
-    here). A missing file raises a one-line FileNotFoundError, or gives None when not required."""
+    """RUN/config.json, the run's train.py arguments (train.py, eval.py and load_run read it here). A missing file
+    raises a one-line FileNotFoundError, or gives None when not required."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         if not required:
@@ -1084,14 +1051,14 @@ def read_run_config(run_dir, required=True):
 
 
 def load_run(run_dir, stage=None, which="ema", **kw):
-    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the
-    latest present; which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw
-    override load()'s arguments. The backbone is rebuilt from config.json (a tiny twin is built in
-    the run folder). The checkpoints hold only the trainable tensors, under the student's names:
-    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and
-               lora_rank 0); net = make_student("generator") + ck[which].
-    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"],
-               the stage-1 EMA LoRA the stage-2 student merged into its base (sections 3, 4):
+    """(backbone, trained generator, stage) of a run folder written by train.py; stage None = the latest present;
+    which: "ema" (what stage 2 and inference use) or "generator" (raw weights); kw override load()'s arguments.
+    The backbone is rebuilt from config.json (a tiny twin is built in the run folder). The checkpoints hold only
+    the trainable tensors, under the student's names:
+    stage1.pt  ck["generator"], ck["ema"]: the generator's LoRA (all its weights for the toy and lora_rank 0);
+               net = make_student("generator") + ck[which].
+    stage2.pt  the *stage-2* LoRA under the same keys, and on a LoRA backbone ck["stage1_ema"], the stage-1 EMA
+               LoRA the stage-2 student merged into its base (sections 3, 4):
                net = make_student("generator", stage=2, merge=ck["stage1_ema"]) + ck[which]."""
     cfg = read_run_config(run_dir)
     stages = [k for k in (2, 1) if os.path.exists(os.path.join(run_dir, f"stage{k}.pt"))]
@@ -1100,11 +1067,11 @@ def load_run(run_dir, stage=None, which="ema", **kw):
             raise FileNotFoundError(f"no stage1.pt / stage2.pt in {run_dir}; train first")
         stage = stages[0]
     ck = load_checkpoint(os.path.join(run_dir, f"stage{stage}.pt"))
-    args = dict(cache_dir=run_dir, pretrained=cfg.get("pretrained"),
-                generator_pretrained=cfg.get("generator_pretrained"), resolution=cfg.get("resolution"),
-                lora_rank=cfg.get("lora_rank", 32), lora_alpha=2 * cfg.get("lora_rank", 32),
-                width=cfg.get("toy_width", 128), angles=cfg.get("toy_angles", 0),
-                exact_prefix=cfg.get("toy_exact_prefix", False), per_step=cfg.get("toy_per_step", False))
+    rank = cfg.get("lora_rank", 32)
+    args = dict(cache_dir=run_dir, lora_rank=rank, lora_alpha=2 * rank, width=cfg.get("toy_width", 128),
+                **{k: cfg.get(k) for k in ("pretrained", "generator_pretrained", "resolution")},
+                angles=cfg.get("toy_angles", 0), exact_prefix=cfg.get("toy_exact_prefix", False),
+                per_step=cfg.get("toy_per_step", False))
     bb = load(cfg["model"], **(args | kw))
     merged = dict(stage=2, merge=ck["stage1_ema"]) if stage == 2 and "stage1_ema" in ck else {}
     net = bb.make_student("generator", **merged)
@@ -1117,31 +1084,30 @@ def load_run(run_dir, stage=None, which="ema", **kw):
 
 
 def load_checkpoint(path):
-    """torch.load(path) that never executes code from the file (a run folder may come from someone
-    else): weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py
-    writes (RNG states are uint8 tensors); anything else is refused with one ValueError line."""
+    """torch.load(path) that never executes code from the file (a run folder may come from someone else):
+    weights_only reads tensors, dicts, lists, str, int, float, bool, None, all that train.py writes (RNG states
+    are uint8 tensors); anything else is refused with one ValueError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))  # torch names the culprit
         what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors"
-        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when "
-                         "unpickled; it was not written by train.py (or was changed since); "
-                         "only open run folders you trust") from None
+        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when unpickled; it was "
+                         "not written by train.py (or was changed since); only open run folders you trust") from None
 
 
 def read_prompt_file(path):
-    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code:
-    rtdmd/data/prompt_dataset.py): .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR
-    sets; metadata {}); .jsonl, one JSON object a line with a "prompt" field, its other fields that
-    prompt's metadata (GenEval's train/test_metadata.jsonl: tag, include, ...), which a reward gets
-    as reward(images, prompts, metadata). Blank lines are skipped; bad files raise one line."""
+    """(prompts: list[str], metadata: list[dict]) of a prompt file (official code: rtdmd/data/prompt_dataset.py):
+    .txt, one prompt a line (the PickScore, DrawBench, HPSv3 and OCR sets; metadata {}); .jsonl, one JSON object a
+    line with a "prompt" field, its other fields that prompt's metadata (GenEval's train/test_metadata.jsonl: tag,
+    include, ...), which a reward gets as reward(images, prompts, metadata). Blank lines are skipped; bad files
+    raise one line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a "
-                                ".jsonl (a \"prompt\" field a line)")
+        raise FileNotFoundError(f"prompt file {path} not found: pass a .txt (one prompt a line) or a .jsonl "
+                                "(a \"prompt\" field a line)")
     if path.endswith(".json"):
-        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or "
-                         ".jsonl (one JSON object with a \"prompt\" field a line)")
+        raise ValueError(f"{path}: a .json prompt file is not read; use .txt (one prompt a line) or .jsonl (one "
+                         "JSON object with a \"prompt\" field a line)")
     with open(path, encoding="utf-8") as f:
         lines = [(i + 1, line.strip()) for i, line in enumerate(f) if line.strip()]
     if not lines:
@@ -1155,8 +1121,8 @@ def read_prompt_file(path):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {n} is not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl "
-                             "line must be an object like {\"prompt\": \"a photo of a cat\", ...}")
+            raise ValueError(f"{path} line {n} has no \"prompt\" field (a string); every .jsonl line must be an "
+                             "object like {\"prompt\": \"a photo of a cat\", ...}")
         prompts.append(rec.pop("prompt"))
         metadata.append(rec)
     return prompts, metadata

@@ -1,21 +1,20 @@
 """
 rewards.py -- r(samples, prompts): what stage 2 maximises.
 
-Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in
-`samples` where the method back-propagates through it (subgrpo.py, section 2). "Official code" is
-github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
+Every reward is a callable  reward(samples, prompts) -> {name: Tensor[B]}, differentiable in `samples` where the
+method back-propagates through it (subgrpo.py, section 2). "Official code" is github.com/Harahan/RTDMD (README);
+its scorers are in rtdmd/rewards/*.py.
 
 1. Toy rewards of a 2-D point, each with its exact reward-tilted mixture
-   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the
-   toy mixture (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed
-   form (derivation at the code).
+   A linear r = a^T x or a quadratic r = -(gamma/2)|x - m|^2 tilts each Gaussian component of the toy mixture
+   (models.py, section 2) into another Gaussian, so p~ is a mixture again, in closed form (derivation at the code).
 
 2. Image rewards: CLIPScore, PickScore, Aesthetic, HPSv2.1, ImageReward; GenEval, OCR, HPSv3, GenEval2
-   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1).
-   Evaluation and GRPO score the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py);
-   reward back-prop scores the float image with its gradient (rtdmd/trainers/bp_mixin.py). The
-   first five preprocess in torch (F.interpolate with antialias, crop by slicing, the OpenAI CLIP
-   mean/std they all use), so every score is differentiable; PIL's processors differ by < 1%.
+   Inputs: float images [B, 3, H, W] in [0, 1], the VAE decode (x/2 + 0.5).clamp(0, 1). Evaluation and GRPO score
+   the 8-bit image round(255 x)/255 (rtdmd/rewards/multi_scorer.py); reward back-prop scores the float image with
+   its gradient (rtdmd/trainers/bp_mixin.py). The first five preprocess in torch (F.interpolate with antialias,
+   crop by slicing, the OpenAI CLIP mean/std they all use), so every score is differentiable; PIL's processors
+   differ by < 1%.
 
        scorer       network (hub id)                         preprocessing                  score
        clipscore    CLIP ViT-L/14 (openai/clip-vit-large-    shortest side 224 (bilinear),  cosine, ~0.3
@@ -29,19 +28,18 @@ github.com/Harahan/RTDMD (README); its scorers are in rtdmd/rewards/*.py.
        imagereward  ImageReward v1.0, BLIP ViT-L/16 + BERT   shortest side 224 (bicubic),   (raw - 0.16717)
                     with cross-attention (THUDM/ImageReward) centre crop; text <= 35 tokens / 1.03334
 
-   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables
-   report; the official code trains and logs PickScore / 26 so the three training rewards have
-   similar scales (PICKSCORE_TABLE_SCALE). HPSv2.1 and ImageReward exist only in their open_clip /
-   BLIP layouts and are converted key by key (`openclip_to_hf`, `blip_to_hf`).
-   The paper's other metrics have no gradient (GRPO and evaluation only) and take their inputs
-   from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR
-   (Florence-2), HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it
-   scores and how it differs from the official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
+   PickScore's logit scale is exp(4.6) ~ 100: its raw score ~22-24 is what the paper's tables report; the official
+   code trains and logs PickScore / 26 so the three training rewards have similar scales (PICKSCORE_TABLE_SCALE).
+   HPSv2.1 and ImageReward exist only in their open_clip / BLIP layouts and are converted key by key
+   (`openclip_to_hf`, `blip_to_hf`). The paper's other metrics have no gradient (GRPO and evaluation only) and take
+   their inputs from the transformers processors: GenEval (Mask2Former objects + CLIP colours), OCR (Florence-2),
+   HPSv3 (Qwen2-VL) and GenEval2 (Qwen3-VL); each section's comment says what it scores and how it differs from the
+   official rtdmd/rewards/{geneval,ocr,hpsv3,geneval2}_scorer.py.
 
 3. The weighted multi-reward
-   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages
-   are per reward (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the
-   same rewards with the same weights. Evaluation reports every metric with weight 1.
+   GRPO weights (configs/rtdmd/*.yaml): clipscore, hpsv2, pickscore, geneval 1 each; advantages are per reward
+   (subgrpo.py, section 5). Reward back-prop uses the differentiable subset of the same rewards with the same
+   weights. Evaluation reports every metric with weight 1.
 """
 import torch
 
@@ -51,16 +49,16 @@ import models
 # 1. Toy rewards and their exact tilts
 # ---------------------------------------------------------------------------------------------
 
-# The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both
-# rewards ignore the prompt, are differentiable in x, and tilt an isotropic mixture
+# The toy world's "images" are 2-D points x [B, 2] (ToyBackbone.decode is the identity). Both rewards ignore the
+# prompt, are differentiable in x, and tilt an isotropic mixture
 #     p(x|c) = sum_j pi_cj N(x; mu_j, s_j^2 I)
-# into another isotropic mixture, in closed form, because a Gaussian times
-# exp(linear or quadratic) is again a Gaussian times a constant:
+# into another isotropic mixture, in closed form, because a Gaussian times exp(linear or quadratic) is again a
+# Gaussian times a constant:
 #     N(x; mu_j, s_j^2 I) exp(beta r(x)) = f_j  N(x; mu~_j, s~_j^2 I),
-# so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),
-# with  Z_beta(c) = sum_j pi_cj f_j.  Every row of the weight table is tilted this way, the null
-# row "" included: its tilt is the tilt of p(x|null), which in general is *not* the mean of the
-# tilted conditional rows (irrelevant for the exactness checks, which use g = 1).
+# so  p~(x|c) = p(x|c) exp(beta r(x)) / Z_beta(c)  has weights  pi~_cj = pi_cj f_j / Z_beta(c),  with
+# Z_beta(c) = sum_j pi_cj f_j.  Every row of the weight table is tilted this way, the null row "" included: its
+# tilt is the tilt of p(x|null), which in general is *not* the mean of the tilted conditional rows (irrelevant
+# for the exactness checks, which use g = 1).
 
 
 def tilted_weights(weights, log_f):
@@ -83,19 +81,15 @@ def tilt_linear(mixture, a, beta):
 
 
 def quadratic_log_f(mixture, gamma, m, beta):
-    """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant:
-        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)
-             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const,
-    with bg = beta gamma.
-    The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c))
-    and stays finite at beta = 0."""
+    """log f_j for r = -(gamma/2)|x - m|^2, up to a j-independent constant, with bg = beta gamma:
+        f_j  prop. to  N(mu_j; m, (s_j^2 + 1/bg) I)
+             = (1 + bg s_j^2)^(-d/2) exp(-bg |mu_j - m|^2 / (2 (1 + bg s_j^2))) * const.
+    The second form is exactly E_{N(mu_j, s_j^2)}[exp(beta r)] (so sum_j pi_cj f_j = Z_beta(c)), finite at beta = 0."""
     m = torch.as_tensor(m, dtype=torch.float64)
-    bg = beta * gamma
-    s2 = mixture.stds ** 2
+    bg, s2 = beta * gamma, mixture.stds ** 2
     assert bool((1 + bg * s2 > 0).all()), "beta * gamma too negative: the tilt is not normalisable"
-    d = mixture.means.shape[1]
     dist2 = ((mixture.means - m) ** 2).sum(1)
-    return -0.5 * d * torch.log1p(bg * s2) - bg * dist2 / (2 * (1 + bg * s2))
+    return -0.5 * mixture.means.shape[1] * torch.log1p(bg * s2) - bg * dist2 / (2 * (1 + bg * s2))
 
 
 def tilt_quadratic(mixture, gamma, m, beta):
@@ -105,20 +99,26 @@ def tilt_quadratic(mixture, gamma, m, beta):
         pi~_cj prop. to pi_cj N(mu_j; m, (s_j^2 + 1/(beta gamma)) I)    (quadratic_log_f).
     Returns a new models.Mixture."""
     m = torch.as_tensor(m, dtype=torch.float64)
-    bg = beta * gamma
-    s2 = mixture.stds ** 2
+    bg, s2 = beta * gamma, mixture.stds ** 2
     prec = 1 / s2 + bg
     means = (mixture.means / s2[:, None] + bg * m[None]) / prec[:, None]
     log_f = quadratic_log_f(mixture, gamma, m, beta)
     return models.Mixture(means, (1 / prec).sqrt(), tilted_weights(mixture.weights, log_f))
 
 
-class LinearReward:
+class ToyReward:
+    """Either toy reward; a subclass gives r, its tilt, its log f_j and E_{p(x|c)}[r] in closed form."""
+
+    def log_partition(self, mixture, beta):
+        """log Z_beta(c) = log E_{p(x|c)}[exp(beta r)] = logsumexp_j(log pi_cj + log f_j), [C]."""
+        return torch.logsumexp(torch.log(mixture.weights) + self.log_f(mixture, beta)[None], dim=1)
+
+
+class LinearReward(ToyReward):
     """r(x) = a^T x. Callable (samples [B, d], prompts) -> {name: Tensor[B]}, differentiable."""
 
     def __init__(self, a=(1.0, 0.0), name="linear"):
-        self.a = torch.as_tensor(a, dtype=torch.float64)
-        self.name = name
+        self.a, self.name = torch.as_tensor(a, dtype=torch.float64), name
 
     def __call__(self, samples, prompts=None):
         return {self.name: samples @ self.a.to(samples)}
@@ -127,24 +127,19 @@ class LinearReward:
         """The exact tilted mixture p(x|c) exp(beta r(x)) / Z_beta(c)."""
         return tilt_linear(mixture, self.a, beta)
 
+    def log_f(self, mixture, beta):
+        return beta * mixture.means @ self.a + 0.5 * beta ** 2 * mixture.stds ** 2 * (self.a @ self.a)
+
     def exact_mean(self, mixture):
         """E_{p(x|c)}[r] = sum_j pi_cj a^T mu_j, Tensor[C] (float64)."""
         return mixture.weights @ (mixture.means @ self.a)
 
-    def log_partition(self, mixture, beta):
-        """log Z_beta(c) = log E_{p(x|c)}[exp(beta r)] = logsumexp_j(log pi_cj + log f_j), [C]."""
-        a, s2 = self.a, mixture.stds ** 2
-        log_f = beta * mixture.means @ a + 0.5 * beta ** 2 * s2 * (a @ a)
-        return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
-
-class QuadraticReward:
+class QuadraticReward(ToyReward):
     """r(x) = -(gamma/2) |x - m|^2. Callable (samples [B, d], prompts) -> {name: Tensor[B]}."""
 
     def __init__(self, gamma=1.0, m=(2.0, 0.0), name="quadratic"):
-        self.gamma = float(gamma)
-        self.m = torch.as_tensor(m, dtype=torch.float64)
-        self.name = name
+        self.gamma, self.m, self.name = float(gamma), torch.as_tensor(m, dtype=torch.float64), name
 
     def __call__(self, samples, prompts=None):
         return {self.name: -0.5 * self.gamma * ((samples - self.m.to(samples)) ** 2).sum(1)}
@@ -152,34 +147,31 @@ class QuadraticReward:
     def tilt(self, mixture, beta):
         return tilt_quadratic(mixture, self.gamma, self.m, beta)
 
+    def log_f(self, mixture, beta):
+        return quadratic_log_f(mixture, self.gamma, self.m, beta)
+
     def exact_mean(self, mixture):
         """E_{p(x|c)}[r] = -(gamma/2) sum_j pi_cj (|mu_j - m|^2 + d s_j^2), Tensor[C]."""
-        d = mixture.means.shape[1]
-        per_j = ((mixture.means - self.m) ** 2).sum(1) + d * mixture.stds ** 2
+        per_j = ((mixture.means - self.m) ** 2).sum(1) + mixture.means.shape[1] * mixture.stds ** 2
         return -0.5 * self.gamma * mixture.weights @ per_j
-
-    def log_partition(self, mixture, beta):
-        """log Z_beta(c) = logsumexp_j(log pi_cj + log f_j), f_j exact (quadratic_log_f)."""
-        log_f = quadratic_log_f(mixture, self.gamma, self.m, beta)
-        return torch.logsumexp(torch.log(mixture.weights) + log_f[None], dim=1)
 
 
 def toy_reward(name="quadratic"):
-    """The toy's stage-2 reward, train.py --reward quadratic|linear: a bowl centred on the ring
-    mode at (2, 0), or the linear reward along the first axis (train.py and eval.py both)."""
+    """The toy's stage-2 reward (train.py --reward quadratic|linear; eval.py too): a bowl at the ring mode (2, 0),
+    or the linear reward along the first axis."""
     return QuadraticReward(1.0, (2.0, 0.0)) if name == "quadratic" else LinearReward((1.0, 0.0))
 
 # ---------------------------------------------------------------------------------------------
 # 2. Image rewards
 # ---------------------------------------------------------------------------------------------
 
-# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only
-# (pairs, never ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in
-# eval mode, and load on first use, so the generator is all reward back-prop can move and a run
-# never loads a checkpoint it does not score with. `sources` maps a slot to a hub id or a local
-# path (DEFAULT_SOURCES); a key a checkpoint converter does not know is an error, never dropped.
-# GenEval and GenEval2 also take each prompt's .jsonl record: scorer(images, prompts, metadata).
-# Imports live here so the toy section stays light; transformers is imported inside the loaders.
+# scorer(images, prompts) -> {scorer.name: Tensor[B]}; image i is scored against prompts[i] only (pairs, never
+# ImageReward's all-images-x-all-prompts `inference_rank`). Networks are frozen, in eval mode, and load on first
+# use, so the generator is all reward back-prop can move and a run never loads a checkpoint it does not score
+# with. `sources` maps a slot to a hub id or a local path (DEFAULT_SOURCES); a key a checkpoint converter does not
+# know is an error, never dropped. GenEval and GenEval2 also take each prompt's .jsonl record:
+# scorer(images, prompts, metadata). Imports live here so the toy section stays light; transformers is imported
+# inside the loaders.
 import math
 import os
 import re
@@ -196,32 +188,28 @@ PICKSCORE_TABLE_SCALE = 26.0  # RTDMD trains on PickScore/26; paper tables repor
 # rtdmd/rewards/imagereward_scorer.py uses through that package
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.033339496605407
 
-# slot -> hub id or local path. A raw-file slot may also be a local file or a folder holding it.
-# A "*_config" slot may be a transformers config object (tests use tiny ones); None = real size.
+# slot -> hub id or local path; a raw-file slot may also be a local file or a folder holding it. A "*_config"
+# slot may be a transformers config object (tests use tiny ones); None = real size.
 DEFAULT_SOURCES = {
     "clip_l": "openai/clip-vit-large-patch14",  # CLIPScore + Aesthetic backbone (shared)
     "pickscore": "yuvalkirstain/PickScore_v1",
     "pickscore_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # PickScore's processor
     "aesthetic_head": "trl-lib/ddpo-aesthetic-predictor",  # or the .pth file itself
     "hpsv2": "xswu/HPSv2",  # holds HPS_v2.1_compressed.pt
-    "hpsv2_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # same BPE as open_clip
-    "hpsv2_config": None,
+    "hpsv2_tokenizer": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "hpsv2_config": None,  # same BPE as open_clip
     "imagereward": "THUDM/ImageReward",  # holds ImageReward.pt
-    "imagereward_tokenizer": "google-bert/bert-base-uncased",
-    "imagereward_config": None,
+    "imagereward_tokenizer": "google-bert/bert-base-uncased", "imagereward_config": None,
     "geneval_detector": "facebook/mask2former-swin-small-coco-instance",  # colours: clip_l
     "ocr": "florence-community/Florence-2-base",  # model and its Florence2Processor
     "hpsv3": "MizzenAI/HPSv3",  # holds HPSv3.safetensors
-    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct",  # its config and tokenizer
-    "hpsv3_config": None,
+    "hpsv3_base": "Qwen/Qwen2-VL-7B-Instruct", "hpsv3_config": None,  # its config and tokenizer
     "hpsv3_template": None,  # the hpsv3 package (installed, its .whl, or data_collator_qwen.py)
     "geneval2": "Qwen/Qwen3-VL-8B-Instruct",  # Soft-TIFA's question answerer
 }
 
 
 def quantize_uint8(images):
-    """round(255 x) / 255: the 8-bit image that eval and GRPO score (section 2).
-    Piecewise constant, so its gradient is zero: never use it on the back-prop path."""
+    """round(255 x) / 255, the 8-bit image eval and GRPO score (section 2). Zero gradient: never on the BP path."""
     return torch.round(images.clamp(0, 1) * 255) / 255
 
 
@@ -232,36 +220,35 @@ METADATA_FIELDS = {"geneval": ("include", "dataset/geneval/train_metadata.jsonl"
 
 def check_metadata(names, records, n=None, where="the records given",
                    fix="read them from its .jsonl (the official {official})"):
-    """One-line ValueError unless `records` (a .jsonl prompt file's records, n of them if given)
-    hold the field (METADATA_FIELDS) of each reward of `names` that reads one; `fix` ({name},
-    {official} filled in) says what to do. The one check of rewards.py, train.py and eval.py."""
-    for name in names:
-        if name in METADATA_FIELDS:
-            field, official = METADATA_FIELDS[name]
-            if not records or (n is not None and len(records) != n) or not all(
-                    isinstance(r, dict) and field in r for r in records):
-                raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} "
-                                 f"metadata record with '{field}' per prompt, not found in {where}: "
-                                 + fix.format(name=name, official=official))
+    """One-line ValueError unless `records` (a .jsonl file's records, n if given) hold the METADATA_FIELDS field of
+    each reward of `names` that reads one; `fix` ({name}, {official}) says what to do. Used by train.py, eval.py."""
+    for name in filter(METADATA_FIELDS.__contains__, names):
+        field, official = METADATA_FIELDS[name]
+        if not records or (n is not None and len(records) != n) or not all(
+                isinstance(r, dict) and field in r for r in records):
+            raise ValueError(f"{name} needs one {'GenEval2' if name == 'geneval2' else 'GenEval'} metadata record "
+                             f"with '{field}' per prompt, not found in {where}: "
+                             + fix.format(name=name, official=official))
 
 
 def crop_offset(margin, rounding):
     """Top (or left) offset of a centred crop that leaves `margin` pixels out.
-    "round": torchvision's CenterCrop, int(round(margin / 2)) with Python's round-half-to-even
-             (margin 75 -> 38, 3 -> 2, 1 -> 0); the original ImageReward, LAION aesthetic and
-             CLIPScore pipelines crop this way.
+    "round": torchvision's CenterCrop, int(round(margin / 2)) with Python's round-half-to-even (margin 75 -> 38,
+             3 -> 2, 1 -> 0); the original ImageReward, LAION aesthetic and CLIPScore pipelines crop this way.
     "floor": transformers' image processors, margin // 2 (75 -> 37): PickScore's CLIP processor."""
     return int(round(margin / 2.0)) if rounding == "round" else margin // 2
 
 
+def normalise(x, mean, std):
+    """(x - mean) / std per channel of [B, 3, H, W]."""
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+
 def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
     """[B,3,H,W] in [0,1] -> normalised [B,3,size,size], differentiable (section 2).
-
-    fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision
-                Resize + CenterCrop in RTDMD's tensor path); `crop` is crop_offset's rounding
-                of an odd margin, one pixel that moves a score by ~1e-2 on a 1000x749 image.
-    fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize").
-    """
+    fit="crop": shortest side -> size, then centre crop (CLIP processor; torchvision Resize + CenterCrop in RTDMD's
+                tensor path); `crop`: crop_offset's rounding of an odd margin (1 px, ~1e-2 on a 1000x749 image).
+    fit="pad":  longest side -> size, then zero-pad to a centred square (HPSv2 "ResizeMaxSize")."""
     h, w = images.shape[-2:]
     if fit == "crop":  # long side truncated with int(), as both the HF processor and torchvision do
         nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
@@ -269,28 +256,24 @@ def preprocess(images, size=224, fit="crop", mode="bicubic", crop="floor"):
         nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
     x = images
     if (nh, nw) != (h, w):
-        # antialias=True: PIL always low-pass filters when it shrinks (512 -> 224); without it
-        # the kernel aliases and scores drift. clamp: PIL's uint8 output cannot overshoot [0,1]
-        # the way a bicubic kernel does (this zeroes the gradient only of saturated pixels).
-        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
-        x = x.clamp(0, 1)
+        # antialias=True: PIL always low-pass filters when it shrinks (512 -> 224); without it the kernel aliases
+        # and scores drift. clamp: PIL's uint8 output cannot overshoot [0,1] the way a bicubic kernel does (this
+        # zeroes the gradient only of saturated pixels).
+        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
     if fit == "crop":
         top, left = crop_offset(nh - size, crop), crop_offset(nw - size, crop)
         x = x[..., top:top + size, left:left + size]
     else:  # pad with black *before* normalising, as HPSv2 pads the PIL image
         ph, pw = size - nh, size - nw
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
-    mean = x.new_tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(OPENAI_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(x, OPENAI_MEAN, OPENAI_STD)
 
 
 # --- loading helpers ---------------------------------------------------------------------------
 
 class Lazy:
-    """A scorer part whose network, `build()`, loads on first use and follows the images' device
-    (a no-op once it is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps
-    every scorer weight out of autograd."""
+    """A scorer part whose network, `build()`, loads on first use and follows the images' device (a no-op once it
+    is there). Frozen: eval() turns dropout off, requires_grad_(False) keeps every scorer weight out of autograd."""
     model = None
 
     def load(self, device=None):
@@ -315,9 +298,8 @@ def _pretrained(cls, src, slot, what):
 
 
 def _checkpoint(src, filenames, slot, what):
-    """(path, state dict) of a raw checkpoint file; `src` is the file, a folder holding it, or a
-    hub repo id. torch.load with weights_only=True (a checkpoint is data, never code), unwrapping
-    {'state_dict': ...}; a .safetensors file through safetensors."""
+    """(path, state dict) of a raw checkpoint: `src` the file, a folder holding it, or a hub id. torch.load with
+    weights_only=True (data, never code), unwrapping {'state_dict': ...}; a .safetensors file through safetensors."""
     candidates = (src, *(os.path.join(src, n) for n in filenames))
     path = next((p for p in candidates if os.path.isfile(p)), None)
     if path is None and not os.path.exists(src):  # a hub id? (HF_HUB_OFFLINE=1: the cache only)
@@ -359,15 +341,13 @@ def _pooled(out):
 
 
 class MLPHead(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts and NO activations: the LAION aesthetic
-    head and ImageReward's head share this layout (keys layers.{0,2,4,6,7}; section 2).
-    In eval mode it is a single affine map; we keep the layers so the checkpoints load as is."""
+    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropouts, NO activations: the LAION aesthetic and ImageReward heads (keys
+    layers.{0,2,4,6,7}). In eval mode one affine map; the layers are kept so the checkpoints load as is."""
 
     def __init__(self, in_dim=768):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        self.layers = nn.Sequential(nn.Linear(in_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, x):
         return self.layers(x).squeeze(-1)
@@ -376,17 +356,15 @@ class MLPHead(nn.Module):
 # --- CLIP-family scorers: CLIPScore, PickScore, Aesthetic, HPSv2.1 ------------------------------
 
 class CLIPBackbone(Lazy):
-    """A frozen transformers CLIPModel + tokenizer, loaded on first use. CLIPScore and Aesthetic
-    share one CLIP-L/14 instance; PickScore and HPSv2.1 each hold a ViT-H/14 one.
-    `make`, if given, makes the model instead of from_pretrained (HPSv2.1's converted weights)."""
+    """A frozen CLIPModel + tokenizer, loaded on first use: one CLIP-L/14 shared by CLIPScore and Aesthetic, a ViT-H/14
+    each for PickScore and HPSv2.1. `make` builds the model instead of from_pretrained (HPSv2.1's converted weights)."""
 
     def __init__(self, model_src, tokenizer_src=None, slot="clip_l", make=None):
         self.model_src, self.tokenizer_src, self.slot, self.make = model_src, tokenizer_src, slot, make
 
     def build(self):
         from transformers import AutoTokenizer, CLIPModel
-        model = self.make() if self.make else _pretrained(
-            CLIPModel, self.model_src, self.slot, "CLIP model")
+        model = self.make() if self.make else _pretrained(CLIPModel, self.model_src, self.slot, "CLIP model")
         tok_src = self.tokenizer_src or self.model_src
         tok_slot = self.slot + "_tokenizer" if self.tokenizer_src else self.slot
         self.tokenizer = _pretrained(AutoTokenizer, tok_src, tok_slot, "CLIP tokenizer")
@@ -400,9 +378,8 @@ class CLIPBackbone(Lazy):
         return img, None if prompts is None else self.embed_text(prompts, images.device)
 
     def embed_text(self, texts, device):
-        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled
-        at the EOS token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip)
-        == padding=True (PickScore eval)."""
+        """L2-normalised projected text embeddings [B, D]. CLIP text attention is causal and pooled at the EOS
+        token, so pads after it never matter: "max_length" (RTDMD CLIPScore, open_clip) == padding=True (PickScore)."""
         m = self.load(device)
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt",
                              max_length=m.config.text_config.max_position_embeddings).to(device)
@@ -411,9 +388,8 @@ class CLIPBackbone(Lazy):
 
 
 class CLIPScore:
-    """Section 2: cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no
-    2.5*max(cos,0) of the CLIPScore paper). `mode` bilinear, `crop` round: torchvision Resize's
-    default and CenterCrop in rtdmd/rewards/clip_scorer.py's tensor path (eval and back-prop)."""
+    """Cosine of CLIP-L/14's projected embeddings (= logits_per_image / 100, no 2.5*max(cos,0) of the CLIPScore paper).
+    bilinear, crop round: torchvision Resize + CenterCrop of rtdmd/rewards/clip_scorer.py's tensor path (eval, BP)."""
     name, fit, mode, crop = "clipscore", "crop", "bilinear", "round"
 
     def __init__(self, backbone):
@@ -428,9 +404,8 @@ class CLIPScore:
 
 
 class PickScore(CLIPScore):
-    """Section 2: logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26,
-    as RTDMD trains and logs it (tables: * PICKSCORE_TABLE_SCALE). `mode` bicubic, `crop` floor:
-    its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
+    """logit_scale.exp() * cos on PickScore_v1 (the paper's table value) DIVIDED BY 26, as RTDMD trains and logs it.
+    bicubic, crop floor: its eval numbers come from the PIL CLIP processor (RTDMD's BP path: bilinear, < 1% apart)."""
     name, mode, crop = "pickscore", "bicubic", "floor"
 
     def __call__(self, images, prompts):
@@ -444,9 +419,8 @@ class HPSv2(CLIPScore):
 
 
 class Aesthetic:
-    """Section 2: LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding); ignores
-    the prompt. A no-grad metric in RTDMD, differentiable here anyway. `crop` round: the original
-    predictor preprocesses with OpenAI CLIP's torchvision CenterCrop."""
+    """LAION aesthetic v2 = MLPHead(L2-normalised CLIP-L/14 image embedding), prompt ignored; a no-grad metric in
+    RTDMD, differentiable here. crop round: the original predictor uses OpenAI CLIP's torchvision CenterCrop."""
     name, fit, mode, crop = "aesthetic", "crop", "bicubic", "round"
     FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth")  # original, trl mirror name
 
@@ -495,8 +469,8 @@ _OC_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
 
 
 def _convert(sd, rename, what, prefixes=("module.",)):
-    """A state dict renamed key by key: rename(key without `prefixes`, tensor) -> {new key:
-    tensor}, {} to drop the key, or None for a key it does not know, an error (never dropped)."""
+    """sd renamed key by key: rename(key less `prefixes`, tensor) -> {new key: tensor}, {} to drop it, or None for a
+    key it does not know, an error (never dropped)."""
     out, unknown = {}, []
     for k, v in sd.items():
         for p in prefixes:
@@ -522,8 +496,7 @@ def openclip_to_hf(sd):
             return {_OC_PROJ[k]: v.t().contiguous()}
         if fused:  # one fused [3D, ...] in-projection, rows ordered q, k, v -> three Linears
             pre = f"{'vision' if fused[1] else 'text'}_model.encoder.layers.{fused[2]}.self_attn."
-            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous()
-                    for n, p in zip("qkv", v.chunk(3, dim=0))}
+            return {f"{pre}{n}_proj.{fused[3]}": p.contiguous() for n, p in zip("qkv", v.chunk(3, dim=0))}
         if block and block[3] in _OC_BLOCK:
             tower = "vision" if block[1] else "text"
             return {f"{tower}_model.encoder.layers.{block[2]}.{_OC_BLOCK[block[3]]}.{block[4]}": v}
@@ -532,19 +505,18 @@ def openclip_to_hf(sd):
 
 
 def load_hpsv2(src, config=None):
-    """HPSv2.1 as a frozen transformers CLIPModel. The HPS file holds the whole model, so the
-    laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
+    """HPSv2.1 as a frozen transformers CLIPModel (fp16 in the file, loaded as fp32). The HPS file holds the whole
+    model, so the laion base weights the official code builds first are not needed (rtdmd/rewards/hpsv2_scorer.py)."""
     from transformers import CLIPConfig, CLIPModel
     path, sd = _checkpoint(src, ("HPS_v2.1_compressed.pt",), "hpsv2", "HPSv2.1 checkpoint")
-    net = CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config))
-    return _load_strict(net, openclip_to_hf(sd), path)  # fp16 in the file; loading casts to fp32
+    return _load_strict(CLIPModel(_config(CLIPConfig, config, hpsv2_clip_config)), openclip_to_hf(sd), path)
 
 
 # --- ImageReward: BLIP -> transformers BlipVisionModel + BlipTextModel ---------------------------
 
 def imagereward_blip_config():
-    """BLIP ViT-L/16 + BERT-base 'med' text encoder with cross-attention to the 1024-d image
-    tokens (BlipConfig copies vision hidden_size into text encoder_hidden_size)."""
+    """BLIP ViT-L/16 + BERT-base 'med' text encoder cross-attending to the 1024-d image tokens (BlipConfig copies
+    vision hidden_size into text encoder_hidden_size)."""
     from transformers import BlipConfig
     return BlipConfig(vision_config=dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -554,8 +526,8 @@ def imagereward_blip_config():
 
 
 class BlipReward(nn.Module):
-    """ImageReward's network: image tokens -> text encoder cross-attends to them -> [CLS] -> MLP
-    -> z-score. The ITC heads of BLIP (vision_proj, text_proj) are not used by the reward."""
+    """ImageReward: image tokens -> text encoder cross-attends -> [CLS] -> MLP -> z-score. BLIP's ITC heads
+    (vision_proj, text_proj) are not used."""
 
     def __init__(self, config):
         super().__init__()
@@ -567,8 +539,8 @@ class BlipReward(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask):
         # HF's last_hidden_state is post-layernormed: the same final norm BLIP's ViT applies
         tokens = self.vision(pixel_values=pixel_values).last_hidden_state
-        # is_decoder=False: bidirectional self-attention (BLIP "multimodal" mode); no encoder
-        # mask = every image token visible (ImageReward passes an all-ones mask)
+        # is_decoder=False: bidirectional self-attention (BLIP "multimodal" mode); no encoder mask = every image
+        # token visible (ImageReward passes an all-ones mask)
         h = self.text(input_ids=input_ids, attention_mask=attention_mask,
                       encoder_hidden_states=tokens, is_decoder=False).last_hidden_state
         return (self.head(h[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
@@ -597,8 +569,8 @@ def blip_to_hf(sd):
             return {f"vision.encoder.layers.{block[1]}.{_BLIP_BLOCK[block[2]]}.{block[3]}": v}
         if k.endswith("position_ids") or k.startswith(("vision_proj.", "text_proj.")):
             return {}  # a buffer HF rebuilds, and BLIP's contrastive heads the reward never uses
-        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py:
-            return {"text." + k.removeprefix("text_encoder."): v}  # same names
+        if k.startswith("text_encoder."):  # HF's BlipTextModel is a port of BLIP's med.py: same names
+            return {"text." + k.removeprefix("text_encoder."): v}
         if k.startswith("mlp.layers."):
             return {"head." + k.removeprefix("mlp."): v}
         return None
@@ -606,10 +578,9 @@ def blip_to_hf(sd):
 
 
 class ImageReward(Lazy):
-    """Section 2: ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text:
-    bert-base-uncased + [DEC], [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path,
-    `crop` round its torchvision CenterCrop (RTDMD's BP fallback squashed to 224x224 without
-    antialias instead; identical for square images up to antialias)."""
+    """ImageReward v1.0, a z-scored preference score (paper 0.78-1.37). Text: bert-base-uncased + [DEC],
+    [ENC], max 35 tokens, [CLS] first. Image: as its PIL eval path, `crop` round its torchvision CenterCrop (RTDMD's
+    BP fallback squashed to 224x224 without antialias instead; identical for square images up to antialias)."""
     name, fit, mode, crop = "imagereward", "crop", "bicubic", "round"
 
     def __init__(self, src, tokenizer_src, config=None):
@@ -633,30 +604,28 @@ class ImageReward(Lazy):
         return {self.name: net(px.to(net.head.layers[0].weight.dtype), tok.input_ids, tok.attention_mask)}
 
 # --- GenEval: Mask2Former instance segmentation + CLIP colour, then the GenEval rules ----------
-#
-# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO
-# instance segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former
-# authors' own Swin-S COCO model in transformers (same architecture and data, trained separately
-# with Detectron2, so a borderline object can fall on the other side of the 0.3 / 0.9 thresholds)
-# and CLIPScore's CLIP-L/14 instance; then the official rules, rewritten: thresholds, top-16 per
-# class, no NMS, box-centre relations, the partial-credit GRPO reward. A prompt's metadata:
+# The official scorer (rtdmd/rewards/geneval_scorer.py) runs mmdet's Mask2Former Swin-S (COCO instance
+# segmentation) and open_clip ViT-L/14 (openai weights) for colours. Here: the Mask2Former authors' own Swin-S COCO
+# model in transformers (same architecture and data, trained separately with Detectron2, so a borderline object can
+# fall on the other side of the 0.3 / 0.9 thresholds) and CLIPScore's CLIP-L/14 instance; then the official rules,
+# rewritten: thresholds, top-16 per class, no NMS, box-centre relations, the partial-credit GRPO reward. Metadata:
 #   {"tag": "position", "prompt": "a photo of a cow right of a laptop",
 #    "include": [{"class": "laptop", "count": 1}, {"class": "cow", "count": 1, "position": ["right of", 0]}]}
 # "color" may accompany an include entry; "position" = [relation, index of the reference entry].
 
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with
-# GenEval's names for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
+# the 80 COCO instance classes in their contiguous order, label id i -> GENEVAL_OBJECTS[i], with GenEval's names
+# for three of them (Detectron2's id2label says "mouse", "remote", "keyboard")
 GENEVAL_OBJECTS = tuple(
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
-    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"
-    "tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,"
-    "tennis racket,bottle,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,"
-    "hot dog,pizza,donut,cake,chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,"
-    "tv remote,computer keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,"
-    "scissors,teddy bear,hair drier,toothbrush".split(","))
-# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for
-# counting prompts; at most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,parking meter,"
+    "bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,"
+    "skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,"
+    "wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,"
+    "chair,couch,potted plant,bed,dining table,toilet,tv,laptop,computer mouse,tv remote,computer keyboard,"
+    "cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,"
+    "toothbrush".split(","))
+# official constants (rtdmd/rewards/geneval_scorer.py): detection confidence, stricter for counting prompts; at
+# most 16 objects per class; NMS threshold 1.0 = no NMS; relation margin
 GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD = 0.3, 0.9
 GENEVAL_MAX_OBJECTS, GENEVAL_POSITION_MARGIN = 16, 0.1
 GENEVAL_TOPK = 100  # mmdet Mask2Former test_cfg max_per_image: candidates kept per image
@@ -664,10 +633,10 @@ GENEVAL_GREY = 0x99 / 255  # the "#999" background the colour crops are composit
 
 
 def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
-    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2;
-    y points down). The centre offset is shrunk on each axis by margin * (sum of the two boxes'
-    sizes on that axis), then divided by the unshrunk offset's length; a relation holds where
-    that direction's component exceeds 0.5. Overlapping, similar-sized boxes relate to nothing."""
+    """The relations {"left of", "right of", "above", "below"} of box A to box B (x1, y1, x2, y2; y points down).
+    The centre offset is shrunk on each axis by margin * (sum of the two boxes' sizes on that axis), then divided
+    by the unshrunk offset's length; a relation holds where that direction's component exceeds 0.5. Overlapping,
+    similar-sized boxes relate to nothing."""
     a, b = torch.as_tensor(box_a[:4], dtype=torch.float64), torch.as_tensor(box_b[:4], dtype=torch.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     size = (a[2:] - a[:2]).abs() + (b[2:] - b[:2]).abs()
@@ -681,20 +650,17 @@ def relative_position(box_a, box_b, margin=GENEVAL_POSITION_MARGIN):
 
 def geneval_verdict(objects, metadata, colors_of):
     """One image's GenEval result: (strict_correct, score, reasons).
-
-    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score
-               first, already thresholded (geneval_objects).
+    objects    {class name: [(box [x1, y1, x2, y2, score], mask or None), ...]}, highest score first, already
+               thresholded (geneval_objects).
     metadata   the prompt's GenEval record (see above).
     colors_of  (objects of one class, class name) -> one colour name per object.
-
     score is the official partial credit (the GRPO reward): the mean of one term per check,
       count     1 - |expected - found| / expected         (negative if found > 2 * expected)
       colour    1 - |expected - matching| / expected      (0 if the count was already wrong)
       position  0 or 1 per failed/passed check            (0 if the count was already wrong)
-    strict_correct needs every count exact, every colour and relation right. As in the official
-    code: a colour or position entry whose count is wrong adds ONE zero term; a failed relation
-    adds a 0 and then the 1 the loop appends after it ends (half a term lost); a colour failure
-    skips that entry's position check (no term)."""
+    strict_correct needs every count exact, every colour and relation right. As in the official code: a colour or
+    position entry whose count is wrong adds ONE zero term; a failed relation adds a 0 and then the 1 the loop
+    appends after it ends (half a term lost); a colour failure skips that entry's position check (no term)."""
     correct, terms, reasons, groups = True, [], [], []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
@@ -705,41 +671,37 @@ def geneval_verdict(objects, metadata, colors_of):
             reasons.append(f"expected {n} {name}, found {len(found)}")
             if "color" in req or "position" in req:
                 terms.append(0.0)
-        else:
-            if "color" in req:
-                hits = list(colors_of(found, name)).count(req["color"])
-                terms.append(1 - abs(n - hits) / n)
-                if hits != n:
-                    ok = False
-                    reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
-            if "position" in req and ok:
-                rel, target = req["position"]
-                if groups[target] is None:
-                    ok = False
-                    reasons.append(f"no reference object for {name} to be {rel}")
+        if ok and "color" in req:
+            hits = list(colors_of(found, name)).count(req["color"])
+            terms.append(1 - abs(n - hits) / n)
+            if hits != n:
+                ok = False
+                reasons.append(f"expected {n} {req['color']} {name}, found {hits}")
+        if ok and "position" in req:
+            rel, target = req["position"]
+            ref = groups[target]  # None: the reference entry failed
+            bad = ref and next(((o, t) for o in found for t in ref if rel not in relative_position(o[0], t[0])), None)
+            if ref is None:
+                reasons.append(f"no reference object for {name} to be {rel}")
+                terms.append(0.0)
+            else:
+                if bad:
+                    reasons.append(f"expected {name} {rel} the reference, found "
+                                   f"{' and '.join(sorted(relative_position(bad[0][0], bad[1][0]))) or 'no relation'}")
                     terms.append(0.0)
-                else:
-                    for obj in found:
-                        bad = next((t for t in groups[target] if rel not in relative_position(obj[0], t[0])), None)
-                        if bad is not None:
-                            ok = False
-                            reasons.append(f"expected {name} {rel} the reference, found "
-                                           f"{' and '.join(sorted(relative_position(obj[0], bad[0]))) or 'no relation'}")
-                            terms.append(0.0)
-                            break
-                    terms.append(1.0)  # official: appended after the loop, failure or not
+                terms.append(1.0)  # official: appended after the loop, failure or not
+            ok = ref is not None and not bad
         correct = correct and ok
         groups.append(found if ok else None)
     return correct, (sum(terms) / len(terms) if terms else 0.0), reasons
 
 
 def geneval_correct(objects, metadata, colors_of):
-    """GenEval's own verdict (the benchmark's `correct`; official code: rtdmd/rewards/geneval_scorer.py,
-    `evaluate`, the value the official inference reports as `accuracy` with only_strict=False).
-    Arguments as geneval_verdict. Looser than the strict verdict on counts: an include entry
-    needs at least `count` objects, and its colour and relation are judged on the first `count`
-    detections only. Stricter on one point: each `exclude` entry {"class", "count"} fails the
-    image when `count` or more of that class are detected (counting prompts: "exactly n")."""
+    """GenEval's own verdict (the benchmark's `correct`; official code: rtdmd/rewards/geneval_scorer.py, `evaluate`,
+    the value the official inference reports as `accuracy` with only_strict=False). Arguments as geneval_verdict.
+    Looser than the strict verdict on counts: an include entry needs at least `count` objects, and its colour and
+    relation are judged on the first `count` detections only. Stricter on one point: each `exclude` entry
+    {"class", "count"} fails the image when `count` or more of that class are detected (counting: "exactly n")."""
     correct, groups = True, []
     for req in metadata.get("include", []):
         name, n = req["class"], req["count"]
@@ -757,8 +719,8 @@ def geneval_correct(objects, metadata, colors_of):
 
 
 def geneval_objects(labels, scores, boxes, masks, tag):
-    """Detections of one image -> {class name: [(box + score, mask), ...]}: score above 0.3 (0.9
-    for counting prompts), highest first, at most 16 per class (no NMS)."""
+    """One image's detections -> {class: [(box + score, mask), ...]}: score > 0.3 (0.9 for counting prompts), best
+    first, at most 16 per class (no NMS)."""
     threshold = GENEVAL_COUNTING_THRESHOLD if tag == "counting" else GENEVAL_THRESHOLD
     objects = {}
     for i in torch.argsort(torch.as_tensor(scores), descending=True, stable=True).tolist():
@@ -771,8 +733,7 @@ def geneval_objects(labels, scores, boxes, masks, tag):
 
 
 def masks_to_boxes(masks):
-    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels, zeros for an empty
-    mask: how mmdet's Mask2Former derives its boxes from its masks."""
+    """[N, H, W] bool -> [N, 4] (x1, y1, x2 + 1, y2 + 1) of the set pixels (empty: zeros), as mmdet's Mask2Former."""
     def span(hit):  # hit [N, L]: first and one past the last set index, on the masks' device
         at = torch.arange(hit.shape[1], device=hit.device)
         return torch.where(hit, at, hit.shape[1]).amin(1), torch.where(hit, at, -1).amax(1) + 1
@@ -782,9 +743,8 @@ def masks_to_boxes(masks):
 
 
 def check_coco_order(id2label, src):
-    """Label id i must be GENEVAL_OBJECTS[i]. Names are compared loosely (case, "-"/"_", the
-    Detectron2 short names), and a few differing spellings pass; an order that is off (nearly
-    every name differs) is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
+    """Label id i must be GENEVAL_OBJECTS[i], compared loosely (case, "-"/"_", Detectron2's short names, <= 3 other
+    spellings); an order that is off is an error. Unnamed labels (LABEL_i, random test models) are trusted."""
     names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(GENEVAL_OBJECTS))]
     if all(n.startswith("LABEL_") for n in names):
         return
@@ -797,15 +757,14 @@ def check_coco_order(id2label, src):
 
 
 class Mask2FormerDetector(Lazy):
-    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe:
-    resize so the short side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a
-    multiple of 32; then per image the top-100 (query, class) pairs by class probability, each
-    scored class probability x mean mask probability inside its binary mask (mask logit > 0 at
-    full image size), its box the mask's bounding box."""
+    """COCO instance segmentation with a transformers Mask2Former, on mmdet's test-time recipe: resize so the short
+    side is 800 (long side at most 1333), ImageNet mean/std, zero-pad to a multiple of 32; then per image the top-100
+    (query, class) pairs by class probability, each scored class probability x mean mask probability inside its
+    binary mask (mask logit > 0 at full image size), its box the mask's bounding box."""
     MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     SHORT, LONG, DIVISOR = 800, 1333, 32
-    # candidates at or below the lowest GenEval threshold can never count (geneval_objects): they
-    # are dropped on the device, so only the survivors' masks move to the host
+    # candidates at or below the lowest GenEval threshold can never count (geneval_objects): they are dropped on
+    # the device, so only the survivors' masks move to the host
     KEEP_ABOVE = min(GENEVAL_THRESHOLD, GENEVAL_COUNTING_THRESHOLD)
 
     def __init__(self, src):
@@ -816,35 +775,31 @@ class Mask2FormerDetector(Lazy):
         model = _pretrained(Mask2FormerForUniversalSegmentation, self.src, "geneval_detector",
                             "Mask2Former COCO instance model")
         if model.config.num_labels != len(GENEVAL_OBJECTS):
-            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this "
-                             f"model has {model.config.num_labels} labels")
+            raise ValueError(f"{self.src}: a GenEval detector needs the 80 COCO classes, this model has "
+                             f"{model.config.num_labels} labels")
         check_coco_order(model.config.id2label, self.src)
         return model
 
     @torch.no_grad()
     def __call__(self, images):
-        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4],
-        masks [K, H, W] bool)."""
+        """images [B, 3, H, W] in [0, 1] -> per image (labels [K], scores [K], boxes [K, 4], masks [K, H, W] bool)."""
         model = self.load(images.device)
         h, w = images.shape[-2:]
         s = min(self.SHORT / min(h, w), self.LONG / max(h, w))
         nh, nw = round(h * s), round(w * s)
-        x = F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False)
-        x = (x - x.new_tensor(self.MEAN).view(1, 3, 1, 1)) / x.new_tensor(self.STD).view(1, 3, 1, 1)
-        ph, pw = -nh % self.DIVISOR, -nw % self.DIVISOR
-        x = F.pad(x, (0, pw, 0, ph), value=0.0)
+        x = normalise(F.interpolate(images.float(), size=(nh, nw), mode="bilinear", align_corners=False),
+                      self.MEAN, self.STD)
+        x = F.pad(x, (0, -nw % self.DIVISOR, 0, -nh % self.DIVISOR), value=0.0)
         out = model(pixel_values=x.to(model.dtype))
         results = []
         for cls, mask in zip(out.class_queries_logits.float(), out.masks_queries_logits.float()):
             prob = cls.softmax(-1)[:, :-1]  # the last class is "no object"
-            n_cls = prob.shape[1]
             top, idx = prob.flatten().topk(min(GENEVAL_TOPK, prob.numel()))
-            labels, query = idx % n_cls, idx // n_cls
+            labels, query = idx % prob.shape[1], idx // prob.shape[1]
             m = F.interpolate(mask[query][None], size=x.shape[-2:], mode="bilinear", align_corners=False)
             m = F.interpolate(m[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]
             binary = m > 0
-            mask_score = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            score = top * mask_score
+            score = top * ((m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6))
             keep = score > self.KEEP_ABOVE  # order kept: geneval_objects sorts stably
             binary = binary[keep]
             results.append((labels[keep].cpu(), score[keep].cpu(), masks_to_boxes(binary).cpu(), binary.cpu()))
@@ -852,10 +807,10 @@ class Mask2FormerDetector(Lazy):
 
 
 class GenEval:
-    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with
-    over twice the expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and
-    "geneval_accuracy" in {0, 1}: the strict verdict and GenEval's own (geneval_correct). Needs
-    each prompt's GenEval metadata. No gradient: GRPO and evaluation only."""
+    """GenEval's partial-credit score per image, at most 1 (every check passed), below 0 only with over twice the
+    expected objects (down to 1 - 15: 16 found for 1); "geneval_strict" and "geneval_accuracy" in {0, 1}: the strict
+    verdict and GenEval's own (geneval_correct). Needs each prompt's GenEval metadata. No gradient: GRPO and
+    evaluation only."""
     name, needs_metadata = "geneval", True
     TEMPLATES = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
 
@@ -863,18 +818,17 @@ class GenEval:
         self.detector, self.clip, self.classifiers = detector, clip, {}
 
     def color_classifier(self, name, device):
-        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three
-        templates' normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
+        """[768, 10] zero-shot weights for one class: per colour, the normalised mean of the three templates'
+        normalised text embeddings (clip_benchmark's zero_shot_classifier)."""
         if name not in self.classifiers:
-            emb = self.clip.embed_text([t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES],
-                                       device)
-            self.classifiers[name] = F.normalize(emb.view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
-                                                 .mean(1), dim=-1).t()
+            texts = [t.format(c=c, obj=name) for c in GENEVAL_COLORS for t in self.TEMPLATES]
+            emb = self.clip.embed_text(texts, device).view(len(GENEVAL_COLORS), len(self.TEMPLATES), -1)
+            self.classifiers[name] = F.normalize(emb.mean(1), dim=-1).t()
         return self.classifiers[name]
 
     def colors(self, image, found, name):
-        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's
-        best-matching colour (official: ImageCrops + zero-shot classification)."""
+        """Each object's colour: its mask composited over grey, cropped to its box, then CLIP's best-matching colour
+        (official: ImageCrops + zero-shot classification)."""
         clf = self.color_classifier(name, image.device)
         out = []
         for box, mask in found:
@@ -904,19 +858,18 @@ class GenEval:
             score.append(s)
             strict.append(float(ok))
             acc.append(float(geneval_correct(objects, meta, colors_of)))
-        # geneval: partial credit (GRPO); geneval_strict: the official `strict_accuracy`;
-        # geneval_accuracy: GenEval's rule, the official `accuracy` (per tag: eval.geneval_by_tag)
+        # geneval: partial credit (GRPO); geneval_strict: the official `strict_accuracy`; geneval_accuracy:
+        # GenEval's rule, the official `accuracy` (per tag: eval.geneval_by_tag)
         return {self.name: images.new_tensor(score), "geneval_strict": images.new_tensor(strict),
                 "geneval_accuracy": images.new_tensor(acc)}
 
 # --- OCR: Florence-2 reads the image, scored against the prompt's quoted text -------------------
-#
-# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line
-# recogniser) and rewards 1 - normalised edit distance to the text between the prompt's first
-# pair of double quotes. Here Florence-2-base (0.23 B) with its "<OCR>" task reads a natural
-# image's text in one generate call, no separate detector (TrOCR reads one pre-cropped line,
-# GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need torchvision and OpenCV). Another
-# reader misreads differently, so per-image scores can differ from PaddleOCR's either way.
+# The official scorer (rtdmd/rewards/ocr_scorer.py) runs PaddleOCR (a text detector + a line recogniser) and
+# rewards 1 - normalised edit distance to the text between the prompt's first pair of double quotes. Here
+# Florence-2-base (0.23 B) with its "<OCR>" task reads a natural image's text in one generate call, no separate
+# detector (TrOCR reads one pre-cropped line, GOT-OCR2 is 0.58 B and for documents, the PP-OCR ports need
+# torchvision and OpenCV). Another reader misreads differently, so per-image scores can differ from PaddleOCR's
+# either way.
 
 def edit_distance(a, b):
     """Levenshtein distance (insert, delete, substitute, each cost 1), one DP row at a time."""
@@ -937,17 +890,16 @@ def ocr_target(prompt):
 
 
 def ocr_score(read, target):
-    """Official OCR reward: both texts lower-cased with spaces removed; 1 if the target occurs
-    in what was read, else 1 - edit distance / target length, floored at 0."""
+    """Official OCR reward, on lower-cased texts without spaces: 1 if `read` contains the target, else
+    1 - edit distance / target length, floored at 0."""
     read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
     dist = 0 if target in read else min(edit_distance(read, target), len(target))
     return 1 - dist / len(target)
 
 
 class OCR(Lazy):
-    """Text-rendering accuracy in [0, 1] per image (ocr_score of what Florence-2 reads). No
-    gradient: an evaluation metric (GRPO-usable). Inputs come from the checkpoint's own
-    Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
+    """Text accuracy in [0, 1] (ocr_score of what Florence-2 reads); no gradient (eval, GRPO-usable). Inputs: the
+    checkpoint's Florence2Processor (image squashed to its square size; image tokens, then <s> task </s>)."""
     name = "ocr"
 
     def __init__(self, src, max_new_tokens=128, num_beams=3):
@@ -973,23 +925,19 @@ class OCR(Lazy):
         return {self.name: images.new_tensor([ocr_score(r, t) for r, t in zip(self.read(images), targets)])}
 
 # --- HPSv3: a Qwen2-VL-7B preference model, loaded into transformers' Qwen2-VL classes -----------
-#
-# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's
-# HPSv3RewardInferencer and keeps mu, the first of its two outputs (a Gaussian preference score
-# and its uncertainty). The network (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT,
-# "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus a token <|Reward|>, whose last hidden
-# state -> rm_head = Linear(3584, 1024) ReLU Dropout Linear(1024, 16) ReLU Linear(16, 2) (keys 0,
-# 3, 5). Its forward passes no position ids, so every token, image tokens included, gets plain
-# sequential rotary positions; so do we. Input (hpsv3/inference.py, data_collator_qwen.py): the
-# image at exactly 256 * 28 * 28 pixels, one user message "<image>" + the package's instruction
-# (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The instruction is the
-# HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
+# The official scorer (rtdmd/rewards/hpsv3_scorer.py) runs the hpsv3 package's HPSv3RewardInferencer and keeps mu,
+# the first of its two outputs (a Gaussian preference score and its uncertainty). The network
+# (hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT, "ranknet" head, output_dim 2): Qwen2-VL-7B-Instruct plus
+# a token <|Reward|>, whose last hidden state feeds rm_head, an MLP 3584 -> 1024 -> 16 -> 2 (HPSv3Net). Its forward
+# passes no position ids, so every token, image tokens included, gets plain sequential rotary positions; so do we.
+# Input (hpsv3/inference.py, data_collator_qwen.py): the image at exactly 256 * 28 * 28 pixels, one user message
+# "<image>" + the package's instruction (with the prompt) + "...: <|Reward|> END" in Qwen2-VL's chat template. The
+# instruction is the HPSv3 authors' prose: read from the package's source, never copied here. hpsv3_to_hf maps
 # either key layout (HPSv3.safetensors: the older "visual.*", "model.*", "lm_head.*").
 
 def hpsv3_template(src=None):
-    """(instruction with {text_prompt}, closing text with <|Reward|>) from the hpsv3 package's
-    hpsv3/dataset/data_collator_qwen.py. `src`: that file, a folder holding the package, the
-    package's .whl, or None for the installed package. Read with ast, never imported."""
+    """(instruction with {text_prompt}, closing with <|Reward|>) from hpsv3/dataset/data_collator_qwen.py, read with
+    ast, never imported. `src`: that file, a folder holding the package, its .whl, or None (the installed one)."""
     import ast
     import importlib.util
     import zipfile
@@ -1039,24 +987,21 @@ class HPSv3Net(nn.Module):
 
 
 def hpsv3_to_hf(sd):
-    """HPSv3 checkpoint state dict (either Qwen2-VL key layout) -> HPSv3Net state dict.
-    lm_head is dropped: the reward reads hidden states, never next-token logits."""
+    """HPSv3 state dict (either key layout) -> HPSv3Net's; lm_head dropped (the reward reads hidden states only)."""
     def rename(k, v):
         if k.startswith("rm_head."):
             return {k: v}
         if k.startswith(("visual.", "model.visual.")):
             return {"backbone.visual." + k.split("visual.", 1)[1]: v}
-        if k.startswith("model.language_model."):
-            return {"backbone.language_model." + k.removeprefix("model.language_model."): v}
-        if k.startswith("model."):  # the older layout: model.* is the language model
-            return {"backbone.language_model." + k.removeprefix("model."): v}
+        if k.startswith("model."):  # model.language_model.*, or the older layout's model.*: the language model
+            return {"backbone.language_model." + k.removeprefix("model.").removeprefix("language_model."): v}
         return {} if k.startswith("lm_head.") else None
     return _convert(sd, rename, "hpsv3_to_hf")
 
 
 def qwen_chat(tokenizer, n_img, texts, device):
-    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template
-    (Qwen2-VL's adds its default system message), tokenised and right-padded."""
+    """One user turn per text, after one image of n_img tokens, in the checkpoint's chat template (Qwen2-VL's adds
+    its default system message), tokenised and right-padded."""
     image = "<|vision_start|>" + "<|image_pad|>" * n_img + "<|vision_end|>"
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": image + t}], tokenize=False,
                                            add_generation_prompt=True) for t in texts]
@@ -1065,16 +1010,15 @@ def qwen_chat(tokenizer, n_img, texts, device):
 
 
 def qwen_image(processor, images):
-    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL
-    image processor (its smart_resize, normalisation and patch order), on the images' device."""
+    """[B, 3, H, W] in [0, 1] -> (pixel_values, grid_thw, image tokens per image) from a Qwen-VL image processor
+    (its smart_resize, normalisation and patch order), on the images' device."""
     x = processor(images=to_pil(images), return_tensors="pt").to(images.device)
     return x.pixel_values, x.image_grid_thw, int(x.image_grid_thw[0].prod()) // processor.merge_size ** 2
 
 
 class HPSv3(Lazy):
-    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an
-    evaluation metric in RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head
-    always float32."""
+    """HPSv3 preference score (mu), ~10-16 on good images (paper 10.1-15.6); no gradient, an evaluation metric in
+    RTDMD. bf16 on CUDA (as the hpsv3 package runs), else float32; the head always float32."""
     name = "hpsv3"
     PIXELS = 256 * 28 * 28  # min_pixels = max_pixels in the package's inference code
 
@@ -1114,32 +1058,28 @@ class HPSv3(Lazy):
         """Token ids, attention mask, pixel values and grid of a batch (right-padded)."""
         px, grid, n_img = qwen_image(self.processor, images)
         instruction, closing = self.template
-        tok = qwen_chat(self.tokenizer, n_img, [instruction.format(text_prompt=p) + closing for p in prompts],
-                        images.device)
+        texts = [instruction.format(text_prompt=p) + closing for p in prompts]
+        tok = qwen_chat(self.tokenizer, n_img, texts, images.device)
         return tok.input_ids, tok.attention_mask, px, grid
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        net = self.load(images.device)
-        out = net(*self.inputs(images, prompts), self.reward_id)
+        out = self.load(images.device)(*self.inputs(images, prompts), self.reward_id)
         return {self.name: out[:, 0].to(images.dtype)}
 
 # --- GenEval2: Soft-TIFA with Qwen3-VL ------------------------------------------------------------
-#
-# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question
-# per "atom" of the prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the
-# image?", "one"], ["Is the backpack green?", "Yes"]) as "<question> Answer in one word." with the
-# image; an atom scores the sum, over a list of spellings of the expected answer, of the
-# probability of each spelling's first token (a first token shared by two spellings counts twice):
-#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of
-#                         one..ten, else the word "other")
+# The official scorer (rtdmd/rewards/geneval2_scorer.py) asks Qwen3-VL-8B-Instruct one question per "atom" of the
+# prompt (its .jsonl record's vqa_list, e.g. ["How many pigs are in the image?", "one"], ["Is the backpack
+# green?", "Yes"]) as "<question> Answer in one word." with the image; an atom scores the sum, over a list of
+# spellings of the expected answer, of the probability of each spelling's first token (a first token shared by
+# two spellings counts twice):
+#   "How many" questions: answer, Answer, " answer", " Answer", digit, " digit"  (digit of one..ten, else "other")
 #   every other question: "Yes", "yes", " Yes", " yes"
-# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without
-# atoms). The official code reads the probabilities off a one-token greedy generate; one forward
-# pass gives the same distribution while the generation config has no logits processor.
+# A prompt scores the geometric mean of its atoms' (0 if any is 0; -10 for a record without atoms). The official
+# code reads the probabilities off a one-token greedy generate; one forward pass gives the same distribution
+# while the generation config has no logits processor.
 
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"), 1)}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("one two three four five six seven eight nine ten".split(), 1)}
 
 
 def soft_tifa_answers(question, answer):
@@ -1173,9 +1113,8 @@ def _chat_template(src, slot="geneval2"):
 
 
 class GenEval2(Lazy):
-    """Soft-TIFA in [0, 1] per image: geometric mean over the prompt's atoms of Qwen3-VL's
-    probability of the expected one-word answer. Needs each prompt's record with its vqa_list
-    (the official dataset/geneval2 .jsonl files). No gradient: an evaluation metric."""
+    """Soft-TIFA in [0, 1]: geometric mean over the prompt's atoms of Qwen3-VL's P(expected one-word answer). Needs
+    each prompt's record with its vqa_list (official dataset/geneval2 .jsonl). No gradient: an evaluation metric."""
     name, needs_metadata = "geneval2", True
     SUFFIX = " Answer in one word."
 
@@ -1221,21 +1160,20 @@ class GenEval2(Lazy):
 # 3. Weighted multi-reward
 # ---------------------------------------------------------------------------------------------
 
-# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting
-# (subgrpo.py), so MultiReward returns the per-reward tensors with their weighted sum; reward
-# back-prop scores float images WITH gradient, the weighted differentiable subset.
+# GRPO scores uint8 images without gradient and takes advantages PER REWARD before weighting (subgrpo.py), so
+# MultiReward returns the per-reward tensors with their weighted sum; reward back-prop scores float images WITH
+# gradient, the weighted differentiable subset.
 # The official stage-2 reward set of every backbone (configs/rtdmd/*.yaml, weight_advantages: true)
 GRPO_WEIGHTS = {"clipscore": 1.0, "hpsv2": 1.0, "pickscore": 1.0, "geneval": 1.0}
-# what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py,
-# _supported_bp_training_rewards); other GRPO rewards are left out of the back-prop term
+# what the official BP scores in its default mode (rtdmd/trainers/bp_mixin.py, _supported_bp_training_rewards);
+# other GRPO rewards are left out of the back-prop term
 BP_CAPABLE = ("clipscore", "pickscore", "hpsv2")
 EVAL_WEIGHTS = {n: 1.0 for n in ("clipscore", "pickscore", "aesthetic", "hpsv2", "imagereward")}
 
 
 def make_scorers(names, sources=None, cache=None):
-    """{name: scorer} for the requested names. Nothing loads yet (scorers are lazy). `cache`
-    (a dict) shares scorer objects, so the CLIP-L/14 of clipscore and aesthetic, and every model
-    used by both the GRPO and the back-prop reward sets, exists once."""
+    """{name: scorer}, nothing loaded yet. `cache` (a dict) shares scorers, so the CLIP-L/14 of clipscore and
+    aesthetic, and every model of both the GRPO and the back-prop reward sets, exists once."""
     src = {**DEFAULT_SOURCES, **(sources or {})}
     cache = {} if cache is None else cache
 
@@ -1245,13 +1183,10 @@ def make_scorers(names, sources=None, cache=None):
     builders = {
         "clipscore": lambda: CLIPScore(clip_l()),
         "aesthetic": lambda: Aesthetic(clip_l(), src["aesthetic_head"]),
-        "pickscore": lambda: PickScore(CLIPBackbone(
-            src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
-        "hpsv2": lambda: HPSv2(CLIPBackbone(
-            src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
-            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
-        "imagereward": lambda: ImageReward(
-            src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
+        "pickscore": lambda: PickScore(CLIPBackbone(src["pickscore"], src["pickscore_tokenizer"], slot="pickscore")),
+        "hpsv2": lambda: HPSv2(CLIPBackbone(src["hpsv2"], src["hpsv2_tokenizer"], slot="hpsv2",
+                                            make=lambda: load_hpsv2(src["hpsv2"], src["hpsv2_config"]))),
+        "imagereward": lambda: ImageReward(src["imagereward"], src["imagereward_tokenizer"], src["imagereward_config"]),
         "geneval": lambda: GenEval(Mask2FormerDetector(src["geneval_detector"]), clip_l()),
         "ocr": lambda: OCR(src["ocr"]),
         "geneval2": lambda: GenEval2(src["geneval2"]),
@@ -1268,12 +1203,11 @@ def make_scorers(names, sources=None, cache=None):
 
 class MultiReward:
     """reward(images, prompts) -> {name: Tensor[B] for each weighted name, "weighted": Tensor[B]}
-
-    weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False
-    for back-prop, whose gradient it would zero. share=another MultiReward: reuse its scorers
-    (models, sources) for every name they have in common. records: a .jsonl prompt file's
-    records; a call without metadata looks each prompt's record up by its text (as the official
-    GenEval2 scorer does), so a loop that passes prompts alone can score geneval and geneval2."""
+    weighted = sum_k w_k * r_k. quantize=True scores round(255 x)/255 (GRPO, eval); keep it False for back-prop,
+    whose gradient it would zero. share=another MultiReward: reuse its scorers (models, sources) for every name they
+    have in common. records: a .jsonl prompt file's records; a call without metadata looks each prompt's record up
+    by its text (as the official GenEval2 scorer does), so a loop that passes prompts alone can score geneval and
+    geneval2."""
 
     def __init__(self, weights, sources=None, quantize=False, share=None, records=None):
         self.weights, self.quantize = dict(weights), quantize
@@ -1282,8 +1216,7 @@ class MultiReward:
         self.records = {r["prompt"]: r for r in records} if records else None
 
     def __call__(self, images, prompts, metadata=None):
-        """metadata: None, or one dict per prompt (a .jsonl prompt file's records); only the
-        scorers that declare needs_metadata receive it."""
+        """metadata: None or one .jsonl record per prompt, passed to the scorers with needs_metadata."""
         if metadata is None and self.records is not None:
             metadata = [self.records.get(p) for p in prompts]
         if self.quantize:
@@ -1309,8 +1242,8 @@ def parse_reward_paths(text):
 
 
 def add_source_args(parser):
-    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group;
-    train.py and eval.py share this one definition. A bad item is a usage error naming the slots."""
+    """--reward-paths slot=path,... (slots of DEFAULT_SOURCES), on an argparse parser or group; train.py and eval.py
+    share this one definition. A bad item is a usage error naming the slots."""
     import argparse
 
     def checked(text):
@@ -1330,8 +1263,8 @@ def sources_from_args(args):
 
 
 def preflight(reward_set, device):
-    """Load every model of a (lazy) reward set now, by scoring one random image, so that a missing
-    checkpoint fails before any generation or training. Raises the loaders' one-line errors."""
+    """Score one random image, so every model of a (lazy) reward set loads now and a missing checkpoint fails
+    before any generation or training, with the loaders' one-line errors."""
     prompt = 'a photo of a dog with a sign that says "dog"'  # quotes for ocr, metadata for geneval
     meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": prompt,
             "vqa_list": [["Is there a dog in the image?", "Yes"]]}  # geneval2's atoms
@@ -1340,10 +1273,10 @@ def preflight(reward_set, device):
 
 
 def training_rewards(sources=None, weights=GRPO_WEIGHTS, records=None):
-    """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of
-    the GRPO rewards with the same weights (the official default, "training_reward_fn" mode of
-    rtdmd/trainers/bp_mixin.py): {clipscore, hpsv2, pickscore} for the paper's weights. Call grpo
-    under torch.no_grad(). records: the prompt file's .jsonl records geneval needs (MultiReward)."""
+    """(grpo, bp) reward sets for stage 2, sharing their models. bp = the BP-capable subset of the GRPO rewards with
+    the same weights (the official default, "training_reward_fn" mode of rtdmd/trainers/bp_mixin.py): {clipscore,
+    hpsv2, pickscore} for the paper's weights. Call grpo under torch.no_grad(). records: the prompt file's .jsonl
+    records geneval needs (MultiReward)."""
     grpo = MultiReward(weights, sources, quantize=True, records=records)
     bp = MultiReward({n: w for n, w in weights.items() if n in BP_CAPABLE}, sources, share=grpo)
     return grpo, bp

@@ -14,32 +14,28 @@ github.com/Harahan/RTDMD (README).
    From x at level sigma with velocity v, to sigma' < sigma, with theta = eta pi / 2:
        x0_hat = x - sigma v,  eps_hat = x + (1 - sigma) v            (models.py, section 1)
        x'     = (1 - sigma') x0_hat + sigma' (cos(theta) eps_hat + sin(theta) z),  z ~ N(0, I).
-   cos^2 + sin^2 = 1, so the noise at sigma' keeps total std sigma' ("coefficient preserving"):
-   for a known x0 the kernel maps the marginal at sigma onto the marginal at sigma' for every
-   eta (tests/test_sample.py). It is the DDIM(eta) kernel with x0 and eps replaced by their
-   estimates, not the true reverse kernel of the flow. eta = 0 or sigma' = 0 gives Euler. The
-   official configs use eta = 0.9 everywhere, so fresh noise is 98.8% of the next level's std.
-   All arithmetic is float32; the output is cast back to x's dtype.
+   cos^2 + sin^2 = 1, so the noise at sigma' keeps total std sigma' ("coefficient preserving"): for a known x0
+   the kernel maps the marginal at sigma onto the marginal at sigma' for every eta (tests/test_sample.py). It is
+   the DDIM(eta) kernel with x0 and eps replaced by their estimates, not the true reverse kernel of the flow.
+   eta = 0 or sigma' = 0 gives Euler. The official configs use eta = 0.9 everywhere, so fresh noise is 98.8% of
+   the next level's std. All arithmetic is float32; the output is cast back to x's dtype.
 
 2. The teacher ODE and the few-step rollout (paper App. K)
-   The teacher integrates dx = v dsigma with Euler steps and classifier-free guidance
-   v = v(null) + g (v(c) - v(null)) (models.cfg_velocity). The generator samples 4 steps on the
-   shifted sigmas of [1000, 750, 500, 250] (models.py, section 1) with CPS eta 0.9 and no CFG; its
-   last step goes to sigma' = 0, so it returns x0_hat of that step (official code:
-   rtdmd/inference.py).
+   The teacher integrates dx = v dsigma with Euler steps and classifier-free guidance v = v(null) + g (v(c) -
+   v(null)) (models.cfg_velocity). The generator samples 4 steps on the shifted sigmas of [1000, 750, 500, 250]
+   (models.py, section 1) with CPS eta 0.9 and no CFG; its last step goes to sigma' = 0, so it returns x0_hat of
+   that step (official code: rtdmd/inference.py).
 
-3. Backward simulation with random stop (stage 1; official code: rtdmd/trainers/dmd_trainer.py,
-   `_generate_latents`)
-   Draw stop ~ U{1, ..., 4} (`random_stop`), the same on every rank. Run steps 0 .. stop-2 of the
-   rollout without grad, and step k = stop - 1 with grad. The output x_s of step k is what the
-   AC-DMD losses compare with the teacher at level s = sigma_{k+1} (acdmd.py, section 2): every
-   step is trained equally often, each against its own marginal, and the gradient is truncated to
-   one network call. The fake-score update and the generator update each draw their own
-   simulation.
+3. Backward simulation with random stop (stage 1; official code: rtdmd/trainers/dmd_trainer.py, `_generate_latents`)
+   Draw stop ~ U{1, ..., 4} (`random_stop`), the same on every rank. Run steps 0 .. stop-2 of the rollout without
+   grad, and step k = stop - 1 with grad. The output x_s of step k is what the AC-DMD losses compare with the
+   teacher at level s = sigma_{k+1} (acdmd.py, section 2): every step is trained equally often, each against its
+   own marginal, and the gradient is truncated to one network call. The fake-score update and the generator
+   update each draw their own simulation.
 
-4. Pictures (pillow; the toy's per-prompt sampling loop), image files and grids (diffusers.utils),
-   and the real backbones' teacher sampler: the stock pipeline, equal to euler_sample on
-   bb.teacher_sigmas (tests/test_eval_images.py).
+4. Pictures (pillow; the toy's per-prompt sampling loop), image files and grids (diffusers.utils), and the real
+   backbones' teacher sampler: the stock pipeline, equal to euler_sample on bb.teacher_sigmas
+   (tests/test_eval_images.py).
 
 CLI:  python sample.py --run runs/toy --n 2000                        -> runs/toy/samples.png
       python sample.py --run runs/sd35 --prompt "a red fox" [--n 4] [--seed 42]
@@ -62,9 +58,9 @@ from models import bcast, eps_from_velocity, x0_from_velocity
 
 
 def cps_mean_std(x, v, sigma, sigma_next, eta):
-    """Mean mu and std rho of one CPS transition from level sigma to sigma_next < sigma (section 1):
-    mu = (1 - sigma') x0_hat + sigma' cos(theta) eps_hat, rho = sigma' sin(theta), theta = eta pi / 2.
-    sigma, sigma_next: float or Tensor[B]; mu is float32 of x's shape, rho broadcasts against x."""
+    """Mean mu and std rho of one CPS transition from level sigma to sigma_next < sigma (section 1): mu = (1 - sigma')
+    x0_hat + sigma' cos(theta) eps_hat, rho = sigma' sin(theta), theta = eta pi / 2. sigma, sigma_next: float or
+    Tensor[B]; mu is float32 of x's shape, rho broadcasts against x."""
     # --- exercise cps_step: begin ---
     x, v = x.float(), v.float()
     s = bcast(sigma, x).float()
@@ -97,9 +93,8 @@ def full(sigma, x):
 
 
 def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
-    """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when
-    guidance != 1 (section 2): the teacher's multi-step sampler, and on the 4-step sampler sigmas
-    the reference row "teacher 4-step Euler"."""
+    """Integrate dx = v dsigma from sigmas[0] to sigmas[-1] with Euler steps, with CFG when guidance != 1 (section
+    2): the teacher's multi-step sampler, and on the 4-step sampler sigmas the reference row "teacher 4-step Euler"."""
     for k in range(len(sigmas) - 1):
         s, s_next = float(sigmas[k]), float(sigmas[k + 1])
         v = models.cfg_velocity(bb, net, x, full(s, x), cond, null_cond, guidance)
@@ -108,44 +103,46 @@ def euler_sample(bb, net, x, sigmas, cond, null_cond=None, guidance=1.0):
 
 
 @torch.no_grad()
-def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
-    """The few-step generator sampler (section 2): at every step k,
-    v = G(x, sigma_k, c) with no CFG, then x <- CPS(x, v, sigma_k -> sigma_{k+1}, eta).
-    `noises[k]` optionally fixes the CPS noise of step k. Returns the list of states
-    [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
-    sigmas = bb.sigmas if sigmas is None else sigmas
-    states, first = [x], 0
-    if getattr(bb, "exact_prefix", False):  # toy diagnostic: exact states up to the last step
-        states += [bb.mixture.sample(cond["c"].cpu(), float(s)).float() for s in sigmas[1:-1]]
-        x, first = states[-1], len(sigmas) - 2
+def generator_steps(bb, net, x, cond, sigmas, eta, noises=None, first=0):
+    """The generator's CPS steps k = first .. len(sigmas)-2 from x (no CFG): [x, x after step first, ...]."""
+    states = [x]
     for k in range(first, len(sigmas) - 1):
-        v = bb.velocity(net, x, full(sigmas[k], x), cond)
-        z = None if noises is None else noises[k]
-        x = cps_step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta, z)
-        states.append(x)
+        v = bb.velocity(net, states[-1], full(sigmas[k], x), cond)
+        states.append(cps_step(states[-1], v, float(sigmas[k]), float(sigmas[k + 1]), eta,
+                               None if noises is None else noises[k]))
     return states
 
 
+@torch.no_grad()
+def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
+    """The few-step generator sampler (section 2): at every step k, v = G(x, sigma_k, c) with no CFG, then
+    x <- CPS(x, v, sigma_k -> sigma_{k+1}, eta). `noises[k]` optionally fixes the CPS noise of step k. Returns the
+    states [x_{sigma_0}, ..., x_{sigma_N}]; the last one is the sample (= x0_hat of the last step)."""
+    sigmas = bb.sigmas if sigmas is None else sigmas
+    if not getattr(bb, "exact_prefix", False):
+        return generator_steps(bb, net, x, cond, sigmas, eta, noises)
+    # toy diagnostic: exact states up to the last step
+    states = [x] + [bb.mixture.sample(cond["c"].cpu(), float(s)).float() for s in sigmas[1:-1]]
+    return states[:-1] + generator_steps(bb, net, states[-1], cond, sigmas, eta, noises, len(sigmas) - 2)
+
+
 def random_stop(num_steps, rng):
-    """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every sampler step
-    k = stop - 1 is trained equally often. `rng` is a torch.Generator that every rank shares, so
-    all ranks train the same step in an iteration (same numbers as a broadcast from rank 0)."""
+    """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every step k = stop - 1 is trained
+    equally often. `rng` is a torch.Generator every rank shares, so all ranks train the same step in an iteration
+    (same numbers as a broadcast from rank 0)."""
     return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
 
 
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):
-    """Stage-1 backward simulation with random stop (section 3): steps k = 0 .. stop-1 of the
-    sampler from x = eps, only the last (k = stop - 1) with autograd, so its input is a constant
-    and the gradient is truncated to one network call (the step-k objective, acdmd.py section 2).
-    Returns a dict: x_in, v (last step's input state and velocity), sigma, sigma_next (floats),
-    x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat and eps_hat; the fresh
-    noise is a constant) and x0_hat of the last step."""
+    """Stage-1 backward simulation with random stop (section 3): steps k = 0 .. stop-1 of the sampler from x = eps,
+    only the last (k = stop - 1) with autograd, so its input is a constant and the gradient is truncated to one
+    network call (the step-k objective, acdmd.py section 2). Returns a dict: x_in, v (last step's input state and
+    velocity), sigma, sigma_next (floats), x_next (the CPS output = x_s of AC-DMD, differentiable through x0_hat
+    and eps_hat; the fresh noise is a constant) and x0_hat of the last step."""
     sigmas = bb.sigmas if sigmas is None else sigmas
     assert 1 <= stop <= len(sigmas) - 1, stop
     with torch.no_grad():
-        for k in range(stop - 1):
-            v = bb.velocity(net, x, full(sigmas[k], x), cond)
-            x = cps_step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta)
+        x = generator_steps(bb, net, x, cond, sigmas[:stop], eta)[-1]
     k = stop - 1
     s, s_next = float(sigmas[k]), float(sigmas[k + 1])
     v = bb.velocity(net, x, full(s, x), cond)
@@ -161,10 +158,10 @@ GREY = (200, 200, 200)
 
 
 def scatter_png(panels, path, size=260, lim=3.2, max_points=None):
-    """The project's one scatter plotter. panels: one row [panel, ...] or rows [[panel, ...], ...];
-    a panel is (title, points [N, 2], labels [N] ints: colour PALETTE[label]) or a dict with "title",
-    "layers" [(points, RGB)] drawn in order (at most max_points each), and optionally "circles"
-    [((cx, cy), radius)] (reward contours, dotted) and "cross" (cx, cy) (the reward's optimum)."""
+    """The project's one scatter plotter. panels: one row [panel, ...] or rows [[panel, ...], ...]; a panel is
+    (title, points [N, 2], labels [N] ints: colour PALETTE[label]) or a dict with "title", "layers" [(points, RGB)]
+    drawn in order (at most max_points each), and optionally "circles" [((cx, cy), radius)] (reward contours,
+    dotted) and "cross" (cx, cy) (the reward's optimum)."""
     from PIL import Image, ImageDraw
     grid = [panels] if not isinstance(panels[0], list) else panels
     grid = [[p if isinstance(p, dict) else {"title": p[0], "layers": [
@@ -198,11 +195,10 @@ def scatter_png(panels, path, size=260, lim=3.2, max_points=None):
 
 @torch.no_grad()
 def toy_rollouts(bb, nets, n, noise_gen, cps_seed):
-    """The toy's one per-prompt sampling loop: for every prompt ci, n initial points drawn from
-    noise_gen(ci) (a torch.Generator), then every row of nets {name: net} from that same noise, the
-    global RNG (the CPS noise) seeded cps_seed(ci) first; a net None is the teacher's Euler ODE on
-    the sampler's sigmas (the reference row "teacher 4-step Euler"). Returns {prompt: (x, cond,
-    {name: [x_sigma_0, ..., x_sigma_N]})}."""
+    """The toy's one per-prompt sampling loop: for every prompt ci, n initial points drawn from noise_gen(ci) (a
+    torch.Generator), then every row of nets {name: net} from that same noise, the global RNG (the CPS noise)
+    seeded cps_seed(ci) first; a net None is the teacher's Euler ODE on the sampler's sigmas (the reference row
+    "teacher 4-step Euler"). Returns {prompt: (x, cond, {name: [x_sigma_0, ..., x_sigma_N]})}."""
     out = {}
     for ci, prompt in enumerate(bb.prompts):
         cond = bb.encode([prompt] * n)
@@ -266,8 +262,8 @@ def save_grid(images, path, nrow=None):
 
 
 def initial_noise(bb, prompts, n, seed):
-    """n initial latents per prompt from one seeded CPU generator, in prompt order (the same images
-    on any device), as one batch (noise [n, ...], [prompt] * n) per prompt."""
+    """n initial latents per prompt from one seeded CPU generator, in prompt order (the same images on any device),
+    as one batch (noise [n, ...], [prompt] * n) per prompt."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(prompts) * n, *bb.latent_shape, generator=g).to(bb.device)
     return [(x[i * n:(i + 1) * n], [p] * n) for i, p in enumerate(prompts)]
@@ -275,21 +271,20 @@ def initial_noise(bb, prompts, n, seed):
 
 @torch.no_grad()
 def generator_images(bb, net, prompts, n=1, seed=42, eta=0.9):
-    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2), one batch per prompt.
-    The CPS noise comes from the global RNG, seeded here inside fork_rng (the caller's is kept)."""
+    """Images [P*n, 3, H, W] in [0, 1] from the 4-step generator (section 2), one batch per prompt. The CPS noise
+    comes from the global RNG, seeded here inside fork_rng (the caller's is kept)."""
     batches = initial_noise(bb, prompts, n, seed)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if bb.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu()
-                          for x, ps in batches])
+        return torch.cat([bb.decode(rollout(bb, net, x, bb.encode(ps), eta=eta)[-1]).cpu() for x, ps in batches])
 
 
 @torch.no_grad()
 def teacher_batch(bb, x, prompts, steps=28, guidance=None):
     """The real backbones' one teacher sampler: the stock pipeline (bb.pipeline_latents: Euler on
-    bb.teacher_sigmas(steps), CFG `guidance` against "", default the backbone's; equal to
-    euler_sample on those sigmas) from our latents x, on our text embeddings (so a
-    --cache-text-embeddings run can use it too), decoded to images [B, 3, H, W] in [0, 1]."""
+    bb.teacher_sigmas(steps), CFG `guidance` against "", default the backbone's; equal to euler_sample on those
+    sigmas) from our latents x, on our text embeddings (so a --cache-text-embeddings run can use it too),
+    decoded to images [B, 3, H, W] in [0, 1]."""
     bb.pipe.set_progress_bar_config(disable=True)
     return bb.decode_vae(bb.pipeline_latents(list(prompts), x, steps, guidance))
 
@@ -297,17 +292,16 @@ def teacher_batch(bb, x, prompts, steps=28, guidance=None):
 @torch.no_grad()
 def teacher_images(bb, prompts, n=1, seed=42, steps=28, guidance=None):
     """Images [P*n, 3, H, W] from the frozen teacher (teacher_batch), one batch per prompt."""
-    return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu()
-                      for x, ps in initial_noise(bb, prompts, n, seed)])
+    return torch.cat([teacher_batch(bb, x, ps, steps, guidance).cpu() for x, ps in initial_noise(bb, prompts, n, seed)])
 
 
 def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeats=3):
-    """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher
-    (`steps` Euler steps with CFG: one batched call of 2n rows a step unless guidance is 1), on the
-    same prompts, resolution and batch (n images per prompt), each the mean of `repeats` calls after
-    two warm-up calls (torch.utils.benchmark.Timer, which synchronises CUDA). Two views: the samplers
-    alone (text encoded, latents not decoded: the part the 4-step generator shortens; the teacher
-    as euler_sample, which equals the pipeline) and end to end (text encoding and VAE decoding too)."""
+    """Images per second of the 4-step generator (4 network calls, no CFG) and of the teacher (`steps` Euler steps
+    with CFG: one batched call of 2n rows a step unless guidance is 1), on the same prompts, resolution and batch
+    (n images per prompt), each the mean of `repeats` calls after two warm-up calls (torch.utils.benchmark.Timer,
+    which synchronises CUDA). Two views: the samplers alone (text encoded, latents not decoded: the part the
+    4-step generator shortens; the teacher as euler_sample, which equals the pipeline) and end to end (text
+    encoding and VAE decoding too)."""
     from torch.utils.benchmark import Timer
     g = bb.guidance if guidance is None else guidance
     batches = [(x, bb.encode(ps)) for x, ps in initial_noise(bb, prompts, n, seed=0)]
@@ -332,8 +326,8 @@ def sampling_speed(bb, net, prompts, n, steps=28, guidance=None, eta=0.9, repeat
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Draw samples from a trained run, from --model with --lora "
-                                "files merged (the released RTDMD models), or from the teacher.")
+    p = argparse.ArgumentParser(description="Draw samples from a trained run, from --model with --lora files merged "
+                                "(the released RTDMD models), or from the teacher.")
     p.add_argument("--run", default=None, help="run folder written by train.py")
     p.add_argument("--stage", type=int, default=None, help="1 or 2 (default: the latest)")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
@@ -347,15 +341,14 @@ def get_parser():
     p.add_argument("--pretrained", default=None, help="teacher without --run: hub id or folder")
     p.add_argument("--resolution", type=int, default=None, help="teacher without --run")
     p.add_argument("--out", default=None, help="output folder (toy: PNG file); default in RUN/")
-    p.add_argument("--speed", action="store_true",
-                   help="time the 4-step generator against the teacher (--steps, --cfg) on the same batch; "
-                   "without --run, the generator's base network stands in (same architecture, same cost)")
-    p.add_argument("--lora", nargs="+", default=None, metavar="PATH",
-                   help="with --model: the generator is its base with these LoRAs merged in order (a released "
-                   "model's stage-1 then stage-2 generator_ema.pt; .pt, .safetensors or peft folders)")
-    p.add_argument("--export-lora", default=None, metavar="FILE",
-                   help="with --lora: write the stacked LoRAs as one exact diffusers/peft LoRA of the summed rank "
-                   "(.safetensors, for pipe.load_lora_weights) and exit; needs no --model")
+    p.add_argument("--speed", action="store_true", help="time the 4-step generator against the teacher (--steps, "
+                   "--cfg) on the same batch; without --run, the generator's base network stands in (same cost)")
+    p.add_argument("--lora", nargs="+", default=None, metavar="PATH", help="with --model: the generator is its base "
+                   "with these LoRAs merged in order (a released model's stage-1 then stage-2 generator_ema.pt; .pt, "
+                   ".safetensors or peft folders)")
+    p.add_argument("--export-lora", default=None, metavar="FILE", help="with --lora: write the stacked LoRAs as one "
+                   "exact diffusers/peft LoRA of the summed rank (.safetensors, for pipe.load_lora_weights) and exit; "
+                   "needs no --model")
     return p
 
 
@@ -389,12 +382,11 @@ def main(argv=None):
             p.error("--speed times image backbones; the toy's teacher is a closed form, not a network")
         r = sampling_speed(bb, net, args.prompt or bb.prompts[:2], args.n or 4, args.steps, args.cfg, args.eta)
         print(f"{r['images']} images of {r['resolution']} px, batch {r['batch']}, on {r['device']} ({r['dtype']}), "
-              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:\n"
-              f"  generator, {r['generator_nfe']} NFE: {r['generator_sampler_images_per_s']:.3f} | "
-              f"{r['generator_end_to_end_images_per_s']:.3f}\n"
-              f"  teacher, {r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE): "
-              f"{r['teacher_sampler_images_per_s']:.3f} | {r['teacher_end_to_end_images_per_s']:.3f}\n"
-              f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
+              f"mean of {r['repeats']} after warm-up; images/s, samplers alone | end to end:")
+        for who, what in (("generator", f"{r['generator_nfe']} NFE"),
+                          ("teacher", f"{r['teacher_steps']} steps, CFG {r['teacher_cfg']} ({r['teacher_nfe']} NFE)")):
+            print(f"  {who}, {what}: {r[who + '_sampler_images_per_s']:.3f} | {r[who + '_end_to_end_images_per_s']:.3f}")
+        print(f"  speed-up: {r['speedup_sampler']:.1f}x | {r['speedup_end_to_end']:.1f}x")
         out = args.out or os.path.join(root, "speed.json")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
@@ -422,10 +414,9 @@ def main(argv=None):
     wall, out = time.time() - t0, args.out or os.path.join(root, "samples", name)
     save_images(images, out)
     grid = save_grid(images, os.path.join(out, "grid.png"), nrow=n)  # one row per prompt
-    print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s "
-          f"(+{t_load:.1f}s loading) -> {out}/000000.png ... and {grid}")
-    for i, pr in enumerate(prompts):
-        print(f"  row {i}: {pr!r}")
+    print(f"{what}: {nfe} NFE per image, {len(images)} images in {wall:.2f}s (+{t_load:.1f}s loading) -> "
+          f"{out}/000000.png ... and {grid}")
+    print("\n".join(f"  row {i}: {pr!r}" for i, pr in enumerate(prompts)))
     return out
 
 

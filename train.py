@@ -23,18 +23,15 @@ train.py -- both stages of RTDMD, one process or many.
 |   EMA of the generator: every 8th epoch, one update per sub-batch (official)  ema_update  |
 +------------------------------------------------------------------------------------------+
 
-    python train.py --stage 1                                  # toy, one process (CPU)
-    torchrun --standalone --nproc_per_node 2 train.py --stage 2 --out runs/toy
-    torchrun --nproc_per_node 8 train.py --stage 1 --model sd3.5-medium --out runs/sd35 \
-        --prompts dataset/pickscore/train.txt
-    python train.py --stage 1 --model tiny-sd3 --out runs/tiny --steps 20 --batch-size 2 \
-        --prompts tests/prompts/train.txt                                   # CPU, tiny twin
+    torchrun --standalone --nproc_per_node 2 train.py --stage 1 --out runs/toy    # toy, 2 CPU ranks
+    torchrun --nproc_per_node 8 train.py --stage 2 --model sd3.5-medium --out runs/sd35 \
+        --prompts dataset/geneval/train_metadata.jsonl
     python train.py --stage 1 --out runs/prof --profile 20       # where a step's time goes
 
 Defaults: the paper's for the real backbones (official code: configs/cold_start/*.yaml, stage 1;
 configs/rtdmd/*.yaml, stage 2), CPU-sized for the toy. A run folder holds config.json, log.jsonl,
-stage{1,2}.pt (atomic, --resume) and samples. Reading order: main, stage 1, stage 2 (each loop,
-then its phases), then the infrastructure (arguments, checkpoints, guard, log, profiler, memory plan).
+stage{1,2}.pt (atomic, --resume) and samples. Read main, stage 1, stage 2 (each loop, then its
+phases); the infrastructure sits at the end.
 """
 import argparse
 import contextlib
@@ -52,6 +49,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils import benchmark
 
 import acdmd
 import models
@@ -59,12 +57,11 @@ import rewards
 import sample
 import subgrpo
 
-PHASES = []  # the --profile table's rows: the names given to phase() below
+PHASES = []  # the --profile table's rows
 
 
 def phase(name):
-    """Decorator: the function is one phase of a step, a torch.profiler range named `name`
-    (recorded only while --profile runs a profiler; a few microseconds otherwise)."""
+    """Decorator: the function is one phase of a step, a torch.profiler range (recorded only under --profile)."""
     PHASES.append(name)
     return torch.profiler.record_function(name)
 
@@ -74,7 +71,7 @@ def main(argv=None):
     if args.memory_plan:
         sys.exit(memory_plan(args))
     ctx = setup(args)  # resolve_defaults: args are fixed from here on
-    prompts, metadata, prompt_files = read_training_prompts(args)  # one error line, nothing written
+    prompts, metadata, prompt_files = read_training_prompts(args)
     # the reward models load first: a missing one fails in one line before anything is written
     reward = make_reward(args, ctx.device, metadata) if args.stage == 2 else None
     os.makedirs(args.out, exist_ok=True)
@@ -88,8 +85,7 @@ def main(argv=None):
         size = ctx.bb.cache_text_embeddings()
         print0(f"text embeddings cached: {len(ctx.bb.text_rows):,} prompts, {size / 2**30:.2f} GiB in host memory; "
                "text encoders moved to the CPU")
-    # Per-rank noise, seeded after loading (which may draw), so the stream of rank r is exactly
-    # "seeded seed + r" when the loop starts: what --grad-accum's micro-batch streams reproduce.
+    # per-rank noise, seeded after loading (which may draw): what --grad-accum's streams reproduce
     torch.manual_seed(args.seed + ctx.rank)
     nets = train_stage1(ctx) if args.stage == 1 else train_stage2(ctx, reward)
     if ctx.ddp:  # rank 0 still writes the exports: no rank tears down the group before it is done
@@ -109,8 +105,6 @@ def train_stage1(ctx):
     args, bb, A = ctx.args, ctx.bb, ctx.args.grad_accum  # A micro-batches: B x world x A = batch
     B = args.batch_size // (ctx.world * A)
     ctx.streams = micro_batch_streams(args.seed, ctx.rank, A, ctx.device)
-    # Every rank must start from the same LoRA init (random A): drawn from the same seed
-    # everywhere, in a side RNG, so the per-rank streams stay as they were.
     with seeded(ctx.device, args.seed):
         m = students(args, bb.make_student("generator"), bb.make_student("fake"), weight_decay=0.0)
     step = 0
@@ -134,8 +128,7 @@ def train_stage1(ctx):
             rec |= stage1_generator_step(ctx, m, conds)
             per_step[rec["gen_stop"] - 1] += 1
         ema_update(m.ema, m.generator, args.ema_decay)  # every iteration, not every generator step
-        # the fake loss's scale follows the drawn stop (its target T = -x_s/(1-s) + omega n grows
-        # as s -> 1, acdmd.py, section 4): the bar shows the stop next to it
+        # the fake loss's scale follows the stop (acdmd.py, section 4): the bar shows both
         log.record(ctx.guard.note(rec), step + 1, fake="fake_loss", stop="fake_stop")
         ctx.guard.stop_if_stuck(f"iteration {step + 1}")
         if (step + 1) % args.save_every == 0 or step + 1 == end:
@@ -149,13 +142,11 @@ def train_stage1(ctx):
 
 
 def stage1_prompts(n, B, world, rank, step, seed):
-    """This rank's B prompt indices at iteration `step`, as torch's DistributedSampler(shuffle,
-    seed) under a DataLoader with drop_last (official code: rtdmd/data/prompt_dataset.py,
-    create_prompt_dataloader): epoch e is torch.randperm(n) seeded with seed + e, padded with its
-    own head to a multiple of `world`; rank r reads every world-th index from r, in batches of B,
-    and drops its tail that fills no batch. Stateless in `step`, so a resume is exact. A prompt
-    set smaller than one global batch (the toy's 3) is drawn with replacement from the per-rank
-    stream instead."""
+    """This rank's B prompt indices at iteration `step`, as DistributedSampler(shuffle, seed) with
+    drop_last (official code: rtdmd/data/prompt_dataset.py): epoch e is randperm(n) seeded seed + e,
+    padded with its head to a multiple of `world`; rank r reads every world-th index from r in
+    batches of B. Stateless in `step` (exact resume). Fewer prompts than one global batch (the
+    toy's 3): drawn with replacement from the per-rank stream."""
     per_epoch = -(-n // world) // B
     if per_epoch == 0:
         return torch.randint(0, n, (B,))
@@ -167,8 +158,7 @@ def stage1_prompts(n, B, world, rank, step, seed):
 
 @phase("prompts")
 def stage1_conds(ctx, B, step):
-    """The conditioning of each --grad-accum micro-batch: micro-batch a of rank r reads the
-    prompts of rank r A + a of a run with A x the ranks, on its own random stream."""
+    """The cond of each --grad-accum micro-batch: micro-batch a of rank r reads rank r A + a's prompts."""
     A, bb, conds = ctx.args.grad_accum, ctx.bb, []
     for a in range(A):
         with on_stream(ctx.streams, a, ctx.device):
@@ -179,11 +169,10 @@ def stage1_conds(ctx, B, step):
 
 @phase("backward simulation")
 def simulate_subinterval(ctx, generator, cond, with_grad):
-    """The sample both stage-1 updates train on: run the generator's sampler from noise up to a
-    random step (sample.random_stop; with grad through that last step only when with_grad, for
-    the generator update), take its output x_s at level s (subinterval_start) and renoise it to a
-    level t > s (acdmd.make_subinterval). The stop and the renoise levels come from shared_rng, so
-    every rank trains the same step. Returns (stop, x_s, s, t, n, x_t)."""
+    """The sample both stage-1 updates train on: the generator's sampler from noise up to a random
+    step (with grad through that step only when with_grad), its output x_s at level s, renoised to
+    t > s. Stop and levels come from shared_rng: every rank trains the same step.
+    Returns (stop, x_s, s, t, n, x_t)."""
     bb, B = ctx.bb, len(next(iter(cond.values())))
     stop = sample.random_stop(len(bb.sigmas) - 1, ctx.shared_rng)
     x, sigmas = bb.noise(B), bb.sigmas
@@ -200,8 +189,7 @@ def simulate_subinterval(ctx, generator, cond, with_grad):
 
 
 def subinterval_start(sim, plain_dmd):
-    """(x_s, s) for the losses. AC-DMD: the CPS output of the last executed step, at its level
-    s = sigma_{k+1}. Plain DMD (ablation): x0_hat of that step at s = 0, as in DMD2."""
+    """(x_s, s). AC-DMD: the CPS output of the last step run, s = sigma_{k+1}. Plain DMD: x0_hat, s = 0 (DMD2)."""
     if plain_dmd:
         return sim["x0_hat"], 0.0
     return sim["x_next"].float(), sim["sigma_next"]
@@ -209,9 +197,8 @@ def subinterval_start(sim, plain_dmd):
 
 @phase("fake-score update")
 def stage1_fake_step(ctx, m, conds):
-    """Fake-score phase (acdmd.py, sections 4-5): simulate the generator without grad up to a
-    random step, renoise its output x_s to t > s, and regress the fake velocity on the ambient
-    target, plus the consistency regulariser. One optimiser step. Returns the logged numbers."""
+    """Fake-score phase (acdmd.py, sections 4-5): x_s without grad, renoised to t > s; regress the
+    fake velocity on the ambient target, plus the consistency regulariser. One optimiser step."""
     a = ctx.args
 
     def loss_fn(cond):
@@ -224,9 +211,8 @@ def stage1_fake_step(ctx, m, conds):
 
 @phase("generator update")
 def stage1_generator_step(ctx, m, conds):
-    """Generator phase (acdmd.py, section 3): simulate up to a random step with grad through
-    that step only, renoise x_s to t > s, and descend the DMD direction kappa (v_fake - v_teacher)
-    projected back to s with shared noise. One optimiser step. Returns the logged numbers."""
+    """Generator phase (acdmd.py, section 3): x_s with grad through its step, renoised to t > s;
+    descend kappa (v_fake - v_teacher) projected back to s with shared noise. One optimiser step."""
     a = ctx.args
 
     def loss_fn(cond):
@@ -239,9 +225,8 @@ def stage1_generator_step(ctx, m, conds):
 
 def accumulated_step(ctx, key, net, opt, conds, loss_fn):
     """One optimiser step of `net` on --grad-accum micro-batches (loss_fn(cond) -> (stop, loss,
-    stats)), each backward divided by their count: the gradient of one batch that many times
-    larger. Each micro-batch re-reads shared_rng from the same state (the same stop and renoise
-    levels, as every rank) and its own stream (on_stream); DDP all-reduces on the last backward."""
+    stats)), each backward divided by their count. Each re-reads shared_rng from the same state
+    (same stop and levels, as every rank) on its own stream; DDP all-reduces on the last backward."""
     opt.zero_grad(set_to_none=True)
     start, losses, stats = ctx.shared_rng.get_state(), [], {}
     for a, cond in enumerate(conds):
@@ -259,11 +244,8 @@ def accumulated_step(ctx, key, net, opt, conds, loss_fn):
 
 
 def micro_batch_streams(seed, rank, accum, device):
-    """The per-rank random streams of --grad-accum micro-batches. Ranks draw their noise and
-    prompts from the global RNG seeded seed + rank (main); micro-batch a of rank r gets its own
-    state seeded seed + r accum + a, the stream of rank r accum + a of a run with accum x the
-    ranks, so 1 rank x 2 micro-batches sees the samples of 2 ranks x 1 (the grad-accum test).
-    None for accum 1. Each entry: rng_now's [CPU state, CUDA state or None], kept by on_stream."""
+    """Micro-batch a of rank r gets the RNG stream seeded seed + r accum + a: rank r accum + a's of a
+    run with accum x the ranks, so 1 rank x 2 micro-batches sees 2 ranks x 1's samples. None for 1."""
     return [rng_now(device, seed + rank * accum + a) for a in range(accum)] if accum > 1 else None
 
 
@@ -312,19 +294,16 @@ def trainable_line(ctx, m):
 
 def train_stage2(ctx, reward=None):
     """The stage-2 loop (box at the top of this file): per epoch, rollouts -> advantages -> one
-    fake-score step -> one generator step accumulated over the whole epoch, with the parameter
-    EMA on the official schedule around it (subgrpo.stage2_ema_decays)."""
+    fake-score step -> one generator step accumulated over the epoch, EMA around it."""
     args, bb = ctx.args, ctx.bb
     if args.batch_size % args.group_size or args.batch_size % ctx.world:
         sys.exit(f"error: --batch-size {args.batch_size} (images per sampling iteration) must be a multiple "
                  f"of --group-size {args.group_size} and of the {ctx.world} ranks")
-    # Built from stage1.pt, also on --resume (the stage-2 checkpoint holds only the new LoRA).
     ck1 = read_checkpoint(os.path.join(args.out, "stage1.pt"))
     with seeded(ctx.device, args.seed + 2):  # the same fresh LoRA init on every rank, side RNG
         m = students(args, *init_stage2_models(bb, ck1), weight_decay=args.weight_decay)
     ctx.reward_fn, ctx.bp_fn, ctx.weights = reward or make_reward(args, ctx.device)
-    # LoRA backbones: the merged stage-1 weights go into stage2.pt too, so that load_run and
-    # --resume know what the stage-2 LoRA sits on (models.load_run's stage-2 contract).
+    # LoRA: stage2.pt also holds the stage-1 weights its LoRA sits on (models.load_run, --resume)
     stage1 = {"stage1_ema": ck1["ema"], "stage1_fake": ck1["fake"]} if uses_lora(bb) else {}
     epoch = 0
     if args.resume:
@@ -333,8 +312,8 @@ def train_stage2(ctx, reward=None):
         epoch = ck["epoch"]
     ctx.null_cond = bb.encode([""] * (args.batch_size // ctx.world))  # the teacher's CFG branch (DM term)
     ctx.final, ctx.sigmas = len(bb.sigmas) - 2, [float(s) for s in bb.sigmas]  # final: the deterministic step
-    # One optimiser step accumulates num_batches x |S u {final}| backward calls; each is divided by
-    # this fixed count, also when a weight is 0, so the ablations keep the other weights' scale.
+    # num_batches x |S u {final}| backward calls per step, each divided by this fixed count (also
+    # when a weight is 0: the ablations keep the other weights' scale)
     ctx.accumulation = args.num_batches_per_epoch * ((ctx.final if args.all_steps else 2) + 1)
     end = run_end(args, epoch)
     print0(stage2_banner(ctx, m, epoch))
@@ -365,8 +344,7 @@ def train_stage2(ctx, reward=None):
 
 
 def check_same_stage1(args, ck, stage1):
-    """On --resume: the stage-2 LoRA is meaningless on another stage-1 merge, so the stage-1
-    weights stored in stage2.pt must equal those of stage1.pt now."""
+    """On --resume: stage2.pt's stage-1 weights must equal stage1.pt's (its LoRA sits on them)."""
     for key in stage1:
         if ck[key].keys() != stage1[key].keys() or any(not torch.equal(ck[key][k], stage1[key][k])
                                                         for k in stage1[key]):
@@ -375,17 +353,14 @@ def check_same_stage1(args, ck, stage1):
 
 
 def stage2_ema_schedule(args, epoch):
-    """The EMA decays to apply before and after this epoch's optimiser step. The official EMA runs
-    after every sub-batch: where it fires (every 8th step) ema <- d ema + (1 - d) theta is applied
-    num_batches times, ~d^16 = 0.19 per firing, not 0.9 (subgrpo.stage2_ema_decays); the optimiser
-    step sits before the last of them. --ema-schedule once: one update per firing."""
+    """(before, after): EMA decays around this epoch's optimiser step. Official: every 8th epoch,
+    one update per sub-batch, ~d^16 = 0.19 per firing (subgrpo.stage2_ema_decays); once: one."""
     if args.ema_schedule == "once":
         return [], [subgrpo.ema_decay(epoch, args.ema_decay)] if (epoch + 1) % 8 == 0 else []
     return subgrpo.stage2_ema_decays(epoch, args.num_batches_per_epoch, max_decay=args.ema_decay)
 
 
 def stage2_banner(ctx, m, epoch):
-    """The derived quantities of a stage-2 run, printed once (as nanoGPT prints its tokens per iteration)."""
     a, K, nb = ctx.args, ctx.args.group_size, ctx.args.num_batches_per_epoch
     return (f"stage 2 (RTDMD{', exact decomposition' if a.exact_decomposition else ''}) | model {a.model} | "
             f"reward {', '.join(ctx.weights)} | world {ctx.world}\n  per sampling iter: {a.batch_size // K} prompts x "
@@ -401,13 +376,11 @@ def stage2_banner(ctx, m, epoch):
 
 @phase("rollouts")
 def stage2_rollouts(ctx, m, steps, epoch):
-    """Rollout phase (subgrpo.rollout_with_logprob): num_batches sampling iterations of M prompts
-    x K copies, 4-step CPS without grad; the steps not in `steps` use noise shared by a prompt's
-    copies. The prompts come from `shared_rng`, so every rank knows the whole epoch's order and a
-    group's K copies are spread over the ranks. Returns this rank's part of the epoch:
-        latents, next_latents [N, 4, ...], log_probs [N, 4], x0 [N, ...], cond (N rows),
-        prompts (N strings), rewards {name: [N]}, and all_prompts: every rank's, in rank order,
-    where N = num_batches x B and B = batch_size / world."""
+    """Rollout phase (subgrpo.rollout_with_logprob): num_batches iterations of M prompts x K
+    copies, 4-step CPS without grad, shared noise off `steps`. Prompts come from shared_rng (every
+    rank knows the epoch's order; a group spreads over ranks). This rank's N = num_batches x B:
+    latents, next_latents [N, 4, ...], log_probs [N, 4], x0, cond, prompts, rewards {name: [N]},
+    and all_prompts (every rank's, in rank order)."""
     args, bb, rank = ctx.args, ctx.bb, ctx.rank
     B, M = args.batch_size // ctx.world, args.batch_size // args.group_size  # M prompts per iteration
     parts, per_iteration = [], []  # per_iteration: the global prompt list of each iteration
@@ -432,7 +405,7 @@ def stage2_rollouts(ctx, m, steps, epoch):
 @phase("rewards")
 @torch.no_grad()
 def score(ctx, x0, prompts, rank_idx):
-    """The rollouts' rewards {name: [B]}; a real backbone's prompts carry their metadata (GenEval)."""
+    """The rollouts' rewards {name: [B]}, with the prompts' metadata (GenEval) where there is one."""
     images, metadata = ctx.bb.decode(x0), getattr(ctx.bb, "prompt_metadata", None)
     if metadata is None:
         return ctx.reward_fn(images, prompts)
@@ -441,9 +414,8 @@ def score(ctx, x0, prompts, rank_idx):
 
 @phase("advantages")
 def stage2_advantages(ctx, rollouts):
-    """Advantage phase (subgrpo.group_advantages): gather every rank's rewards in rank order,
-    centre each reward per prompt, divide by its global std, sum with the weights, standardise;
-    keep this rank's shard, clipped. Stores rollouts["advantages"]; returns the logged numbers."""
+    """Advantage phase (subgrpo.group_advantages) on every rank's rewards; keeps this rank's
+    shard, clipped, as rollouts["advantages"]."""
     weights, world = ctx.weights, ctx.world
     gathered = {n: all_gather_cat(rollouts["rewards"][n].float(), world) for n in weights}
     adv_all = subgrpo.group_advantages(gathered, rollouts["all_prompts"], weights,
@@ -461,9 +433,8 @@ def stage2_advantages(ctx, rollouts):
 
 @phase("fake-score step")
 def stage2_fake_step(ctx, m, rollouts):
-    """Fake-score phase: one step of the ambient fake-score loss on the epoch's clean samples
-    (s = 0, so the ambient target is plain flow matching), renoise levels drawn per rank, in
-    chunks of --fake-batch-size (memory), each chunk weighted by its share of the samples."""
+    """Fake-score phase: one step of the ambient loss on the epoch's clean samples (s = 0: plain
+    flow matching), levels drawn per rank, in --fake-batch-size chunks weighted by their share."""
     args, x0, cond = ctx.args, rollouts["x0"], rollouts["cond"]
     t, n, x_t = acdmd.make_subinterval(x0, 0.0, acdmd.sample_renoise_timesteps(0.0, len(x0)))
     m.opt_f.zero_grad(set_to_none=True)
@@ -485,15 +456,12 @@ def stage2_fake_step(ctx, m, rollouts):
 
 
 def stage2_generator_step(ctx, m, rollouts, steps, epoch):
-    """Generator phase: the gradient of the epoch's one optimiser step (the caller takes the
-    step), the hybrid gradient of subgrpo.py, section 2, accumulated over the epoch's sub-batches
-    and, in each, over its --grad-accum micro-batches (each weighted by its share: the same
-    gradient, 1/A of the activations) and the trained steps j:
+    """The hybrid gradient of subgrpo.py, section 2, for the epoch's one optimiser step (the caller
+    steps), accumulated over sub-batches, their --grad-accum micro-batches (weighted by share) and j:
         j in steps (stochastic):   policy_gradient_term
         j = final (deterministic): final_step_term
-    Samples whose advantage is exactly 0 are dropped first and the rest padded back to a multiple
-    of the sub-batch count (subgrpo.drop_zero_advantages, as the official trainer does). Every
-    backward is divided by ctx.accumulation; the gradient is averaged over the ranks."""
+    Zero-advantage samples are dropped first (subgrpo.drop_zero_advantages, as the official
+    trainer). Every backward is divided by ctx.accumulation; the gradient is averaged over ranks."""
     a, adv, nb = ctx.args, rollouts["advantages"], ctx.args.num_batches_per_epoch
     m.generator.zero_grad(set_to_none=True)
     keep = subgrpo.drop_zero_advantages(adv, nb, epoch, ctx.rank)
@@ -518,9 +486,8 @@ def stage2_generator_step(ctx, m, rollouts, steps, epoch):
 
 @phase("policy-gradient term")
 def policy_gradient_term(ctx, m, mb, j, rec):
-    """Score-function part on a stochastic step j (subgrpo.py, sections 3-4):
-        L_PG = w_pg * clipped PPO surrogate of log pi_theta(x_{j+1} | x_j, c) with advantages A,
-    on the stored transition (no resampling). Backward at once; returns the PPO statistics."""
+    """Score-function part on a stochastic step j (subgrpo.py, sections 3-4), on the stored transition:
+        L_PG = w_pg * clipped PPO surrogate of log pi_theta(x_{j+1} | x_j, c) with advantages A."""
     a, r, s, i = ctx.args, mb.r, ctx.sigmas, mb.i
     with ctx.autocast:
         log_prob = subgrpo.transition_log_prob(ctx.bb, m.generator, r["latents"][i, j], r["next_latents"][i, j],
@@ -534,11 +501,9 @@ def policy_gradient_term(ctx, m, mb, j, rec):
 
 @phase("final-step term")
 def final_step_term(ctx, m, mb, rec):
-    """Path-wise part on the deterministic last step (subgrpo.py, section 2): x0_hat = the
-    generator's final step from x_final, with grad, then
+    """Path-wise part on the deterministic last step (subgrpo.py, section 2), x0_hat with grad:
         L_final = w_dm * AC-DMD at s = 0 on x0_hat (acdmd.generator_loss)
-                + w_bp * reward back-prop through decode and the reward models (bp_surrogate).
-    Backward at once."""
+                + w_bp * reward back-prop through decode and the reward models (bp_surrogate)."""
     a, bb, i, terms = ctx.args, ctx.bb, mb.i, []
     with ctx.autocast:
         x0_hat = subgrpo.final_step_x0(bb, m.generator, mb.r["latents"][i, ctx.final], ctx.sigmas[ctx.final], mb.cond)
@@ -557,12 +522,10 @@ def final_step_term(ctx, m, mb, rec):
 
 @phase("back-prop term")
 def bp_surrogate(ctx, x0_hat, prompts):
-    """Reward back-prop through the VAE and the reward models (subgrpo.bp_loss), --bp-batch-size
-    images at a time (0: all at once). Each chunk is decoded and scored with grad w.r.t. a
-    detached copy of x0_hat, and its backward runs at once, freeing that chunk's VAE and reward
-    activations; the collected g = dL_BP/dx0_hat then enters the generator's graph through the
-    surrogate g . x0_hat, whose gradient w.r.t. theta is exactly dL_BP/dtheta by the chain rule.
-    One path for every chunk size: only the memory changes with it. Returns (surrogate, L_BP)."""
+    """Reward back-prop (subgrpo.bp_loss), --bp-batch-size images at a time (0: all). Each chunk is
+    decoded and scored w.r.t. a detached x0_hat, its backward freeing its VAE and reward
+    activations; g = dL_BP/dx0_hat enters the generator's graph as the surrogate g . x0_hat, whose
+    theta-gradient is dL_BP/dtheta by the chain rule. Returns (surrogate, L_BP)."""
     x = x0_hat.detach().requires_grad_(True)
     value, B = 0.0, len(x)
     for i in chunks(B, ctx.args.bp_batch_size):
@@ -574,11 +537,9 @@ def bp_surrogate(ctx, x0_hat, prompts):
 
 
 def make_reward(args, device=None, metadata=None):
-    """(reward, bp_reward, weights): reward(images, prompts, metadata) -> {name: [B]} scores the
-    rollouts, bp_reward is its differentiable part (back-prop), weights {name: w}. Real backbones:
-    the paper's set (rewards.GRPO_WEIGHTS, weight 1 each; configs/rtdmd/*.yaml) or --rewards, all
-    loaded now (rewards.sources_from_args); a missing model, or geneval without the prompts'
-    GenEval records ("include": pass the GenEval .jsonl as --prompts), exits with one line."""
+    """(reward, bp_reward, weights): reward(images, prompts, metadata) -> {name: [B]}, bp_reward its
+    differentiable part, weights {name: w}: the paper's set (rewards.GRPO_WEIGHTS; configs/rtdmd/
+    *.yaml) or --rewards, loaded now; a missing model or GenEval record exits in one line."""
     if args.model.startswith("toy"):  # the "images" are the 2-D points themselves
         r = rewards.toy_reward(args.reward)
         return r, r, {r.name: 1.0}
@@ -598,10 +559,9 @@ def make_reward(args, device=None, metadata=None):
 
 
 def init_stage2_models(bb, ck):
-    """Stage 2 starts from stage 1's EMA generator and fake score: loaded as they are (toy, full
-    fine-tune), or, for LoRA, the stage-1 LoRA merged into a copy of the base with a fresh LoRA on
-    top (A ~ N(0, 1), B = 0: both start as their stage-1 functions; official code:
-    rtdmd/trainers/rtdmd_trainer.py, setup_models). The caller seeds: every rank draws the same A."""
+    """Stage 1's EMA generator and fake score: as they are (toy, full fine-tune), or the stage-1
+    LoRA merged into a copy of the base with a fresh LoRA on top (B = 0: both start as their
+    stage-1 functions; official code: rtdmd/trainers/rtdmd_trainer.py, setup_models)."""
     if uses_lora(bb):
         return (bb.make_student("generator", stage=2, merge=ck["ema"]),
                 bb.make_student("fake", stage=2, merge=ck["fake"]))
@@ -628,8 +588,7 @@ def all_gather_cat(x, world):
 
 @phase("gradient all-reduce")
 def allreduce_grads(params, world):
-    """Average the locally accumulated gradients across ranks, once per optimiser step. (DDP
-    would do this on every backward; one stage-2 step accumulates many backward calls.)"""
+    """Average the accumulated gradients across ranks once per step (DDP would on every backward)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -642,11 +601,9 @@ def allreduce_grads(params, world):
 # Infrastructure: arguments, set-up, checkpoints, update guard, log, exports, profiler, memory plan
 # =============================================================================================
 
-# Paper values (official code: configs/cold_start/{sd3m,sd35m,flux2_4b}.yaml for stage 1,
-# configs/rtdmd/*.yaml for stage 2; "real2" = SD3.5-M) and CPU-sized values for the toy. Stage 2:
-# steps = epochs, batch_size = images per sampling iteration (prompts x K, global). The toy's
-# stage-2 weights are tuned to be stable: the paper's assume D ~ 65k latent numbers per sample,
-# the toy has D = 2 (subgrpo.py, section 6, explains the balance).
+# Paper values (official code: configs/cold_start/*.yaml, stage 1; configs/rtdmd/*.yaml, stage 2;
+# "real2" = SD3.5-M), CPU-sized for the toy. Stage 2: steps = epochs, batch_size = prompts x K per
+# sampling iteration. The toy's stage-2 weights suit D = 2, not the paper's ~65k (subgrpo.py, section 6).
 DEFAULTS = {
     "toy": dict(steps=9000, batch_size=512, lr_gen=1e-3, lr_fake=1e-3, fake_update_ratio=5, ema_decay=0.999, log_every=50),
     "real": dict(steps=15000, batch_size=72, lr_gen=3e-5, lr_fake=3e-5, fake_update_ratio=10, ema_decay=0.99, log_every=10),
@@ -656,11 +613,9 @@ DEFAULTS = {
                   group_size=24, num_batches_per_epoch=16, w_pg=1.0, w_dm=1e-3, w_bp=1e-4, fake_batch_size=8,
                   bp_batch_size=0),
 }
-# Per-backbone differences, by (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16
-# GPUs x 2 = 2 prompts x 16, SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunk sizes are per rank;
-# a whole sub-batch's VAE decode saves ~4 GiB per 512-px image (--memory-plan), so the real SD3
-# backbones back-propagate one image at a time (the same gradient). The tiny twins take their
-# family's values. FLUX.2-klein stage 1: lr 1e-6 for both nets (configs/cold_start/flux2_4b.yaml).
+# By (name or family, stage). Stage 2 (configs/rtdmd/*.yaml): SD3-M 16 GPUs x 2 = 2 prompts x 16,
+# SD3.5-M 8 x 9 = 3 x 24, FLUX.2 16 x 6 = 4 x 24. Chunks are per rank; a VAE decode saves ~4 GiB per
+# 512-px image (--memory-plan), so real SD3 back-propagates one image at a time (same gradient).
 PER_BACKBONE = {
     ("sd3-medium", 2): dict(group_size=16, batch_size=32, fake_batch_size=2, bp_batch_size=1),
     ("sd3.5-medium", 2): dict(bp_batch_size=1),
@@ -790,12 +745,10 @@ def resolve_defaults(args, cuda):
         spec = models.SPECS[args.model]  # (family, ..., guidance, resolution)
         d = d | dict(guidance=spec[3], resolution=spec[4])
         d = d | PER_BACKBONE.get((args.model, args.stage), PER_BACKBONE.get((spec[0], args.stage), {}))
-    # polar input features for the mixture on a circle (models.ToyMLP)
+    # toy_angles: polar input features (models.ToyMLP). LoRA bf16 on CUDA: the official LoRA takes
+    # the bf16 base's dtype (diffusers add_adapter) and the paper's learning rates were tuned so;
+    # fp32 on CPU (slow bf16 matmuls) and for the toy (tuned in fp32).
     d |= dict(toy_angles=8 if args.model == "toy" else 0, bf16=int(cuda), grad_ckpt=int(cuda),
-              # bf16 on CUDA: the official LoRA is created in the bf16 base's dtype (diffusers
-              # add_adapter), so its masters, AdamW steps and EMA are bf16, and the paper's learning
-              # rates were tuned so (an update below half a bf16 step is lost). fp32 on CPU, where bf16
-              # matmuls are slow, and for the toy, whose learning rates were tuned in fp32.
               lora_dtype="bf16" if cuda and not toy else "fp32")
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -811,9 +764,7 @@ def print0(*a, **k):
 
 
 def setup(args):
-    """Process group, device, resolved defaults and the run context every phase reads: args, bb
-    (set once loaded), rank, world, device, autocast, shared_rng, guard. DDP is on when torchrun
-    sets RANK (nanoGPT's rule)."""
+    """Process group, device, resolved defaults, the run context. DDP when torchrun sets RANK (nanoGPT)."""
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
     if args.cache_text_embeddings and args.model.startswith("toy"):
@@ -826,9 +777,8 @@ def setup(args):
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-        # TF32 matmuls and convolutions, as the official trainer sets them (official code:
-        # rtdmd/trainers/base_trainer.py): the float32 parts (LoRA branches, CPS and log-prob math)
-        # run on tensor cores with a 10-bit mantissa, still finer than the bf16 of the autocast.
+        # TF32, as the official rtdmd/trainers/base_trainer.py: the float32 parts (LoRA, CPS and
+        # log-prob math) on tensor cores with a 10-bit mantissa, still finer than the autocast's bf16
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     args = resolve_defaults(args, cuda)
@@ -840,10 +790,9 @@ def setup(args):
 
 
 def run_context(args, device, rank=0, world=1, ddp=False):
-    """The state every phase function reads (its first parameter). Draws that every rank must
-    agree on (random stop, renoise levels, consistency deltas, stage-2 prompts) come from
-    shared_rng, seeded identically everywhere: the same numbers as a broadcast from rank 0,
-    without the communication (README, "Deviations and choices")."""
+    """The state every phase function reads (its first parameter). Draws all ranks agree on (stop,
+    renoise levels, consistency deltas, stage-2 prompts) come from shared_rng, seeded alike
+    everywhere: a broadcast from rank 0 without the communication (README, "Deviations and choices")."""
     return SimpleNamespace(args=args, device=device, rank=rank, world=world, ddp=ddp, master=rank == 0, bb=None,
                            autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bf16)),
                            shared_rng=torch.Generator().manual_seed(args.seed + 12345), guard=UpdateGuard(args),
@@ -851,10 +800,9 @@ def run_context(args, device, rank=0, world=1, ddp=False):
 
 
 def load_backbone(ctx, prompts, metadata):
-    """The toy's base model (and a tiny twin) is made once by rank 0 and cached in the run folder;
-    the other ranks load after it, at a barrier under the --timeout-hours process-group timeout.
-    Frozen weights are bf16 on CUDA with --bf16 (the paper's precision), float32 on CPU; the
-    trainable masters (LoRA, or the full copy) are --lora-dtype (models.LoRALinear)."""
+    """Rank 0 loads first (building and caching the toy's base or a tiny twin in the run folder);
+    the others after a barrier. Frozen weights bf16 on CUDA with --bf16, else float32; the
+    trainable masters --lora-dtype (models.LoRALinear)."""
     a = ctx.args
     kw = dict(cache_dir=a.out, device=ctx.device, dtype=torch.bfloat16 if a.bf16 and ctx.device.type == "cuda"
               else torch.float32, pretrained=a.pretrained, generator_pretrained=a.generator_pretrained,
@@ -890,10 +838,8 @@ def check_run_folder(args, master):
 
 
 def read_training_prompts(args):
-    """(prompts, metadata, prompt_files) of the required --prompts file (models.read_prompt_file;
-    the toy knows its own: None, None, {}). prompt_files records each stage's file {"stage1":
-    {file, sha256, count}, ...} in config.json; --resume refuses a file whose sha256 changed.
-    Every problem exits with one line, before anything is written."""
+    """(prompts, metadata, prompt_files) of --prompts (the toy: None, None, {}). prompt_files, in
+    config.json, records each stage's {file, sha256, count}; --resume refuses a changed file."""
     if args.model.startswith("toy"):
         if args.prompts:
             sys.exit(f"error: --model {args.model} has its own prompts; drop --prompts")
@@ -917,9 +863,8 @@ def read_training_prompts(args):
 
 
 def tilt_toy_teacher(bb, args):
-    """Reference mode: the toy teacher becomes the exact tilted teacher p(x|c) exp(beta r(x)) /
-    Z_beta(c), in closed form (rewards.py). Stage 1 then converges to the tilted target with no
-    reward term at all, since the DMD fixed point is "generator = teacher"."""
+    """Reference mode: the toy teacher becomes p(x|c) exp(beta r(x)) / Z_beta(c) in closed form
+    (rewards.py), so stage 1 alone converges to the tilted target (DMD's fixed point is the teacher)."""
     if not args.model.startswith("toy") or args.stage != 1:
         sys.exit("error: --tilt-teacher is a toy, stage-1 option (the tilt is closed-form only there)")
     bb.mixture = make_reward(args)[0].tilt(bb.mixture, args.tilt_teacher)
@@ -970,8 +915,7 @@ def seeded(device, seed):
 
 
 def ema_copy(net):
-    """The EMA model: a copy of `net` whose trainable tensors are new and whose frozen ones are
-    shared (a LoRA student's base weights are the teacher's; copying them would double memory)."""
+    """A copy of `net` with new trainable tensors and shared frozen ones (a LoRA base is the teacher's)."""
     frozen = [p for p in net.parameters() if not p.requires_grad] + list(net.buffers())
     ema = copy.deepcopy(net, {id(t): t for t in frozen})
     return ema.eval().requires_grad_(False)
@@ -992,10 +936,9 @@ def run_end(args, start):
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-# Everything an exact --resume needs: each net's trainable tensors, the optimisers, the counter,
-# every rank's RNG state, the shared generator, the config and one checksum per rank of the
-# generator (the DDP tests compare the replicas). Only tensors and plain types: it loads with
-# torch.load(weights_only=True). The loops gather the ranks' parts (rank_state); rank 0 writes.
+# What an exact --resume needs: each net's trainable tensors, optimisers, counter, every rank's RNG
+# state, shared_rng, config and a generator checksum per rank (the DDP tests compare replicas).
+# Tensors and plain types only (torch.load weights_only=True). Rank 0 writes the gathered parts.
 
 NETS, OPTS = ("generator", "fake", "ema"), ("opt_g", "opt_f")
 
@@ -1008,9 +951,8 @@ def saved_names(m):
 
 
 def rank_state(ctx, m, counter):
-    """This rank's part of a checkpoint: its RNG states and its generator checksum. Weights that
-    are not finite are never written: every rank (all hold the same weights) stops here, and the
-    checkpoint on disk stays the last good one."""
+    """This rank's part of a checkpoint: RNG states and generator checksum. Non-finite weights are
+    never written: every rank stops here, the checkpoint on disk stays the last good one."""
     bad = [k for k, names in saved_names(m).items()
            if not all(torch.isfinite(raw(getattr(m, k)).get_parameter(n)).all() for n in names)]
     if bad:
@@ -1033,11 +975,9 @@ def gather_objects(obj, world):
 
 @phase("checkpoint")
 def save_checkpoint(path, extra, m, ranks, args, shared_rng):
-    """Rank 0 writes the checkpoint: `extra` (the counter, and stage 2's stage-1 weights), the
-    nets and optimisers of m, the gathered rank states. A run is never lost: the new file is
-    written and synced under a temporary name first, and the previous checkpoint stays beside it
-    as stage{1,2}.prev.pt (a hard link made before the rename), so at every moment `path` is one
-    complete checkpoint, even if the process is killed mid-save."""
+    """Rank 0 writes `extra` (counter; stage 2's stage-1 weights), m's nets and optimisers and the
+    gathered rank states, synced under a temporary name, then renamed; the previous one stays as
+    stage{1,2}.prev.pt (a hard link). `path` is always one complete checkpoint, even if killed."""
     ck = {"replica_checksums": [r["checksum"] for r in ranks]}
     for key, names in saved_names(m).items():
         sd = raw(getattr(m, key)).state_dict()
@@ -1061,9 +1001,7 @@ def save_checkpoint(path, extra, m, ranks, args, shared_rng):
 
 
 def load_checkpoint(path, m, shared_rng, rank):
-    """Restore what save_checkpoint wrote into m, this rank's RNG state and the shared generator
-    (read with models.load_checkpoint: weights_only, a pickle that carries code is refused).
-    Returns the checkpoint dict (for the counter)."""
+    """Restore save_checkpoint's file into m, this rank's RNG and shared_rng; returns the dict."""
     ck = read_checkpoint(path)
     for key in NETS:
         raw(getattr(m, key)).load_state_dict(ck[key], strict=False)
@@ -1077,7 +1015,6 @@ def load_checkpoint(path, m, shared_rng, rank):
 
 
 def previous_checkpoint(path):
-    """Where save_checkpoint keeps the checkpoint that `path` replaced: stage1.pt -> stage1.prev.pt."""
     return path[:-len(".pt")] + ".prev.pt"
 
 
@@ -1095,9 +1032,8 @@ def read_checkpoint(path):
 
 
 class UpdateGuard:
-    """A loss or gradient that is not finite (on any rank) skips the update (weights and optimiser
-    state unchanged; the log records "skipped" and "skipped_total"); --max-bad-updates of one
-    network in a row stop the run in one line, before anything is saved."""
+    """A non-finite loss or gradient (on any rank) skips the update (logged as "skipped");
+    --max-bad-updates of one network in a row stop the run in one line, before anything is saved."""
 
     def __init__(self, args):
         self.limit, self.ckpt_path = args.max_bad_updates, os.path.join(args.out, f"stage{args.stage}.pt")
@@ -1105,9 +1041,8 @@ class UpdateGuard:
 
     @phase("optimiser step")
     def step(self, name, opt, params, loss, grad_clip):
-        """Clip the gradient of `params` to grad_clip and take opt's step, unless the loss or the
-        gradient norm is not finite. Returns the gradient norm (a tensor, before clipping). The
-        one host sync of an update is `if ok` (a skip must be decided before the step)."""
+        """Clip to grad_clip and step, unless loss or norm is not finite; returns the norm before
+        clipping. `if ok` is the update's one host sync (a skip is decided before the step)."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         loss = torch.as_tensor(loss.detach() if torch.is_tensor(loss) else loss, device=norm.device)
         ok = torch.isfinite(norm) & torch.isfinite(loss)
@@ -1133,8 +1068,7 @@ class UpdateGuard:
         return rec
 
     def stop_if_stuck(self, where):
-        """Exit (one line) once a network has had --max-bad-updates skipped updates in a row.
-        where: "iteration 57" / "epoch 3", for the message."""
+        """Exit once a network had --max-bad-updates skipped updates in a row (where: "epoch 3")."""
         for name, n in self.in_a_row.items():
             if n >= self.limit:
                 sys.exit(f"error: {n} {name} updates in a row had a non-finite loss or gradient (the last at "
@@ -1157,9 +1091,8 @@ class RunLog:
 
     @staticmethod
     def drop_records_after(path, stage, start):
-        """A resumed run continues from its checkpoint at `start`: the records this stage wrote
-        after it (a killed run's last ones, maybe a half-written line) are dropped, so that the
-        log reads as one uninterrupted run. Rewritten under a temporary name, then renamed."""
+        """On resume from `start`: drop this stage's later records (a killed run's, maybe a cut
+        line), so the log reads as one run. Rewritten under a temporary name, then renamed."""
         key, kept = ("step" if stage == 1 else "epoch"), []
         with open(path) as f:
             for line in f:
@@ -1174,10 +1107,8 @@ class RunLog:
         os.replace(path + ".tmp", path)
 
     def record(self, rec, step, **postfix):
-        """After every iteration / epoch: advance the bar; every log_every-th (and the last)
-        appends the record to log.jsonl and shows `postfix` ({label: key of rec}) on the bar.
-        The loops leave their numbers as device tensors; they reach the host here, on log steps
-        only, in one transfer."""
+        """Advance the bar; every log_every-th step (and the last) append rec to log.jsonl and show
+        `postfix` ({label: key}). Device tensors reach the host here, on log steps, in one transfer."""
         if not self.master:
             return
         self.bar.update(1)
@@ -1199,12 +1130,11 @@ class RunLog:
 
 
 def write_samples_and_exports(args, bb, ema, stage, master):
-    """Rank 0, after the last step: samples_stage{1,2}.png of the EMA generator (toy: a scatter of
-    every step; images: a grid) and, for the real backbones, the EMA generator as a file a stock
-    pipeline loads: stage 1 generator_ema_lora.safetensors (pipe.load_lora_weights on the
-    generator's base: FLUX.2's distilled klein-4B), stage 2 generator_ema_stage2_lora.safetensors,
-    the stage-2 LoRA alone, trained on the *merged* stage-1 LoRA: merge stage 1, then stage 2
-    (models.load_run(run, 2)). A full fine-tune (lora_rank 0) uses save_pretrained."""
+    """Rank 0, at the end: samples_stage{1,2}.png of the EMA generator (toy: scatter; images: grid)
+    and, for real backbones, a file a stock pipeline loads (pipe.load_lora_weights on the
+    generator's base): generator_ema_lora.safetensors (stage 1), generator_ema_stage2_lora
+    .safetensors (the stage-2 LoRA alone, on the merged stage 1: models.load_run(run, 2)); a full
+    fine-tune (lora_rank 0) uses save_pretrained."""
     if not master or args.model == "toy-gauss":  # toy-gauss: nothing to draw or export
         return
     if args.model == "toy":
@@ -1221,13 +1151,13 @@ def write_samples_and_exports(args, bb, ema, stage, master):
 
 # --- profiler (--profile N): where the time of a training step goes ---------------------------
 
-PROFILE_WARMUP = 2  # steps run before profiling starts (allocator, caches, lazy initialisation)
+PROFILE_WARMUP = 2  # steps before profiling starts (allocator, caches, lazy initialisation)
 
 
 def profiled_steps(ctx, m, start, end):
-    """The loop's counter, start .. end - 1. With --profile N: PROFILE_WARMUP steps, then N steps
-    under torch.profiler, timed between device syncs, every forward call of the networks a range
-    "call K" (call_ranges); then the table (profile_report)."""
+    """The loop's counter. With --profile N: PROFILE_WARMUP steps, then N under torch.profiler,
+    timed between device syncs, each forward of a network a range "call K" (K: its kind, whose
+    first inputs are kept for the bare replay); then the table (profile_report)."""
     yield from range(start, start + PROFILE_WARMUP if ctx.args.profile else end)
     if not ctx.args.profile:
         return
@@ -1235,9 +1165,19 @@ def profiled_steps(ctx, m, start, end):
     if hasattr(ctx.bb, "pipe"):  # image backbones: the text encoders and the VAE decoder too
         nets |= {k: v for k, v in ctx.bb.pipe.components.items() if k.startswith("text_encoder")}
         nets["vae decoder"] = ctx.bb.pipe.vae.decoder
-    calls, times, cuda = {}, [], ctx.device.type == "cuda"
-    hooks = [h for name, net in nets.items() for h in call_ranges(name, net, calls)]
+    calls, ranges, times, cuda = {}, [], [], ctx.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda *_: None)
+    keep = lambda x: x.detach().clone().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x  # noqa: E731
+
+    def enter(name, module, a, kw):  # kind = (net, with grad, input shapes)
+        xs = [x for x in (*a, *kw.values()) if torch.is_tensor(x)]
+        key = (name, torch.is_grad_enabled() and any(t.requires_grad for t in (*module.parameters(), *xs)),
+               tuple(tuple(x.shape) for x in xs))
+        calls.setdefault(key, (module, [keep(x) for x in a], {k: keep(v) for k, v in kw.items()}))
+        ranges.append(torch.profiler.record_function(f"call {list(calls).index(key)}").__enter__())
+    hooks = [h for name, net in nets.items() for h in (
+        net.register_forward_pre_hook(lambda *x, name=name: enter(name, *x), with_kwargs=True),
+        net.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None), with_kwargs=True))]
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     with torch.profiler.profile() as prof:  # CPU, and CUDA where there is one
@@ -1252,27 +1192,9 @@ def profiled_steps(ctx, m, start, end):
     profile_report(ctx, prof, calls, times)
 
 
-def call_ranges(name, net, calls):
-    """Hooks making each forward call of `net` a range "call K", K the index in `calls` of its
-    kind (name, with grad, input shapes), which keeps a copy of that kind's first inputs."""
-    ranges, keep = [], lambda x: x.detach().clone().requires_grad_(x.requires_grad) if torch.is_tensor(x) else x
-
-    def enter(module, a, kw):
-        xs = [x for x in (*a, *kw.values()) if torch.is_tensor(x)]
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*module.parameters(), *xs))
-        key = (name, grad, tuple(tuple(x.shape) for x in xs))
-        if key not in calls:
-            calls[key] = (module, [keep(x) for x in a], {k: keep(v) for k, v in kw.items()})
-        ranges.append(torch.profiler.record_function(f"call {list(calls).index(key)}").__enter__())
-    return [net.register_forward_pre_hook(enter, with_kwargs=True),
-            net.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None), with_kwargs=True)]
-
-
 def bare_seconds(module, a, kw, grad, autocast):
-    """One kind of call replayed bare on its inputs: forward, and with grad the backward of its
-    output's sum; the median of torch.utils.benchmark's blocked_autorange."""
-    from torch.utils import benchmark
-
+    """One kind of call replayed bare (forward; with grad, backward of its output's sum): the
+    median of torch.utils.benchmark's blocked_autorange."""
     def run():
         with torch.set_grad_enabled(grad):
             with autocast:
@@ -1285,11 +1207,10 @@ def bare_seconds(module, a, kw, grad, autocast):
 
 
 def profile_report(ctx, prof, calls, times):
-    """The --profile table, from the profiler's event tree: per phase its own time (its range minus
-    the phases nested in it; what no phase covers is "other", so the rows add up to the step), its
-    share, its network calls per step (fwd; bwd: those with grad) and the seconds the same calls
-    take bare. The reward models are not replayed, so a second ratio leaves out their phases
-    ("rewards", "back-prop term"). Rank 0 writes profile_stage{1,2}.json and a Chrome trace."""
+    """Per phase, from the profiler's event tree: its own time (minus the phases nested in it; the
+    rest is "other", so rows add up to the step), share, network calls per step (fwd; bwd: with
+    grad) and the seconds those calls take bare. A second ratio leaves out the reward models'
+    phases (not replayed). Rank 0 writes profile_stage{1,2}.json and a Chrome trace."""
     a, n, kinds = ctx.args, len(times), list(calls)
     bare = [bare_seconds(*calls[k], k[1], ctx.autocast) for k in kinds]
     own, made = {"other": sum(times)}, {}  # seconds per phase; {phase: [call K, ...]}
@@ -1323,18 +1244,16 @@ def profile_report(ctx, prof, calls, times):
     for r in rows:
         print(f"{r['phase']:<26}{r['seconds_per_step']:>10.4f}{r['share']:>8.1%}{r['forward_calls']:>7.1f}"
               f"{r['backward_calls']:>7.1f}{r['bare_seconds_per_step']:>13.4f}")
-    without = f" (without the reward-model phases: {ratio(backbone):.2f}x)" if len(backbone) < len(rows) else ""
     print(f"step time / bare network passes: {out['step_seconds']:.4f} / {out['bare_seconds']:.4f} = "
-          f"{out['step_over_bare']:.2f}x{without}\npeak memory {out['peak_memory_gib']:.2f} GiB", flush=True)
-    with open(os.path.join(a.out, f"profile_stage{a.stage}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+          f"{out['step_over_bare']:.2f}x (without the reward-model phases: {ratio(backbone):.2f}x)\n"
+          f"peak memory {out['peak_memory_gib']:.2f} GiB", flush=True)
+    json.dump(out, open(os.path.join(a.out, f"profile_stage{a.stage}.json"), "w"), indent=2)
     prof.export_chrome_trace(os.path.join(a.out, f"profile_stage{a.stage}.trace.json"))  # chrome://tracing, Perfetto
 
 
 # --- memory plan (--memory-plan) ----------------------------------------------------------------
-# Every network built on the meta device from configs/architectures.json (shapes, no weights,
-# offline); activations counted as the bytes autograd saves, by running the same bb.velocity /
-# bb.decode / reward-tower calls as training under saved_tensors_hooks.
+# Networks on the meta device from configs/architectures.json (offline); activations = the bytes
+# autograd saves in the training calls (bb.velocity, bb.decode, reward towers), saved_tensors_hooks.
 
 GiB = 2 ** 30
 ARCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "architectures.json")
@@ -1342,8 +1261,7 @@ REWARD_TOWERS = {"clipscore": "clip-vit-l-14", "hpsv2": "clip-vit-h-14", "picksc
 
 
 def build_meta(cfg, dtype, device="meta"):
-    """A diffusers / transformers module from a config dict {"class": ..., **kwargs}, on meta (or,
-    random-init, on `device`: tests/test_cuda.py)."""
+    """A diffusers / transformers module from {"class": ..., **kwargs}, on meta (or `device`)."""
     import diffusers
     import transformers
     cfg = dict(cfg)
@@ -1359,10 +1277,9 @@ def build_meta(cfg, dtype, device="meta"):
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Sums numel * element_size of the unique storages autograd saves (parameters excluded).
-    Installed as the students' gradient-checkpointing function, it runs each block plainly but
-    books it apart, so one forward gives both figures: without checkpointing, outside + all blocks;
-    with it, outside + the kept block inputs + the largest block (recomputed during backward)."""
+    """Bytes of the unique storages autograd saves (not parameters). As the students' checkpointing
+    function it runs blocks plainly but books them apart: without checkpointing outside + all
+    blocks; with it outside + kept block inputs + the largest block (recomputed in backward)."""
 
     def __init__(self, *nets):
         super().__init__(self.pack, lambda t: t)
@@ -1392,8 +1309,7 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
 
 class FlashAttention(torch.autograd.Function):
-    """On meta, F.scaled_dot_product_attention takes the math path and would count the L x L
-    scores; the CUDA (and CPU) fused kernels save q, k, v, the output and a float32 log-sum-exp."""
+    """Fused attention's saved tensors (q, k, v, out, float32 log-sum-exp), not meta's L x L scores."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -1408,8 +1324,7 @@ def plan_sdpa(*a, **kw):
 
 
 def meta_backbone(name, arch, resolution, dtype, lora_rank, device="meta", text=True, lora_dtype=torch.float32):
-    """A backbone without pipeline: enough for make_student, velocity, decode, noise and the
-    sampler (the conditioning comes from meta_cond)."""
+    """A backbone without pipeline: make_student, velocity, decode, noise, sampler (cond: meta_cond)."""
     family = models.SPECS[name][0]
     bb = object.__new__(models.SD3Backbone if family == "sd3" else models.Flux2Backbone)
     vae = build_meta(arch["vae-" + family], dtype, device)
@@ -1461,8 +1376,8 @@ def bp_bytes(bb, towers, n):
 
 
 def plan_phases(args, bb, b, towers):
-    """Activation bytes per phase of one rank's step, b samples per micro-batch, on the meta
-    backbone: the fake score at b (+ the consistency pair at 2b), the generator's last step."""
+    """Activation bytes per phase of one rank's step, b samples per micro-batch (the fake score at b
+    and its consistency pair at 2b, the generator's last step)."""
     gen, fake = bb.make_student("generator", stage=args.stage), bb.make_student("fake", stage=args.stage)
     fwd = lambda net, k: velocity_bytes(bb, net, k, bool(args.grad_ckpt))  # noqa: E731
     fake_bytes = lambda k: fwd(fake, k) + (fwd(fake, 2 * k) if args.consistency_weight else 0)  # noqa: E731
