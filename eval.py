@@ -23,6 +23,7 @@ import json
 import hashlib
 import math
 import os
+import random
 import sys
 import time
 
@@ -320,6 +321,26 @@ def eval_images(bb, net, prompts, scorer, n_per_prompt=1, batch_size=4, seed=42,
 GENEVAL_EXTRA = ("geneval_strict", "geneval_accuracy")  # rewards.GenEval's verdicts besides its score
 
 
+def shapes_energy(images, prompts, seed=0, scale=10.0):
+    """mini-sd3 (models.py, section 7): (ED, floor) of the toy's definition, carried to pictures:
+    the energy distance between samples (prompt, detector features of its picture), the prompt as
+    scale x (colour, shape, count, position) one-hot, the picture as rewards.shapes_features. The
+    large scale makes pairs of different prompts cancel, so ED compares per-prompt laws (a sampler
+    that draws the wrong prompt's picture is far). ED: the mean over REF_SETS drawn sets of the same
+    prompts (fresh layouts); floor: the mean ED between REF_SETS other pairs of drawn sets."""
+    def spec(p):
+        n, colour, shape, pos = models.parse_mini_prompt(p)
+        return [float(colour == c) for c in models.MINI_COLOURS] + [float(shape == s) for s in models.MINI_SHAPES] + \
+            [float(n)] + [float(pos == q) for q in models.MINI_POSITIONS]
+    cond = scale * torch.tensor([spec(p) for p in prompts])
+    feats = lambda ims: torch.cat([cond, torch.tensor(  # noqa: E731
+        [rewards.shapes_features(rewards.shapes_objects(im)) for im in ims], dtype=cond.dtype)], 1)
+    rng = random.Random(seed)
+    drawn = [feats((models.mini_batch(prompts, rng) + 1) / 2) for _ in range(3 * REF_SETS)]
+    ed = sum(energy_distance(feats(images), d) for d in drawn[:REF_SETS]) / REF_SETS
+    return ed, sum(energy_distance(a, b) for a, b in zip(drawn[REF_SETS::2], drawn[REF_SETS + 1::2])) / REF_SETS
+
+
 def geneval_by_tag(scores, tags):
     """Per-tag means of GenEval's verdicts (official code: rtdmd/inference.py,
     _score_details_to_mean_metrics), and "overall", the mean of the per-tag accuracies: GenEval's
@@ -393,11 +414,18 @@ def main_images(args):
         rows["teacher"] = dict(sampler="Euler ODE (stock pipeline)", steps=args.teacher_steps, cfg=cfg, nfe=nfe,
                                sigmas=bb.teacher_sigmas(args.teacher_steps))
         labels["teacher"] = f"teacher ({nfe} NFE, CFG {cfg:g})"
-    res, table, tag_lines = {}, [], []  # res: row -> prompt file -> eval_images output
+    res, table, tag_lines, mini = {}, [], [], bb.name == "mini-sd3"  # res: row -> prompt file -> eval_images output
     for name, r in rows.items():
         res[name] = {path: eval_images(bb, net, ps, sc, args.n_per_prompt, args.batch_size, args.seed,
-                                       teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"], metadata=recs)
+                                       teacher=name == "teacher", steps=r["steps"], cfg=r["cfg"], metadata=recs,
+                                       keep=len(ps) * args.n_per_prompt if mini else 16)
                      for path, (ps, recs, _, _, sc) in sets.items()}
+        if mini:  # every image kept: the detector-feature energy distance to drawn pictures
+            out = res[name][next(iter(sets))]
+            ed, floor = shapes_energy(out["images"].float() / 255, out["prompts"], args.seed)
+            r["shapes_energy"] = dict(ed=ed, floor=floor, ed_over_floor=ed / floor, n=len(out["prompts"]))
+            tag_lines.append(f"{labels[name]}: detector-feature ED/floor {ed / floor:.2f} "
+                             f"(ED {ed:.4f}, floor {floor:.4f}; {len(out['prompts'])} images, {REF_SETS} drawn sets)")
         r["sigmas"] = [round(s, 6) for s in r["sigmas"].tolist()]
         s = r["summary_table_units"] = summarize({k: v for out in res[name].values() for k, v in out["scores"].items()})
         table.append([labels[name]] + [f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}" for c in s])
@@ -415,7 +443,7 @@ def main_images(args):
                   **{n: {k: v[i].item() for k, v in res[n][path]["scores"].items()} for n in res}}
                  for path in sets for i, p in enumerate(res["generator"][path]["prompts"])]
     first = next(iter(sets))  # the grids show the first prompt set's images
-    grids = {n: sample.save_grid(r[first]["images"].float() / 255, os.path.join(
+    grids = {n: sample.save_grid(r[first]["images"][:16].float() / 255, os.path.join(
         out_dir, "eval.png" if n == "generator" else f"eval_{n}.png")) for n, r in res.items()}
     out = {"protocol": {"name": args.protocol, "overrides": args.overrides},
            "model": bb.name, "run": args.run, "lora": args.lora, "stage": stage, "device": device, "dtype": str(dtype),

@@ -1326,6 +1326,14 @@ def shapes_objects(image):
     return found
 
 
+def shapes_features(objects):
+    """A picture's detector features, for eval.py's energy distance to drawn pictures: objects per
+    colour (5), per shape (3), and their mean centre (x, y in [0, 1]; 0.5, 0.5 for none)."""
+    f = [sum(o[0] == c for o in objects) for c in models.MINI_COLOURS] + \
+        [sum(o[1] == s for o in objects) for s in models.MINI_SHAPES]
+    return f + ([sum(o[k] for o in objects) / len(objects) for k in (2, 3)] if objects else [0.5, 0.5])
+
+
 def in_region(cx, cy, position):
     """The verdict's position rule: the shape's centre in the outer 40% on that side."""
     return {"on the left": cx < 0.4, "on the right": cx > 0.6, "at the top": cy < 0.4, "at the bottom": cy > 0.6}[position]

@@ -105,3 +105,15 @@ def test_train_stage1_and_stage2_on_mini(mini, tmp_path):
     s2 = [r for r in log if r["stage"] == 2]
     assert s2 and all(torch.isfinite(torch.tensor(v)) for r in s2 for v in r.values() if isinstance(v, float))
     assert os.path.isfile(tmp_path / "run" / "stage2.pt")
+
+
+def test_detector_energy_distance_reads_one_on_drawings_and_far_on_wrong_prompts():
+    """eval.shapes_energy, the toy's ED/floor on (prompt, detector features): a fresh set of
+    drawings of the prompts reads about 1; the same drawings one prompt off read far above."""
+    import eval as E
+    prompts = models.MINI_PROMPTS[::4]  # 27 prompts: counts, colours, shapes and positions
+    drawn = lambda ps, seed: (models.mini_batch(ps, random.Random(seed)) + 1) / 2  # noqa: E731
+    ed, floor = E.shapes_energy(drawn(prompts, 7), prompts, seed=0)
+    assert 0.5 < ed / floor < 2
+    ed, floor = E.shapes_energy(drawn(prompts[1:] + prompts[:1], 7), prompts, seed=0)
+    assert ed / floor > 10
