@@ -1383,7 +1383,7 @@ def mini_folder(pretrained=None):
     which command builds it (one line, no traceback)."""
     folder = pretrained or MINI_DEFAULT
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise SystemExit(f"error: no mini-sd3 pipeline in {folder}: build it (10 CPU minutes) with "
+        raise SystemExit(f"error: no mini-sd3 pipeline in {folder}: build it (10 minutes on 2 cores) with "
                          f"`python models.py --pretrain mini-sd3{'' if folder == MINI_DEFAULT else ' --out ' + folder}`")
     return folder
 
