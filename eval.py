@@ -337,7 +337,8 @@ def shapes_energy(images, prompts, seed=0, scale=10.0):
         [rewards.shapes_features(rewards.shapes_objects(im)) for im in ims], dtype=cond.dtype)], 1)
     rng = random.Random(seed)
     drawn = [feats((models.mini_batch(prompts, rng) + 1) / 2) for _ in range(3 * REF_SETS)]
-    ed = sum(energy_distance(feats(images), d) for d in drawn[:REF_SETS]) / REF_SETS
+    x = feats(images)  # the detector once per image, not once per drawn set
+    ed = sum(energy_distance(x, d) for d in drawn[:REF_SETS]) / REF_SETS
     return ed, sum(energy_distance(a, b) for a, b in zip(drawn[REF_SETS::2], drawn[REF_SETS + 1::2])) / REF_SETS
 
 

@@ -1293,7 +1293,7 @@ def cosine_lr(opt, lr, frac):
 
 
 def pretrain_mini(folder=MINI_DEFAULT, minutes=10.0, vae_share=0.3, seed=0, batch=64, log=print):
-    """Pretrain mini-sd3 for `minutes` of CPU time (vae_share of it on the VAE, the rest on the
+    """Pretrain mini-sd3 for `minutes` on torch's threads (cpu_clock; vae_share on the VAE, the rest on the
     transformer) and save it with save_pretrained as a diffusers folder (plus prompts.txt, the
     training prompts, and pretrain.json, what was measured). Pictures are drawn on the fly, a
     fresh batch every step, 1 in 10 of the VAE's blank; the transformer sees 1 in 10 prompts as
