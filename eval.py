@@ -180,6 +180,50 @@ def eval_toy(bb, net, n=DEFAULT_N, seed=0, others=None, keep=None, base_ode=Fals
     return results
 
 
+def last_step_ceiling(steps=3000, width=128, angles=8, n=DEFAULT_N, seed=0):
+    """What the toy generator's network class can do on the last step, with no DMD involved: regress the exact
+    probability-flow map x_{sigma_{K-1}} -> x_0 (the exact velocity, 100 Euler steps) into a fresh ToyMLP by MSE,
+    in the generator's own form x_0 = x - sigma G(x, sigma, c), then score both maps on exact inputs with the
+    final-state metric of eval_toy. A ceiling for `train.py --toy-exact-prefix` (README, "what limits")."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    mix, s = models.toy_mixture(), float(models.sd3_sigmas()[-2])
+    fine = torch.linspace(s, 0.0, 101).tolist()
+
+    def exact_map(x, c):  # dx = v dsigma with the exact mixture velocity, in float64
+        x = x.double()
+        for a, b in zip(fine[:-1], fine[1:]):
+            x = x + (b - a) * mix.velocity(x, torch.full((len(x),), a, dtype=torch.float64), c)
+        return x.float()
+
+    net = models.ToyMLP(num_cond=mix.weights.shape[0] + 1, width=width, angles=angles)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched, gen = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps), torch.Generator().manual_seed(seed + 1)
+    for _ in tqdm(range(steps), desc="regress the last step"):
+        c = torch.randint(0, mix.weights.shape[0], (512,), generator=gen)
+        x = mix.sample(c, s, generator=gen).float()
+        loss = ((x - s * net(x, sample.full(s, x), c) - exact_map(x, c)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    rows = []
+    with torch.no_grad():
+        for ci, prompt in enumerate(models.TOY_PROMPTS):
+            c = torch.full((REF_SETS * n,), ci, dtype=torch.long)
+            x = mix.sample(c, s, generator=torch.Generator().manual_seed(1000 * seed + ci)).float()
+            ref = ExactReference(mix, ci, n, seed=10_000 * (seed + 1) + 100 * ci)
+            for name, y in (("exact map", exact_map(x, c)), ("regressed MLP", x - s * net(x, sample.full(s, x), c))):
+                ed, floor = ref.ed(y, 0.0)
+                m = mode_metrics(y, mix, mix.weights[ci])
+                rows.append([prompt, name, f"{ed / floor:.2f}", f"{m['occ_err']:.3f}", f"{m['outliers']:.3f}",
+                             f"{m['gap']:.3f}"])
+    print(f"last step from exact x at sigma {s}: {steps} MSE steps of batch 512, width {width}, angles {angles}; "
+          f"n = {n} x {REF_SETS} sets per prompt")
+    print_table(["prompt", "map", "ED/floor", "occ err", "outliers", "gap"], rows, [-7, -14, 10, 10, 10, 10])
+    return rows
+
+
 def summarize_runs(per_run):
     """(mean, spread = half the range) over runs of every number, in the results' nesting."""
     def agg(vals):
@@ -730,6 +774,8 @@ def get_args(argv=None):
     p.add_argument("--tilted", action="store_true", help="toy stage 2: against the exact tilted target")
     p.add_argument("--beta", type=float, help="with --tilted: this beta instead of the fit")
     p.add_argument("--ablation", metavar="DIR", help="toy: train and evaluate the ablation rows")
+    p.add_argument("--last-step-ceiling", type=int, metavar="STEPS", help="toy: regress the exact last-step map "
+                   "into the generator's MLP for STEPS steps and score it (no DMD)")
     g = p.add_argument_group("images")
     g.add_argument("--prompts", default="builtin",
                    help=".txt (a prompt a line), .jsonl (\"prompt\" field) or 'builtin' (16 prompts, smoke runs)")
@@ -757,7 +803,7 @@ def get_args(argv=None):
     g.add_argument("--device", help="default: cuda if available (bf16), else cpu")
     rewards.add_source_args(p.add_argument_group("reward checkpoints"))  # --reward-paths
     args = p.parse_args(argv)
-    if args.ablation is None and (args.run is None) == (args.model is None):
+    if args.ablation is None and args.last_step_ceiling is None and (args.run is None) == (args.model is None):
         p.error("give exactly one of --run and --model (or --ablation DIR)")
     if args.lora and args.model is None:
         p.error("--lora merges into a base model: pass --model NAME --lora PATH [PATH ...]")
@@ -768,6 +814,8 @@ def main(argv=None):
     args = get_args(argv)
     if args.ablation:
         return ablation(args.ablation, seed=args.seed or 0)
+    if args.last_step_ceiling:
+        return last_step_ceiling(args.last_step_ceiling, n=args.n, seed=args.seed or 0)
     try:
         args.run_model = models.read_run_config(args.run)["model"] if args.run else None
     except FileNotFoundError as e:

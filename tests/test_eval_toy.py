@@ -132,3 +132,15 @@ def test_summarize_reports_pickscore_in_table_units():
     out = evaluation.summarize(scores)
     assert abs(out["pickscore"]["mean"] - 0.85 * 26) < 1e-5, "PickScore is not reported x 26"
     assert abs(out["clipscore"]["std"] - 0.1) < 1e-6, "std over images is not the population std"
+
+
+def test_last_step_ceiling_exact_map_reads_at_the_floor_and_regression_learns():
+    # the exact probability-flow map from sigma 0.5 carries exact samples of p_0.5 to exact samples of p_0:
+    # ED/floor near 1 and the Gaussian-tail outliers (0.4-0.8%); a map off by a sign or a sigma would not.
+    # 60 MSE steps already take the regressed MLP to 2.7-5.4x, far from a fresh net's 22-64x (steps=0).
+    rows = evaluation.last_step_ceiling(steps=60, n=400)
+    exact = [r for r in rows if r[1] == "exact map"]
+    net = [r for r in rows if r[1] == "regressed MLP"]
+    assert [r[0] for r in exact] == list(models.TOY_PROMPTS)
+    assert all(float(r[2]) < 2.5 and float(r[4]) < 0.015 for r in exact), exact
+    assert all(float(r[2]) < 10 for r in net), net
