@@ -126,11 +126,16 @@ def rollout(bb, net, x, cond, sigmas=None, eta=0.9, noises=None):
     return states[:-1] + generator_steps(bb, net, states[-1], cond, sigmas, eta, noises, len(sigmas) - 2)
 
 
-def random_stop(num_steps, rng):
+def random_stop(num_steps, rng, last_weight=1.0):
     """The stop index of a backward simulation, uniform on {1, ..., num_steps}: every step k = stop - 1 is trained
     equally often. `rng` is a torch.Generator every rank shares, so all ranks train the same step in an iteration
-    (same numbers as a broadcast from rank 0)."""
-    return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
+    (same numbers as a broadcast from rank 0). last_weight != 1 (train.py --last-stop-weight, a departure from the
+    paper's uniform draw) gives the last step that many times the others' probability."""
+    if last_weight == 1.0:
+        return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
+    w = torch.ones(num_steps, dtype=torch.float64)
+    w[-1] = last_weight
+    return int(torch.multinomial(w, 1, generator=rng)) + 1
 
 
 def backward_simulation(bb, net, x, cond, stop, sigmas=None, eta=0.9):

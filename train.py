@@ -174,7 +174,7 @@ def simulate_subinterval(ctx, generator, cond, with_grad):
     t > s. Stop and levels come from shared_rng: every rank trains the same step.
     Returns (stop, x_s, s, t, n, x_t)."""
     bb, B = ctx.bb, len(next(iter(cond.values())))
-    stop = sample.random_stop(len(bb.sigmas) - 1, ctx.shared_rng)
+    stop = sample.random_stop(len(bb.sigmas) - 1, ctx.shared_rng, ctx.args.last_stop_weight)
     x, sigmas = bb.noise(B), bb.sigmas
     if getattr(bb, "exact_prefix", False):  # diagnostic: train the last step alone, on exact inputs
         stop, x, sigmas = len(bb.sigmas) - 1, bb.prefix_state(cond), bb.sigmas[-2:]
@@ -672,6 +672,8 @@ def get_args(argv=None):
     g = p.add_argument_group("stage 1 (AC-DMD)")
     g.add_argument("--lr-cosine", action="store_true", help="cosine learning rates, to 0 at --steps")
     g.add_argument("--plain-dmd", action="store_true", help="ablation: x0_hat of every step at s = 0 (DMD2)")
+    g.add_argument("--last-stop-weight", type=float, default=1.0, metavar="W", help="draw the stop with W times "
+                   "the others' probability on the last step (1: uniform, the paper's)")
     g.add_argument("--tilt-teacher", type=float, default=None, metavar="BETA",
                    help="toy: the exact tilted teacher p exp(BETA r) (stage 1 alone must land on the tilted target)")
     add_stage2_args(p)
@@ -767,6 +769,8 @@ def setup(args):
     """Process group, device, resolved defaults, the run context. DDP when torchrun sets RANK (nanoGPT)."""
     if args.model not in models.BACKBONES:
         sys.exit(f"error: unknown --model {args.model!r}; choose one of: {', '.join(models.BACKBONES)}")
+    if not args.last_stop_weight > 0:
+        sys.exit(f"error: --last-stop-weight {args.last_stop_weight} must be positive (1 draws the stop uniformly)")
     if args.cache_text_embeddings and args.model.startswith("toy"):
         sys.exit(f"error: --model {args.model} has no text encoders; drop --cache-text-embeddings")
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()

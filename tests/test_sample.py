@@ -119,3 +119,15 @@ def test_random_stop_is_uniform_over_steps():
     assert set(draws.tolist()) == {1, 2, 3, 4}, "random_stop must return 1..num_steps only"
     freq = torch.bincount(draws, minlength=5)[1:].double() / len(draws)
     assert (freq - 0.25).abs().max() < 0.01, f"stop frequencies {freq.tolist()} are not uniform"
+
+
+def test_random_stop_last_weight_gives_the_last_step_its_share():
+    # weights (1, 1, 1, 9): the last stop has probability 9/12 = 0.75, the others 1/12 each
+    # (binomial sd 0.0022 at 40 000 draws); weight 1 keeps the uniform draw's numbers exactly.
+    rng = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample.random_stop(4, rng, last_weight=9.0) for _ in range(40_000)])
+    freq = torch.bincount(draws, minlength=5)[1:].double() / len(draws)
+    want = torch.tensor([1, 1, 1, 9], dtype=torch.float64) / 12
+    assert (freq - want).abs().max() < 0.01, f"stop frequencies {freq.tolist()}, expected {want.tolist()}"
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [sample.random_stop(4, a) for _ in range(50)] == [sample.random_stop(4, b, 1.0) for _ in range(50)]

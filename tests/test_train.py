@@ -100,6 +100,8 @@ def run_cli(args, env=None):
 def test_main_bad_input_gives_clear_errors(tmp_path, toy_base):
     r = run_cli(["--stage", "1", "--model", "sd9", "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "unknown --model 'sd9'" in r.stderr
+    r = run_cli(["--stage", "1", "--out", str(tmp_path / "w"), "--last-stop-weight", "0"])
+    assert r.returncode != 0 and "--last-stop-weight 0.0 must be positive" in r.stderr
     out = run_dir(tmp_path, "s2", toy_base)
     r = run_cli(["--stage", "2", "--out", out])
     assert r.returncode != 0 and "run `torchrun train.py --stage 1" in r.stderr
