@@ -131,7 +131,7 @@ def random_stop(num_steps, rng, last_weight=1.0):
     equally often. `rng` is a torch.Generator every rank shares, so all ranks train the same step in an iteration
     (same numbers as a broadcast from rank 0). last_weight != 1 (train.py --last-stop-weight, a departure from the
     paper's uniform draw) gives the last step that many times the others' probability."""
-    if last_weight == 1.0:
+    if last_weight == 1.0:  # the uniform draw keeps its own rng use, so every seed's stops stay as they were
         return int(torch.randint(1, num_steps + 1, (1,), generator=rng))
     w = torch.ones(num_steps, dtype=torch.float64)
     w[-1] = last_weight
