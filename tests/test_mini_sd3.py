@@ -117,3 +117,18 @@ def test_detector_energy_distance_reads_one_on_drawings_and_far_on_wrong_prompts
     assert 0.5 < ed / floor < 2
     ed, floor = E.shapes_energy(drawn(prompts[1:] + prompts[:1], 7), prompts, seed=0)
     assert ed / floor > 10
+
+
+def test_readme_table_names_the_mini_defaults():
+    """The README's mini-sd3 table reports its stage rows at the defaults: the stage-1 iterations
+    and stage-2 epochs it names are what resolve_defaults gives mini-sd3, and the stage-2 back-prop
+    weight is the paper's 1e-4 scaled by the latent-size ratio (train.PER_BACKBONE's comment)."""
+    import re
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## The mini-sd3 world", 1)[1].split("\n## ", 1)[0]
+    resolved = lambda st: train.resolve_defaults(train.get_args(["--stage", st, "--model", "mini-sd3"]), False)  # noqa: E731
+    s1, s2 = resolved("1"), resolved("2")
+    assert re.search(r"\| stage 1 \(AC-DMD, ([\d,]+) iterations\)", section).group(1).replace(",", "") == str(s1.steps)
+    assert re.search(r"\| stage 2 \(RTDMD, (\d+) epochs", section).group(1) == str(s2.steps)
+    ratio = (16 * 64 * 64) / (8 * (models.MINI_SIZE // 4) ** 2)  # SD3.5-M at 512 px over mini-sd3's 8 x 8 x 8
+    assert ratio == 128 and 0.5 < s2.w_bp / (1e-4 * ratio) < 1.5
