@@ -132,3 +132,7 @@ def test_readme_table_names_the_mini_defaults():
     assert re.search(r"\| stage 2 \(RTDMD, (\d+) epochs", section).group(1) == str(s2.steps)
     ratio = (16 * 64 * 64) / (8 * (models.MINI_SIZE // 4) ** 2)  # SD3.5-M at 512 px over mini-sd3's 8 x 8 x 8
     assert ratio == 128 and 0.5 < s2.w_bp / (1e-4 * ratio) < 1.5
+    # the pretraining command's comment names the split that models.pretrain_mini and its flag default to
+    share = models.MINI_VAE_SHARE
+    said = re.search(r"--pretrain mini-sd3 +# [^\n]*VAE (\d+)%, transformer (\d+)%", section)
+    assert (int(said.group(1)), int(said.group(2))) == (round(100 * share), round(100 * (1 - share)))

@@ -102,6 +102,8 @@ def test_main_bad_input_gives_clear_errors(tmp_path, toy_base):
     assert r.returncode != 0 and "unknown --model 'sd9'" in r.stderr
     r = run_cli(["--stage", "1", "--out", str(tmp_path / "w"), "--last-stop-weight", "0"])
     assert r.returncode != 0 and "--last-stop-weight 0.0 must be positive" in r.stderr
+    r = run_cli(["--stage", "2", "--out", str(tmp_path / "q"), "--quality"])
+    assert r.returncode != 0 and "--quality is the toy's stage-1 recipe" in r.stderr
     out = run_dir(tmp_path, "s2", toy_base)
     r = run_cli(["--stage", "2", "--out", out])
     assert r.returncode != 0 and "run `torchrun train.py --stage 1" in r.stderr
@@ -164,3 +166,20 @@ def test_stage1_prompts_is_a_shuffled_epoch_per_rank_with_drop_last():
     one_epoch = [i for k in range(2) for r in range(world) for i in train.stage1_prompts(n, B, world, r, k, seed).tolist()]
     assert len(set(one_epoch)) == 8
     assert train.stage1_prompts(3, 4, 1, 0, 0, 0).shape == (4,)  # toy: fewer prompts than a batch
+
+
+def test_quality_is_the_readme_recipe_and_leaves_the_demo_alone():
+    """--quality resolves to exactly the flags the README spells out for it (and nothing else changes);
+    without it the demo keeps the paper's uniform stop and normalised DMD direction."""
+    import re
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        said = re.search(r"`--quality` is `([^`]+)`", f.read()).group(1).split()
+    resolve = lambda argv: vars(train.resolve_defaults(train.get_args(["--stage", "1"] + argv), False))  # noqa: E731
+    quality, spelled = resolve(["--quality"]), resolve(said)
+    assert quality.pop("quality") and not spelled.pop("quality")
+    assert quality == spelled
+    assert (quality["steps"], quality["last_stop_weight"], quality["grad_norm"]) == (36000, 9.0, False)
+    demo = resolve([])
+    assert (demo["steps"], demo["last_stop_weight"], demo["grad_norm"], demo["lr_cosine"]) == (9000, 1.0, True, False)
+    # a flag given beside --quality still wins
+    assert resolve(["--quality", "--steps", "100"])["steps"] == 100
