@@ -1401,7 +1401,7 @@ def main(argv=None):
     p.add_argument("--pretrain", required=True, choices=("mini-sd3",))
     p.add_argument("--out", default=MINI_DEFAULT, help=f"diffusers folder to write (default {MINI_DEFAULT})")
     p.add_argument("--minutes", type=float, default=10.0, help="on idle cores, wall time")
-    p.add_argument("--vae-share", type=float, default=MINI_VAE_SHARE, help="share of the minutes spent on the VAE")
+    p.add_argument("--vae-share", type=float, default=MINI_VAE_SHARE, help="share of the minutes spent on the VAE (default %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (2: 1.46x the steps of 1 on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
