@@ -1,6 +1,7 @@
 """train.py stage 1: end to end on the toy, resume equivalence, DDP with 2 gloo ranks, bad input."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
