@@ -172,7 +172,6 @@ def test_stage1_prompts_is_a_shuffled_epoch_per_rank_with_drop_last():
 def test_quality_is_the_readme_recipe_and_leaves_the_demo_alone():
     """--quality resolves to exactly the flags the README spells out for it (and nothing else changes);
     without it the demo keeps the paper's uniform stop and normalised DMD direction."""
-    import re
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         said = re.search(r"`--quality` is `([^`]+)`", f.read()).group(1).split()
     resolve = lambda argv: vars(train.resolve_defaults(train.get_args(["--stage", "1"] + argv), False))  # noqa: E731
