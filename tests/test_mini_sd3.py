@@ -74,6 +74,34 @@ def test_scorers_registered_and_soft_score_differentiable():
     assert rewards.make_scorers(["shapes_strict"])["shapes_strict"](images.detach(), prompts)["shapes_strict"].tolist() == [1.0, 1.0]
 
 
+def test_soft_score_sees_the_shape_and_fills_a_squares_corners():
+    """A square with cut corners reads as a circle (fill < 0.9). The soft score's area term barely
+    moves, so its corner term must tell; every clean drawing scores 1."""
+    for seed in range(3):
+        scores = rewards.ShapesSoft()(torch.stack([picture(p, seed) for p in models.MINI_PROMPTS]), models.MINI_PROMPTS)
+        assert scores["shapes_soft"].min() > 0.999, seed
+    square = picture("a red square")
+    (colour, shape, _, _, (x0, y0, x1, y1)), = rewards.shapes_objects(square, boxes=True)
+    assert (colour, shape) == ("red", "square")
+    cut = square.clone()
+    for y in (y0, y0 + 1, y1 - 1, y1):  # a white 2 x 2 block in each corner
+        cut[:, y, [x0, x0 + 1, x1 - 1, x1]] = 1.0
+    assert rewards.shapes_objects(cut, boxes=True)[0][1:] == ("circle", *rewards.shapes_objects(cut, boxes=True)[0][2:])
+    # the area term (SHAPE_AREA, 16 pixels fewer) and all 8 corner pixels white: SHAPE_CORNER_WEIGHT x 1
+    area = (x1 - x0 + 1) * (y1 - y0 + 1) - 16
+    lo, hi = rewards.SHAPE_AREA["square"]
+    area_term = 1 - max(0, lo - area) / ((lo + hi) / 2)
+    lo_c, hi_c = rewards.SHAPE_AREA["circle"]  # the clean square as a circle: every corner full
+    as_circle = 1 - max(0, area + 16 - hi_c) / ((lo_c + hi_c) / 2) - rewards.SHAPE_CORNER_WEIGHT
+    cut.requires_grad_(True)
+    soft = rewards.ShapesSoft()(torch.stack([cut, square]), ["a red square", "a red circle"])["shapes_soft"]
+    assert soft.tolist() == pytest.approx([area_term - rewards.SHAPE_CORNER_WEIGHT, as_circle], abs=1e-4)
+    soft[0].backward()
+    red = torch.tensor(models.MINI_COLOURS["red"]) / 255
+    for y, x in rewards.corner_pixels((x0, y0, x1, y1)):  # ascent paints the corners red
+        assert (cut.grad[:, y, x] * (red - 1)).sum() > 0
+
+
 def test_pretraining_writes_a_folder_the_stock_pipeline_draws_from(mini):
     from diffusers import StableDiffusion3Pipeline
     folder, report = mini
