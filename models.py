@@ -1295,7 +1295,8 @@ def cosine_lr(opt, lr, frac):
 # share of the budget on the VAE (--vae-share). The detector already reads ~29-dB reconstructions
 # right, and the transformer's steps are what the teacher lacks: one pretraining each, seed 0, gave
 # a 59.7% strict teacher at 0.3 (VAE 36.6 dB, flow loss 1.20) and 61.0% at 0.2 (34.0 dB, 1.00) on
-# one machine, and 67.0% at 0.2 (29.0 dB, 0.67) on a slower one (README, "The mini-sd3 world").
+# one machine, 67.0% at 0.2 (29.0 dB, 0.67) on a slower one, and 58.1% at 0.2 (27.5 dB, 0.62, 2,114
+# transformer steps against 2,667) on a slower one still (README, "The mini-sd3 world").
 MINI_VAE_SHARE = 0.2
 
 
