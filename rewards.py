@@ -1426,8 +1426,8 @@ class ShapesSoft:
             boxes = [o[4] for o in shapes_objects(images[b].detach(), boxes=True) if o[0] == colour]
             if boxes:  # each corner pixel as its share of the way from white to the colour: linear, never saturates
                 yx = torch.tensor([corner_pixels(box) for box in boxes], device=images.device)  # [boxes, 8, 2]
-                c = palette[k + 1] - palette[0]
-                t = torch.einsum("cbp,c->bp", images[b][:, yx[..., 0], yx[..., 1]] - palette[0][:, None, None], c) / c.dot(c)
+                c, px = palette[k + 1] - palette[0], images[b][:, yx[..., 0], yx[..., 1]]  # px [3, boxes, 8]
+                t = torch.einsum("cbp,c->bp", px - palette[0][:, None, None], c) / c.dot(c)
                 r = r - SHAPE_CORNER_WEIGHT * (t - t.new_tensor(SHAPE_CORNERS[shape]).repeat_interleave(2)).abs().mean()
             if pos:
                 m = member[b, k] / member[b, k].sum().clamp_min(1e-6)
